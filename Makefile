@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both run `setup` first; a second run reuses .venv (the stamp file tracks pyproject.toml).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+# The model and config tests alone (no Ray, no multi-rank launches): a quick check while editing.
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not slow"
+
+demo: setup
+	$(PY) -m pipeline.demo --out runs/demo
+
+bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/model_speed.py
+	$(PY) benchmarks/shard_speed.py
+	$(PY) benchmarks/loader_speed.py
+
+lint: setup
+	$(VENV)/bin/shellcheck launch/*.sh launch/*/*.sh launch/*/*.sbatch .ci/run
+
+clean:
+	rm -rf runs .pytest_cache

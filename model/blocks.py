@@ -1,0 +1,178 @@
+"""CoAtNet's building blocks, named as the paper names them.
+
+Layouts: convolution blocks (stem, MBConv) take and return NCHW; Transformer blocks take and return
+NHWC so LayerNorm and Linear act on the last dimension without permutes inside the block. The model
+converts between the two once where the block kind changes.
+
+Every residual block is pre-norm, `x = shortcut(x) + DropPath(f(Norm(x)))`, with a pooled and
+projected shortcut in the first (downsampling) block of a stage.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import SqueezeExcitation, StochasticDepth
+
+
+class Stem(nn.Module):
+    """S0: conv 3x3 stride 2, then conv 3x3 (the paper's two-layer conv stem)."""
+
+    layout = "nchw"
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim, 3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim, dim, 3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.norm1(self.conv1(x))))
+
+
+class Downsample(nn.Module):
+    """The shortcut of a stage's first block: Proj(Pool(x)).
+
+    Pool is a 2x2 max-pool with stride 2 (the paper says max-pool stride 2 and leaves the window
+    open; 2x2 is exact for every input size divisible by 32). Proj is a 1x1 conv (NCHW) or a
+    linear layer (NHWC), present only where the channel count changes.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int, layout: str):
+        super().__init__()
+        self.stride = stride
+        self.layout = layout
+        if in_dim == out_dim:
+            self.proj = nn.Identity()
+        elif layout == "nchw":
+            self.proj = nn.Conv2d(in_dim, out_dim, 1)
+        else:
+            self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = max_pool_2x2(x, self.layout)
+        return self.proj(x)
+
+
+def max_pool_2x2(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nchw":
+        return F.max_pool2d(x, 2)
+    return F.max_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+
+
+class MBConv(nn.Module):
+    """Inverted bottleneck with squeeze-excitation, pre-norm with BatchNorm.
+
+    x = Proj(Pool(x)) + Conv1x1(SE(DepthConv3x3(Conv1x1(BN(x)))))
+    The expansion (rate 4) is of the block's output width. On a downsampling block the stride sits
+    on the first 1x1 conv (paper default) or on the depthwise conv (`stride_on="depthwise"`, the
+    dagger variant of Tables 5 and 9).
+    """
+
+    layout = "nchw"
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 1, expand_ratio: int = 4,
+                 se_ratio: float = 0.25, stride_on: str = "pointwise", drop_path: float = 0.0):
+        super().__init__()
+        mid = out_dim * expand_ratio
+        pw_stride, dw_stride = (stride, 1) if stride_on == "pointwise" else (1, stride)
+        self.shortcut = Downsample(in_dim, out_dim, stride, "nchw") if (stride > 1 or in_dim != out_dim) else nn.Identity()
+        self.norm = nn.BatchNorm2d(in_dim)
+        self.conv_expand = nn.Conv2d(in_dim, mid, 1, stride=pw_stride, bias=False)
+        self.norm_expand = nn.BatchNorm2d(mid)
+        self.conv_depthwise = nn.Conv2d(mid, mid, 3, stride=dw_stride, padding=1, groups=mid, bias=False)
+        self.norm_depthwise = nn.BatchNorm2d(mid)
+        self.act = nn.GELU()
+        # The SE bottleneck is sized from the block input, as in EfficientNet's MBConv.
+        self.se = SqueezeExcitation(mid, max(1, int(in_dim * se_ratio)), activation=nn.GELU)
+        self.conv_project = nn.Conv2d(mid, out_dim, 1)
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        y = self.act(self.norm_expand(self.conv_expand(y)))
+        y = self.act(self.norm_depthwise(self.conv_depthwise(y)))
+        y = self.conv_project(self.se(y))
+        return self.shortcut(x) + self.drop_path(y)
+
+
+def relative_position_index(height: int, width: int) -> torch.Tensor:
+    """(N, N) index into a flattened (2H-1) x (2W-1) table: query (i, j), key (i', j') ->
+    (i - i' + H - 1) * (2W - 1) + (j - j' + W - 1)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)
+
+
+class RelativePositionBias(nn.Module):
+    """One learned scalar per relative offset per head, added to the logits before softmax.
+
+    The table `bias_table` has shape (heads, 2H-1, 2W-1) for an H x W feature map: input-independent,
+    not shared across layers, no bucketing. `model.resize_rel_pos_tables` resizes it for another
+    resolution.
+    """
+
+    def __init__(self, num_heads: int, feat_size: tuple[int, int]):
+        super().__init__()
+        height, width = feat_size
+        self.feat_size = (height, width)
+        self.bias_table = nn.Parameter(torch.zeros(num_heads, 2 * height - 1, 2 * width - 1))
+        self.register_buffer("index", relative_position_index(height, width), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        heads = self.bias_table.shape[0]
+        n = self.index.shape[0]
+        return self.bias_table.reshape(heads, -1)[:, self.index.reshape(-1)].reshape(heads, n, n)
+
+
+class RelativeAttention(nn.Module):
+    """Global multi-head self-attention over the whole feature map with a relative-position bias.
+
+    Runs through `F.scaled_dot_product_attention` with the gathered bias as an additive `attn_mask`,
+    so PyTorch picks its fused CPU/GPU kernels. The output width may differ from the input width
+    (a stage's first block maps in_dim -> out_dim).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, head_dim: int, feat_size: tuple[int, int]):
+        super().__init__()
+        self.num_heads = out_dim // head_dim
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(in_dim, 3 * out_dim)
+        self.proj = nn.Linear(out_dim, out_dim)
+        self.rel_pos = RelativePositionBias(self.num_heads, feat_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = self.rel_pos().to(q.dtype).unsqueeze(0)  # (1, heads, N, N), broadcast over the batch
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(y.transpose(1, 2).reshape(batch, height, width, -1))
+
+
+class TransformerBlock(nn.Module):
+    """TFM_Rel: pre-norm relative attention then a 4x GELU FFN, LayerNorm, NHWC.
+
+    Downsampling block: x = Proj(Pool(x)) + Attention(Pool(Norm(x))).
+    """
+
+    layout = "nhwc"
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int, head_dim: int, mlp_ratio: int,
+                 feat_size: tuple[int, int], drop_path: float = 0.0):
+        super().__init__()
+        self.stride = stride
+        self.shortcut = Downsample(in_dim, out_dim, stride, "nhwc") if (stride > 1 or in_dim != out_dim) else nn.Identity()
+        self.norm1 = nn.LayerNorm(in_dim)
+        self.attn = RelativeAttention(in_dim, out_dim, head_dim, feat_size)
+        self.norm2 = nn.LayerNorm(out_dim)
+        self.mlp = nn.Sequential(nn.Linear(out_dim, out_dim * mlp_ratio), nn.GELU(), nn.Linear(out_dim * mlp_ratio, out_dim))
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        if self.stride > 1:
+            y = max_pool_2x2(y, "nhwc")
+        x = self.shortcut(x) + self.drop_path(self.attn(y))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,112 @@
+"""CoAtNet: conv stem, two MBConv stages, two relative-attention Transformer stages (C-C-T-T).
+
+Dai et al., "CoAtNet: Marrying Convolution and Attention for All Data Sizes" (NeurIPS 2021).
+The model reads top to bottom like Table 3: stem (S0), stages S1..S4 built from the config's
+segments, global average pooling, a LayerNorm, a pre-logits layer and a linear classifier (no class
+token).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import MBConv, Stem, TransformerBlock
+from .config import STAGE_STRIDES, CoAtNetConfig, get_config
+
+
+class Stage(nn.Module):
+    """One of S1..S4: its first block downsamples by 2, the rest keep the resolution."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+
+class CoAtNet(nn.Module):
+    def __init__(self, config: CoAtNetConfig):
+        super().__init__()
+        self.config = config
+        self.grad_checkpointing = config.grad_checkpointing
+        self.stem = Stem(3, config.stem_dim)
+
+        drop_rates = [config.drop_path_rate * i / max(config.num_blocks - 1, 1) for i in range(config.num_blocks)]
+        height, width = config.image_size
+        in_dim, block_index, stages = config.stem_dim, 0, []
+        for stage_spec, stride in zip(config.stages, STAGE_STRIDES):
+            feat_size = (height // stride, width // stride)
+            blocks = []
+            for kind, depth, dim in stage_spec:
+                for _ in range(depth):
+                    block_stride = 2 if not blocks else 1
+                    if kind == "C":
+                        block = MBConv(in_dim, dim, block_stride, config.expand_ratio, config.se_ratio,
+                                       config.stride_on, drop_rates[block_index])
+                    else:
+                        block = TransformerBlock(in_dim, dim, block_stride, config.head_dim, config.mlp_ratio,
+                                                 feat_size, drop_rates[block_index])
+                    blocks.append(block)
+                    in_dim, block_index = dim, block_index + 1
+            stages.append(Stage(blocks))
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(config.num_features)
+        self.pre_logits = (nn.Sequential(nn.Linear(config.num_features, config.pre_logits_dim), nn.Tanh())
+                           if config.pre_logits_dim else nn.Identity())
+        self.head = nn.Linear(self.head_in_dim, config.num_classes) if config.num_classes else nn.Identity()
+        self.apply(_init_weights)
+
+    @property
+    def head_in_dim(self) -> int:
+        return self.config.pre_logits_dim or self.config.num_features
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (memory for compute)."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for another label set (fine-tuning)."""
+        self.config = replace(self.config, num_classes=num_classes)
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.head_in_dim, num_classes, device=device) if num_classes else nn.Identity()
+        self.head.apply(_init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features after the final norm and pre-logits layer: the classifier's input (B, C)."""
+        x, layout = self.stem(x), "nchw"
+        for stage in self.stages:
+            for block in stage.blocks:
+                if block.layout != layout:
+                    x = x.permute(0, 2, 3, 1) if block.layout == "nhwc" else x.permute(0, 3, 1, 2)
+                    layout = block.layout
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+        x = x.mean(dim=(1, 2) if layout == "nhwc" else (2, 3))
+        return self.pre_logits(self.norm(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Truncated normal (std 0.02) for weights and position tables, zero biases (ViT/timm practice)."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif hasattr(module, "bias_table"):
+        nn.init.trunc_normal_(module.bias_table, std=0.02)
+
+
+def create_model(name: str, num_classes: int = 1000, image_size: int | Sequence[int] = 224, **overrides) -> CoAtNet:
+    """Build a CoAtNet by name ("coatnet-0".."coatnet-7", "coatnet-nano", "coatnet-tiny").
+
+    `overrides` are CoAtNetConfig fields, e.g. drop_path_rate=0.2, stride_on="depthwise",
+    grad_checkpointing=True. Works under `torch.device("meta")` for counting without memory.
+    """
+    overrides.pop("name", None)
+    return CoAtNet(get_config(name, num_classes=num_classes, image_size=image_size, **overrides))

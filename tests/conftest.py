@@ -1,0 +1,26 @@
+"""Shared test helpers: free ports for Ray and torch.distributed, and the `slow` marker."""
+import os
+import socket
+
+import pytest
+
+# Everything in tests talks to this machine only.
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("RAY_ADDRESS", "")  # never join a cluster by accident
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts Ray or several ranks; skipped by `make test-fast`")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (others run Ray and torch.distributed concurrently)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
