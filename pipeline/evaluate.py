@@ -1,0 +1,199 @@
+"""Top-1, top-5 and per-class accuracy of trained weights on a shard split, exact across ranks.
+
+    python -m pipeline.evaluate --weights runs/demo/finetune --data runs/demo/shards/finetune --split val
+    torchrun --nproc_per_node 2 -m pipeline.evaluate --weights exports/demo --data shards/ --image-size 384
+    deepspeed --num_gpus 8 --module pipeline.evaluate --weights runs/c3-512 --data /data/in1k-shards
+
+WEIGHTS is anything pipeline.pretrained.load_weights reads (run folder, DeepSpeed checkpoint of any ZeRO stage,
+universal checkpoint, export); EMA weights are used when the checkpoint has them (--no-ema: the trained ones).
+Each rank reads its own shards, every sample exactly once; the integer counts are summed over ranks, so the
+numbers do not depend on the number of ranks or workers. Rank 0 prints the result and writes it as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from pipeline.config import UserError
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _image_size(text: str):
+    parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    if len(parts) not in (1, 2) or any(p <= 0 or p % 32 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text}: image size must be S or H,W with each side a multiple of 32")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, metavar="W",
+                        help="run folder | DeepSpeed checkpoint folder | universal checkpoint | export folder or "
+                             ".safetensors")
+    parser.add_argument("--data", required=True, metavar="SHARDS",
+                        help="shard folder with _info.json, or a webdataset URL pattern")
+    parser.add_argument("--split", default="val", help="split inside the shard folder (default: val)")
+    parser.add_argument("--image-size", type=_image_size, default=None, metavar="S",
+                        help="evaluation resolution, S or H,W (default: the model's; position tables are resized)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass per rank (default: 64)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank (default: 2)")
+    parser.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=None,
+                        help="resize + center crop (pretraining style) or --no-center-crop: resize to the full size "
+                             "(the paper's fine-tune evaluation); default: the run's data.center_crop, else crop")
+    parser.add_argument("--crop-ratio", type=float, default=None,
+                        help="center-crop ratio (default: the run's data.crop_ratio, else 0.875)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use EMA weights when the checkpoint has them (default: yes)")
+    parser.add_argument("--precision", choices=sorted(_DTYPES), default="fp32",
+                        help="fp32, or autocast to bf16/fp16 (default: fp32)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
+    parser.add_argument("--out", default=None, metavar="FILE.json",
+                        help="where to write the JSON (default: eval_<split>.json in the weights folder)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return parser
+
+
+def _setup_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from the launcher's environment; plain torch.distributed, any launcher."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg:
+        device = torch.device(device_arg)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif world > 1:  # ranks sharing this machine's cores: split them instead of oversubscribing
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or min(world, os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _label_map(model_classes, data_classes, where: str) -> Optional[torch.Tensor]:
+    """data label index -> model output index when both class lists are known and differ, else None."""
+    if model_classes is None or data_classes is None or list(model_classes) == list(data_classes):
+        return None
+    index = {name: i for i, name in enumerate(model_classes)}
+    unknown = [c for c in data_classes if c not in index]
+    if unknown:
+        raise UserError(f"{where}: {len(unknown)} class(es) of the data are not among the model's "
+                        f"{len(model_classes)} classes (e.g. {unknown[0]!r}); evaluate on shards of the label set "
+                        f"the model was trained on")
+    return torch.tensor([index[c] for c in data_classes], dtype=torch.int64)
+
+
+def _remap(loader, mapping: torch.Tensor):
+    for images, labels, *rest in loader:
+        yield (images, mapping[labels], *rest)
+
+
+def _default_out(weights: str, split: str) -> str:
+    path = os.path.expanduser(weights)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, f"eval_{split}.json")
+
+
+def run(args: argparse.Namespace) -> Optional[dict]:
+    """Evaluate on every rank; returns the result dict on rank 0 (None elsewhere)."""
+    from pipeline.evaluation import build_eval_loader, evaluate
+    from pipeline.pretrained import load_model
+
+    rank, world, device = _setup_distributed(args.device)
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise UserError(f"--batch-size must be >= 1 and --num-workers >= 0 (got {args.batch_size}, "
+                        f"{args.num_workers})")
+    start = time.perf_counter()
+    net, meta = load_model(args.weights, ema=args.ema, image_size=args.image_size)
+    net.to(device)
+    center_crop = args.center_crop if args.center_crop is not None else (
+        meta.get("center_crop") if meta.get("center_crop") is not None else True)
+    crop_ratio = args.crop_ratio or meta.get("crop_ratio") or 0.875
+    image_size = list(net.config.image_size)
+    loader, shards = build_eval_loader(args.data, args.split, tuple(image_size), args.batch_size, args.num_workers,
+                                       rank, world, center_crop=center_crop, crop_ratio=crop_ratio,
+                                       pin_memory=device.type == "cuda")
+    mapping = _label_map(meta.get("classes"), shards.classes, args.data)
+    batches = _remap(loader, mapping) if mapping is not None else loader
+    num_classes = meta["num_classes"]
+    if rank == 0:
+        print(f"evaluating {meta.get('checkpoint')} ({net.config.name}, {'EMA' if meta.get('ema') else 'trained'} "
+              f"weights, step {meta.get('step')}) on {shards.num_samples} images of {args.data} [{args.split}] at "
+              f"{image_size[0]}x{image_size[1]} px, {'center crop' if center_crop else 'no crop'}, "
+              f"{world} rank(s)", file=sys.stderr, flush=True)
+        if meta.get("resized_tables"):
+            print(f"resized {len(meta['resized_tables'])} relative-position tables to {image_size[0]}x{image_size[1]} "
+                  f"px", file=sys.stderr, flush=True)
+    try:
+        result = evaluate(net, batches, num_classes, device, dtype=_DTYPES[args.precision], progress=rank == 0)
+    except ValueError as e:  # labels outside the head: wrong data for these weights
+        raise UserError(f"{args.data} [{args.split}]: {e}") from None
+    seconds = time.perf_counter() - start
+    if rank != 0:
+        return None
+    names = meta.get("classes") or (shards.classes if shards.classes and len(shards.classes) == num_classes
+                                    else [str(i) for i in range(num_classes)])
+    result.update({
+        "weights": args.weights, "checkpoint": meta.get("checkpoint"), "format": meta.get("format"),
+        "model": net.config.name, "ema": bool(meta.get("ema")), "step": meta.get("step"), "data": args.data,
+        "split": args.split, "image_size": image_size, "center_crop": center_crop, "crop_ratio": crop_ratio,
+        "precision": args.precision, "world_size": world, "expected_count": shards.num_samples,
+        "classes": names, "seconds": round(seconds, 3),
+        "per_class": [{"class": n, "top1": a, "count": c, "correct1": k} for n, a, c, k in
+                      zip(names, result["per_class_top1"], result["per_class_count"], result["per_class_correct1"])],
+    })
+    return result
+
+
+def _print(result: dict, out: str) -> None:
+    print(f"top-1 {result['top1']:.2f}% ({result['correct1']}/{result['count']})   "
+          f"top-5 {result['top5']:.2f}% ({result['correct5']}/{result['count']})")
+    if result["count"] != result["expected_count"]:
+        print(f"warning: {result['expected_count'] - result['count']} of {result['expected_count']} samples were "
+              f"unreadable and skipped (see the warnings above)", file=sys.stderr)
+    rows = [r for r in result["per_class"] if r["count"]]
+    shown = rows if len(rows) <= 50 else sorted(rows, key=lambda r: r["top1"])[:25]
+    print("per-class top-1" + ("" if len(rows) <= 50 else f" (the 25 worst of {len(rows)}; all in the JSON)") + ":")
+    width = max((len(str(r["class"])) for r in shown), default=5)
+    for r in shown:
+        print(f"  {str(r['class']).ljust(width)}  {r['top1']:6.2f}%  ({r['correct1']}/{r['count']})")
+    print(f"wrote {out}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+        if result is not None:
+            out = args.out or _default_out(args.weights, args.split)
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out + ".tmp", "w") as f:
+                json.dump(result, f, indent=1)
+                f.write("\n")
+            os.replace(out + ".tmp", out)
+            _print(result, out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

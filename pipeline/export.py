@@ -1,0 +1,159 @@
+"""Export trained weights as one safetensors file plus a JSON model config, loadable without DeepSpeed.
+
+    python -m pipeline.export runs/demo/finetune exports/demo          # EMA weights when the run has them
+    python -m pipeline.export runs/demo/finetune exports/demo --no-ema
+
+Layout (OUT is a folder):
+    OUT/model.safetensors   the state dict (fp32 unless --dtype), keys exactly as model.create_model names them
+    OUT/config.json         {"model": create_model kwargs, "classes": [...] | null, "image_size": [H, W],
+                             "num_classes", "mean", "std", "center_crop", "crop_ratio", "ema", "step", "source"}
+
+Loading needs only torch, safetensors and this repository's `model` package:
+    cfg = json.load(open("OUT/config.json"))
+    net = model.create_model(**cfg["model"])
+    net.load_state_dict(safetensors.torch.load_file("OUT/model.safetensors"), strict=True)
+which is what `load_exported(OUT)` does. Importing this module does not import DeepSpeed (reading a DeepSpeed
+run for the export does, inside `main`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as coatnet
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "coatnet-export/1"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _paths(path: str) -> tuple[str, str]:
+    """(weights, config) for an export folder, its model.safetensors, or its config.json."""
+    path = os.path.expanduser(str(path))
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    weights = path if path.endswith(".safetensors") else os.path.join(folder, WEIGHTS_NAME)
+    return weights, os.path.join(folder, CONFIG_NAME)
+
+
+def load_exported(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, the export's config dict) from an export folder; torch + safetensors + model only."""
+    weights, config_path = _paths(path)
+    for needed in (weights, config_path):
+        if not os.path.isfile(needed):
+            raise FileNotFoundError(f"{needed} not found: make the export with `python -m pipeline.export RUN OUT`")
+    with open(config_path) as f:
+        config = json.load(f)
+    net = coatnet.create_model(**config["model"])
+    net.load_state_dict(load_file(weights, device="cpu"), strict=True)
+    return net.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------- export
+def check_fits(state: dict, model_config: dict, where: str) -> None:
+    """Build the model on the meta device (no memory) and compare every key and shape with `state`."""
+    from pipeline.pretrained import PretrainedError
+
+    with torch.device("meta"):
+        reference = coatnet.create_model(**model_config).state_dict()
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise PretrainedError(f"{where}: the weights do not fit the recorded model {model_config.get('name')} "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {what})")
+    for key, tensor in reference.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise PretrainedError(f"{where}: {key} has shape {list(state[key].shape)}, the recorded model needs "
+                                  f"{list(tensor.shape)}")
+
+
+def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", force: bool = False) -> dict:
+    """Write OUT/model.safetensors and OUT/config.json from anything pipeline.pretrained.load_weights reads."""
+    from pipeline.pretrained import PretrainedError, load_weights
+    from pipeline.transforms import MEAN, STD
+
+    weights_path, config_path = os.path.join(out, WEIGHTS_NAME), os.path.join(out, CONFIG_NAME)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PretrainedError(f"{out} exists and is not a folder; choose another OUT")
+    if not force and os.path.exists(weights_path):
+        raise PretrainedError(f"{weights_path} already exists; choose another OUT or pass --force to replace it")
+    state, meta = load_weights(source, ema=ema is not False)
+    if ema is True and not meta.get("ema"):
+        raise PretrainedError(f"{meta.get('checkpoint') or source} has no EMA weights (train.ema_decay was 0); "
+                              f"drop --ema")
+    if not meta.get("model_config"):
+        raise PretrainedError(f"{meta.get('checkpoint') or source} records no model config; export from a run "
+                              f"folder (with config.yaml) or a checkpoint written by pipeline.trainer")
+    model_config = dict(meta["model_config"], grad_checkpointing=False)
+    check_fits(state, model_config, meta.get("checkpoint") or source)
+    target = _DTYPES[dtype]
+    state = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    config = {
+        "format": FORMAT,
+        "model": model_config,
+        "classes": meta.get("classes"),
+        "num_classes": meta["num_classes"],
+        "image_size": meta.get("image_size"),
+        "mean": list(MEAN),
+        "std": list(STD),
+        "center_crop": meta.get("center_crop"),
+        "crop_ratio": meta.get("crop_ratio"),
+        "dtype": dtype,
+        "ema": bool(meta.get("ema")),
+        "step": meta.get("step"),
+        "source": os.path.abspath(meta.get("checkpoint") or source),
+    }
+    os.makedirs(out, exist_ok=True)
+    # Write beside the target and rename, so a killed export never leaves a half-written file under the final name.
+    save_file(state, weights_path + ".tmp", metadata={"format": "pt", "model": model_config["name"]})
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    os.replace(weights_path + ".tmp", weights_path)
+    os.replace(config_path + ".tmp", config_path)
+    return {"weights": weights_path, "config": config_path, "tensors": len(state),
+            "parameters": sum(v.numel() for v in state.values()), **config}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.export",
+        description="Export a run's weights as OUT/model.safetensors + OUT/config.json, loadable with "
+                    "model.create_model(**config['model']) + load_state_dict(strict=True) and no DeepSpeed "
+                    "(see pipeline.export.load_exported).",
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder (newest complete checkpoint), DeepSpeed checkpoint "
+                        "folder (any ZeRO stage), universal checkpoint folder, or an export to convert")
+    parser.add_argument("out", metavar="OUT", help="output folder; receives model.safetensors and config.json")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="export the EMA weights (default: EMA when the checkpoint has them; --ema fails "
+                             "without them, --no-ema takes the trained weights)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
+                        help="dtype of the stored tensors (default: fp32)")
+    parser.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.config import UserError
+
+    try:
+        result = export(args.run, args.out, ema=args.ema, dtype=args.dtype, force=args.force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {result['model']['name']} ({result['parameters'] / 1e6:.2f}M values, {result['num_classes']} "
+          f"classes, {result['image_size']} px, {'EMA' if result['ema'] else 'trained'} weights, step "
+          f"{result['step']}) from {result['source']}\n  {result['weights']}\n  {result['config']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
