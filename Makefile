@@ -32,7 +32,7 @@ bench: setup
 	$(PY) benchmarks/loader_speed.py
 
 lint: setup
-	$(VENV)/bin/shellcheck launch/*.sh launch/*/*.sh launch/*/*.sbatch .ci/run
+	$(VENV)/bin/shellcheck launch/*.sh launch/slurm/*.sbatch .ci/run
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,31 @@
+"""Validate a config and its overrides before a launcher spends an allocation on it.
+
+    python -m launch.config_check --config FILE [key=value ...]   -> prints run_dir on success
+
+The shell launchers call this first, so a typo in a key or a missing config file fails in a second with
+pipeline.config's one-line message (exit 2) instead of after every node has started. It imports only
+pipeline.config (PyYAML), not torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.config_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="training config YAML")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    args = parser.parse_args(argv)
+    from pipeline.config import UserError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except UserError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(cfg.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

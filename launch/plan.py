@@ -1,0 +1,334 @@
+"""Will this config fit, and how? A memory and time planner for a training config on a GPU cluster.
+
+    python -m launch.plan --config configs/finetune/jft_coatnet-7_512.yaml --nodes 8 --gpus-per-node 8 --gpu-mem-gb 80
+    python -m launch.plan --config configs/pretrain/in1k_coatnet-0.yaml --nodes 1 --gpus-per-node 1 --gpu-mem-gb 80 --json
+
+Per GPU it adds up
+- model states (16-bit weights, gradients, fp32 master weights, Adam moments) for every ZeRO stage and
+  offload choice, from DeepSpeed's estimators (launch/model_states.py);
+- activations kept for backward, measured per image on the meta device, with and without activation
+  checkpointing (launch/activations.py), times 1.1 for allocator fragmentation;
+- a fixed reserve (--reserve-gb, default 4 GiB) for the CUDA context, NCCL and DeepSpeed's
+  communication buckets;
+then searches micro-batch x gradient accumulation x ZeRO stage x offload x checkpointing for a setting
+that reaches the config's global batch exactly (global = micro x accumulation x GPUs) and fits.
+
+Which fitting setting wins (first difference decides), and why:
+1. no offload before optimizer offload before parameter offload: offload moves every step's optimizer
+   work to the CPU and its traffic over PCIe, the slowest choice by far;
+2. a micro-batch big enough to keep the GPU busy (>= 128 G multiply-adds per micro-step, e.g. 32
+   images of CoAtNet-0 at 224 px or 1 image of CoAtNet-7) before one that is not;
+3. no activation checkpointing before checkpointing: checkpointing recomputes the forward (+~33% compute);
+4. the lower ZeRO stage: ZeRO-3 gathers the weights again for every micro-step. ZeRO-0 is only
+   considered on one GPU: with more, ZeRO-1 moves the same bytes (reduce-scatter + all-gather = one
+   all-reduce) and holds less;
+5. the larger micro-batch (fewer accumulation steps).
+
+Time per epoch = images x 6 x multiply-adds (forward + backward = 3 forward passes, 2 FLOPs per
+multiply-add) / (GPUs x peak TFLOP/s x MFU). Exit status 0 when a setting fits, 1 when none does,
+2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+
+GIB = 2 ** 30
+FRAGMENTATION = 1.10  # PyTorch's caching allocator rarely packs activations tighter than this
+MIN_MICRO_MACS = 128e9  # multiply-adds per micro-step below which a GPU idles between small kernels
+
+# Dataset sizes for time estimates when data.train is not a local shard folder with _info.json
+# (e.g. planning on a laptop before sharding). Keyed by words in the data.train path.
+KNOWN_DATASETS = {
+    "imagenet1k": ("ImageNet-1K train", 1_281_167, 1000),
+    "in1k": ("ImageNet-1K train", 1_281_167, 1000),
+    "imagenet21k": ("ImageNet-21K (about 13M images)", 13_000_000, 21841),
+    "in21k": ("ImageNet-21K (about 13M images)", 13_000_000, 21841),
+    "jft300m": ("JFT-300M", 300_000_000, 18291),
+    "jft3b": ("JFT-3B (about 30K labels)", 3_000_000_000, 30000),
+}
+
+
+class PlanError(Exception):
+    """Bad input to the planner: printed as one line, exit status 2."""
+
+
+@dataclass
+class Option:
+    zero_stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    activation_checkpointing: bool
+    micro_batch_size: int  # 0 => does not fit even at micro-batch 1
+    accumulation: int
+    states_gib: float
+    activations_gib: float
+    total_gib: float
+    cpu_per_node_gib: float
+    fits: bool
+    efficient: bool = False
+
+    def describe(self) -> str:
+        off = ("optimizer+param" if self.offload_param else "optimizer") if self.offload_optimizer else "none"
+        return f"ZeRO-{self.zero_stage}, offload {off}"
+
+    def overrides(self) -> list[str]:
+        return [f"deepspeed.zero_stage={self.zero_stage}",
+                f"deepspeed.offload_optimizer={str(self.offload_optimizer).lower()}",
+                f"deepspeed.offload_param={str(self.offload_param).lower()}",
+                f"model.activation_checkpointing={str(self.activation_checkpointing).lower()}",
+                f"train.micro_batch_size={self.micro_batch_size}"]
+
+
+def _dataset(cfg, images_per_epoch: int | None) -> tuple[int, int | None, str]:
+    """(images per epoch, number of classes or None, where the figures come from)."""
+    path = cfg.data.train
+    if os.path.isfile(os.path.join(path, "_info.json")):
+        from pipeline.config import UserError
+        from pipeline.data import open_shards
+        try:
+            shards = open_shards(path, cfg.data.train_split)
+        except UserError as e:
+            raise PlanError(str(e)) from None
+        classes = len(shards.classes) if shards.classes else None
+        return images_per_epoch or shards.num_samples, classes, f"{path}/_info.json"
+    key = re.sub(r"[^a-z0-9]", "", os.path.basename(os.path.normpath(path)).lower())
+    for word, (label, images, classes) in KNOWN_DATASETS.items():
+        if word in key:
+            return images_per_epoch or images, classes, f"assumed from data.train={path}: {label}"
+    if images_per_epoch:
+        return images_per_epoch, None, "--images-per-epoch"
+    raise PlanError(f"data.train={path} has no _info.json and is not a known dataset name "
+                    f"({', '.join(sorted({v[0] for v in KNOWN_DATASETS.values()}))}); pass --images-per-epoch N")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: float | None = None,
+         mfu: float = 0.4, gpu_tflops: float = 989.0, reserve_gb: float = 4.0,
+         images_per_epoch: int | None = None) -> dict:
+    """Everything the CLI prints, as a dict (also the `--json` output)."""
+    import torch
+
+    from launch.activations import measure
+    from launch.model_states import candidate_settings, count_params, model_states_bytes
+    from model import count_macs, create_model
+
+    for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value < 1:
+            raise PlanError(f"{name} must be >= 1, got {value}")
+    if gpu_mem_gb <= reserve_gb:
+        raise PlanError(f"--gpu-mem-gb {gpu_mem_gb} leaves nothing after the {reserve_gb} GiB reserve")
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], got {mfu}")
+
+    images, dataset_classes, dataset_source = _dataset(cfg, images_per_epoch)
+    num_classes = cfg.model.num_classes or dataset_classes or 1000
+    hw = cfg.image_hw
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, num_classes=num_classes, image_size=hw,
+                             stride_on=cfg.model.stride_on)
+    total_params, largest_layer = count_params(model)
+    macs = count_macs(model)
+    act = measure(cfg.model.name, hw, num_classes, cfg.precision, cfg.model.drop_path_rate, cfg.model.stride_on)
+
+    gpus = nodes * gpus_per_node
+    global_batch = cfg.train.global_batch_size
+    usable = gpu_mem_gb * GIB - reserve_gb * GIB
+    result = {
+        "config": None, "model": cfg.model.name, "image_size": list(hw), "num_classes": num_classes,
+        "precision": cfg.precision, "parameters": total_params, "largest_layer_parameters": largest_layer,
+        "macs_per_image": macs,
+        "activation_gib_per_image": act.per_image / GIB, "activation_gib_per_image_checkpointed":
+            act.per_image_checkpointed / GIB, "activation_gib_fixed": act.fixed / GIB,
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus, "gpu_mem_gib": gpu_mem_gb,
+        "usable_gib": usable / GIB, "reserve_gib": reserve_gb, "global_batch_size": global_batch,
+        "options": [], "chosen": None, "fits": False, "reason": "",
+    }
+
+    if global_batch % gpus:
+        result["reason"] = (f"global batch {global_batch} is not divisible by {gpus} GPUs: pick a GPU count that "
+                            f"divides it (e.g. {_near_divisor(global_batch, gpus)}) or change train.global_batch_size")
+    else:
+        per_rank = global_batch // gpus
+        divisors = _divisors(per_rank)
+        wanted = math.ceil(MIN_MICRO_MACS / max(macs, 1))
+        efficient_micro = min([d for d in divisors if d >= wanted] or [per_rank])
+        options = []
+        for setting in candidate_settings():
+            if setting.stage == 0 and gpus > 1:
+                continue
+            states, cpu = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node,
+                                             cfg.precision)
+            cpu_ok = cpu_mem_gb is None or cpu <= cpu_mem_gb * GIB
+            for ckpt in (False, True):
+                def need(m):
+                    return states + act.bytes(m, ckpt) * FRAGMENTATION
+                fitting = [m for m in divisors if need(m) <= usable] if cpu_ok else []
+                m = max(fitting) if fitting else 0
+                options.append(Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
+                                      m, per_rank // m if m else 0, states / GIB,
+                                      act.bytes(max(m, 1), ckpt) * FRAGMENTATION / GIB, need(max(m, 1)) / GIB,
+                                      cpu / GIB, bool(m), m >= efficient_micro))
+        fitting = [o for o in options if o.fits]
+        if fitting:
+            best = min(fitting, key=lambda o: (o.offload_optimizer + o.offload_param, not o.efficient,
+                                               o.activation_checkpointing, o.zero_stage, -o.micro_batch_size))
+            result["chosen"], result["fits"] = asdict(best), True
+            result["overrides"] = best.overrides()
+        else:
+            smallest = min(options, key=lambda o: o.total_gib)
+            why = f"; CPU memory per node is {cpu_mem_gb} GiB" if cpu_mem_gb is not None else ""
+            result["reason"] = (f"cannot fit: even {smallest.describe()} with activation checkpointing at "
+                                f"micro-batch 1 needs {smallest.total_gib:.1f} GiB per GPU, over the "
+                                f"{usable / GIB:.1f} GiB usable{why}; use more GPUs, bigger GPUs or a smaller "
+                                f"image size")
+        result["options"] = [asdict(o) for o in options]
+        result["efficient_micro_batch"] = efficient_micro
+
+    as_written = _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable)
+    result["as_written"] = as_written
+
+    flops_per_image = 6 * macs
+    cluster_flops = gpus * gpu_tflops * 1e12 * mfu
+    epoch_s = images * flops_per_image / cluster_flops
+    steps_per_epoch = images // global_batch
+    steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    result.update({
+        "images_per_epoch": images, "dataset_source": dataset_source, "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps, "mfu": mfu, "gpu_tflops": gpu_tflops, "train_flops_per_image": flops_per_image,
+        "epoch_hours": epoch_s / 3600, "total_hours": steps * global_batch * flops_per_image / cluster_flops / 3600,
+    })
+    return result
+
+
+def _near_divisor(n: int, gpus: int) -> int:
+    return min(_divisors(n), key=lambda d: (abs(d - gpus), -d))
+
+
+def _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable) -> dict:
+    """Does the config's own DeepSpeed choice fit?"""
+    from launch.model_states import ZeroSetting, model_states_bytes
+    ds = cfg.deepspeed
+    setting = ZeroSetting(ds.zero_stage, ds.offload_optimizer, ds.offload_param)
+    states, _ = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node, cfg.precision)
+    total = states + act.bytes(cfg.train.micro_batch_size, cfg.model.activation_checkpointing) * FRAGMENTATION
+    gpus = nodes * gpus_per_node
+    per_rank, rest = divmod(cfg.train.global_batch_size, gpus * cfg.train.micro_batch_size)
+    return {"setting": setting.describe(), "activation_checkpointing": cfg.model.activation_checkpointing,
+            "micro_batch_size": cfg.train.micro_batch_size, "total_gib": total / GIB,
+            "accumulation": per_rank if not rest else None, "fits": total <= usable and not rest and per_rank > 0}
+
+
+def _fmt_hours(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.1f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} days"
+
+
+def format_table(r: dict) -> str:
+    hw = "x".join(map(str, r["image_size"]))
+    lines = [
+        f"plan for {r['config']}",
+        f"  model          {r['model']} at {hw} px, {r['num_classes']} classes, {r['precision']}",
+        f"  parameters     {r['parameters'] / 1e6:,.1f} M (largest layer {r['largest_layer_parameters'] / 1e6:,.1f} M)",
+        f"  multiply-adds  {r['macs_per_image'] / 1e9:,.1f} G per image (forward)",
+        f"  activations    {r['activation_gib_per_image']:.3f} GiB/image, "
+        f"{r['activation_gib_per_image_checkpointed']:.3f} GiB/image with activation checkpointing "
+        f"(+{r['activation_gib_fixed']:.2f} GiB fixed)",
+        f"  cluster        {r['nodes']} node(s) x {r['gpus_per_node']} GPU(s) = {r['gpus']} GPUs of "
+        f"{r['gpu_mem_gib']:g} GiB ({r['usable_gib']:.1f} GiB usable after a {r['reserve_gib']:g} GiB reserve)",
+        f"  global batch   {r['global_batch_size']}",
+        "",
+    ]
+    if r["options"]:
+        header = (f"  {'ZeRO setting':<32}{'ckpt':>5}{'micro':>7}{'accum':>7}{'states':>9}{'activ.':>9}"
+                  f"{'total':>9}{'CPU/node':>10}  fits")
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        chosen = r["chosen"]
+        for o in r["options"]:
+            mark = "  <= chosen" if chosen == o else ""
+            off = ("optimizer+param" if o["offload_param"] else "optimizer") if o["offload_optimizer"] else "none"
+            micro = str(o["micro_batch_size"]) if o["fits"] else "-"
+            accum = str(o["accumulation"]) if o["fits"] else "-"
+            lines.append(f"  {'ZeRO-%d, offload %s' % (o['zero_stage'], off):<32}"
+                         f"{'yes' if o['activation_checkpointing'] else 'no':>5}{micro:>7}{accum:>7}"
+                         f"{o['states_gib']:>9.1f}{o['activations_gib']:>9.1f}{o['total_gib']:>9.1f}"
+                         f"{o['cpu_per_node_gib']:>10.1f}  {'yes' if o['fits'] else 'no'}{mark}")
+        lines.append("  (GiB per GPU; a row that does not fit shows its need at micro-batch 1)")
+        lines.append("")
+    c = r["chosen"]
+    if c:
+        lines.append(f"PLAN: ZeRO-{c['zero_stage']}, offload "
+                     f"{('optimizer+param' if c['offload_param'] else 'optimizer') if c['offload_optimizer'] else 'none'}"
+                     f", activation checkpointing {'on' if c['activation_checkpointing'] else 'off'}, micro-batch "
+                     f"{c['micro_batch_size']} x accumulation {c['accumulation']} x {r['gpus']} GPUs = "
+                     f"{r['global_batch_size']}; {c['total_gib']:.1f} of {r['usable_gib']:.1f} GiB per GPU")
+        lines.append("  overrides: " + " ".join(r["overrides"]))
+    else:
+        lines.append(f"NO PLAN: {r['reason']}")
+    w = r["as_written"]
+    accum = f"accumulation {w['accumulation']}" if w["accumulation"] else "does not divide the global batch"
+    lines.append(f"  config as written: {w['setting']}, activation checkpointing "
+                 f"{'on' if w['activation_checkpointing'] else 'off'}, micro-batch {w['micro_batch_size']} ({accum}): "
+                 f"{w['total_gib']:.1f} GiB per GPU -> {'fits' if w['fits'] else 'does NOT fit'}")
+    lines += [
+        "",
+        f"time at MFU {r['mfu']:g} of {r['gpu_tflops']:g} TFLOP/s per GPU "
+        f"({r['train_flops_per_image'] / 1e12:.3f} TFLOP per training image):",
+        f"  epoch          {r['images_per_epoch']:,} images ({r['dataset_source']}): {_fmt_hours(r['epoch_hours'])}",
+        f"  whole run      {r['total_steps']:,} steps of {r['global_batch_size']}: {_fmt_hours(r['total_hours'])}",
+    ]
+    if c and c["activation_checkpointing"]:
+        lines.append("  (activation checkpointing recomputes the forward: expect about 3/4 of the MFU without it)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:]))
+    p.add_argument("--config", required=True, help="training config YAML (configs/...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as the trainer takes")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    p.add_argument("--gpu-mem-gb", type=float, required=True,
+                   help="memory per GPU in GiB (an 80 GB H100/A100 has 79.6 GiB)")
+    p.add_argument("--cpu-mem-gb", type=float, default=None,
+                   help="CPU memory per node in GiB; when given, offload settings must fit in it")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
+    p.add_argument("--gpu-tflops", type=float, default=989.0, help="peak 16-bit dense TFLOP/s per GPU (H100 SXM: 989)")
+    p.add_argument("--reserve-gb", type=float, default=4.0,
+                   help="GiB per GPU kept for the CUDA context, NCCL and DeepSpeed communication buckets")
+    p.add_argument("--images-per-epoch", type=int, default=None,
+                   help="dataset size for the time estimate (default: data.train's _info.json or a known dataset)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.config import UserError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.mfu,
+                      args.gpu_tflops, args.reserve_gb, args.images_per_epoch)
+    except (UserError, PlanError) as e:
+        print(f"launch.plan: error: {e}", file=sys.stderr)
+        return 2
+    result["config"] = args.config
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

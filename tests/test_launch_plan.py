@@ -1,0 +1,125 @@
+"""launch.plan: memory and time figures for CoAtNet-7 at 512 px on 64 x 80 GB and CoAtNet-0 on one GPU.
+
+The asserted ranges are derived here from first principles, not copied from the planner's output:
+
+Model states (mixed-precision AdamW, DeepSpeed's accounting): 2 bytes 16-bit weights + 2 bytes 16-bit
+gradients + 4 fp32 gradients + 4 fp32 master weights + 8 Adam moments = 20 bytes per parameter.
+- ZeRO-1 keeps weights and gradients whole and splits the 16 optimizer bytes: 4 + 16/N bytes/param;
+- ZeRO-2 splits everything but the 16-bit weights: 2 + 18/N;
+- ZeRO-3 splits all of it: 18/N (DeepSpeed counts the 16-bit weights inside its 18) + the largest layer
+  gathered whole in fp32 (4 bytes per parameter of that layer);
+- one GPU without ZeRO: all 20 bytes.
+For CoAtNet-7 (2.44e9 parameters, N = 64): ZeRO-1 (4 + 0.25) * 2.44e9 = 10.4 GB = 9.7 GiB; ZeRO-2
+(2 + 0.28) * 2.44e9 = 5.6 GB = 5.2 GiB; ZeRO-3 0.28 * 2.44e9 = 0.69 GB plus a <= 40M-parameter largest
+layer (the 3072-wide Transformer MLP: 3072 x 12288 = 37.7M, 0.15 GB) = 0.84 GB = 0.78 GiB.
+
+Activations (bf16, 2 bytes) follow Korthikanti et al.'s count for a Transformer layer with fused
+attention: 34 * s * h bytes per image (s tokens, h width). CoAtNet-7 at 512 px: S3 has 32 x 32 = 1024
+tokens of width 2048 in 42 layers = 3.0 GB; an MBConv block keeps ~7 tensors of its expanded width:
+S1 (128^2 px, 1024 ch, 2 blocks) 0.47 GB, S2 (64^2, 2048, 4) 0.47 GB, S3's 8 MBConv blocks (32^2, 4096) 0.47 GB;
+stem and S4 ~0.15 GB: ~4.6 GB = 4.3 GiB per image. Checkpointing keeps only block inputs
+(42 x 1024 x 2048 x 2 bytes = 0.18 GB for S3, a bit more for the conv stages) plus one block's
+recompute (~0.1 GB): well under a quarter. CoAtNet-0 at 224 px: S3 196 x 384 x 34 x 5 layers = 13 MB,
+S1 2 x 7 x 384 x 56^2 x 2 = 34 MB, S2 3 x 7 x 768 x 28^2 x 2 = 25 MB, stem ~6 MB, S4 3 MB: ~80 MB = 77 MiB.
+
+Time: 6 FLOPs per multiply-add per training image (forward + backward = 3 forward passes).
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.plan import GIB, format_table, plan
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+C7_512 = "configs/finetune/jft_coatnet-7_512.yaml"
+C0 = "configs/pretrain/in1k_coatnet-0.yaml"
+IMAGENET_TRAIN = 1_281_167
+
+
+def _row(result, stage, ckpt=False, offload=False):
+    return next(o for o in result["options"] if o["zero_stage"] == stage and o["activation_checkpointing"] == ckpt
+                and o["offload_optimizer"] == offload and not o["offload_param"])
+
+
+@pytest.fixture(scope="module")
+def c7():
+    res = subprocess.run([sys.executable, "-m", "launch.plan", "--config", C7_512, "--nodes", "8", "--gpus-per-node",
+                          "8", "--gpu-mem-gb", "80", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+def test_coatnet7_512_on_64_gpus_model_figures(c7):
+    assert abs(c7["parameters"] - 2.44e9) / 2.44e9 < 0.01
+    assert 2.4e12 < c7["macs_per_image"] < 2.75e12  # paper: 2586B multiply-adds at 512 px
+    assert 20e6 < c7["largest_layer_parameters"] < 40e6
+    assert 9.2 < _row(c7, 1)["states_gib"] < 10.2
+    assert 4.9 < _row(c7, 2)["states_gib"] < 5.5
+    assert 0.6 < _row(c7, 3)["states_gib"] < 1.0
+    assert _row(c7, 2, offload=True)["states_gib"] < _row(c7, 2)["states_gib"]  # only the 16-bit weights stay
+    assert 3.5 < c7["activation_gib_per_image"] < 5.5
+    assert 0.25 < c7["activation_gib_per_image_checkpointed"] < c7["activation_gib_per_image"] / 4
+
+
+def test_coatnet7_512_on_64_gpus_plan(c7):
+    assert c7["gpus"] == 64 and c7["fits"], c7["reason"]
+    chosen = c7["chosen"]
+    # 512 images over 64 GPUs: 8 per GPU per step, no offload needed with ~76 GiB usable.
+    assert chosen["micro_batch_size"] * chosen["accumulation"] * 64 == 512
+    assert not chosen["offload_optimizer"] and not chosen["offload_param"]
+    assert chosen["total_gib"] <= c7["usable_gib"] < 80
+    # ZeRO-0 is never offered on many GPUs; with everything partitioned and checkpointing it fits easily.
+    assert all(o["zero_stage"] > 0 for o in c7["options"])
+    assert _row(c7, 3, ckpt=True)["fits"]
+    assert c7["as_written"]["fits"], "the config's own DeepSpeed settings must fit the cluster it names"
+    assert f"train.micro_batch_size={chosen['micro_batch_size']}" in c7["overrides"]
+    # one epoch of ImageNet-1K at MFU 0.4 of 989 TFLOP/s on 64 GPUs
+    expected_h = IMAGENET_TRAIN * 6 * c7["macs_per_image"] / (64 * 989e12 * 0.4) / 3600
+    assert c7["images_per_epoch"] == IMAGENET_TRAIN
+    assert c7["epoch_hours"] == pytest.approx(expected_h, rel=1e-6) and 0.15 < expected_h < 0.3
+
+
+def test_table_output_reads_like_the_json(c7):
+    out = format_table(c7)
+    assert "PLAN: ZeRO-" in out and "<= chosen" in out and " ".join(c7["overrides"]) in out
+    assert "2,44" in out.split("parameters", 1)[1].splitlines()[0]  # "2,442.8 M"
+    assert len([line for line in out.splitlines() if line.strip().startswith("ZeRO-")]) == len(c7["options"])
+
+
+def test_coatnet0_on_one_gpu():
+    r = plan(load_config(REPO / C0), nodes=1, gpus_per_node=1, gpu_mem_gb=80)
+    assert abs(r["parameters"] - 25e6) / 25e6 < 0.02
+    assert 4.0e9 < r["macs_per_image"] < 4.4e9  # paper: 4.2B
+    assert 60 < r["activation_gib_per_image"] * 1024 < 120  # MiB per image, ~77 by hand
+    zero0 = _row(r, 0)
+    assert zero0["states_gib"] * GIB == pytest.approx(20 * r["parameters"], rel=1e-6)
+    c = r["chosen"]
+    # One GPU: no ZeRO, no offload, no checkpointing; 4096 images per step by accumulation.
+    assert r["fits"] and (c["zero_stage"], c["offload_optimizer"], c["activation_checkpointing"]) == (0, False, False)
+    assert c["micro_batch_size"] * c["accumulation"] == 4096
+    # 76 GiB usable / (~0.1 GiB per image x 1.1) fits ~700 images: the largest divisor of 4096 is 512.
+    assert 256 <= c["micro_batch_size"] <= 1024
+    epoch_s = r["epoch_hours"] * 3600
+    assert epoch_s == pytest.approx(IMAGENET_TRAIN * 6 * r["macs_per_image"] / (989e12 * 0.4), rel=1e-6)
+    assert 60 < epoch_s < 100
+    assert r["total_steps"] == 300 * (IMAGENET_TRAIN // 4096)
+
+
+def test_a_setting_that_cannot_fit_says_so():
+    cfg = load_config(REPO / C7_512)
+    # 2.44e9 x 20 bytes does not fit 16 GiB, and ZeRO-Infinity's CPU side (18 bytes/param x 1.5) needs ~61 GiB.
+    r = plan(cfg, nodes=1, gpus_per_node=1, gpu_mem_gb=16, cpu_mem_gb=32)
+    assert not r["fits"] and r["chosen"] is None
+    assert r["reason"].startswith("cannot fit") and "GiB per GPU" in r["reason"]
+    uneven = plan(load_config(REPO / C0), nodes=3, gpus_per_node=8, gpu_mem_gb=80)
+    assert not uneven["fits"] and "not divisible by 24 GPUs" in uneven["reason"]
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "launch.plan", "--config", C0, "--nodes", "0", "--gpus-per-node", "8",
+                          "--gpu-mem-gb", "80", "train.stepz=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "train.stepz" in res.stderr and "Traceback" not in res.stderr

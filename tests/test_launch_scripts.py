@@ -1,0 +1,355 @@
+"""The cluster launchers in launch/: static checks, dry runs under a fake SLURM, and real multi-process runs.
+
+The fake SLURM is a PATH shim (scontrol prints the node list, srun records or replays its command): SLURM
+itself is what cannot run here. The printed torchrun/deepspeed commands are checked with those
+launchers' own argument parsers. Ray, torchrun and the trainer run for real in the slow tests.
+"""
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.test_pipeline_data import demo_shards  # noqa: F401  (session fixture: data_prep's shards)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/slurm/*.sbatch")])
+DEMO = "configs/demo/pretrain.yaml"
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def sh(args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *map(str, args)], cwd=REPO, env=env or _env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def commands(stdout: str) -> list[list[str]]:
+    """The `+ ...` lines of a launcher's transcript, split like the shell would."""
+    return [shlex.split(line[2:].removesuffix(" &")) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def one_line_error(res, *words):
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------------ static checks
+def test_every_script_passes_bash_n_and_shellcheck():
+    assert {p.name for p in SCRIPTS} >= {"common.sh", "deepspeed.sh", "torchrun.sh", "ray_cluster.sh",
+                                         "pretrain.sbatch", "shard.sbatch"}
+    for script in SCRIPTS:
+        res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert res.returncode == 0, (script, res.stderr)
+    # launch/.shellcheckrc lets shellcheck follow `source common.sh` (as `shellcheck -x`).
+    res = subprocess.run([str(BIN / "shellcheck"), *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for script in SCRIPTS:
+        if script.name != "common.sh":
+            assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+# --------------------------------------------------------------------------------------------- fake SLURM
+@pytest.fixture
+def slurm(tmp_path):
+    """A PATH shim for scontrol and srun, and the SLURM variables of a 3-node job 777 with 8 GPUs per node."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    log = tmp_path / "slurm.log"
+    (shim / "scontrol").write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$1 $2" == "show hostnames" ]]; then for h in $FAKE_NODES; do echo "$h"; done; exit 0; fi\n'
+        'echo "scontrol $*" >>"$FAKE_LOG"\n')
+    # srun: record the call; FAKE_SRUN=sleep waits like a long job step; FAKE_SRUN=replay runs the
+    # `bash -c SCRIPT PYTHON ARGS` it was given once per node, with SLURM_NODEID set and the
+    # interpreter replaced by a recorder, as SLURM would start one task on every node.
+    (shim / "srun").write_text(
+        f"#!{sys.executable}\n"
+        "import os, subprocess, sys, time\n"
+        "open(os.environ['FAKE_LOG'], 'a').write('srun ' + ' '.join(sys.argv[1:]) + '\\n')\n"
+        "if os.environ.get('FAKE_SRUN') == 'sleep':\n"
+        "    time.sleep(120)\n"
+        "    sys.exit(0)\n"
+        "task = sys.argv[sys.argv.index('bash'):]\n"
+        "for node in range(int(os.environ['SLURM_JOB_NUM_NODES'])):\n"
+        "    cmd = task[:3] + [os.environ['FAKE_RECORDER']] + task[4:]\n"
+        "    subprocess.run(cmd, env={**os.environ, 'SLURM_NODEID': str(node)}, check=True)\n")
+    recorder = tmp_path / "recorder"
+    recorder.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" >"$FAKE_OUT/node-$SLURM_NODEID"\n')
+    for f in (shim / "scontrol", shim / "srun", recorder):
+        f.chmod(0o755)
+    (tmp_path / "out").mkdir()
+    env = _env(PATH=f"{shim}:{os.environ['PATH']}", FAKE_LOG=log, FAKE_NODES="gpu01 gpu02 gpu03",
+               FAKE_RECORDER=recorder, FAKE_OUT=tmp_path / "out", SLURM_JOB_ID=777,
+               SLURM_JOB_NODELIST="gpu[01-03]", SLURM_JOB_NUM_NODES=3, SLURM_GPUS_ON_NODE=8,
+               SLURM_SUBMIT_DIR=REPO)
+    return env, log, tmp_path / "out"
+
+
+def _torchrun_args(cmd: list[str]):
+    from torch.distributed.run import get_args_parser
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"], cmd
+    return get_args_parser().parse_args(cmd[3:])
+
+
+def _node_commands(stdout: str) -> dict[int, list[str]]:
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith("# node "):
+            rank, rest = line[len("# node "):].split(" ", 1)
+            out[int(rank)] = shlex.split(rest.split("): ", 1)[1])
+    return out
+
+
+def test_pretrain_sbatch_dry_run_ranks_rendezvous_and_resume(slurm, tmp_path):
+    env, _, _ = slurm
+    run_dir = tmp_path / "run"
+    args = ["launch/slurm/pretrain.sbatch", "--config", DEMO, f"run_dir={run_dir}", "train.steps=7", "--dry-run"]
+    first = sh(args, env)
+    assert first.returncode == 0, first.stderr
+    assert f"fresh run: no checkpoint in {run_dir}" in first.stdout
+    nodes = _node_commands(first.stdout)
+    assert sorted(nodes) == [0, 1, 2]
+    port = 29500 + 777 % 1000
+    for rank, cmd in nodes.items():
+        a = _torchrun_args(cmd)
+        assert (a.node_rank, a.nnodes, a.nproc_per_node) == (rank, "3", "8")
+        assert (a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id, a.max_restarts) == ("c10d", f"gpu01:{port}", "777", 0)
+        assert a.module and a.training_script == "pipeline.pretrain"
+        assert a.training_script_args == ["--config", DEMO, f"run_dir={run_dir}", "train.steps=7"]
+    srun = commands(first.stdout)[-1]
+    assert srun[:6] == ["srun", "--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    assert '--node-rank "$SLURM_NODEID"' in srun[srun.index("-c") + 1]
+
+    # Requeued after preemption, with a checkpoint in run_dir: the same trainer command, the resume is noted.
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004")
+    again = sh(args, {**env, "SLURM_RESTART_COUNT": "1"})
+    assert "requeues so far: 1" in again.stdout
+    assert f"resume: {run_dir}/checkpoints/latest -> step_00000004" in again.stdout
+    assert _node_commands(again.stdout) == nodes
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"  # nothing wiped
+
+    # Resubmitted on fewer nodes: same trainer arguments, a 2-node rendezvous.
+    fewer = sh(args, {**env, "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]",
+                      "FAKE_NODES": "gpu01 gpu02"})
+    two = _node_commands(fewer.stdout)
+    assert sorted(two) == [0, 1] and _torchrun_args(two[1]).nnodes == "2"
+    assert _torchrun_args(two[1]).training_script_args == _torchrun_args(nodes[1]).training_script_args
+
+    text = (REPO / "launch/slurm/pretrain.sbatch").read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text
+
+
+def test_pretrain_sbatch_srun_task_gets_its_node_rank(slurm):
+    env, log, out = slurm
+    res = sh(["launch/slurm/pretrain.sbatch", "--config", DEMO, "--gpus-per-node", "2", "train.steps=3"],
+             {**env, "FAKE_SRUN": "replay"})
+    assert res.returncode == 0, res.stderr
+    for rank in range(3):
+        argv = (out / f"node-{rank}").read_text().splitlines()
+        assert argv[:4] == ["-m", "torch.distributed.run", "--node-rank", str(rank)]
+        a = _torchrun_args([sys.executable, *argv])
+        assert a.node_rank == rank and a.nproc_per_node == "2" and a.training_script_args[-1] == "train.steps=3"
+
+
+def test_pretrain_sbatch_requeues_on_usr1(slurm):
+    env, log, _ = slurm
+    proc = subprocess.Popen(["bash", "launch/slurm/pretrain.sbatch", "--config", DEMO], cwd=REPO,
+                            env={**env, "FAKE_SRUN": "sleep"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "srun " in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` sends before the time limit
+        while "scontrol requeue 777" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the batch script must keep waiting for srun until SLURM requeues the job"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def test_shard_sbatch_dry_run_places_head_and_workers(slurm, tmp_path):
+    env, _, _ = slurm
+    res = sh(["launch/slurm/shard.sbatch", "--num-cpus", "16", "--dry-run", "--", "/data/in", str(tmp_path / "o"),
+              "--split", "train", "--shard-size", "100"], env)
+    assert res.returncode == 0, res.stderr
+    head, workers, wait, shard = commands(res.stdout)
+    port = str(20000 + 777 % 10000)
+    assert head[:7] == ["srun", "--nodes", "1", "--ntasks", "1", "--overlap", "-w"] and head[7] == "gpu01"
+    assert "--head" in head and head[head.index("--port") + 1] == port and "--block" in head
+    assert workers[workers.index("--exclude") + 1] == "gpu01" and workers[workers.index("--nodes") + 1] == "2"
+    assert workers[workers.index("--address") + 1] == f"gpu01:{port}"
+    assert wait[-6:] == ["--address", f"gpu01:{port}", "--expect", "3", "--timeout", "300"]
+    assert shard[1:] == ["-m", "data_prep", "shard", "/data/in", str(tmp_path / "o"), "--split", "train",
+                         "--shard-size", "100", "--ray-address", f"gpu01:{port}"]
+    single = sh(["launch/slurm/shard.sbatch", "--num-cpus", "4", "--dry-run", "--", "a", "b"],
+                {**env, "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "gpu01", "FAKE_NODES": "gpu01"})
+    cmds = commands(single.stdout)
+    assert len(cmds) == 3 and cmds[0][cmds[0].index("--node-ip-address") + 1] == "127.0.0.1"
+    assert cmds[-1][-2:] == ["--ray-address", f"127.0.0.1:{port}"]
+
+
+# ------------------------------------------------------------------------------------- torchrun, deepspeed
+def test_torchrun_sh_multi_node_and_elastic():
+    base = ["launch/torchrun.sh", "--config", DEMO, "train.steps=5", "--nproc-per-node", "2", "--dry-run"]
+    per_node = []
+    for rank in (0, 1):
+        res = sh([*base, "--nnodes", "1:2", "--node-rank", rank, "--rdzv-endpoint", "node0:29400"])
+        assert res.returncode == 0, res.stderr
+        (cmd,) = commands(res.stdout)
+        a = _torchrun_args(cmd)
+        assert (a.nnodes, a.node_rank, a.rdzv_backend, a.rdzv_endpoint) == ("1:2", rank, "c10d", "node0:29400")
+        assert a.module and a.training_script_args == ["--config", DEMO, "train.steps=5"]
+        per_node.append(a.rdzv_id)
+    assert per_node[0] == per_node[1] and per_node[0].startswith("coatnet-")  # one job id on every node
+    (cmd,) = commands(sh([*base]).stdout)
+    assert _torchrun_args(cmd).standalone  # one node, no endpoint: a local rendezvous
+
+
+def test_deepspeed_sh_hostfile_and_no_ssh(tmp_path):
+    from deepspeed.launcher.runner import parse_args
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode0 slots=8\nnode1 slots=8\n")
+    base = ["launch/deepspeed.sh", "--hostfile", hostfile, "--config", DEMO, "train.steps=5", "--dry-run"]
+    res = sh([*base, "--num-nodes", "1", "--master-port", "29411"])
+    assert res.returncode == 0, res.stderr
+    (cmd,) = commands(res.stdout)
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    a = parse_args(cmd[3:])
+    assert (a.hostfile, a.num_nodes, a.master_port, a.no_ssh) == (str(hostfile), 1, 29411, False)
+    assert a.module and a.user_script == "pipeline.pretrain" and a.user_args == ["--config", DEMO, "train.steps=5"]
+    res = sh([*base, "--no-ssh", "--node-rank", "1", "--master-addr", "node0"])
+    (cmd,) = commands(res.stdout)
+    a = parse_args(cmd[3:])
+    assert (a.no_ssh, a.node_rank, a.master_addr) == (True, 1, "node0") and a.user_script == "pipeline.pretrain"
+    assert "node rank 1 of 2" in res.stdout
+    one_line_error(sh([*base, "--no-ssh", "--node-rank", "1"]), "--master-addr")
+    one_line_error(sh([*base, "--no-ssh", "--node-rank", "2", "--master-addr", "node0"]), "out of range")
+    example = (REPO / "launch/hostfile.example").read_text()
+    assert "slots=" in example and parse_args(["--hostfile", "launch/hostfile.example", "x"]).hostfile
+
+
+def test_missing_or_wrong_settings_fail_in_one_line(slurm):
+    env, _, _ = slurm
+    one_line_error(sh(["launch/slurm/pretrain.sbatch", "--config", DEMO, "--dry-run"]), "SLURM_JOB_ID", "sbatch")
+    one_line_error(sh(["launch/slurm/pretrain.sbatch", "--dry-run"], env), "--config")
+    one_line_error(sh(["launch/slurm/pretrain.sbatch", "--config", "nope.yaml", "--dry-run"], env), "nope.yaml")
+    one_line_error(sh(["launch/torchrun.sh", "--config", DEMO, "train.stepz=3", "--dry-run"]), "train.stepz")
+    one_line_error(sh(["launch/torchrun.sh", "--config", DEMO, "--nnodes", "2", "--dry-run"]), "--rdzv-endpoint")
+    one_line_error(sh(["launch/torchrun.sh", "--config", DEMO, "steps", "--dry-run"]), "key=value")
+    one_line_error(sh(["launch/torchrun.sh", "--config", DEMO, "--bogus", "--dry-run"]), "--bogus")
+    one_line_error(sh(["launch/deepspeed.sh", "--config", DEMO, "--dry-run"]), "--hostfile")
+    one_line_error(sh(["launch/slurm/shard.sbatch", "--dry-run"], env), "after --")
+    one_line_error(sh(["launch/ray_cluster.sh", "stop", "--temp-dir", "/nonexistent-coatnet"]), "no cluster recorded")
+    one_line_error(sh(["launch/ray_cluster.sh", "start", "--workers", "10.9.9.9", "--temp-dir", "/nonexistent-coatnet",
+                       "--dry-run"]), "10.9.9.9", "--head")
+
+
+# --------------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_ray_cluster_head_and_worker_on_loopback_run_data_prep(tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    py = sys.executable
+    subprocess.run([py, "-m", "data_prep", "demo-data", str(tmp_path / "img"), "--classes", "2", "--per-class", "12",
+                    "--size", "32", "--seed", "0"], check=True, capture_output=True, env=_env(RAY_ADDRESS=""))
+    try:
+        res = sh(["launch/ray_cluster.sh", "start", "--head", "127.0.0.1", "--workers", "127.0.0.1", "--num-cpus",
+                  "1", "--temp-dir", temp_dir], _env(RAY_ADDRESS=""), timeout=240)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "2 live Ray node(s)" in res.stdout
+        port = next(line.split("=", 1)[1] for line in Path(temp_dir, "cluster.env").read_text().splitlines()
+                    if line.startswith("PORT="))
+        assert oct(Path(temp_dir, "auth_token").stat().st_mode & 0o777) == "0o600"
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": f"{temp_dir}/auth_token"}
+        shard = subprocess.run([py, "-m", "data_prep", "shard", str(tmp_path / "img"), str(tmp_path / "shards"),
+                                "--split", "train", "--shard-size", "4", "--workers", "2", "--ray-address",
+                                f"127.0.0.1:{port}", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                               env=_env(RAY_ADDRESS="", **auth), timeout=180)
+        assert shard.returncode == 0, shard.stderr[-3000:]
+        assert "2 node(s)" in shard.stderr
+        info = json.loads((tmp_path / "shards" / "_info.json").read_text())["splits"]["train"]
+        assert info["num_samples"] == 24 and len(info["filenames"]) == 6
+    finally:
+        stop = sh(["launch/ray_cluster.sh", "stop", "--temp-dir", temp_dir], timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    # Exactly this cluster's processes are gone (they all carry its temp dir on their command line).
+    ours = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
+    assert ours == [], ours
+    assert not Path(temp_dir, "cluster.env").exists() and not Path(temp_dir, "auth_token").exists()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "loss" in r}
+
+
+@pytest.mark.slow
+def test_two_nodes_train_then_one_node_resumes(tmp_path, demo_shards):  # noqa: F811
+    """Two torchrun agents (--nnodes 2, node ranks 0/1, c10d on 127.0.0.1) train to the end through
+    launch/torchrun.sh; node 1 is then gone and the job, launched again on node 0 alone with the same
+    config and overrides (plus more steps to do), resumes from the run folder on the smaller world."""
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", f"data.train={demo_shards}", "data.val=null", "data.image_size=32",
+                 "data.num_workers=1", "data.shuffle_buffer=16", "data.randaugment_layers=0", "model.name=coatnet-tiny",
+                 "train.global_batch_size=8", "train.micro_batch_size=4", "train.log_every=1", "optim.warmup_steps=1",
+                 "checkpoint.every_steps=2", "deepspeed.zero_stage=1"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes, log_files = [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    try:
+        for rank, log_file in enumerate(log_files):  # files, not pipes: a full pipe would stall a rank
+            with open(log_file, "w") as handle:
+                nodes.append(subprocess.Popen(
+                    ["bash", "launch/torchrun.sh", "--config", DEMO, *overrides, "train.steps=4", "--nnodes", "2",
+                     "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint],
+                    cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True))
+        for node in nodes:
+            node.wait(timeout=300)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    logs = [f.read_text() for f in log_files]
+    assert all(node.returncode == 0 for node in nodes), "\n=====\n".join(log[-3000:] for log in logs)
+    assert "on 2 rank(s)" in logs[0]
+    first = _metrics(run_dir)
+    assert sorted(first) == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+    # Node 1 is lost. The same launcher, config and overrides on node 0 alone (one more override: two more
+    # steps to train), on a new rendezvous: the trainer finds run_dir's checkpoint and changes world size.
+    res = sh(["launch/torchrun.sh", "--config", DEMO, *overrides, "train.steps=6", "--nnodes", "1", "--node-rank", "0",
+              "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"], timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert f"resume: {run_dir}/checkpoints/latest -> step_00000004" in res.stdout
+    assert "on 1 rank(s)" in out and "universal checkpoint" in out
+    after = _metrics(run_dir)
+    assert sorted(after) == [1, 2, 3, 4, 5, 6]
+    assert {s: after[s]["loss"] for s in first} == {s: first[s]["loss"] for s in first}  # history kept
+    assert after[5]["samples_seen"] == 5 * 8 and after[6]["samples_seen"] == 6 * 8  # continues, not restarts
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
