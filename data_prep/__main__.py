@@ -1,0 +1,52 @@
+"""``python -m data_prep shard|verify|demo-data``: image collections -> WebDataset shards with Ray.
+
+Design (why it is built this way)
+---------------------------------
+The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is one whole shard.
+
+1. List (driver, no image bytes read; ``sources.py``): every input gets a stable id -- its POSIX path
+   relative to SRC, ``<class>.tar/<member>`` for archive members (read in place at their offset, never
+   extracted), or the path as written in a CSV/JSONL manifest -- and a class. Files with a non-image
+   extension, outside any class folder, or of a class missing from ``--classes`` are rejected here.
+2. Scan (Ray tasks over chunks of the sorted list; ``images.scan``): read each file, sha1 it, open the
+   header with Pillow (not an image, empty, more than ``--max-pixels``) and check completeness (PNG chunk
+   walk with CRCs; JPEG end marker, with a 1/8-scale decode only when the marker is missing; other
+   formats are fully decoded). A pure function of the bytes: it can run anywhere, any number of times.
+3. Plan (driver; ``plan.py``): ``--dedup`` keeps the first copy of equal sha1s in id order; the usable
+   inputs are ordered by sha256(seed, id) -- a shuffle that depends only on the input list and the seed,
+   not on an RNG's version -- and cut into shards of ``--shard-size``. The plan is saved atomically to
+   ``OUT/_state/<split>/plan.json.gz`` so a resumed job neither rescans nor re-plans.
+4. Write (one Ray task per shard; ``tasks.write_shard``): read the shard's inputs, check each sha1
+   against the scan, decode/resize/encode, stream the samples into ``OUT/.<name>.<uuid>.tmp`` with
+   ``tarfile`` (every header field pinned), fsync, rename to ``<split>-NNNNNN.tar``, then atomically
+   write ``OUT/_state/<split>/receipts/<name>.json`` (sha256, bytes, count, late rejects, node id).
+   One task per ~1,000 images keeps Ray's per-task overhead (scheduling, argument transfer, a result)
+   negligible, keeps every worker busy on pure Pillow work, and makes "a shard" the only thing that can
+   be half-done.
+5. Describe (driver): ``_info.json`` (timm-readable, merged per split) and ``rejects.jsonl`` are
+   written atomically from the plan and the receipts; the plan file is deleted, the receipts stay.
+
+Exactly once. The plan assigns each usable input to exactly one position of exactly one shard. On disk a
+shard is either absent, a temp file (ignored, deleted at the next start), or complete (renamed only
+after fsync). A shard counts as done only if its receipt belongs to this plan *and* the tar's sha256
+matches the receipt; anything else is rewritten from scratch. Killing the driver (SIGKILL: its private
+Ray dies with it) or a worker (Ray retries the task into a fresh temp name) therefore never loses or
+duplicates a sample: re-running the same command finishes the job.
+
+Byte-identical output. A shard's bytes are a pure function of its planned inputs and the image options
+(fixed tar headers, fixed JPEG settings, deterministic Pillow/libjpeg-turbo decoding incl. ``draft``).
+Shard lengths: every shard has ``--shard-size`` samples except the last, and except a shard holding a
+file that passes the scan but fails the full decode (corrupt data inside a complete file: rare); that
+file is left out and reported, so the shard is one shorter -- again a pure function of its inputs, so a
+resumed or repeated job writes the same bytes. ``_info.json`` records the exact ``shard_lengths``.
+
+Refusal. ``_info.json`` and the saved plan carry a fingerprint of the input listing (ids, classes,
+sizes, mtimes) and of every option that changes the bytes; a different command against an existing
+split is refused with one line naming what changed, unless ``--overwrite``.
+"""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Command line of data_prep: ``shard``, ``verify`` and ``demo-data`` (see ``python -m data_prep --help``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import UserError
+
+_EPILOG = textwrap.dedent("""\
+    examples:
+      python -m data_prep demo-data runs/demo/images --classes 6 --per-class 200 --size 64 --seed 0
+      python -m data_prep shard runs/demo/images runs/demo/shards --split train --shard-size 64 --seed 0
+      python -m data_prep verify runs/demo/shards
+    """)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 95:
+        raise argparse.ArgumentTypeError(f"{text}: JPEG quality must be in 1..95")
+    return value
+
+
+def _aspect(text: str) -> float:
+    value = float(text)
+    if value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1.0 or more")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse already prints one line and exits 2 on bad options; keep its usage line short."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m data_prep",
+        description="Pack image collections into WebDataset shards with Ray (exactly once, byte-identical, "
+                    "resumable), check them, or write the built-in demo images.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,demo-data}")
+
+    shard = sub.add_parser(
+        "shard", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="turn an ImageFolder tree, a folder of per-class .tar files or a CSV/JSONL manifest into shards",
+        description=textwrap.dedent("""\
+            Write OUT/{split}-000000.tar ... and OUT/_info.json (timm-readable) from SRC.
+
+            SRC is one of
+              * an ImageFolder tree SRC/<class>/.../<image>   (classes sorted as torchvision sorts them)
+              * a folder of per-class archives SRC/<class>.tar (ImageNet-21K style; read in place, never extracted)
+              * a manifest file SRC.csv or SRC.jsonl with columns/keys `path` and `label` (a class name);
+                relative paths are relative to the manifest's folder.
+            Files that cannot be used are listed in OUT/rejects.jsonl with a reason; nothing is dropped silently.
+            Re-running the same command resumes: complete, verified shards are kept, the rest is redone.
+            """),
+        epilog=textwrap.dedent("""\
+            example:
+              python -m data_prep shard ~/imagenet21k ~/shards/in21k --split train --shard-size 1000 \\
+                  --max-size 320 --quality 90 --dedup --seed 0 --ray-address auto
+            """))
+    shard.add_argument("src", type=Path, help="ImageFolder tree, folder of <class>.tar files, or .csv/.jsonl manifest")
+    shard.add_argument("out", type=Path, help="output folder (shared by every node on a cluster); several splits "
+                       "may share it, e.g. --split train then --split val")
+    shard.add_argument("--split", default="train",
+                       help="split name, used in shard names and _info.json (default: train)")
+    shard.add_argument("--source", choices=["auto", "folder", "tars", "manifest"], default="auto",
+                       help="kind of SRC; auto: a .csv/.jsonl file is a manifest, a folder with .tar files and no "
+                            "sub-folders is per-class tars, any other folder an ImageFolder tree (default: auto)")
+    shard.add_argument("--classes", type=Path, default=None, metavar="FILE",
+                       help="fix the class order: a text file with one class name per line (e.g. the 1,000 "
+                            "ImageNet-1K synsets) or a JSON list / {\"classes\": [...]} (e.g. another split's "
+                            "_info.json); images of other classes are rejected as 'unknown_class' "
+                            "(default: the sorted class names found in SRC)")
+    shard.add_argument("--shard-size", type=_positive_int, default=1000,
+                       help="samples per shard; the last shard may be short, and so may a shard holding a file "
+                            "that only fails when fully decoded (exact lengths go to _info.json) (default: 1000)")
+    shard.add_argument("--seed", type=int, default=0,
+                       help="global shuffle seed: a sample's shard and position depend only on the input list "
+                            "and this seed (default: 0)")
+    shard.add_argument("--max-size", type=_non_negative_int, default=256,
+                       help="downscale so the shorter side is at most this many pixels (never upscale); "
+                            "0 keeps the size (default: 256)")
+    shard.add_argument("--max-aspect", type=_aspect, default=4.0,
+                       help="also cap the longer side at max-size * this, so panoramas do not stay huge "
+                            "(default: 4.0)")
+    shard.add_argument("--quality", type=_quality, default=90,
+                       help="JPEG quality of re-encoded images; JPEGs already within size, upright and RGB "
+                            "keep their original bytes (default: 90)")
+    shard.add_argument("--max-pixels", type=_positive_int, default=89_478_485,
+                       help="reject images with more pixels than this as 'too_many_pixels' (decompression "
+                            "bomb guard; default: Pillow's 89,478,485)")
+    shard.add_argument("--dedup", action="store_true",
+                       help="write exact duplicates (same source bytes) once; the others go to rejects.jsonl "
+                            "as 'duplicate' and are counted in _info.json")
+    shard.add_argument("--workers", type=_positive_int, default=None,
+                       help="at most this many shard tasks at once (default: every CPU of the local machine "
+                            "or of the cluster)")
+    shard.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="Ray cluster to join: 'auto' or host:port (a cluster with token authentication "
+                            "also needs RAY_AUTH_MODE=token and its token, as any Ray driver does); default: start "
+                            "a private local Ray on 127.0.0.1 that ends with this command")
+    shard.add_argument("--overwrite", action="store_true",
+                       help="replace this split in OUT even if it was made from other inputs or options "
+                            "(other splits in OUT are kept)")
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+    verify = sub.add_parser(
+        "verify", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="re-read every shard of OUT and check it against _info.json",
+        description="Check every shard listed in OUT/_info.json: file present, bytes and sha256, sample count, "
+                    "every sample complete (jpg, cls, json), labels within the class list, and one image per "
+                    "shard decodes. Exits 1 with a report on any mismatch.",
+        epilog="example:\n  python -m data_prep verify runs/demo/shards --split train\n")
+    verify.add_argument("out", type=Path, help="shard folder holding _info.json")
+    verify.add_argument("--split", default=None, help="check only this split (default: every split)")
+
+    demo = sub.add_parser(
+        "demo-data", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write the built-in demo images (coloured shapes on textured backgrounds) as an ImageFolder tree",
+        description="Write OUT/<class>/<class>_00000.jpg ...: one shape per image, random position, scale and "
+                    "rotation, on a noisy textured background. Deterministic: the same arguments give "
+                    "byte-identical files.",
+        epilog=textwrap.dedent("""\
+            examples:
+              python -m data_prep demo-data runs/demo/pretrain --classes 8 --per-class 300 --label-set shapes
+              python -m data_prep demo-data runs/demo/finetune --classes 9 --per-class 100 --label-set shape-color
+            """))
+    demo.add_argument("out", type=Path, help="folder to create (must be new or empty, or pass --overwrite)")
+    demo.add_argument("--classes", type=_positive_int, default=6,
+                      help="number of classes: 1..8 for 'shapes', 1..64 for 'shape-color' (default: 6)")
+    demo.add_argument("--per-class", type=_positive_int, default=100, help="images per class (default: 100)")
+    demo.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
+    demo.add_argument("--label-set", choices=["shapes", "shape-color"], default="shapes",
+                      help="'shapes': label = shape kind, colour random; 'shape-color': label = (shape, colour) "
+                           "pair, folder names like circle-red (default: shapes)")
+    demo.add_argument("--quality", type=_quality, default=90, help="JPEG quality (default: 90)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing demo-data folder")
+    return parser
+
+
+def _run_demo(args) -> int:
+    import time
+
+    from .demo_data import DemoDataConfig, generate
+
+    start = time.perf_counter()
+    counts = generate(DemoDataConfig(out=args.out, classes=args.classes, per_class=args.per_class, size=args.size,
+                                     seed=args.seed, label_set=args.label_set, quality=args.quality,
+                                     overwrite=args.overwrite))
+    total = sum(counts.values())
+    print(f"demo-data: wrote {total} images in {len(counts)} classes ({', '.join(counts)}) to {args.out} "
+          f"in {time.perf_counter() - start:.2f}s")
+    return 0
+
+
+def _run_shard(args) -> int:
+    from .job import ShardConfig, run_shard_job
+
+    cfg = ShardConfig(src=args.src, out=args.out, split=args.split, source=args.source, classes_file=args.classes,
+                      shard_size=args.shard_size, seed=args.seed, max_size=args.max_size, max_aspect=args.max_aspect,
+                      quality=args.quality, max_pixels=args.max_pixels, dedup=args.dedup, workers=args.workers,
+                      ray_address=args.ray_address, overwrite=args.overwrite, progress=not args.no_progress)
+    run_shard_job(cfg)
+    return 0
+
+
+def _run_verify(args) -> int:
+    from .verify import verify_out
+
+    report = verify_out(args.out, split=args.split)
+    for line in report.lines:
+        print(line)
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"demo-data": _run_demo, "shard": _run_shard, "verify": _run_verify}
+    try:
+        return handlers[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

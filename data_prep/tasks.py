@@ -1,0 +1,188 @@
+"""The work Ray runs on every node: scanning chunks of inputs, and writing one whole shard per task.
+
+Plain functions (no Ray import): the job wraps them with ``ray.remote``, the benchmark and tests can call
+them directly.
+
+Why ``tarfile`` with fixed ``TarInfo`` fields and not webdataset's ``TarWriter``: importing webdataset
+imports torch (about 1.5 s and a few hundred MB in *every* Ray worker, for a job that never touches a
+tensor), and ``TarWriter`` is a thin loop over ``tarfile.addfile`` anyway. We write the same layout it
+writes (USTAR headers; per sample ``<key>.cls``, ``<key>.jpg``, ``<key>.json`` in sorted order; mode 0444)
+and pin every field that would otherwise vary: mtime 0, uid/gid 0, fixed uname/gname. The result is
+byte-identical on every run and is read back by stock ``webdataset.WebDataset`` and
+``ray.data.read_webdataset`` in the tests. We stream into our own file object so that we control the
+temp name, the fsync and the rename, and hash the bytes as they are written instead of reading back.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+from .errors import InputChanged
+from .images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
+from .layout import fsync_dir, read_json, receipt_path, temp_path, write_json_atomic
+from .plan import Entry
+
+TAR_MTIME = 0            # every member gets this mtime: reproducible archives
+TAR_USER = "data_prep"
+TAR_MODE = 0o444
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (benchmark, unit tests) there is no node id
+        pass
+    return "local"
+
+
+def scan_chunk(items: list[tuple[str, str, int, int]], max_pixels: int) -> list[tuple]:
+    """[(id, path, offset, size)] -> [(id, reason, detail, width, height, sha1)]; never raises per file."""
+    out = []
+    for file_id, path, offset, size in items:
+        try:
+            data = read_bytes(path, offset, size)
+        except FileNotFoundError:
+            out.append((file_id, "unreadable", "file not found", 0, 0, ""))
+            continue
+        except (OSError, ImageRejected) as err:
+            rejected = classify_error(err)
+            out.append((file_id, rejected.reason, rejected.detail, 0, 0, ""))
+            continue
+        result = scan(data, max_pixels)
+        out.append((file_id, result.reason, result.detail, result.width, result.height, result.sha1))
+    return out
+
+
+class _HashingFile:
+    """File wrapper that sha256s and counts what tarfile streams through it (no second read of the shard)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        if self.handle.closed:  # a failed shard: tarfile's finaliser flushes after we dropped the temp file
+            return len(data)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+class ShardTarWriter:
+    """Writes samples as tar members with every header field pinned (see the module docstring)."""
+
+    def __init__(self, fileobj):
+        # "w|": a pure stream (no seeks), tarfile's fixed 10 KiB record blocking, USTAR headers.
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, key: str, parts: dict[str, bytes]) -> None:
+        for ext in sorted(parts):
+            data = parts[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = TAR_MODE
+            info.uid = info.gid = 0
+            info.uname = info.gname = TAR_USER
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+def sample_json(entry: Entry) -> bytes:
+    meta = {"source": entry.id, "class": entry.class_name, "label": entry.label, "width": entry.width,
+            "height": entry.height, "sha1": entry.sha1}
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def valid_receipt(out: Path, split: str, filename: str, plan_hash: str) -> dict | None:
+    """The receipt of a finished shard if it belongs to this plan and the tar on disk still matches it."""
+    receipt = read_json(receipt_path(out, split, filename))
+    if not isinstance(receipt, dict) or receipt.get("plan_hash") != plan_hash:
+        return None
+    tar = out / filename
+    try:
+        if tar.stat().st_size != receipt.get("bytes"):
+            return None
+    except OSError:
+        return None
+    return receipt if file_sha256(tar) == receipt.get("sha256") else None
+
+
+def write_shard(out: str, split: str, filename: str, plan_hash: str, rows: list[list], options: dict) -> dict:
+    """Write one complete shard, or confirm the one already there; return its receipt.
+
+    Order of effects: temp file -> fsync -> rename to the final name -> receipt (atomic). A kill at any
+    point leaves either nothing, an ignored temp file, or a final tar without a receipt (rewritten, with
+    the same bytes, on the next run). Files whose full decode fails (the scan let them through) are left
+    out and reported in the receipt, so the shard's content is still a pure function of its rows.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out_dir = Path(out)
+    existing = valid_receipt(out_dir, split, filename, plan_hash)
+    if existing is not None:
+        return {**existing, "resumed": True, "node_id": _node_id(), "seconds": 0.0, "cpu_seconds": 0.0}
+    opts = ImageOptions(**options)
+    entries = [Entry(*row) for row in rows]
+    rejects, written = [], 0
+    tmp = temp_path(out_dir, filename)
+    try:
+        with open(tmp, "wb") as handle:
+            stream = _HashingFile(handle)
+            sink = ShardTarWriter(stream)
+            for entry in entries:
+                # A read error or other bytes now would make this shard depend on *when* it was written:
+                # stop the job instead of dropping the sample (re-running resumes).
+                try:
+                    data = read_bytes(entry.path, entry.offset, entry.size)
+                except (OSError, ImageRejected) as err:
+                    raise InputChanged(f"{entry.id} cannot be read any more ({err}); it was readable when the "
+                                       f"job scanned it: restore it and re-run, or re-run with --overwrite") from None
+                if hashlib.sha1(data).hexdigest() != entry.sha1:
+                    raise InputChanged(f"{entry.id} changed while the job ran (sha1 differs from the scan); "
+                                       f"re-run with --overwrite to start over")
+                try:
+                    jpg, _w, _h = encode(data, opts)
+                except ImageRejected as err:
+                    rejected = classify_error(err)
+                    rejects.append({"source": entry.id, "class": entry.class_name, "reason": rejected.reason,
+                                    "detail": rejected.detail})
+                    continue
+                sink.write(entry.key, {"jpg": jpg, "cls": str(entry.label).encode("ascii"),
+                                       "json": sample_json(entry)})
+                written += 1
+            sink.close()
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out_dir / filename)
+        fsync_dir(out_dir)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    receipt = {"filename": filename, "plan_hash": plan_hash, "num_samples": written, "bytes": stream.bytes,
+               "sha256": stream.sha256.hexdigest(), "rejects": rejects, "node_id": _node_id(),
+               "seconds": round(time.perf_counter() - start, 3),
+               "cpu_seconds": round(time.process_time() - cpu_start, 3)}
+    write_json_atomic(receipt_path(out_dir, split, filename), receipt)
+    return {**receipt, "resumed": False}

@@ -1,0 +1,143 @@
+"""``verify OUT``: re-read every shard and check it against _info.json.
+
+Checks, per shard: present, byte size and sha256 as recorded, readable as a tar without extracting,
+every sample complete (jpg, cls, json) with a unique key, ``cls`` an integer within the class list and
+equal to the json label, sample count equal to ``shard_lengths``; the first image of each shard decodes.
+Per split: ``num_samples`` is the sum of the shard lengths and ``filenames`` matches the shard list.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import UserError
+from .info import load_info
+from .layout import INFO_NAME
+
+
+@dataclass
+class VerifyReport:
+    lines: list[str] = field(default_factory=list)
+    problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
+
+    def bad(self, message: str) -> None:
+        self.problems += 1
+        self.lines.append(f"FAIL {message}")
+
+
+def _read_samples(path: Path, digest) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes}, streaming the tar once (tar mode 'r|': no seeking, nothing written to disk)."""
+
+    class _Hashing(io.RawIOBase):
+        def __init__(self, handle):
+            self.handle = handle
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            data = self.handle.read(len(buffer))
+            digest.update(data)
+            buffer[:len(data)] = data
+            return len(data)
+
+    samples: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with open(path, "rb") as handle:
+        stream = io.BufferedReader(_Hashing(handle), buffer_size=1 << 20)
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                samples[key][ext] = archive.extractfile(member).read()
+        while stream.read(1 << 20):  # hash the tar's zero padding too
+            pass
+    return {k: samples[k] for k in order}
+
+
+def _check_shard(out: Path, split: str, shard: dict, length: int, num_classes: int, report: VerifyReport) -> int:
+    before = report.problems
+    name = shard.get("filename", "?")
+    path = out / name
+    where = f"{split}/{name}"
+    if not path.exists():
+        report.bad(f"{where}: file missing")
+        return 0
+    size = path.stat().st_size
+    if size != shard.get("bytes"):
+        report.bad(f"{where}: {size} bytes, _info.json says {shard.get('bytes')}")
+    digest = hashlib.sha256()
+    try:
+        samples = _read_samples(path, digest)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        report.bad(f"{where}: not a readable tar ({err})")
+        return 0
+    if digest.hexdigest() != shard.get("sha256"):
+        report.bad(f"{where}: sha256 {digest.hexdigest()[:16]}... differs from _info.json")
+    if len(samples) != length or length != shard.get("num_samples"):
+        report.bad(f"{where}: {len(samples)} samples, _info.json says {length}")
+    for key, parts in samples.items():
+        missing = {"jpg", "cls", "json"} - set(parts)
+        if missing:
+            report.bad(f"{where}: sample {key} lacks {', '.join(sorted(missing))}")
+            continue
+        try:
+            label = int(parts["cls"].decode("ascii"))
+            meta = json.loads(parts["json"])
+        except (ValueError, UnicodeDecodeError):
+            report.bad(f"{where}: sample {key} has an unreadable cls or json")
+            continue
+        if not 0 <= label < num_classes or meta.get("label", label) != label:
+            report.bad(f"{where}: sample {key} has label {label}, outside 0..{num_classes - 1} or != json label")
+    if samples:
+        first_key, first = next(iter(samples.items()))
+        try:
+            with Image.open(io.BytesIO(first.get("jpg", b""))) as image:
+                image.load()
+        except Exception as err:  # noqa: BLE001 - any decoder error is a finding, not a crash
+            report.bad(f"{where}: image of sample {first_key} does not decode ({err})")
+    if report.problems == before:
+        report.lines.append(f"ok   {where}: {len(samples)} samples, {size:,} bytes")
+    return len(samples)
+
+
+def verify_out(out: Path, split: str | None = None) -> VerifyReport:
+    if not (out / INFO_NAME).exists():
+        raise UserError(f"{out / INFO_NAME} not found; is {out} a shard folder written by `data_prep shard`?")
+    info = load_info(out)
+    splits = info.get("splits", {})
+    if split is not None:
+        if split not in splits:
+            raise UserError(f"--split {split!r} is not in {out / INFO_NAME} (splits: {', '.join(splits) or 'none'})")
+        splits = {split: splits[split]}
+    report = VerifyReport()
+    total = 0
+    for name, entry in splits.items():
+        shards = entry.get("shards", [])
+        lengths = entry.get("shard_lengths", [])
+        if [s.get("filename") for s in shards] != entry.get("filenames") or len(lengths) != len(shards):
+            report.bad(f"{name}: filenames / shard_lengths / shards disagree in _info.json")
+            continue
+        if sum(lengths) != entry.get("num_samples"):
+            report.bad(f"{name}: num_samples {entry.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
+        num_classes = len(entry.get("classes", []))
+        for shard, length in zip(shards, lengths):
+            total += _check_shard(out, name, shard, length, num_classes, report)
+    shard_count = sum(len(e.get("shards", [])) for e in splits.values())
+    verdict = "OK" if report.ok else f"{report.problems} problem(s)"
+    report.lines.append(f"verify {out}: {verdict}; {len(splits)} split(s), {shard_count} shards, {total} samples")
+    return report
