@@ -1,0 +1,382 @@
+"""The training config: one YAML file plus dotted `key=value` overrides, validated into nested dataclasses.
+
+Why one module for every section: the CLIs must reject a bad key or type in milliseconds with a one-line
+error, before torch or DeepSpeed are imported, and the evaluation/export engineers import `load_config`
+without pulling in the trainer. Each section is still its own dataclass (ModelConfig, DataConfig, ...),
+owned by the component that reads it.
+
+    cfg = load_config("configs/demo/pretrain.yaml", ["train.steps=20", "optim.lr=3e-4"])
+    cfg.model.name, cfg.data.image_size, cfg.to_dict()
+
+Values are checked against the dataclass annotations: an unknown key, a wrong type, or a value outside
+a fixed set of choices raises ConfigError with a one-line message naming the file, the key and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (bad config, missing files): the CLI prints one line, exits 2."""
+
+
+class ConfigError(UserError):
+    """The config file or an override is invalid; the message is one line naming the key and the value."""
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its help text (shown by `--help`) and optional allowed values."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("coatnet-tiny", "model name from model.list_models(): coatnet-0..7, coatnet-nano, coatnet-tiny")
+    num_classes: Optional[int] = _f(None, "null => number of classes in the train split's _info.json")
+    drop_path_rate: float = _f(0.0, "stochastic depth rate (paper: C-0..3 0.2/0.3/0.5/0.7 on ImageNet-1K)")
+    stride_on: str = _f("pointwise", "MBConv downsampling stride on the first 1x1 conv (paper) or the depthwise conv",
+                        ("pointwise", "depthwise"))
+    activation_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
+    compile: bool = _f(False, "torch.compile the model")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("shards", "shard folder with _info.json, or a webdataset URL pattern (a-{000000..000009}.tar)")
+    train_split: str = _f("train", "split name inside the shard folder")
+    val: Optional[str] = _f(None, "shard folder or URL pattern for evaluation; null => no evaluation")
+    val_split: str = _f("val", "split name inside the val shard folder")
+    image_size: Union[int, list] = _f(64, "training resolution: int or [H, W], each divisible by 32")
+    num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process)")
+    shuffle_buffer: int = _f(1000, "samples in the shuffle buffer (0 or 1 disables sample shuffling)")
+    randaugment_layers: int = _f(2, "RandAugment ops per image; 0 disables RandAugment")
+    randaugment_magnitude: int = _f(15, "RandAugment magnitude (0..30)")
+    mixup_alpha: float = _f(0.0, "MixUp alpha; 0 disables MixUp")
+    cutmix_alpha: float = _f(0.0, "CutMix alpha; 0 disables CutMix")
+    center_crop: bool = _f(True, "eval transform: resize + center crop (pretrain) vs resize to full size (fine-tune)")
+    crop_ratio: float = _f(0.875, "eval center-crop ratio (image_size / resize size)")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = _f(32, "images per optimizer step over all ranks")
+    micro_batch_size: int = _f(8, "images per forward pass per rank; accumulation = global / (micro * world)")
+    steps: int = _f(0, "optimizer steps; > 0 wins over epochs")
+    epochs: float = _f(1.0, "epochs (an epoch is num_samples // global_batch_size steps)")
+    log_every: int = _f(10, "log loss/lr/throughput every N steps (TensorBoard, console, metrics.jsonl)")
+    eval_every: int = _f(0, "evaluate on data.val every N steps; 0 => at the end only")
+    grad_clip: float = _f(1.0, "gradient norm clipping; 0 disables")
+    ema_decay: float = _f(0.0, "weight EMA decay per step (paper fine-tune: 0.9999); 0 disables EMA")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1.0e-3, "peak learning rate (AdamW)")
+    min_lr: float = _f(1.0e-5, "learning rate at the end of the decay")
+    weight_decay: float = _f(0.05, "AdamW weight decay (biases, norms and position tables get none)")
+    betas: list = _f([0.9, 0.999], "AdamW betas [beta1, beta2]")
+    eps: float = _f(1.0e-8, "AdamW epsilon")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    warmup_epochs: float = _f(0.0, "warm-up in epochs, added to warmup_steps")
+    decay: str = _f("cosine", "LR decay after warm-up to min_lr", ("cosine", "linear", "constant"))
+
+
+@dataclass
+class LossConfig:
+    type: str = _f("softmax", "softmax cross-entropy, or sigmoid BCE (the paper's 21K/JFT choice)",
+                   ("softmax", "sigmoid"))
+    label_smoothing: float = _f(0.1, "label smoothing (paper: 0.1 on 1K, 0.0001 for sigmoid pretraining)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(2, "ZeRO stage 0..3", (0, 1, 2, 3))
+    offload_optimizer: bool = _f(False, "ZeRO-Offload: optimizer states on CPU (stage >= 1)")
+    offload_param: bool = _f(False, "ZeRO-Infinity: parameters on CPU (stage 3 only)")
+    extra: dict = _f({}, "merged last into the generated DeepSpeed config (expert knobs)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(100, "save a checkpoint every N steps (and always at the end); 0 => at the end only")
+    keep: int = _f(3, "keep the newest N checkpoints")
+
+
+@dataclass
+class Config:
+    run_dir: str = _f("runs/demo/pretrain", "output folder: config, metrics.jsonl, tb/, checkpoints/")
+    seed: int = _f(0, "seed of the data order, augmentation and initialisation")
+    precision: str = _f("bf16", "mixed precision mode", ("bf16", "fp16", "fp32"))
+    pretrained: Optional[str] = _f(None, "fine-tune from: run folder | DeepSpeed checkpoint | universal "
+                                         "checkpoint | exported .safetensors")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        s = self.data.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+# The paper's fine-tune recipe (Table 10, "1K fine-tune" column); `python -m pipeline.finetune` starts here.
+FINETUNE_DEFAULTS: dict = {
+    "run_dir": "runs/demo/finetune",
+    "optim": {"lr": 5.0e-5, "min_lr": 5.0e-5, "weight_decay": 1.0e-8, "warmup_steps": 0, "warmup_epochs": 0.0,
+              "decay": "constant"},
+    "train": {"ema_decay": 0.9999},
+    "loss": {"type": "softmax", "label_smoothing": 0.1},
+    "data": {"center_crop": False},
+}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _type_name(tp) -> str:
+    return {int: "int", float: "float", str: "string", bool: "bool", list: "list", dict: "mapping"}.get(tp, str(tp))
+
+
+def _check_value(key: str, value: Any, tp, choices, where: str) -> Any:
+    """Return `value` converted to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(key, value, arg, choices, where)
+            except ConfigError as e:
+                errors.append(e)
+        names = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+        raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    elif tp is float:
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number everyone means.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+    elif tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+    elif tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str, where: str, sources: dict | None = None):
+    """Instantiate dataclass `cls` from a (possibly partial) mapping, validating every key.
+
+    `sources` maps dotted keys set on the command line to "override KEY=VALUE" so errors name their origin.
+    """
+    sources = sources or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            known = ", ".join(prefix + k for k in fields)
+            raise ConfigError(f"{sources.get(prefix + str(key), where)}: unknown key {prefix}{key!s} "
+                              f"(known keys here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in values:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, values[name] if values[name] is not None else {}, f"{prefix}{name}.",
+                                  sources.get(prefix + name, where), sources)
+        else:
+            kwargs[name] = _check_value(prefix + name, values[name], tp, f.metadata.get("choices"),
+                                        sources.get(prefix + name, where))
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "extra":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    """Set tree[a][b][c] = value for "a.b.c", checking each level names a real section."""
+    parts = dotted.split(".")
+    node, cls = tree, Config
+    for i, part in enumerate(parts[:-1]):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        if part not in fields or not dataclasses.is_dataclass(hints[part]):
+            if part in fields and hints[part] is dict:  # deepspeed.extra.zero_optimization.x=... into a mapping
+                sub = node.setdefault(part, {})
+                for p in parts[i + 1:-1]:
+                    sub = sub.setdefault(p, {})
+                sub[parts[-1]] = value
+                return
+            raise ConfigError(f"{where}: unknown key {dotted} ({'.'.join(parts[:i + 1])} is not a section)")
+        cls = hints[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} must be a mapping")
+    node[parts[-1]] = value
+
+
+def _validate_semantics(cfg: Config, where: str) -> None:
+    """Checks that need more than one key or a range (world-size dependent checks live in the trainer)."""
+    size = cfg.data.image_size
+    hw = [size, size] if isinstance(size, int) else size
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 32 for v in hw):
+        raise ConfigError(f"{where}: data.image_size must be a positive int or [H, W] divisible by 32, got {size!r}")
+    if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{where}: optim.betas must be two numbers in [0, 1), got {cfg.optim.betas!r}")
+    positive = {"train.global_batch_size": cfg.train.global_batch_size, "train.micro_batch_size":
+                cfg.train.micro_batch_size, "train.log_every": cfg.train.log_every}
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{where}: {key} must be > 0, got {v}")
+    nonneg = {"train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.eval_every": cfg.train.eval_every,
+              "data.num_workers": cfg.data.num_workers, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+              "data.randaugment_layers": cfg.data.randaugment_layers, "optim.warmup_steps": cfg.optim.warmup_steps,
+              "optim.warmup_epochs": cfg.optim.warmup_epochs, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+              "optim.lr": cfg.optim.lr, "optim.min_lr": cfg.optim.min_lr, "train.grad_clip": cfg.train.grad_clip,
+              "data.mixup_alpha": cfg.data.mixup_alpha, "data.cutmix_alpha": cfg.data.cutmix_alpha}
+    for key, v in nonneg.items():
+        if v < 0:
+            raise ConfigError(f"{where}: {key} must be >= 0, got {v}")
+    if cfg.train.steps == 0 and cfg.train.epochs <= 0:
+        raise ConfigError(f"{where}: set train.steps > 0 or train.epochs > 0")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"{where}: checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
+    if not 0 <= cfg.loss.label_smoothing < 1:
+        raise ConfigError(f"{where}: loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
+    if not 0 <= cfg.model.drop_path_rate < 1:
+        raise ConfigError(f"{where}: model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
+    if not 0 <= cfg.data.randaugment_magnitude <= 30:
+        raise ConfigError(f"{where}: data.randaugment_magnitude must be in 0..30, got {cfg.data.randaugment_magnitude}")
+    if not 0 < cfg.data.crop_ratio <= 1:
+        raise ConfigError(f"{where}: data.crop_ratio must be in (0, 1], got {cfg.data.crop_ratio}")
+    if cfg.model.num_classes is not None and cfg.model.num_classes < 1:
+        raise ConfigError(f"{where}: model.num_classes must be >= 1 or null, got {cfg.model.num_classes}")
+    if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError(f"{where}: deepspeed.offload_param needs deepspeed.zero_stage=3 "
+                          f"(got {cfg.deepspeed.zero_stage})")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError(f"{where}: deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+
+
+def load_config(path: str | os.PathLike | None, overrides: typing.Iterable[str] = (),
+                defaults: dict | str | None = None) -> Config:
+    """Read YAML `path` (None => defaults only), apply `key=value` overrides, validate, return a Config.
+
+    `defaults` is a partial mapping applied under the file ("finetune" selects FINETUNE_DEFAULTS).
+    """
+    tree: dict = {}
+    if defaults == "finetune":
+        defaults = FINETUNE_DEFAULTS
+    elif defaults == "pretrain":
+        defaults = None
+    if defaults:
+        tree = _deep_merge(tree, defaults)
+    where = str(path) if path is not None else "config"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} not found")
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}:{line} is not valid YAML ({problem})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        tree = _deep_merge(tree, loaded)
+    sources: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value, f"override {item}")
+        sources[key] = f"override {item}"
+    cfg = _build(Config, tree, "", where, sources)
+    _validate_semantics(cfg, where)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (run_dir/config.yaml); load_config reads it back unchanged."""
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def format_help(defaults: dict | str | None = None) -> str:
+    """Every key with its default and what it does, as YAML with comments (printed by `--help`)."""
+    cfg = load_config(None, (), defaults=defaults)
+    lines: list[str] = []
+
+    def walk(obj, indent: str):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                walk(value, indent + "  ")
+                continue
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            if text.endswith("\n..."):
+                text = text[:-4].strip()
+            text = text.removesuffix("...").strip()
+            comment = f.metadata.get("help", "")
+            if "choices" in f.metadata:
+                comment += f" [{' | '.join(map(str, f.metadata['choices']))}]"
+            lines.append(f"{indent}{f.name}: {text}".ljust(36) + f" # {comment}")
+
+    walk(cfg, "")
+    return "\n".join(lines)

@@ -1,0 +1,441 @@
+"""Shard opening and the TRAIN input pipeline: streaming WebDataset shards with an exactly resumable order.
+
+Design (why it resumes exactly and never hangs a collective)
+------------------------------------------------------------
+* Streams. Rank r with K DataLoader workers runs K independent sample streams; stream s = r * K + w for
+  logical worker w, S = world_size * K streams in all. Every stream is INFINITE: it walks "passes" over
+  the shard list. Pass e is a permutation P_e of the N shards drawn from (seed, e); shard P_e[i] belongs to
+  stream (e * N + i) % S. The round robin carries over from pass to pass, so even N < S gives every
+  stream shards, and each pass is split evenly over streams (per-rank and per-worker shard splitting).
+* Shuffle. Within one (stream, pass) the raw samples (undecoded bytes) go through webdataset's shuffle
+  buffer with an RNG seeded by (seed, e, s); the buffer drains at the end of the pass, so a pass is a
+  self-contained unit.
+* Position. A stream's position is (pass, offset): `offset` raw samples of pass `pass` were consumed.
+  Each batch carries the position after its last sample; the trainer stores the newest one per worker
+  (plus how many batches it consumed, which says whose turn it is in the DataLoader's round robin).
+* Augmentation. Sample (pass e, offset o) of stream s is decoded and transformed after seeding torch's
+  RNG with (seed, e, s, o); MixUp/CutMix for a batch with (seed, e, s, offset of its first sample).
+  So data order and augmentation are a pure function of (seed, epoch/pass, rank, worker, position), and
+  resuming replays the raw samples of the current pass through the buffer WITHOUT decoding them (only tar
+  headers and bytes are read), then continues bit for bit.
+* Epochs. An epoch is num_samples // global_batch_size optimizer steps (the trainer's definition). Every
+  rank draws the same number of micro-batches from its infinite stream, so no rank runs dry before the
+  others and no collective hangs at an epoch's end, whatever the shard sizes.
+* Corruption. Tar errors (truncated or unreadable shards) go through a webdataset handler that warns,
+  counts and continues; samples that fail to decode or lack `jpg`/`cls` are skipped the same way. The
+  count travels with each batch (per worker) so rank 0 can log it; it is part of the saved position.
+* A changed layout (world size, workers, micro batch or seed) cannot continue the old streams; the loader
+  then starts every stream at the pass after the furthest saved one, so it does not replay old data.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import tarfile
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from webdataset import gopen
+from webdataset.filters import _shuffle
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+
+from pipeline.config import UserError
+
+log = logging.getLogger("pipeline.data")
+# torchvision 0.29 announces a move of its decoders to TorchCodec; they are still the fastest JPEG decode here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+# -------------------------------------------------------------------------------------------- shard sets
+@dataclass
+class ShardSet:
+    """The shards of one split: where they are, how many samples each holds, and the class names."""
+    urls: list[str]
+    shard_lengths: list[int]
+    num_samples: int
+    classes: Optional[list[str]] = None
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _count_samples(url: str) -> int:
+    """Samples in one tar (distinct keys), reading headers only; used when there is no _info.json."""
+    if _is_local(url):
+        with tarfile.open(url, "r:") as tf:  # random access: seeks over the member data
+            names = tf.getnames()
+    else:
+        with gopen.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+            names = [m.name for m in tf]
+    return len({base_plus_ext(n)[0] for n in names} - {None})
+
+
+def _read_info(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, "_info.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); re-run `python -m data_prep shard`") from None
+
+
+def open_shards(path_or_pattern: str, split: str = "train") -> ShardSet:
+    """Resolve a shard folder (with `_info.json`) or a webdataset URL pattern into a ShardSet.
+
+    Folder: the split's entry in `_info.json` (or, without one, the folder's `{split}-*.tar` files, counted).
+    Pattern: brace-expanded (`a-{000000..000009}.tar`); sample counts come from an `_info.json` next to
+    local files when it lists them, else from reading the tar headers. Raises UserError with one line.
+    """
+    if not path_or_pattern:
+        raise UserError("no shard location given (data.train / data.val is empty)")
+    path = os.path.expanduser(str(path_or_pattern))
+    if os.path.isdir(path):
+        info = _read_info(path)
+        if info is not None:
+            splits = info.get("splits", {})
+            if split not in splits:
+                raise UserError(f"{path}/_info.json has no split {split!r} (it has: {', '.join(splits) or 'none'}); "
+                                f"shard it with `python -m data_prep shard SRC {path} --split {split}`")
+            entry = splits[split]
+            names = entry.get("filenames") or [s["filename"] for s in entry.get("shards", [])]
+            lengths = entry.get("shard_lengths") or [s["num_samples"] for s in entry.get("shards", [])]
+            urls = [os.path.join(path, n) for n in names]
+            missing = [u for u in urls if not os.path.isfile(u)]
+            if missing:
+                raise UserError(f"{len(missing)} shard(s) listed in {path}/_info.json are missing, e.g. {missing[0]}; "
+                                f"re-run `python -m data_prep shard`")
+            if len(lengths) != len(urls):
+                lengths = [_count_samples(u) for u in urls]
+            classes = entry.get("classes", info.get("classes"))
+            return ShardSet(urls, [int(n) for n in lengths], int(sum(lengths)), list(classes) if classes else None)
+        urls = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*.tar")))
+        if not urls:
+            raise UserError(f"no shards for split {split!r} in {path} (no _info.json, no {split}-*.tar); "
+                            f"make them with `python -m data_prep shard SRC {path} --split {split}`")
+        lengths = [_count_samples(u) for u in urls]
+        return ShardSet(urls, lengths, sum(lengths), None)
+    urls = expand_urls(path)
+    local = [u for u in urls if _is_local(u)]
+    if not urls or (len(local) == len(urls) and not any(os.path.isfile(u) for u in urls)):
+        raise UserError(f"shard location {path_or_pattern!r} is neither a folder nor matches any shard file; "
+                        f"check data.train / data.val")
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) of {path_or_pattern!r} do not exist, e.g. {missing[0]}")
+    lengths: list[Optional[int]] = [None] * len(urls)
+    classes = None
+    # An _info.json next to the files may know their lengths (a pattern over data_prep's folder).
+    folders = {os.path.dirname(u) for u in local}
+    if len(folders) == 1 and len(local) == len(urls):
+        info = _read_info(folders.pop() or ".")
+        if info:
+            entry = info.get("splits", {}).get(split)
+            by_name = {}
+            for sp in info.get("splits", {}).values():
+                by_name.update(zip(sp.get("filenames", []), sp.get("shard_lengths", [])))
+            lengths = [by_name.get(os.path.basename(u)) for u in urls]
+            if entry is not None:
+                classes = entry.get("classes")
+    lengths = [n if n is not None else _count_samples(u) for u, n in zip(urls, lengths)]
+    return ShardSet(list(urls), [int(n) for n in lengths], int(sum(lengths)), classes)
+
+
+# ------------------------------------------------------------------------------------- seeds and streams
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of the integers given (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+_TAG_SHARDS, _TAG_BUFFER, _TAG_SAMPLE, _TAG_MIX = 1, 2, 3, 4
+
+
+def shards_of_pass(seed: int, pass_index: int, num_shards: int, stream: int, num_streams: int) -> list[int]:
+    """Indices of the shards stream `stream` reads in pass `pass_index` (see the module docstring)."""
+    order = np.random.default_rng(derive_seed(seed, _TAG_SHARDS, pass_index)).permutation(num_shards)
+    start = (pass_index * num_shards) % num_streams
+    first = (stream - start) % num_streams
+    return [int(order[i]) for i in range(first, num_shards, num_streams)]
+
+
+@dataclass
+class StreamPosition:
+    """Where one logical worker's stream stands: `offset` raw samples of pass `pass_index` consumed."""
+    pass_index: int = 0
+    offset: int = 0
+    corrupt: int = 0
+
+    def to_dict(self) -> dict:
+        return {"pass": self.pass_index, "offset": self.offset, "corrupt": self.corrupt}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamPosition":
+        return cls(int(d["pass"]), int(d["offset"]), int(d.get("corrupt", 0)))
+
+
+class _CorruptionCounter:
+    """A webdataset handler: warn about the error, count it, continue (never fatal)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.count = 0
+        self.silent = False  # while replaying already-counted samples on resume
+
+    def __call__(self, exn: Exception) -> bool:
+        if not self.silent:
+            self.count += 1
+            args = [a for a in getattr(exn, "args", ()) if isinstance(a, str)]
+            log.warning("skipped corrupt data (%s) in %s: %s: %s", self.count, self.label, type(exn).__name__,
+                        "; ".join(args)[:300] or exn)
+        return True
+
+
+def decode_sample(sample: dict) -> tuple[torch.Tensor, int]:
+    """JPEG bytes -> uint8 CHW RGB tensor (torchvision decoder), `cls` -> int. Raises on a bad sample."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    if "jpg" not in sample or "cls" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')!r} lacks jpg/cls (has {sorted(k for k in sample if k[0] != '_')})")
+    data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
+    image = decode_image(data, mode=ImageReadMode.RGB)
+    label = int(sample["cls"].decode("ascii").strip() if isinstance(sample["cls"], bytes) else sample["cls"])
+    return image, label
+
+
+class TrainStream(IterableDataset):
+    """Infinite, deterministic stream of (images, labels, position) micro-batches for one rank.
+
+    Yields dicts {"images": uint8 NCHW (or float normalised when `transform` normalises, e.g. for MixUp),
+    "labels": int64 (B,) or float (B, C) with MixUp/CutMix,
+    "worker": logical worker, "position": StreamPosition dict after the batch}.
+    """
+
+    def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
+                 micro_batch_size: int, transform: Callable, mix: Optional[Callable] = None,
+                 shuffle_buffer: int = 1000, positions: Optional[dict[int, dict]] = None, worker_offset: int = 0,
+                 num_classes: Optional[int] = None):
+        self.shards = shards
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.micro_batch_size = micro_batch_size
+        self.transform, self.mix = transform, mix
+        self.shuffle_buffer = shuffle_buffer
+        self.positions = {int(k): v for k, v in (positions or {}).items()}
+        self.worker_offset = worker_offset
+        self.num_classes = num_classes
+
+    # -- raw samples of one pass of one stream, shuffled, undecoded
+    def _raw_pass(self, pass_index: int, stream: int, handler: _CorruptionCounter) -> Iterator[dict]:
+        num_streams = self.world_size * self.num_workers
+        idx = shards_of_pass(self.seed, pass_index, len(self.shards.urls), stream, num_streams)
+        samples = self._samples_of(idx, handler)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(derive_seed(self.seed, _TAG_BUFFER, pass_index, stream))
+            samples = _shuffle(iter(samples), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        return iter(samples)
+
+    def _samples_of(self, shard_indices: list[int], handler: _CorruptionCounter) -> Iterator[dict]:
+        """Raw samples of these shards in order; a shard that ends early is reported like any corruption.
+
+        Why the count: a tar cut at a member boundary reads as a shorter, valid archive (tarfile takes the
+        missing header for the end), so only the sample count known from _info.json reveals it.
+        """
+        for i in shard_indices:
+            url, expected = self.shards.urls[i], self.shards.shard_lengths[i]
+            opened = url_opener(iter([{"url": url}]), handler=handler)
+            count = 0
+            for sample in group_by_keys(tar_file_expander(opened, handler=handler), handler=handler):
+                count += 1
+                yield sample
+            if count < expected:
+                handler(ValueError(f"{url}: read {count} of its {expected} samples; the shard is truncated or "
+                                   f"damaged"))
+
+    def _transform(self, image: torch.Tensor, sample_seed: int) -> torch.Tensor:
+        # Only the CPU generator (the transforms run on CPU tensors): torch.manual_seed would also queue lazy
+        # CUDA/XPU/MTIA seeding with a formatted stack trace each time, ~0.8 ms per image.
+        torch.default_generator.manual_seed(sample_seed)
+        return self.transform(image)
+
+    def __iter__(self):
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        worker = (slot + self.worker_offset) % self.num_workers
+        stream = self.rank * self.num_workers + worker
+        pos = StreamPosition.from_dict(self.positions[worker]) if worker in self.positions else StreamPosition()
+        handler = _CorruptionCounter(f"rank {self.rank} worker {worker}")
+        handler.count = pos.corrupt
+        if info is None:
+            # Loading in the training process: keep the trainer's RNG untouched by the per-sample seeding.
+            with torch.random.fork_rng(devices=[]):
+                yield from self._batches(stream, worker, pos, handler)
+        else:
+            yield from self._batches(stream, worker, pos, handler)
+
+    def _batches(self, stream: int, worker: int, pos: StreamPosition, handler: _CorruptionCounter):
+        images, labels = [], []
+        first = None  # (pass, offset) of the batch's first sample: seeds MixUp/CutMix
+        empty_passes = 0
+        pass_index, skip = pos.pass_index, pos.offset
+        while True:
+            raw = self._raw_pass(pass_index, stream, handler)
+            offset = 0
+            got_any = False
+            if skip:
+                handler.silent = True  # these samples were counted before the checkpoint
+                for _ in raw:
+                    offset += 1
+                    if offset == skip:
+                        break
+                handler.silent = False
+                got_any = offset > 0
+                skip = 0
+            for sample in raw:
+                offset += 1
+                got_any = True
+                sample_seed = derive_seed(self.seed, _TAG_SAMPLE, pass_index, stream, offset)
+                try:
+                    image, label = decode_sample(sample)
+                    if self.num_classes is not None and not 0 <= label < self.num_classes:
+                        raise ValueError(f"label {label} outside 0..{self.num_classes - 1}")
+                    image = self._transform(image, sample_seed)
+                except Exception as exn:  # a bad JPEG or label: skip it, count it, carry on
+                    exn.args = exn.args + (f"sample {sample.get('__key__')} of {sample.get('__url__')}",)
+                    handler(exn)
+                    continue
+                if first is None:
+                    first = (pass_index, offset)
+                images.append(image)
+                labels.append(label)
+                if len(images) == self.micro_batch_size:
+                    # default_collate stacks straight into shared memory in a worker (no copy on the way out).
+                    x, y = default_collate(images), torch.tensor(labels, dtype=torch.int64)
+                    if self.mix is not None:
+                        torch.default_generator.manual_seed(derive_seed(self.seed, _TAG_MIX, first[0], stream,
+                                                                        first[1]))
+                        x, y = self.mix(x, y)
+                    yield {"images": x, "labels": y, "worker": worker,
+                           "position": StreamPosition(pass_index, offset, handler.count).to_dict()}
+                    images, labels, first = [], [], None
+            empty_passes = 0 if got_any else empty_passes + 1
+            if empty_passes > self.world_size * self.num_workers + 1:
+                raise RuntimeError(f"stream {stream} read no samples in {empty_passes} passes: every shard of "
+                                   f"{len(self.shards.urls)} is unreadable")
+            pass_index += 1
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decode + augment is per-sample work; threads would only contend
+
+
+class TrainLoader:
+    """The rank's training batches plus the bookkeeping that makes them resumable.
+
+    Yields (images float32 normalised NCHW on `device`, labels). For an accelerator without MixUp/CutMix the
+    workers ship uint8 crops (4x less inter-process traffic and host-to-device copy) and the batch is normalised
+    on the device; otherwise the workers normalise each image.
+
+    `state_dict()` -> {"layout": ..., "batches": micro-batches consumed, "positions": {worker: position}}.
+    """
+
+    def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
+                 micro_batch_size: int, image_size, randaugment_layers: int = 2, randaugment_magnitude: int = 15,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: Optional[int] = None,
+                 shuffle_buffer: int = 1000, state: Optional[dict] = None, pin_memory: bool = False,
+                 prefetch_factor: int = 4, device: Optional[torch.device] = None):
+        from pipeline.transforms import batch_mix_transform, train_transform
+
+        self.layout = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": num_workers,
+                       "micro_batch_size": micro_batch_size, "num_shards": len(shards.urls)}
+        self.shards = shards
+        self.batches = 0
+        self.positions: dict[int, dict] = {}
+        worker_offset = 0
+        if state:
+            if state.get("layout") == self.layout:
+                self.batches = int(state["batches"])
+                self.positions = {int(k): v for k, v in state["positions"].items()}
+                worker_offset = self.batches % max(1, num_workers)
+            else:
+                # Different world size / workers / batch: the old streams cannot continue. Start all streams at
+                # the pass after the furthest one seen, so no data is replayed immediately.
+                passes = [int(p["pass"]) for p in state.get("positions", {}).values()] or [-1]
+                corrupt = sum(int(p.get("corrupt", 0)) for p in state.get("positions", {}).values())
+                nxt = max(passes) + 1
+                self.positions = {w: {"pass": nxt, "offset": 0, "corrupt": corrupt if w == 0 else 0}
+                                  for w in range(max(1, num_workers))}
+                log.warning("data layout changed (%s -> %s): streams restart at pass %d", state.get("layout"),
+                            self.layout, nxt)
+        mix = batch_mix_transform(num_classes, mixup_alpha, cutmix_alpha) if num_classes else None
+        self.device = device or torch.device("cpu")
+        # Where to normalise: on an accelerator, ship uint8 (4x less to move) and normalise there; on the CPU,
+        # per image in the workers, where each image is still in cache (a whole float batch is not: measured
+        # 0.27 vs 0.42 ms per 224 px image). MixUp blends pixels, so it needs normalised floats in the workers.
+        self.normalize_here = mix is None and self.device.type != "cpu"
+        self.dataset = TrainStream(
+            shards, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+            micro_batch_size=micro_batch_size,
+            transform=train_transform(image_size, randaugment_layers, randaugment_magnitude,
+                                      normalize=not self.normalize_here),
+            mix=mix, shuffle_buffer=shuffle_buffer, positions=self.positions, worker_offset=worker_offset,
+            num_classes=num_classes)
+        kwargs: dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs = dict(num_workers=num_workers, worker_init_fn=_worker_init, prefetch_factor=prefetch_factor,
+                          persistent_workers=False)
+        # Its own generator: starting the workers must not draw from the trainer's global RNG (exact resume).
+        self.loader = DataLoader(self.dataset, batch_size=None, pin_memory=pin_memory,
+                                 generator=torch.Generator().manual_seed(seed), **kwargs)
+        self._iter = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        from pipeline.transforms import normalize_batch
+
+        batch = next(self._iter)
+        self.batches += 1
+        self.positions[int(batch["worker"])] = batch["position"]
+        images = batch["images"].to(self.device, non_blocking=True)
+        if self.normalize_here:
+            images = normalize_batch(images)
+        return images, batch["labels"].to(self.device, non_blocking=True)
+
+    @property
+    def corrupt_count(self) -> int:
+        return sum(int(p.get("corrupt", 0)) for p in self.positions.values())
+
+    def state_dict(self) -> dict:
+        return {"layout": dict(self.layout), "batches": self.batches,
+                "positions": {str(k): dict(v) for k, v in self.positions.items()}}
+
+    def close(self) -> None:
+        self._iter = None  # drops the worker processes
+
+
+def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_classes: int,
+                       state: Optional[dict] = None, pin_memory: bool = False,
+                       device: Optional[torch.device] = None) -> TrainLoader:
+    """The TrainLoader for a pipeline Config (see pipeline.config.DataConfig)."""
+    d = cfg.data
+    return TrainLoader(shards, seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
+                       micro_batch_size=cfg.train.micro_batch_size, image_size=cfg.image_hw,
+                       randaugment_layers=d.randaugment_layers, randaugment_magnitude=d.randaugment_magnitude,
+                       mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, num_classes=num_classes,
+                       shuffle_buffer=d.shuffle_buffer, state=state, pin_memory=pin_memory, device=device)

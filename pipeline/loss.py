@@ -1,0 +1,49 @@
+"""Classification losses: softmax cross-entropy with label smoothing, or sigmoid BCE (the paper's 21K/JFT choice).
+
+Both take integer labels (B,) or soft targets (B, C) from MixUp/CutMix, and compute in float32 whatever
+the model's precision.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class SoftmaxCrossEntropy(torch.nn.Module):
+    def __init__(self, label_smoothing: float = 0.1):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # torch's cross_entropy takes class indices or probabilities, with smoothing for both.
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+
+
+class SigmoidBCE(torch.nn.Module):
+    """Independent sigmoid per class, summed over classes and averaged over the batch.
+
+    Summing over classes (big_vision's sigmoid_xent) keeps the gradient scale independent of the class
+    count (21,841 classes for ImageNet-21K); smoothing moves targets to eps/C and 1 - eps + eps/C (timm's
+    BinaryCrossEntropy convention).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        num_classes = logits.shape[-1]
+        if target.ndim == 1:
+            target = F.one_hot(target, num_classes).float()
+        target = target.float()
+        if self.label_smoothing > 0:
+            off = self.label_smoothing / num_classes
+            target = target * (1.0 - self.label_smoothing) + off
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+
+
+def build_loss(cfg) -> torch.nn.Module:
+    if cfg.loss.type == "sigmoid":
+        return SigmoidBCE(cfg.loss.label_smoothing)
+    return SoftmaxCrossEntropy(cfg.loss.label_smoothing)

@@ -1,0 +1,139 @@
+"""Rank-0 logging: TensorBoard scalars, run_dir/metrics.jsonl and a console line with ETA.
+
+On resume from step k the records after k (written before the kill) are dropped from metrics.jsonl and
+TensorBoard is opened with purge_step=k+1, so both read as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("pipeline.train")
+
+# Dense bf16 peak TFLOP/s per accelerator, for MFU (vendor datasheets, no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                    "A10G": 125.0, "V100": 125.0, "GH200": 989.0, "B200": 2250.0}
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def memory_gb(device: torch.device) -> dict:
+    """Peak accelerator memory on GPU; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return {"mem/allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "mem/reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"mem/rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class MetricsLogger:
+    """No-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step > 0 and os.path.exists(self.path):
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by the kill
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        elif resume_step == 0 and os.path.exists(self.path):
+            os.remove(self.path)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self._file = open(self.path, "a")
+
+    def log(self, step: int, scalars: dict, console: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
+        self._file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._file.flush()
+        if console:
+            log.info(console)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()
+            self._file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self._file.close()
+
+
+class Throughput:
+    """Images/s, TFLOP/s, MFU and ETA over the last logging window."""
+
+    def __init__(self, global_batch: int, macs_per_image: Optional[int], device: torch.device,
+                 recompute: bool = False):
+        self.global_batch = global_batch
+        # Training FLOPs = 2 * MACs * (1 forward + 2 backward) [+1 forward recomputed with checkpointing].
+        self.flops_per_image = 2 * macs_per_image * (4 if recompute else 3) if macs_per_image else None
+        self.peak = peak_tflops(device)
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.t0 = time.perf_counter()
+        self.start = self.t0
+        self.steps = 0
+
+    def window(self, steps_done: int, total_steps: int, start_step: int) -> dict:
+        now = time.perf_counter()
+        dt = max(1e-9, now - self.t0)
+        n = steps_done - self.steps
+        self.t0, self.steps = now, steps_done
+        ips = n * self.global_batch / dt
+        out = {"perf/images_per_s": ips, "perf/step_time_s": dt / max(1, n)}
+        if self.flops_per_image:
+            tflops = ips * self.flops_per_image / 1e12 / self.world  # per device
+            out["perf/tflops_per_device"] = tflops
+            if self.peak:
+                out["perf/mfu"] = tflops / self.peak
+        done = steps_done - start_step
+        elapsed = now - self.start
+        out["eta_s"] = elapsed / max(1, done) * (total_steps - steps_done)
+        return out
+
+
+def console_line(step: int, total: int, epoch: float, s: dict) -> str:
+    parts = [f"step {step}/{total}", f"epoch {epoch:.2f}", f"loss {s['loss']:.4f}", f"lr {s['lr']:.3e}"]
+    if s.get("grad_norm") is not None:
+        parts.append(f"gnorm {s['grad_norm']:.3f}")
+    parts.append(f"{s['perf/images_per_s']:.1f} img/s")
+    if "perf/mfu" in s:
+        parts.append(f"MFU {100 * s['perf/mfu']:.1f}%")
+    parts.append(f"ETA {_fmt_time(s['eta_s'])}")
+    return " | ".join(parts)

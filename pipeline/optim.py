@@ -1,0 +1,111 @@
+"""AdamW, the LR schedule and the DeepSpeed config generated from the pipeline config.
+
+The optimizer is DeepSpeed's own (config "optimizer": AdamW): FusedAdam on GPUs, DeepSpeedCPUAdam when
+ZeRO-Offload puts the optimizer on the CPU, torch.optim.AdamW on the CPU accelerator. Parameter groups come
+from model.param_groups (no weight decay on biases, norms and relative-position tables).
+
+LR schedule: warm-up, then cosine / linear decay to min_lr, or constant (the paper's Table 10). It is a
+torch LambdaLR handed to deepspeed.initialize (DeepSpeed steps it with the optimizer and checkpoints it)
+rather than DeepSpeed's WarmupCosineLR / WarmupDecayLR because those cannot express the recipes: both
+refuse or floor a zero-step warm-up (fine-tuning has none), WarmupDecayLR decays to 0 instead of min_lr,
+and neither has a constant schedule. `lr_at(step)` is a pure function of the step, which is what lets a
+resumed run (same or different world size) continue the schedule exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    decay: str = "cosine"  # cosine | linear | constant
+
+    def lr_at(self, step: int) -> float:
+        """The LR used by optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return self.lr
+        span = max(1, self.total_steps - self.warmup_steps - 1)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.decay == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            factor = 1.0 - progress
+        return self.min_lr + (self.lr - self.min_lr) * factor
+
+    def scheduler_factory(self):
+        """A callable deepspeed.initialize(lr_scheduler=...) calls with the optimizer it built."""
+        def build(optimizer):
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr
+                                                     if self.lr > 0 else 0.0)
+        return build
+
+
+def make_schedule(cfg, total_steps: int, steps_per_epoch: int) -> Schedule:
+    warmup = cfg.optim.warmup_steps + int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    return Schedule(cfg.optim.lr, cfg.optim.min_lr, warmup, total_steps, cfg.optim.decay)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def deepspeed_config(cfg, world_size: int, on_cpu: bool, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config for this run: batch sizes, ZeRO, precision, clipping, optimizer."""
+    t, ds = cfg.train, cfg.deepspeed
+    accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=not on_cpu, reduce_scatter=True)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if ds.zero_stage == 3:
+        # Small models (the demo) would otherwise keep every parameter persistent and skip partitioning.
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False)
+    params = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+              "weight_decay": cfg.optim.weight_decay}
+    if on_cpu and not ds.offload_optimizer:
+        params["torch_adam"] = True  # FusedAdam is a CUDA kernel
+    config = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {"type": "AdamW", "params": params},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed's own step prints quiet
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if cfg.precision in ("bf16", "fp16"):
+        # BatchNorm's running statistics must share the parameters' dtype (DeepSpeed casts parameters only).
+        config["data_types"] = {"buffer_dtype": cfg.precision}
+    if cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    return _deep_update(config, dict(cfg.deepspeed.extra))
