@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# DeepSpeed compiles its CPU shared-memory collective op on first use (~1.5 min, then cached in
+	# ~/.cache/torch_extensions); build it here so the first training run or test does not pay for it.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | tail -1
 	touch $(STAMP)
 
 test: setup

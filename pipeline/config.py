@@ -60,6 +60,7 @@ class DataConfig:
     image_size: Union[int, list] = _f(64, "training resolution: int or [H, W], each divisible by 32")
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process)")
     shuffle_buffer: int = _f(1000, "samples in the shuffle buffer (0 or 1 disables sample shuffling)")
+    min_crop_scale: float = _f(0.08, "RandomResizedCrop's smallest crop, as a fraction of the image area (Inception: 0.08)")
     randaugment_layers: int = _f(2, "RandAugment ops per image; 0 disables RandAugment")
     randaugment_magnitude: int = _f(15, "RandAugment magnitude (0..30)")
     mixup_alpha: float = _f(0.0, "MixUp alpha; 0 disables MixUp")
@@ -293,6 +294,8 @@ def _validate_semantics(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
     if not 0 <= cfg.data.randaugment_magnitude <= 30:
         raise ConfigError(f"{where}: data.randaugment_magnitude must be in 0..30, got {cfg.data.randaugment_magnitude}")
+    if not 0 < cfg.data.min_crop_scale <= 1:
+        raise ConfigError(f"{where}: data.min_crop_scale must be in (0, 1], got {cfg.data.min_crop_scale}")
     if not 0 < cfg.data.crop_ratio <= 1:
         raise ConfigError(f"{where}: data.crop_ratio must be in (0, 1], got {cfg.data.crop_ratio}")
     if cfg.model.num_classes is not None and cfg.model.num_classes < 1:

@@ -353,6 +353,7 @@ class TrainLoader:
 
     def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
                  micro_batch_size: int, image_size, randaugment_layers: int = 2, randaugment_magnitude: int = 15,
+                 min_crop_scale: float = 0.08,
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: Optional[int] = None,
                  shuffle_buffer: int = 1000, state: Optional[dict] = None, pin_memory: bool = False,
                  prefetch_factor: int = 4, device: Optional[torch.device] = None):
@@ -389,7 +390,7 @@ class TrainLoader:
             shards, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
             micro_batch_size=micro_batch_size,
             transform=train_transform(image_size, randaugment_layers, randaugment_magnitude,
-                                      normalize=not self.normalize_here),
+                                      scale=(min_crop_scale, 1.0), normalize=not self.normalize_here),
             mix=mix, shuffle_buffer=shuffle_buffer, positions=self.positions, worker_offset=worker_offset,
             num_classes=num_classes)
         kwargs: dict[str, Any] = {}
@@ -437,5 +438,5 @@ def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_cl
     return TrainLoader(shards, seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
                        micro_batch_size=cfg.train.micro_batch_size, image_size=cfg.image_hw,
                        randaugment_layers=d.randaugment_layers, randaugment_magnitude=d.randaugment_magnitude,
-                       mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, num_classes=num_classes,
+                       min_crop_scale=d.min_crop_scale, mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, num_classes=num_classes,
                        shuffle_buffer=d.shuffle_buffer, state=state, pin_memory=pin_memory, device=device)
