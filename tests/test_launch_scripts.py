@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import free_port
@@ -307,49 +308,73 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records if "loss" in r}
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and everything under it: torchrun starts its workers in their own sessions,
+    so killing the agent's process group alone would leave the ranks running."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _complete_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*/complete.json"))
+
+
 @pytest.mark.slow
-def test_two_nodes_train_then_one_node_resumes(tmp_path, demo_shards):  # noqa: F811
-    """Two torchrun agents (--nnodes 2, node ranks 0/1, c10d on 127.0.0.1) train to the end through
-    launch/torchrun.sh; node 1 is then gone and the job, launched again on node 0 alone with the same
-    config and overrides (plus more steps to do), resumes from the run folder on the smaller world."""
+def test_two_nodes_lose_one_mid_run_and_resume_on_one_node(tmp_path, demo_shards):  # noqa: F811
+    """Two torchrun agents (--nnodes 2, node ranks 0/1, c10d on 127.0.0.1) train through launch/torchrun.sh.
+    Once a checkpoint is complete, node 1 dies (SIGKILL of its agent and its rank); the scheduler then ends
+    the job on node 0 too, as SLURM does when a node of the allocation fails. The same command on node 0
+    alone resumes from the newest complete checkpoint on the smaller world and trains to the end."""
     run_dir = tmp_path / "run"
     overrides = [f"run_dir={run_dir}", f"data.train={demo_shards}", "data.val=null", "data.image_size=32",
                  "data.num_workers=1", "data.shuffle_buffer=16", "data.randaugment_layers=0", "model.name=coatnet-tiny",
                  "train.global_batch_size=8", "train.micro_batch_size=4", "train.log_every=1", "optim.warmup_steps=1",
-                 "checkpoint.every_steps=2", "deepspeed.zero_stage=1"]
+                 "checkpoint.every_steps=2", "deepspeed.zero_stage=1", "train.steps=40"]
     endpoint = f"127.0.0.1:{free_port()}"
     nodes, log_files = [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     try:
         for rank, log_file in enumerate(log_files):  # files, not pipes: a full pipe would stall a rank
             with open(log_file, "w") as handle:
                 nodes.append(subprocess.Popen(
-                    ["bash", "launch/torchrun.sh", "--config", DEMO, *overrides, "train.steps=4", "--nnodes", "2",
+                    ["bash", "launch/torchrun.sh", "--config", DEMO, *overrides, "--nnodes", "2",
                      "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint],
                     cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True))
-        for node in nodes:
-            node.wait(timeout=300)
+        deadline = time.monotonic() + 300
+        while not _complete_steps(run_dir) and time.monotonic() < deadline:
+            assert all(node.poll() is None for node in nodes), "\n=====\n".join(f.read_text()[-3000:] for f in log_files)
+            time.sleep(0.5)
+        assert _complete_steps(run_dir), "no checkpoint completed in time"
+        _kill_tree(nodes[1].pid)  # node 1 is lost
     finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
+        for node in nodes:  # the scheduler ends what is left of the job
+            _kill_tree(node.pid)
+            node.wait()
     logs = [f.read_text() for f in log_files]
-    assert all(node.returncode == 0 for node in nodes), "\n=====\n".join(log[-3000:] for log in logs)
-    assert "on 2 rank(s)" in logs[0]
-    first = _metrics(run_dir)
-    assert sorted(first) == [1, 2, 3, 4]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert "on 2 rank(s)" in logs[0], logs[0][-3000:]
+    before = _metrics(run_dir)
+    resumed_from = _complete_steps(run_dir)[-1]
+    assert 2 <= resumed_from < 40 and max(before) >= resumed_from
 
-    # Node 1 is lost. The same launcher, config and overrides on node 0 alone (one more override: two more
-    # steps to train), on a new rendezvous: the trainer finds run_dir's checkpoint and changes world size.
-    res = sh(["launch/torchrun.sh", "--config", DEMO, *overrides, "train.steps=6", "--nnodes", "1", "--node-rank", "0",
-              "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"], timeout=300)
+    # The same launcher, config and overrides on node 0 alone, on a new rendezvous: the trainer finds
+    # run_dir's newest complete checkpoint and converts it for the new world size.
+    res = sh(["launch/torchrun.sh", "--config", DEMO, *overrides, "--nnodes", "1", "--node-rank", "0",
+              "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"], timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
-    assert f"resume: {run_dir}/checkpoints/latest -> step_00000004" in res.stdout
+    assert f"-> step_{resumed_from:08d}" in res.stdout
     assert "on 1 rank(s)" in out and "universal checkpoint" in out
     after = _metrics(run_dir)
-    assert sorted(after) == [1, 2, 3, 4, 5, 6]
-    assert {s: after[s]["loss"] for s in first} == {s: first[s]["loss"] for s in first}  # history kept
-    assert after[5]["samples_seen"] == 5 * 8 and after[6]["samples_seen"] == 6 * 8  # continues, not restarts
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert sorted(after) == list(range(1, 41))
+    # Steps up to the checkpoint keep their history; training continues from there, not from zero.
+    assert {s: after[s]["loss"] for s in range(1, resumed_from + 1)} == {s: before[s]["loss"] for s in range(1, resumed_from + 1)}
+    assert after[resumed_from + 1]["samples_seen"] == (resumed_from + 1) * 8 and after[40]["samples_seen"] == 40 * 8
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
