@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--pretrain-classes", type=int, default=24, help="shape-colour classes for pretraining")
     parser.add_argument("--pretrain-per-class", type=int, default=200, help="pretraining images per class")
-    parser.add_argument("--finetune-classes", type=int, default=6, help="shape classes of the transfer task")
+    parser.add_argument("--finetune-label-set", choices=["shapes", "shape-color"], default="shapes",
+                        help="label set of the transfer task")
+    parser.add_argument("--finetune-classes", type=int, default=6, help="classes of the transfer task")
     parser.add_argument("--finetune-per-class", type=int, default=10,
                         help="fine-tuning images per class: few, as in a transfer to a small labelled set")
     parser.add_argument("--val-per-class", type=int, default=50, help="held-out images per class")
@@ -81,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Demo data. Pretraining learns the fine label set (shape x colour); the transfer task is a different,
     # coarser label set (shape alone, including a shape never seen in pretraining) with few labelled images.
     data = [("pretrain", "shape-color", "train", 0, args.pretrain_classes, args.pretrain_per_class),
-            ("finetune", "shapes", "train", 1, args.finetune_classes, args.finetune_per_class),
-            ("finetune", "shapes", "val", 2, args.finetune_classes, args.val_per_class)]
+            ("finetune", args.finetune_label_set, "train", 1, args.finetune_classes, args.finetune_per_class),
+            ("finetune", args.finetune_label_set, "val", 2, args.finetune_classes, args.val_per_class)]
     for task, label_set, split, seed, classes, per_class in data:
         stages.run("demo data", [py, "-m", "data_prep", "demo-data", str(images / task / split), "--label-set",
                                  label_set, "--classes", str(classes), "--per-class", str(per_class), "--size", "96",
