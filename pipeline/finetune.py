@@ -7,7 +7,7 @@ model is built at the new resolution and class count, position tables are resize
 (rows of classes shared by name are copied). When run_dir already holds a checkpoint, the run resumes from
 it instead (and `pretrained` is not read again).
 
-    deepspeed --num_gpus 2 -m pipeline.finetune --config configs/demo/finetune.yaml pretrained=runs/demo/pretrain
+    deepspeed --num_gpus 2 --module pipeline.finetune --config configs/demo/finetune.yaml pretrained=runs/demo/pretrain
 """
 from __future__ import annotations
 

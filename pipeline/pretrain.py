@@ -1,7 +1,7 @@
 """`python -m pipeline.pretrain --config FILE [key=value ...]`: pretraining under any launcher.
 
     python -m pipeline.pretrain --config configs/demo/pretrain.yaml                      # one process
-    deepspeed --num_gpus 2 -m pipeline.pretrain --config configs/demo/pretrain.yaml     # or --hostfile H
+    deepspeed --num_gpus 2 --module pipeline.pretrain --config configs/demo/pretrain.yaml  # or --hostfile H
     torchrun --nproc_per_node 2 -m pipeline.pretrain --config configs/demo/pretrain.yaml train.steps=50
 
 User mistakes (bad key or type, missing shards, batch sizes that do not divide) print one line and exit 2.
