@@ -1,7 +1,7 @@
 """Training input pipeline throughput: our WebDataset shard stream against torchvision's ImageFolder.
 
     .venv/bin/python benchmarks/loader_speed.py [--classes 8 --per-class 128 --size 256 --image-size 224
-                                                 --workers 2 --batch 64 --batches 24 --rounds 3]
+                                                 --workers 2 --batch 64 --batches 12 --rounds 3]
 
 Both sides decode JPEGs and apply the SAME train transform (pipeline.transforms.train_transform:
 RandomResizedCrop, flip, RandAugment(2, 15), normalise) with the same number of DataLoader workers and batch

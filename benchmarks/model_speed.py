@@ -1,7 +1,7 @@
 """Training-step throughput of our CoAtNet-0 against timm's `coatnet_0_224`, side by side.
 
     .venv/bin/pip install timm     # only this benchmark needs it (make bench installs it)
-    .venv/bin/python benchmarks/model_speed.py [--batch 16 --steps 6 --rounds 3 --size 224 --dtype bf16]
+    .venv/bin/python benchmarks/model_speed.py [--batch 16 --steps 4 --rounds 3 --size 224 --dtype bf16]
 
 One training step = forward, loss, backward, AdamW step, under bf16 autocast on CPU (or CUDA if
 present). The two models alternate round by round in the same process so that load from other

@@ -122,7 +122,7 @@ require_int() {
 }
 
 # check_config: --config exists and, with the overrides, passes pipeline.config; sets RUN_DIR and
-# says whether the trainer will resume (a `latest` checkpoint in run_dir) or start fresh.
+# says whether the trainer will resume (a complete checkpoint in run_dir) or start fresh.
 check_config() {
   require CONFIG --config "the training config YAML, e.g. --config configs/pretrain/in1k_coatnet-0.yaml"
   [[ -f $CONFIG ]] || die "config file $CONFIG not found"
@@ -130,8 +130,14 @@ check_config() {
   out=$("$PYTHON" -m launch.config_check --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} 2>&1) ||
     die "${out##*$'\n'}"
   RUN_DIR=${out##*$'\n'}
-  if [[ -f $RUN_DIR/checkpoints/latest ]]; then
-    note "resume: $RUN_DIR/checkpoints/latest -> $(<"$RUN_DIR/checkpoints/latest"); the trainer continues from it (any world size)"
+  # The trainer resumes from the newest checkpoint with a complete.json marker, not from DeepSpeed's
+  # `latest` (a kill during a save can leave `latest` naming a half-written one). Tags are zero-padded.
+  local newest=""
+  for marker in "$RUN_DIR"/checkpoints/step_*/complete.json; do
+    [[ -f $marker ]] && newest=$(basename "$(dirname "$marker")")
+  done
+  if [[ -n $newest ]]; then
+    note "resume: $RUN_DIR/checkpoints -> $newest; the trainer continues from it (any world size)"
   else
     note "fresh run: no checkpoint in $RUN_DIR yet; relaunching this same command resumes from $RUN_DIR"
   fi

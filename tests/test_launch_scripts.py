@@ -140,13 +140,16 @@ def test_pretrain_sbatch_dry_run_ranks_rendezvous_and_resume(slurm, tmp_path):
     assert '--node-rank "$SLURM_NODEID"' in srun[srun.index("-c") + 1]
 
     # Requeued after preemption, with a checkpoint in run_dir: the same trainer command, the resume is noted.
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest").write_text("step_00000004")
+    # DeepSpeed's `latest` names a newer, half-written save: the note names the complete one, as the trainer does.
+    for tag in ("step_00000004", "step_00000006"):
+        (run_dir / "checkpoints" / tag).mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000004" / "complete.json").write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000006")
     again = sh(args, {**env, "SLURM_RESTART_COUNT": "1"})
     assert "requeues so far: 1" in again.stdout
-    assert f"resume: {run_dir}/checkpoints/latest -> step_00000004" in again.stdout
+    assert f"resume: {run_dir}/checkpoints -> step_00000004" in again.stdout
     assert _node_commands(again.stdout) == nodes
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"  # nothing wiped
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"  # nothing wiped
 
     # Resubmitted on fewer nodes: same trainer arguments, a 2-node rendezvous.
     fewer = sh(args, {**env, "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]",
