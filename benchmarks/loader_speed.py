@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/loader_speed.py [--classes 8 --per-class 128 --size 256 --image-size 224
                                                  --workers 2 --batch 64 --batches 12 --rounds 3]
 
-Both sides decode JPEGs and apply the SAME train transform (pipeline.transforms.train_transform:
-RandomResizedCrop, flip, RandAugment(2, 15), normalise) with the same number of DataLoader workers and batch
-size, over the same images: loose files (`data_prep demo-data`) for ImageFolder (its standard PIL loader),
-and the shards `data_prep shard` made from that folder for ours. The two alternate round by round in this
+Both sides decode JPEGs and apply the same train transform (RandomResizedCrop, flip, RandAugment(2, 15),
+normalise, same parameters) with the same number of DataLoader workers and batch size, over the same images:
+loose files (`data_prep demo-data`) for ImageFolder, with its PIL loader and the ops placed as torchvision's
+classification reference presets place them, and for ours the shards `data_prep shard` made from that folder,
+read by pipeline.data with pipeline.transforms.train_transform (tensor decode and crop, RandAugment on PIL). The two alternate round by round in this
 process so load from other processes hits both alike; the figure per side is the median round. Prints both
 rates (wall-clock images/s, and images per CPU-second of all processes, which other load does not skew) and
 their ratios (target >= 1.2).
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data import TrainLoader, open_shards  # noqa: E402
-from pipeline.transforms import train_transform  # noqa: E402
+from pipeline.transforms import MEAN, STD  # noqa: E402
 
 
 def make_data(root: Path, classes: int, per_class: int, size: int) -> tuple[Path, Path]:
@@ -102,7 +103,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loader-speed-") as tmp:
         images, shard_dir = make_data(Path(tmp), args.classes, args.per_class, args.size)
         shards = open_shards(str(shard_dir), "train")
-        transform = train_transform(args.image_size, 2, 15)
         total = args.classes * args.per_class
         print(f"{total} JPEGs of {args.size}px in {len(shards.urls)} shards; transform to {args.image_size}px; "
               f"{args.workers} workers, batch {args.batch}, {args.batches} batches x {args.rounds} rounds; "
@@ -116,8 +116,13 @@ def main() -> None:
             return iter(loader), loader.close
 
         def imagefolder():
-            # The standard loose-file pipeline: PIL loader, shuffled sampler, the same v2 transform.
-            dataset = ImageFolder(str(images), transform=v2.Compose([v2.ToImage(), transform]))
+            # The standard loose-file pipeline: PIL loader, shuffled sampler, and the same ops with the same
+            # parameters placed as torchvision's classification reference presets place them (PIL backend,
+            # the default): augment the PIL image, then PILToTensor, ToDtype, Normalize.
+            dataset = ImageFolder(str(images), transform=v2.Compose([
+                v2.RandomResizedCrop(args.image_size, antialias=True), v2.RandomHorizontalFlip(),
+                v2.RandAugment(num_ops=2, magnitude=15), v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
             loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                 worker_init_fn=_worker_init, drop_last=True,
                                 prefetch_factor=4 if args.workers else None)

@@ -150,3 +150,25 @@ def test_batch_normalisation_matches_the_per_image_transform():
     per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     expected = torch.stack([per_image(img) for img in images])
     assert torch.allclose(normalize_batch(images), expected, atol=1e-6, rtol=0)
+
+
+def test_hand_written_pil_conversion_matches_torchvision_and_augmentation_is_seeded():
+    """PILToCHW replaces v2.PILToTensor + ToDtype + Normalize for speed; its values must stay theirs, and the
+    RandAugment path through PIL must stay a pure function of the seed (exact resume relies on it)."""
+    from torchvision.transforms import v2
+
+    from pipeline.transforms import MEAN, STD, PILToCHW, TensorToPIL, normalize_batch, train_transform
+
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    reference = v2.Normalize(MEAN, STD)(v2.ToDtype(torch.float32, scale=True)(image))
+    pil = TensorToPIL()(image)
+    assert torch.allclose(PILToCHW(normalize=True)(pil), reference, atol=1e-6)
+    assert torch.equal(PILToCHW(normalize=False)(pil), image)
+    assert torch.allclose(normalize_batch(image[None]), reference[None], atol=1e-6)
+    transform = train_transform(32, randaugment_layers=2, randaugment_magnitude=15)
+    outputs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outputs.append(transform(image))
+    assert outputs[0].shape == (3, 32, 32) and outputs[0].dtype == torch.float32
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
