@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (replaced on each run)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes (CPU ranks)")
-    parser.add_argument("--pretrain-steps", type=int, default=1200)
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--pretrain-steps", type=int, default=2400)
+    parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--pretrain-classes", type=int, default=24, help="shape-colour classes for pretraining")
     parser.add_argument("--pretrain-per-class", type=int, default=200, help="pretraining images per class")
     parser.add_argument("--finetune-label-set", choices=["shapes", "shape-color"], default="shapes",
