@@ -121,6 +121,8 @@ class Config:
     precision: str = _f("bf16", "mixed precision mode", ("bf16", "fp16", "fp32"))
     pretrained: Optional[str] = _f(None, "fine-tune from: run folder | DeepSpeed checkpoint | universal "
                                          "checkpoint | exported .safetensors")
+    pretrained_trusted: bool = _f(False, "`pretrained` is a DeepSpeed checkpoint this tool did not write and you "
+                                         "trust its origin (reading it unpickles Python objects)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

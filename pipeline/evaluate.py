@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use EMA weights when the checkpoint has them (default: yes)")
     parser.add_argument("--precision", choices=sorted(_DTYPES), default="fp32",
                         help="fp32, or autocast to bf16/fp16 (default: fp32)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read a DeepSpeed checkpoint this tool did not write (it is a pickle: only if you trust "
+                             "its origin)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--out", default=None, metavar="FILE.json",
                         help="where to write the JSON (default: eval_<split>.json in the weights folder)")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         raise UserError(f"--batch-size must be >= 1 and --num-workers >= 0 (got {args.batch_size}, "
                         f"{args.num_workers})")
     start = time.perf_counter()
-    net, meta = load_model(args.weights, ema=args.ema, image_size=args.image_size)
+    net, meta = load_model(args.weights, ema=args.ema, image_size=args.image_size, trust_pickle=args.trust_checkpoint)
     net.to(device)
     center_crop = args.center_crop if args.center_crop is not None else (
         meta.get("center_crop") if meta.get("center_crop") is not None else True)

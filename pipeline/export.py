@@ -73,7 +73,8 @@ def check_fits(state: dict, model_config: dict, where: str) -> None:
                                   f"{list(tensor.shape)}")
 
 
-def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", force: bool = False) -> dict:
+def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", force: bool = False,
+           trust_pickle: bool = False) -> dict:
     """Write OUT/model.safetensors and OUT/config.json from anything pipeline.pretrained.load_weights reads."""
     from pipeline.pretrained import PretrainedError, load_weights
     from pipeline.transforms import MEAN, STD
@@ -83,7 +84,7 @@ def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", 
         raise PretrainedError(f"{out} exists and is not a folder; choose another OUT")
     if not force and os.path.exists(weights_path):
         raise PretrainedError(f"{weights_path} already exists; choose another OUT or pass --force to replace it")
-    state, meta = load_weights(source, ema=ema is not False)
+    state, meta = load_weights(source, ema=ema is not False, trust_pickle=trust_pickle)
     if ema is True and not meta.get("ema"):
         raise PretrainedError(f"{meta.get('checkpoint') or source} has no EMA weights (train.ema_decay was 0); "
                               f"drop --ema")
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
                         help="dtype of the stored tensors (default: fp32)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read a DeepSpeed checkpoint this tool did not write (it is a pickle: only if you trust "
+                             "its origin)")
     return parser
 
 
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import UserError
 
     try:
-        result = export(args.run, args.out, ema=args.ema, dtype=args.dtype, force=args.force)
+        result = export(args.run, args.out, ema=args.ema, dtype=args.dtype, force=args.force,
+                        trust_pickle=args.trust_checkpoint)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

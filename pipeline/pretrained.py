@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from model import CoAtNetConfig, TABLE_SUFFIX, resize_rel_pos_tables
+from pipeline.checkpoint import MARKER
 from pipeline.config import UserError
 
 log = logging.getLogger("pipeline.pretrained")
@@ -72,12 +73,34 @@ def _to_fp32_cpu(state_dict: dict) -> dict:
     return _strip_prefixes(out)
 
 
+def _written_by_this_tool(tag_dir: str) -> bool:
+    """A checkpoint tag this tool's trainer wrote: it carries the trainer's completion marker (a universal
+    conversion counts through the tag it was converted from)."""
+    tag_dir = os.path.abspath(tag_dir)
+    if os.path.exists(os.path.join(tag_dir, MARKER)):
+        return True
+    parent = os.path.dirname(tag_dir)
+    return (os.path.basename(parent) == "universal"
+            and os.path.exists(os.path.join(os.path.dirname(parent), os.path.basename(tag_dir), MARKER)))
+
+
+def _require_trust(tag_dir: str, trust_pickle: bool) -> None:
+    """DeepSpeed checkpoints are pickles (and DeepSpeed's zero_to_fp32 unpickles them): read one only when
+    this tool wrote it or the user says they trust its origin."""
+    if not trust_pickle and not _written_by_this_tool(tag_dir):
+        raise PretrainedError(
+            f"{tag_dir} is a DeepSpeed checkpoint this tool did not write (no {MARKER}); reading it unpickles "
+            f"Python objects, which can run code. If you trust where it came from, pass --trust-checkpoint "
+            f"(pipeline.evaluate / pipeline.export) or pretrained_trusted=true (fine-tuning); or export it with "
+            f"python -m pipeline.export where it was trained")
+
+
 def _trusted_load(path: str) -> Any:
-    """torch.load a file DeepSpeed wrote for this tool.
+    """torch.load a model-states file of a checkpoint that passed `_require_trust`.
 
     weights_only=True first. A client state with non-tensor objects (e.g. numpy RNG state) needs the full
-    unpickler; that is acceptable only because these are DeepSpeed checkpoint files this tool wrote (DeepSpeed's
-    own zero_to_fp32 unpickles them the same way). Plain weight files never take this path.
+    unpickler; that is acceptable only for checkpoints this tool wrote or the user trusts (`_require_trust`
+    runs before any file of a tag is read). Plain weight files never take this path.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -286,7 +309,8 @@ def _stage0_master_weights(states: dict) -> Optional[dict]:
     return out if not remaining else None
 
 
-def _load_deepspeed_tag(tag_dir: str, ema: bool) -> tuple[dict, dict]:
+def _load_deepspeed_tag(tag_dir: str, ema: bool, trust_pickle: bool = False) -> tuple[dict, dict]:
+    _require_trust(tag_dir, trust_pickle)
     universal = _is_universal(tag_dir)
     files = _model_state_files(tag_dir)
     states = _trusted_load(files[0]) if files else None
@@ -377,7 +401,7 @@ def _resolve(source: str) -> tuple[str, str, Optional[str]]:
                           f"{WHAT_TO_PASS}")
 
 
-def load_weights(source: str, ema: bool = True) -> tuple[dict, dict]:
+def load_weights(source: str, ema: bool = True, trust_pickle: bool = False) -> tuple[dict, dict]:
     """(state dict of fp32 CPU tensors, meta) from any supported source (see the module docstring).
 
     meta: {"source", "format" ("safetensors" | "deepspeed" | "universal"), "checkpoint" (the file/folder
@@ -388,7 +412,7 @@ def load_weights(source: str, ema: bool = True) -> tuple[dict, dict]:
     if kind == "safetensors":
         state, meta = _load_safetensors(path)
     else:
-        state, meta = _load_deepspeed_tag(path, ema)
+        state, meta = _load_deepspeed_tag(path, ema, trust_pickle)
         run_meta = _meta_from_run(run_dir)
         for key, value in run_meta.items():
             if meta.get(key) is None and value is not None:
@@ -425,7 +449,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def init_from_pretrained(model: torch.nn.Module, source, target_classes: Optional[Sequence[str]] = None,
-                         ema: bool = True, mode: str = "bicubic") -> dict:
+                         ema: bool = True, mode: str = "bicubic", trust_pickle: bool = False) -> dict:
     """Load pretrained weights into `model` (built at the fine-tune resolution and class count).
 
     * relative-position tables are resized to `model.config.image_size` (`mode`: bicubic or bilinear);
@@ -443,7 +467,7 @@ def init_from_pretrained(model: torch.nn.Module, source, target_classes: Optiona
         state, meta = source
         state, origin = dict(state), meta.get("source", "<state dict>")
     else:
-        state, meta = load_weights(source, ema=ema)
+        state, meta = load_weights(source, ema=ema, trust_pickle=trust_pickle)
         origin = meta.get("checkpoint") or str(source)
     image_size = tuple(net.config.image_size)
     resized_state = resize_rel_pos_tables(state, image_size, mode=mode)
@@ -515,11 +539,12 @@ def init_from_pretrained(model: torch.nn.Module, source, target_classes: Optiona
     }
 
 
-def load_model(source: str, ema: bool = True, image_size=None, **overrides) -> tuple[torch.nn.Module, dict]:
+def load_model(source: str, ema: bool = True, image_size=None, trust_pickle: bool = False,
+               **overrides) -> tuple[torch.nn.Module, dict]:
     """A ready model (eval mode, CPU) from any source that records its model config; used by evaluate."""
     from model import create_model
 
-    state, meta = load_weights(source, ema=ema)
+    state, meta = load_weights(source, ema=ema, trust_pickle=trust_pickle)
     if not meta.get("model_config"):
         raise PretrainedError(f"{meta.get('checkpoint') or source} records no model config (no client-state "
                               f"model_config, no run config.yaml, no config.json); {WHAT_TO_PASS}")

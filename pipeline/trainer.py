@@ -68,10 +68,8 @@ class _Evaluator:
     """Runs pipeline.evaluation on data.val with the live model (and the EMA weights when enabled)."""
 
     def __init__(self, cfg: Config, info: D.DistInfo, num_classes: int):
-        try:
-            from pipeline.evaluation import build_eval_loader, evaluate
-        except ImportError as e:  # the evaluation module is another engineer's; say what is missing
-            raise UserError(f"data.val is set but pipeline.evaluation cannot be imported ({e})") from None
+        from pipeline.evaluation import build_eval_loader, evaluate
+
         self.evaluate = evaluate
         self.cfg, self.info, self.num_classes = cfg, info, num_classes
         self.loader, self.shards = build_eval_loader(
@@ -147,12 +145,9 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
                          grad_checkpointing=cfg.model.activation_checkpointing)
     init_report = None
     if cfg.pretrained and resume is None:
-        try:
-            from pipeline.pretrained import init_from_pretrained
-        except ImportError as e:
-            raise UserError(f"pretrained={cfg.pretrained} needs pipeline.pretrained, which cannot be imported "
-                            f"({e})") from None
-        init_report = init_from_pretrained(model, cfg.pretrained, classes)
+        from pipeline.pretrained import init_from_pretrained
+
+        init_report = init_from_pretrained(model, cfg.pretrained, classes, trust_pickle=cfg.pretrained_trusted)
         if info.is_main:
             log.info("initialised from %s: head %s, %d head rows copied, %d tables resized", cfg.pretrained,
                      init_report.get("head"), init_report.get("head_rows_copied", 0),

@@ -279,3 +279,18 @@ def test_fine_tune_start_from_a_zero3_run(tmp_path_factory):
     assert len(report["resized_tables"]) == 3 and report["step"] == 2 and report["format"] == "deepspeed"
     assert torch.equal(target.head.weight[0], trained["head.weight"][1])
     assert torch.equal(target.stem.conv1.weight, trained["stem.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_checkpoint_this_tool_did_not_write_needs_trust(tmp_path, tmp_path_factory):
+    """A DeepSpeed checkpoint is a pickle: without the trainer's completion marker it is read only when the
+    user says they trust it, and the refusal is a one-line error that says how."""
+    tag = deepspeed_runs(tmp_path_factory) / "zero2" / "checkpoints" / "step_00000002"
+    foreign = tmp_path / "foreign" / tag.name
+    shutil.copytree(tag, foreign)
+    (foreign / "complete.json").unlink()
+    with pytest.raises(PretrainedError, match="did not write.*--trust-checkpoint"):
+        load_weights(str(foreign))
+    trusted, _ = load_weights(str(foreign), trust_pickle=True)
+    ours, _ = load_weights(str(tag))
+    assert trusted.keys() == ours.keys() and all(torch.equal(trusted[k], ours[k]) for k in ours)
