@@ -38,4 +38,4 @@ lint: setup
 	$(VENV)/bin/shellcheck launch/*.sh launch/slurm/*.sbatch .ci/run
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs/demo .pytest_cache

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil  # a Ray dependency, installed with the project
+import psutil  # comes with DeepSpeed (and Ray), installed with the project
 import torch
 from torch.utils.data import DataLoader
 

@@ -44,12 +44,8 @@ def _aspect(text: str) -> float:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse already prints one line and exits 2 on bad options; keep its usage line short."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="python -m data_prep",
         description="Pack image collections into WebDataset shards with Ray (exactly once, byte-identical, "
                     "resumable), check them, or write the built-in demo images.",

@@ -8,8 +8,7 @@ segment at the same resolution, which is why stages hold segments rather than on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from dataclasses import dataclass, fields
 
 Segment = tuple[str, int, int]  # (block kind "C" | "T", number of blocks, channels)
 
@@ -128,8 +127,4 @@ def get_config(name: str, **overrides) -> CoAtNetConfig:
     return CoAtNetConfig(name=name, **{**MODEL_SIZES[name], **overrides})
 
 
-def with_image_size(cfg: CoAtNetConfig, image_size: int | Sequence[int]) -> CoAtNetConfig:
-    return replace(cfg, image_size=image_size)
-
-
-__all__ = ["CoAtNetConfig", "MODEL_SIZES", "STAGE_STRIDES", "get_config", "list_models", "with_image_size"]
+__all__ = ["CoAtNetConfig", "MODEL_SIZES", "STAGE_STRIDES", "get_config", "list_models"]

@@ -1,8 +1,8 @@
 """Resize relative-position tables so a checkpoint made at one resolution loads at another.
 
 Fine-tuning at 384/512 px from a 224 px checkpoint changes every attention stage's feature map, so
-each head's (2H-1) x (2W-1) table is interpolated in 2-D to (2H'-1) x (2W'-1) (the paper: bilinear;
-Swin: bicubic). The stage a table belongs to is read from its key (`stages.<i>.`), which fixes its
+each head's (2H-1) x (2W-1) table is interpolated in 2-D to (2H'-1) x (2W'-1) (bilinear by default, as the paper;
+Swin uses bicubic). The stage a table belongs to is read from its key (`stages.<i>.`), which fixes its
 stride (16 for S3, 32 for S4), so no model config is needed.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ _STAGE = re.compile(r"(?:^|\.)stages\.(\d+)\.")
 
 
 def resize_rel_pos_tables(state_dict: Mapping[str, torch.Tensor], image_size: int | Sequence[int],
-                          mode: str = "bicubic") -> dict[str, torch.Tensor]:
+                          mode: str = "bilinear") -> dict[str, torch.Tensor]:
     """A shallow copy of `state_dict` with every relative-position table resized for `image_size`.
 
     Tables that already have the target shape are returned as they are.

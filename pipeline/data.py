@@ -279,9 +279,17 @@ class TrainStream(IterableDataset):
         handler = _CorruptionCounter(f"rank {self.rank} worker {worker}")
         handler.count = pos.corrupt
         if info is None:
-            # Loading in the training process: keep the trainer's RNG untouched by the per-sample seeding.
-            with torch.random.fork_rng(devices=[]):
-                yield from self._batches(stream, worker, pos, handler)
+            # Loading in the training process: the per-sample seeding must not touch the trainer's RNG. A
+            # fork_rng around this generator would not do it (the trainer runs between the yields), so the
+            # trainer's CPU RNG state is taken when the generator resumes and put back before each yield.
+            batches = self._batches(stream, worker, pos, handler)
+            while True:
+                trainer_rng = torch.get_rng_state()
+                try:
+                    batch = next(batches)
+                finally:
+                    torch.set_rng_state(trainer_rng)
+                yield batch
         else:
             yield from self._batches(stream, worker, pos, handler)
 

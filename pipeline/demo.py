@@ -70,9 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=50, help="held-out images per class")
     args = parser.parse_args(argv)
 
-    out = (REPO / args.out).resolve()
+    out = Path(args.out).resolve()
+    marker = out / ".coatnet-demo"
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        sys.exit(f"demo: {out} exists and was not made by the demo; pass another --out or remove it yourself")
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
+    marker.write_text("made by python -m pipeline.demo; replaced on each run\n")
     images, shards = out / "images", out / "shards"
     py = sys.executable
     bin_dir = Path(py).parent

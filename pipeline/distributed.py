@@ -73,11 +73,6 @@ def setup(deterministic: bool = True) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device, accel.communication_backend_name())
 
 
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a small float64/int64 tensor over ranks (a copy; the input is left alone)."""
     out = values.clone()

@@ -85,11 +85,6 @@ class MetricsLogger:
         if console:
             log.info(console)
 
-    def flush(self) -> None:
-        if self.enabled:
-            self.writer.flush()
-            self._file.flush()
-
     def close(self) -> None:
         if self.enabled:
             self.writer.close()

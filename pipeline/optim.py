@@ -56,10 +56,6 @@ def make_schedule(cfg, total_steps: int, steps_per_epoch: int) -> Schedule:
     return Schedule(cfg.optim.lr, cfg.optim.min_lr, warmup, total_steps, cfg.optim.decay)
 
 
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
 
 def _deep_update(base: dict, extra: dict) -> dict:
     for k, v in extra.items():

@@ -449,10 +449,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def init_from_pretrained(model: torch.nn.Module, source, target_classes: Optional[Sequence[str]] = None,
-                         ema: bool = True, mode: str = "bicubic", trust_pickle: bool = False) -> dict:
+                         ema: bool = True, mode: str = "bilinear", trust_pickle: bool = False) -> dict:
     """Load pretrained weights into `model` (built at the fine-tune resolution and class count).
 
-    * relative-position tables are resized to `model.config.image_size` (`mode`: bicubic or bilinear);
+    * relative-position tables are resized to `model.config.image_size` (`mode`: bilinear as the paper, or bicubic);
     * the head: kept when it has the model's shape and no class names say otherwise; else the model's
       freshly initialised head stays, except rows of `target_classes` whose NAME is among the pretrained
       classes, which are copied from the pretrained head (weight row and bias);

@@ -172,3 +172,22 @@ def test_hand_written_pil_conversion_matches_torchvision_and_augmentation_is_see
         outputs.append(transform(image))
     assert outputs[0].shape == (3, 32, 32) and outputs[0].dtype == torch.float32
     assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+
+
+@pytest.mark.slow  # data_prep's Ray sharding builds the fixture
+def test_in_process_loading_leaves_the_trainers_rng_alone(demo_shards):
+    """With num_workers=0 the per-sample seeding runs in the training process: the trainer's own draws
+    (stochastic depth, dropout) must follow the trainer's seed, not the data's."""
+    draws = []
+    for trainer_seed in (1, 2):
+        loader = _loader(open_shards(str(demo_shards), "train"), rank=0, world=1, workers=0)
+        torch.manual_seed(trainer_seed)
+        expected = torch.rand(3)
+        torch.manual_seed(trainer_seed)
+        it = iter(loader)
+        next(it)
+        assert torch.equal(torch.rand(3), expected)
+        next(it)
+        draws.append(torch.rand(3))
+        loader.close()
+    assert not torch.equal(draws[0], draws[1])
