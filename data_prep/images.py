@@ -152,7 +152,8 @@ def _orientation(image: Image.Image) -> int:
 def encode(data: bytes, opts: ImageOptions) -> tuple[bytes, int, int]:
     """(JPEG bytes, original width, original height) for one source image; raises ImageRejected.
 
-    JPEGs already within size, upright (no EXIF rotation) and RGB keep their original bytes. Others are
+    JPEGs already within size, upright (no EXIF rotation) and RGB keep their original bytes once a
+    1/8-scale decode shows their data is intact. Others are
     decoded (JPEGs with libjpeg's DCT downscaling via draft(), which is exact and deterministic),
     EXIF-rotated, converted to RGB, resized with a bicubic filter (reduce() first for large factors) and
     encoded once at opts.quality with fixed settings.
@@ -164,6 +165,10 @@ def encode(data: bytes, opts: ImageOptions) -> tuple[bytes, int, int]:
         if image.format == "JPEG":
             orientation = _orientation(image)  # JPEG EXIF sits in APP1, read at open: no decode needed
             if image.mode == "RGB" and orientation == 1 and (new_w, new_h) == (width, height):
+                # The scan only checked the end marker: corrupt entropy data must still be a reject, not
+                # copied into a shard. A 1/8-scale decode reads every byte at 1/64 of the pixel cost.
+                image.draft("RGB", (1, 1))
+                image.load()
                 return data, width, height
             if (new_w, new_h) != (width, height):
                 image.draft("RGB", (new_w, new_h))  # stored orientation: the scale factor does not depend on it

@@ -126,8 +126,10 @@ require_int() {
 check_config() {
   require CONFIG --config "the training config YAML, e.g. --config configs/pretrain/in1k_coatnet-0.yaml"
   [[ -f $CONFIG ]] || die "config file $CONFIG not found"
-  local out
-  out=$("$PYTHON" -m launch.config_check --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} 2>&1) ||
+  local out mode=pretrain
+  # The same defaults the launched module will apply under the file (fine-tune has its own run_dir, lr, ...).
+  [[ ${MODULE:-} != pipeline.finetune ]] || mode=finetune
+  out=$("$PYTHON" -m launch.config_check --config "$CONFIG" --mode "$mode" ${OVERRIDES[@]+"${OVERRIDES[@]}"} 2>&1) ||
     die "${out##*$'\n'}"
   RUN_DIR=${out##*$'\n'}
   # The trainer resumes from the newest checkpoint with a complete.json marker, not from DeepSpeed's

@@ -1,6 +1,7 @@
 """Validate a config and its overrides before a launcher spends an allocation on it.
 
-    python -m launch.config_check --config FILE [key=value ...]   -> prints run_dir on success
+    python -m launch.config_check --config FILE [--mode pretrain|finetune] [key=value ...]
+                                                                  -> prints run_dir on success
 
 The shell launchers call this first, so a typo in a key or a missing config file fails in a second with
 pipeline.config's one-line message (exit 2) instead of after every node has started. It imports only
@@ -15,11 +16,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.config_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training config YAML")
+    parser.add_argument("--mode", choices=("pretrain", "finetune"), default="pretrain",
+                        help="whose defaults fill what the file leaves out: pipeline.pretrain's or "
+                             "pipeline.finetune's (its own run_dir, lr, schedule, ...); default pretrain")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     from pipeline.config import UserError, load_config
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, defaults=args.mode)
     except UserError as e:
         print(e, file=sys.stderr)
         return 2

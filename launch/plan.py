@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m launch.plan", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--config", required=True, help="training config YAML (configs/...)")
+    p.add_argument("--mode", choices=("pretrain", "finetune"), default="pretrain",
+                   help="validate with pipeline.pretrain's or pipeline.finetune's defaults (default pretrain)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as the trainer takes")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import UserError, load_config
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, defaults=args.mode)
         result = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.mfu,
                       args.gpu_tflops, args.reserve_gb, args.images_per_epoch)
     except (UserError, PlanError) as e:

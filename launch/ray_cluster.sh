@@ -19,7 +19,8 @@ Options:
   --port P             head (GCS) port (default: a free port when the head is local, else 6379)
   --num-cpus N         CPUs each node offers Ray (default: all)
   --temp-dir DIR       Ray's temp dir on every node and where the pids are kept
-                       (default /tmp/ray-coatnet-\$USER); stop reads the cluster it started from here
+                       (default \${XDG_RUNTIME_DIR:-\$HOME/.cache}/coatnet-ray); it must be yours and
+                       private (mode 700: made so when missing); stop reads the cluster it started from here
   --repo DIR           checkout path on remote machines (default: this checkout's path)
   --timeout S          seconds to wait for the nodes to join (default 120)
   --dry-run            print the exact commands and stop
@@ -30,7 +31,7 @@ Then shard on it (from the head):
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-HEAD=127.0.0.1 WORKERS="" PORT="" NUM_CPUS="" TEMP_DIR=/tmp/ray-coatnet-${USER:-$(id -un)} REPO=$REPO_ROOT TIMEOUT=120
+HEAD=127.0.0.1 WORKERS="" PORT="" NUM_CPUS="" TEMP_DIR=${XDG_RUNTIME_DIR:-$HOME/.cache}/coatnet-ray REPO=$REPO_ROOT TIMEOUT=120
 declare -A FLAGS=()
 declare -A OPTIONS=([--head]=HEAD [--workers]=WORKERS [--port]=PORT [--num-cpus]=NUM_CPUS [--temp-dir]=TEMP_DIR
   [--repo]=REPO [--timeout]=TIMEOUT)
@@ -43,6 +44,16 @@ TOKEN_FILE=$TEMP_DIR/auth_token
 AUTH_ENV="RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(quote "$TOKEN_FILE")"
 RAY_BIN=$(dirname "$PYTHON")/ray
 [[ -x $RAY_BIN ]] || RAY_BIN=ray
+# Shell test that TEMP_DIR is this user's and private: it holds the token and the state `stop` acts on,
+# so a folder another user made (or can write to) must never be used. Run here and on remote nodes.
+PRIVATE_CHECK="[ -d $(quote "$TEMP_DIR") ] && [ -O $(quote "$TEMP_DIR") ] && \
+case \$(stat -c %a $(quote "$TEMP_DIR")) in *00) true ;; *) false ;; esac"
+
+# require_private_dir: die unless TEMP_DIR passes PRIVATE_CHECK.
+require_private_dir() {
+  bash -c "$PRIVATE_CHECK" ||
+    die "temp dir $TEMP_DIR must be a folder owned by you with no group/other access (chmod 700 it, or pass another --temp-dir)"
+}
 
 # on HOST SCRIPT: run a bash script on HOST (here, or over ssh), printing it first.
 on() {
@@ -60,7 +71,7 @@ start_node() {
   shift 2
   local dir=$TEMP_DIR/node-$index
   if ! is_local "$host"; then # the cluster's token goes over ssh's stdin, never on a command line
-    local copy=(ssh -o BatchMode=yes "$host" "mkdir -p $(quote "$TEMP_DIR") && umask 077 && cat >$(quote "$TOKEN_FILE")")
+    local copy=(ssh -o BatchMode=yes "$host" "mkdir -m 700 -p $(quote "$TEMP_DIR") && $PRIVATE_CHECK && umask 077 && cat >$(quote "$TOKEN_FILE")")
     printf '+ %s <%s\n' "$(quote "${copy[@]}")" "$(quote "$TOKEN_FILE")"
     if ((!DRY_RUN)); then
       # shellcheck disable=SC2094  # reads the local token file, writes the remote copy
@@ -97,6 +108,7 @@ ports_for() {
 
 case $ACTION in
   start)
+    [[ $HEAD$WORKERS != *$'\n'* ]] || die "--head and --workers must be on one line"
     [[ ! -f $STATE ]] || die "a cluster started from $TEMP_DIR is still recorded in $STATE: stop it first (launch/ray_cluster.sh stop --temp-dir $TEMP_DIR)"
     if [[ -z $PORT ]]; then
       if is_local "$HEAD"; then PORT=$(free_port); else PORT=6379; fi
@@ -113,8 +125,11 @@ case $ACTION in
     fi
     note "Ray cluster: head $HEAD:$PORT, ${#worker_hosts[@]} worker(s); temp dir $TEMP_DIR"
     if ((!DRY_RUN)); then
-      mkdir -p "$TEMP_DIR"
-      printf 'HEAD=%q\nPORT=%q\nWORKERS=%q\n' "$HEAD" "$PORT" "$WORKERS" >"$STATE"
+      # shellcheck disable=SC2174  # only TEMP_DIR itself needs mode 700; its parents are the user's own
+      mkdir -m 700 -p "$TEMP_DIR"
+      require_private_dir
+      # Plain KEY=value lines, read back by `stop` without running them.
+      printf 'HEAD=%s\nPORT=%s\nWORKERS=%s\n' "$HEAD" "$PORT" "$WORKERS" >"$STATE"
       (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$TOKEN_FILE")
       printf 'export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=%q\n' "$TOKEN_FILE" >"$TEMP_DIR/ray.env"
     fi
@@ -143,8 +158,14 @@ case $ACTION in
     ;;
   stop)
     [[ -f $STATE ]] || die "no cluster recorded in $STATE (was it started with --temp-dir $TEMP_DIR?)"
-    # shellcheck source=/dev/null  # written by `start` above: HEAD, PORT, WORKERS
-    source "$STATE"
+    require_private_dir
+    HEAD="" PORT="" WORKERS=""
+    while IFS='=' read -r key value; do # written by `start` above; only its keys are taken, nothing is run
+      case $key in
+        HEAD | PORT | WORKERS) printf -v "$key" '%s' "$value" ;;
+      esac
+    done <"$STATE"
+    [[ -n $HEAD ]] || die "$STATE names no HEAD: stop the cluster's ray processes by hand and delete $STATE"
     read -r -a worker_hosts <<<"$WORKERS"
     for i in "${!worker_hosts[@]}"; do stop_node "$((i + 1))" "${worker_hosts[$i]}"; done
     stop_node 0 "$HEAD"

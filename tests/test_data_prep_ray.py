@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import webdataset as wds
@@ -248,3 +249,34 @@ def test_input_changed_inside_a_task_reaches_the_user_as_one_line(local_ray):
     with pytest.raises(UserError) as err:
         _run_tasks(local_ray.remote(edited_behind_our_back), [()], 1, lambda index, result: None)
     assert str(err.value) == "cat/x.jpg changed while the job ran (sha1 differs from the scan)"
+
+
+def _garbage_entropy_jpeg(data: bytes) -> bytes:
+    """The same JPEG with random bytes in the middle of its entropy-coded data: header and end marker
+    intact, so only a decode tells it is broken. libjpeg only warns about most garbage (and decodes grey
+    blocks); this seed's bytes hold a marker it cannot recover from, checked below by a full decode."""
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big") + 20
+    garbage = bytes(np.random.default_rng(3).integers(0, 256, 200, dtype=np.uint8))
+    assert start + len(garbage) < len(data) - 2
+    broken = data[:start] + garbage + data[start + len(garbage):]
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(broken)).load()
+    return broken
+
+
+def test_small_jpeg_with_corrupt_data_is_rejected_not_copied(local_ray, tmp_path):
+    from data_prep.images import scan
+
+    written = make_jpeg_tree(tmp_path / "src", classes=1, per_class=3, width=64, height=48)
+    broken = tmp_path / "src" / "class_0" / "img_0001.jpg"
+    data = _garbage_entropy_jpeg(broken.read_bytes())
+    broken.write_bytes(data)
+    assert data.endswith(b"\xff\xd9") and scan(data, 10**8).reason is None  # only the shard task can tell
+    out = tmp_path / "shards"
+    # max_size 64 >= the 48 px shorter side: these JPEGs take the keep-the-original-bytes path
+    result = run_shard_job(ShardConfig(src=tmp_path / "src", out=out, max_size=64, progress=False))
+    assert result.num_samples == 2
+    assert _rejects(out)["class_0/img_0001.jpg"] in ("truncated", "unreadable")
+    sources = sorted(json.loads(s["json"])["source"] for s in _samples(out))
+    assert sources == sorted(k for k in written if k != "class_0/img_0001.jpg")

@@ -233,6 +233,18 @@ def test_torchrun_sh_multi_node_and_elastic():
     assert _torchrun_args(cmd).standalone  # one node, no endpoint: a local rendezvous
 
 
+def test_config_check_uses_the_launched_modules_defaults(tmp_path):
+    lines = (REPO / "configs/demo/finetune.yaml").read_text().splitlines(keepends=True)
+    config = tmp_path / "finetune_no_run_dir.yaml"
+    config.write_text("".join(line for line in lines if not line.startswith("run_dir:")))
+    base = ["launch/torchrun.sh", "--config", config, "--dry-run"]
+    finetune = sh([*base, "--module", "pipeline.finetune"])
+    assert finetune.returncode == 0, finetune.stderr
+    assert "runs/demo/finetune" in finetune.stdout and "runs/demo/pretrain" not in finetune.stdout  # resume/fresh note
+    pretrain = sh(base)  # the same file launched as pretraining gets pretraining's default run_dir
+    assert "runs/demo/pretrain" in pretrain.stdout and "runs/demo/finetune" not in pretrain.stdout, pretrain.stderr
+
+
 def test_deepspeed_sh_hostfile_and_no_ssh(tmp_path):
     from deepspeed.launcher.runner import parse_args
     hostfile = tmp_path / "hostfile"
@@ -270,6 +282,22 @@ def test_missing_or_wrong_settings_fail_in_one_line(slurm):
     one_line_error(sh(["launch/ray_cluster.sh", "stop", "--temp-dir", "/nonexistent-coatnet"]), "no cluster recorded")
     one_line_error(sh(["launch/ray_cluster.sh", "start", "--workers", "10.9.9.9", "--temp-dir", "/nonexistent-coatnet",
                        "--dry-run"]), "10.9.9.9", "--head")
+
+
+def test_ray_cluster_temp_dir_must_be_private_and_state_is_never_run(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    shared.chmod(0o770)  # group-writable: someone else could plant the state file or read the token
+    (shared / "cluster.env").write_text("HEAD=127.0.0.1\nPORT=1\nWORKERS=\n")
+    one_line_error(sh(["launch/ray_cluster.sh", "stop", "--temp-dir", shared, "--dry-run"]), str(shared), "chmod 700")
+    shared.chmod(0o700)
+    planted = tmp_path / "planted"
+    # `source` would run the touch and take PATH; the reader takes HEAD, PORT and WORKERS as plain text
+    (shared / "cluster.env").write_text(f"HEAD=127.0.0.1\nPORT=1\ntouch {planted}\nPATH=/nowhere\nWORKERS=\n")
+    res = sh(["launch/ray_cluster.sh", "stop", "--temp-dir", shared, "--dry-run"])
+    assert res.returncode == 0, res.stderr
+    assert not planted.exists() and "stopped the Ray cluster 127.0.0.1:1" in res.stdout
+    assert "node-0.pid" in res.stdout and "node-1" not in res.stdout  # the head only: WORKERS names no host
 
 
 # --------------------------------------------------------------------------------------------- real runs
