@@ -79,6 +79,8 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on data.val every N steps; 0 => at the end only")
     grad_clip: float = _f(1.0, "gradient norm clipping; 0 disables")
     ema_decay: float = _f(0.0, "weight EMA decay per step (paper fine-tune: 0.9999); 0 disables EMA")
+    deterministic: bool = _f(True, "deterministic kernels and fixed CPU threads: bit-exact resume (the CPU tests); "
+                                   "false on GPU clusters for speed (cuDNN autotuning, non-deterministic kernels)")
 
 
 @dataclass

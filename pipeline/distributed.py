@@ -11,6 +11,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -64,7 +65,10 @@ def setup(deterministic: bool = True) -> DistInfo:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+        # DeepSpeed's default collective timeout is 10 min; rank 0 alone converting a CoAtNet-7 checkpoint to a
+        # universal one after a world-size change can take longer while the others wait in a broadcast.
+        timeout = timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 60)))
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False, timeout=timeout)
     if accel.device_name() == "cpu":
         device = torch.device("cpu")
     else:

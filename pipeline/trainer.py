@@ -103,7 +103,7 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     if cfg.data.val:
         open_shards(cfg.data.val, cfg.data.val_split)  # a wrong val path fails now, not after hours of training
     num_classes = _num_classes(cfg, shards)
-    info = D.setup(deterministic=True)
+    info = D.setup(deterministic=cfg.train.deterministic)
     classes = shards.classes if shards.classes and len(shards.classes) == num_classes else None
     global_batch = cfg.train.global_batch_size
     steps_per_epoch = max(1, shards.num_samples // global_batch)
