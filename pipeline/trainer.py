@@ -26,6 +26,10 @@ from pipeline.data import ShardSet, build_train_loader, derive_seed, open_shards
 
 log = logging.getLogger("pipeline.train")
 
+# A file in run_dir that asks the trainer to save a checkpoint at the next step and stop (a preemption
+# notice: launch/slurm/pretrain.sbatch touches it on SIGUSR1, a user may too).
+SAVE_REQUEST = ".save_now"
+
 _TAG_RANK_SEED = 11
 
 
@@ -241,6 +245,8 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
                                           (f" | EMA top1 {result['eval_ema/top1']:.2f}" if ema is not None else "")))
         return result
 
+    save_request = os.path.join(run_dir, SAVE_REQUEST)
+    stopped_on_request = False
     start_step = step
     engine.train()
     last_eval: dict = {}
@@ -278,13 +284,26 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
             save()
             saved_at = step
-    if evaluator is not None:
+        # Preemption notice (launch/slurm/pretrain.sbatch touches the file on SIGUSR1): save now and stop.
+        requested = torch.tensor([float(info.is_main and os.path.exists(save_request))], dtype=torch.float64)
+        if step < total_steps and D.all_reduce_sum(requested).item() > 0:
+            if saved_at != step:
+                save()
+                saved_at = step
+            if info.is_main:
+                os.remove(save_request)
+                log.info("saved step %d on request (%s); launch the same command again to continue", step,
+                         save_request)
+            stopped_on_request = True
+            break
+    if evaluator is not None and not stopped_on_request:
         last_eval = run_eval()
     if saved_at != step:
         save()
     logger.close()
     loader.close()
     summary = {"step": step, "samples_seen": step * global_batch, "run_dir": run_dir, **last_eval,
+               "stopped_on_request": stopped_on_request,
                "corrupt_skipped": loader.corrupt_count}
     if info.is_main:
         log.info("done: %d steps, run folder %s", step, run_dir)

@@ -212,3 +212,35 @@ def test_zero3_with_ema_and_evaluation(demo_shards, tmp_path):  # noqa: F811
     from model import create_model
     model = create_model("coatnet-nano", num_classes=4, image_size=32)
     model.load_state_dict(client["ema"], strict=True)
+
+
+@pytest.mark.slow
+def test_save_request_checkpoints_and_stops_then_the_same_command_resumes(demo_shards, tmp_path):  # noqa: F811
+    """A preemption notice (launch/slurm/pretrain.sbatch touches run_dir/.save_now on SIGUSR1) makes the trainer
+    save a complete checkpoint at the next step and exit 0; relaunching continues from that step."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.pretrain",
+           *base_overrides(demo_shards, run_dir, **{"data.val": None, "train.steps": 500,
+                                                    "checkpoint.every_steps": 1000})]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            logged = metrics(run_dir)[0] if (run_dir / "metrics.jsonl").exists() else {}
+            if len(logged) >= 3:
+                break
+            time.sleep(0.2)
+        (run_dir / ".save_now").touch()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    saved = [int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*/complete.json")]
+    assert len(saved) == 1 and 3 <= saved[0] < 500, out[-3000:]
+    assert f"saved step {saved[0]} on request" in out and not (run_dir / ".save_now").exists()
+    assert max(metrics(run_dir)[0]) == saved[0]  # stopped right there
+
+    res = run([*cmd, f"train.steps={saved[0] + 2}"])  # the later override wins
+    assert f"at step {saved[0]}" in res.stdout + res.stderr
+    assert sorted(metrics(run_dir)[0]) == list(range(1, saved[0] + 3))
