@@ -79,6 +79,8 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on data.val every N steps; 0 => at the end only")
     grad_clip: float = _f(1.0, "gradient norm clipping; 0 disables")
     ema_decay: float = _f(0.0, "weight EMA decay per step (paper fine-tune: 0.9999); 0 disables EMA")
+    ema_warmup: bool = _f(False, "EMA decay warm-up min(decay, (1+t)/(10+t)) (TensorFlow's num_updates); for short "
+                                 "runs only: a 30-epoch fine-tune with it never reaches 0.9999")
     deterministic: bool = _f(True, "deterministic kernels and fixed CPU threads: bit-exact resume (the CPU tests); "
                                    "false on GPU clusters for speed (cuDNN autotuning, non-deterministic kernels)")
 

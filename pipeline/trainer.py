@@ -172,7 +172,7 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     ema = None
     if cfg.train.ema_decay > 0:
         from pipeline.ema import ShardedEMA
-        ema = ShardedEMA(engine.module, cfg.train.ema_decay)
+        ema = ShardedEMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
 
     # ---- restore
     step, data_state = 0, None
