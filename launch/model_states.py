@@ -105,3 +105,16 @@ def count_params(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     return total, largest
+
+
+def ema_bytes(setting: ZeroSetting, total_params: int, gpus: int, ema_decay: float) -> tuple[int, int]:
+    """(GPU bytes per GPU, CPU bytes per GPU) of pipeline.ema.ShardedEMA's fp32 shadow.
+
+    ZeRO-1/2 ranks average only their fragment of every fp32 master weight (4 bytes x params / GPUs), on the
+    CPU when the optimizer is offloaded; ZeRO-0 and ZeRO-3 keep a full fp32 copy on every rank.
+    """
+    if ema_decay <= 0:
+        return 0, 0
+    full = 4 * total_params
+    shadow = full if setting.stage in (0, 3) else full // gpus
+    return (0, shadow) if setting.offload_optimizer and setting.stage in (1, 2) else (shadow, 0)

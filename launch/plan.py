@@ -118,7 +118,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
     import torch
 
     from launch.activations import measure
-    from launch.model_states import candidate_settings, count_params, model_states_bytes
+    from launch.model_states import candidate_settings, count_params, ema_bytes, model_states_bytes
     from model import count_macs, create_model
 
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
@@ -167,6 +167,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
                 continue
             states, cpu = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node,
                                              cfg.precision)
+            ema_gpu, ema_cpu = ema_bytes(setting, total_params, gpus, cfg.train.ema_decay)
+            states, cpu = states + ema_gpu, cpu + ema_cpu * gpus_per_node
             cpu_ok = cpu_mem_gb is None or cpu <= cpu_mem_gb * GIB
             for ckpt in (False, True):
                 def need(m):
@@ -215,10 +217,11 @@ def _near_divisor(n: int, gpus: int) -> int:
 
 def _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable) -> dict:
     """Does the config's own DeepSpeed choice fit?"""
-    from launch.model_states import ZeroSetting, model_states_bytes
+    from launch.model_states import ZeroSetting, ema_bytes, model_states_bytes
     ds = cfg.deepspeed
     setting = ZeroSetting(ds.zero_stage, ds.offload_optimizer, ds.offload_param)
     states, _ = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node, cfg.precision)
+    states += ema_bytes(setting, total_params, nodes * gpus_per_node, cfg.train.ema_decay)[0]
     total = states + act.bytes(cfg.train.micro_batch_size, cfg.model.activation_checkpointing) * FRAGMENTATION
     gpus = nodes * gpus_per_node
     per_rank, rest = divmod(cfg.train.global_batch_size, gpus * cfg.train.micro_batch_size)

@@ -1,8 +1,9 @@
 """Shared test helpers: free ports for Ray and torch.distributed, and the `slow` marker."""
 import os
-import socket
 
 import pytest
+
+from pipeline.distributed import free_port  # noqa: F401  (tests import it from here)
 
 # Everything in tests talks to this machine only.
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -12,13 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts Ray or several ranks; skipped by `make test-fast`")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (others run Ray and torch.distributed concurrently)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

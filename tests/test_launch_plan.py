@@ -59,7 +59,9 @@ def test_coatnet7_512_on_64_gpus_model_figures(c7):
     assert 20e6 < c7["largest_layer_parameters"] < 40e6
     assert 9.2 < _row(c7, 1)["states_gib"] < 10.2
     assert 4.9 < _row(c7, 2)["states_gib"] < 5.5
-    assert 0.6 < _row(c7, 3)["states_gib"] < 1.0
+    # ZeRO-3: DeepSpeed's estimate (~0.8 GiB) plus the EMA (this recipe: 0.9999), which keeps a full fp32 copy
+    # on every rank under ZeRO-3: 4 B x 2.44e9 = 9.1 GiB (ZeRO-1/2 above add only 4 B x P / 64 = 0.14 GiB).
+    assert 9.5 < _row(c7, 3)["states_gib"] < 10.3
     assert _row(c7, 2, offload=True)["states_gib"] < _row(c7, 2)["states_gib"]  # only the 16-bit weights stay
     assert 3.5 < c7["activation_gib_per_image"] < 5.5
     assert 0.25 < c7["activation_gib_per_image_checkpointed"] < c7["activation_gib_per_image"] / 4
