@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out).resolve()
     marker = out / ".coatnet-demo"
-    if out.exists() and any(out.iterdir()) and not marker.exists():
+    made_by_demo = marker.exists() or (out / "summary.json").exists()
+    if out.exists() and any(out.iterdir()) and not made_by_demo:
         sys.exit(f"demo: {out} exists and was not made by the demo; pass another --out or remove it yourself")
     if out.exists():
         shutil.rmtree(out)
