@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     marker = out / ".coatnet-demo"
     made_by_demo = marker.exists() or (out / "summary.json").exists()
     if out.exists() and any(out.iterdir()) and not made_by_demo:
-        sys.exit(f"demo: {out} exists and was not made by the demo; pass another --out or remove it yourself")
+        print(f"demo: {out} exists and was not made by the demo; pass another --out or remove it yourself",
+              file=sys.stderr)
+        sys.exit(2)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
