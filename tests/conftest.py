@@ -1,5 +1,8 @@
-"""Shared test helpers: free ports for Ray and torch.distributed, and the `slow` marker."""
+"""Shared test helpers: free ports, the `slow` marker, and `demo_shards` (data_prep's shards, built once)."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,3 +21,26 @@ def pytest_configure(config):
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+DEMO_SHARD_CLASSES = 4
+
+
+def _run(cmd):
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """A shard folder with a `train` split (5 shards of 32) and a `val` split (2 shards of 16), built once."""
+    root = tmp_path_factory.mktemp("pipeline-demo-shards")
+    out = root / "shards"
+    py = sys.executable
+    for split, per_class, seed, shard_size in (("train", 40, 0, 32), ("val", 8, 1, 16)):
+        images = root / f"images-{split}"
+        _run([py, "-m", "data_prep", "demo-data", str(images), "--classes", str(DEMO_SHARD_CLASSES), "--per-class",
+              str(per_class), "--size", "40", "--seed", str(seed), "--label-set", "shape-color"])
+        _run([py, "-m", "data_prep", "shard", str(images), str(out), "--split", split, "--shard-size",
+              str(shard_size), "--seed", "0", "--workers", "1"])
+    return out

@@ -19,7 +19,6 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tests.test_pipeline_data import demo_shards  # noqa: F401  (session fixture: data_prep's shards)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -360,7 +359,7 @@ def _complete_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_nodes_lose_one_mid_run_and_resume_on_one_node(tmp_path, demo_shards):  # noqa: F811
+def test_two_nodes_lose_one_mid_run_and_resume_on_one_node(tmp_path, demo_shards):
     """Two torchrun agents (--nnodes 2, node ranks 0/1, c10d on 127.0.0.1) train through launch/torchrun.sh.
     Once a checkpoint is complete, node 1 dies (SIGKILL of its agent and its rank); the scheduler then ends
     the job on node 0 too, as SLURM does when a node of the allocation fails. The same command on node 0

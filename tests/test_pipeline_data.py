@@ -1,15 +1,11 @@
 """The training input pipeline on shards that data_prep made: splitting, determinism, exact resume, corruption.
 
-The `demo_shards` fixture runs the real `python -m data_prep demo-data` and `shard` CLIs once per session
-(the training tests import it too; a marker file keeps it to one build).
+The `demo_shards` fixture (tests/conftest.py) runs the real `python -m data_prep demo-data` and `shard` CLIs
+once per session.
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,30 +17,7 @@ from pipeline.checkpoint import complete_checkpoints, latest_complete, prune, wr
 from pipeline.config import UserError
 from pipeline.data import TrainLoader, open_shards, shards_of_pass
 
-NUM_CLASSES = 4
-
-
-def _run(cmd):
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
-    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
-
-
-@pytest.fixture(scope="session")
-def demo_shards(tmp_path_factory) -> Path:
-    """A shard folder with a `train` split (5 shards of 32) and a `val` split (2 shards of 16), built once."""
-    root = tmp_path_factory.getbasetemp() / "pipeline-demo-shards"
-    out = root / "shards"
-    if (root / "done").exists():
-        return out
-    py = sys.executable
-    for split, per_class, seed, shard_size in (("train", 40, 0, 32), ("val", 8, 1, 16)):
-        images = root / f"images-{split}"
-        _run([py, "-m", "data_prep", "demo-data", str(images), "--classes", str(NUM_CLASSES), "--per-class",
-              str(per_class), "--size", "40", "--seed", str(seed), "--label-set", "shape-color"])
-        _run([py, "-m", "data_prep", "shard", str(images), str(out), "--split", split, "--shard-size",
-              str(shard_size), "--seed", "0", "--workers", "1"])
-    (root / "done").write_text("ok")
-    return out
+from tests.conftest import DEMO_SHARD_CLASSES as NUM_CLASSES
 
 
 def _loader(shards, state=None, rank=0, world=2, workers=2, mix=0.0, micro=8):

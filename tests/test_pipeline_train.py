@@ -21,7 +21,6 @@ import torch
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 from tests.conftest import free_port
-from tests.test_pipeline_data import demo_shards  # noqa: F401  (session fixture: data_prep's shards)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -111,7 +110,7 @@ def check_run(run_dir: Path, steps: int = STEPS) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(demo_shards, tmp_path_factory):  # noqa: F811
+def zero2_run(demo_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
     res = run(deepspeed_cmd(base_overrides(demo_shards, run_dir, **TINY_EMA)))
     return run_dir, res
@@ -147,7 +146,7 @@ def test_zero2_deepspeed_launcher(zero2_run):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_identical_losses(zero2_run, demo_shards, tmp_path):  # noqa: F811
+def test_kill_and_resume_gives_identical_losses(zero2_run, demo_shards, tmp_path):
     reference, _ = metrics(zero2_run[0])
     run_dir = tmp_path / "run"
     cmd = deepspeed_cmd(base_overrides(demo_shards, run_dir, **TINY_EMA))
@@ -179,7 +178,7 @@ def test_kill_and_resume_gives_identical_losses(zero2_run, demo_shards, tmp_path
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_on_one_rank_through_universal_checkpoint(zero2_run, demo_shards, tmp_path):  # noqa: F811
+def test_two_ranks_resume_on_one_rank_through_universal_checkpoint(zero2_run, demo_shards, tmp_path):
     reference, _ = metrics(zero2_run[0])
     run_dir = tmp_path / "run"
     shutil.copytree(zero2_run[0], run_dir)
@@ -199,7 +198,7 @@ def test_two_ranks_resume_on_one_rank_through_universal_checkpoint(zero2_run, de
 
 
 @pytest.mark.slow
-def test_zero1_torchrun_with_truncated_shard(demo_shards, tmp_path):  # noqa: F811
+def test_zero1_torchrun_with_truncated_shard(demo_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(demo_shards, shards)
     victim = shards / "train-000002.tar"
@@ -212,7 +211,7 @@ def test_zero1_torchrun_with_truncated_shard(demo_shards, tmp_path):  # noqa: F8
 
 
 @pytest.mark.slow
-def test_zero3_with_ema_and_evaluation(demo_shards, tmp_path):  # noqa: F811
+def test_zero3_with_ema_and_evaluation(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     run(deepspeed_cmd(base_overrides(demo_shards, run_dir, **{"deepspeed.zero_stage": 3, "train.ema_decay": 0.9,
                                                              "train.eval_every": 10})))
@@ -229,7 +228,7 @@ def test_zero3_with_ema_and_evaluation(demo_shards, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_save_request_checkpoints_and_stops_then_the_same_command_resumes(demo_shards, tmp_path):  # noqa: F811
+def test_save_request_checkpoints_and_stops_then_the_same_command_resumes(demo_shards, tmp_path):
     """A preemption notice (launch/slurm/pretrain.sbatch touches run_dir/.save_now on SIGUSR1) makes the trainer
     save a complete checkpoint at the next step and exit 0; relaunching continues from that step."""
     run_dir = tmp_path / "run"
