@@ -1,0 +1,68 @@
+"""Atomic file writes: write beside the target, fsync, rename. A reader sees the old file or the new one.
+
+One implementation for every stage (shard receipts and plans, `_info.json`, checkpoint markers,
+metrics summaries, evaluation results, exports), so a kill at any moment never leaves half a file
+under its final name and never a stray temp file that a later run mistakes for data.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems refuse to open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, durable: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block succeeds it is fsynced and renamed onto `path`.
+
+    For libraries that write a file themselves (safetensors, tarfile). On an exception the temp file
+    is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` atomically (and durably unless `durable=False`)."""
+    with atomic_path(path, durable=durable) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: PathLike, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 1, durable: bool = True,
+                      sort_keys: bool = False) -> None:
+    """`obj` as JSON (a trailing newline), written atomically."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text, durable=durable)
