@@ -77,7 +77,8 @@ def slurm(tmp_path):
         "#!/usr/bin/env bash\n"
         'if [[ "$1 $2" == "show hostnames" ]]; then for h in $FAKE_NODES; do echo "$h"; done; exit 0; fi\n'
         'echo "scontrol $*" >>"$FAKE_LOG"\n')
-    # srun: record the call; FAKE_SRUN=sleep waits like a long job step; FAKE_SRUN=replay runs the
+    # srun: record the call; FAKE_SRUN=sleep waits like a long job step; FAKE_SRUN=real runs the task once
+    # for real (a one-node job) and records its exit status; FAKE_SRUN=replay runs the
     # `bash -c SCRIPT PYTHON ARGS` it was given once per node, with SLURM_NODEID set and the
     # interpreter replaced by a recorder, as SLURM would start one task on every node.
     (shim / "srun").write_text(
@@ -87,6 +88,11 @@ def slurm(tmp_path):
         "if os.environ.get('FAKE_SRUN') == 'sleep':\n"
         "    time.sleep(120)\n"
         "    sys.exit(0)\n"
+        "if os.environ.get('FAKE_SRUN') == 'real':\n"
+        "    task = sys.argv[sys.argv.index('bash'):]\n"
+        "    rc = subprocess.run(task, env={**os.environ, 'SLURM_NODEID': '0'}).returncode\n"
+        "    open(os.environ['FAKE_LOG'], 'a').write(f'srun exited {rc}\\n')\n"
+        "    sys.exit(rc)\n"
         "task = sys.argv[sys.argv.index('bash'):]\n"
         "for node in range(int(os.environ['SLURM_JOB_NUM_NODES'])):\n"
         "    cmd = task[:3] + [os.environ['FAKE_RECORDER']] + task[4:]\n"
@@ -173,25 +179,78 @@ def test_pretrain_sbatch_srun_task_gets_its_node_rank(slurm):
         assert a.node_rank == rank and a.nproc_per_node == "2" and a.training_script_args[-1] == "train.steps=3"
 
 
-def test_pretrain_sbatch_requeues_on_usr1(slurm):
+def test_pretrain_sbatch_usr1_asks_for_a_save_and_waits_before_requeueing(slurm, tmp_path):
+    """USR1 while srun runs: the save request appears at once, the requeue only once srun has exited.
+
+    Requeueing at once (as this script once did) makes SLURM terminate the trainer in the middle of the very
+    save it was just asked for.
+    """
     env, log, _ = slurm
-    proc = subprocess.Popen(["bash", "launch/slurm/pretrain.sbatch", "--config", DEMO], cwd=REPO,
-                            env={**env, "FAKE_SRUN": "sleep"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(["bash", "launch/slurm/pretrain.sbatch", "--config", DEMO, f"run_dir={run_dir}"],
+                            cwd=REPO, env={**env, "FAKE_SRUN": "sleep"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not (log.exists() and "srun " in log.read_text()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` sends before the time limit
-        while "scontrol requeue 777" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
+        while not (run_dir / ".save_now").exists():
+            assert time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
-        time.sleep(0.3)
-        assert proc.poll() is None, "the batch script must keep waiting for srun until SLURM requeues the job"
+        time.sleep(0.5)
+        assert proc.poll() is None, "the batch script must keep waiting for srun (the trainer is saving)"
+        assert "scontrol requeue" not in log.read_text(), "requeued while the trainer was still saving"
+        srun = [p for p in psutil.Process(proc.pid).children(recursive=True) if "srun" in " ".join(p.cmdline())]
+        assert srun, "no srun child"
+        for p in srun:
+            p.kill()  # the job step ends (as when the trainer exits after its save)
+        proc.communicate(timeout=60)
+        assert "scontrol requeue 777" in log.read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+@pytest.mark.slow
+def test_pretrain_sbatch_usr1_real_trainer_saves_exits_0_then_requeue(slurm, tmp_path, demo_shards):
+    """The whole preemption path with the real torchrun + trainer (one node, one CPU rank, fake SLURM):
+    USR1 mid-run -> a complete checkpoint, the trainer exits 0, and only then `scontrol requeue`;
+    the relaunched command resumes from that checkpoint."""
+    env, log, _ = slurm
+    run_dir = tmp_path / "run"
+    env = {**env, "FAKE_SRUN": "real", "FAKE_NODES": "127.0.0.1", "SLURM_JOB_NODELIST": "127.0.0.1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "1", "MASTER_ADDR": "127.0.0.1"}
+    args = ["bash", "launch/slurm/pretrain.sbatch", "--config", DEMO, "--port", str(free_port()),
+            f"run_dir={run_dir}", f"data.train={demo_shards}", "train.steps=100000", "train.log_every=1",
+            "checkpoint.every_steps=0", "train.micro_batch_size=32", "data.num_workers=0"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    events = [line for line in log.read_text().splitlines() if line.startswith(("srun exited", "scontrol requeue"))]
+    assert events == ["srun exited 0", "scontrol requeue 777"], events
+    marked = sorted((run_dir / "checkpoints").glob("step_*/complete.json"))
+    assert len(marked) == 1, marked
+    step = json.loads(marked[0].read_text())["step"]
+    assert 3 <= step < 100000
+    # The requeued job runs the same command: it resumes from that checkpoint (dry run prints the resume).
+    again = subprocess.run([*args, "--dry-run"], cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"},
+                           capture_output=True, text=True, timeout=120)
+    assert f"resume: {run_dir}/checkpoints -> {marked[0].parent.name}" in again.stdout, again.stdout + again.stderr
 
 
 def test_shard_sbatch_dry_run_places_head_and_workers(slurm, tmp_path):
