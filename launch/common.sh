@@ -129,8 +129,11 @@ check_config() {
   local out mode=pretrain
   # The same defaults the launched module will apply under the file (fine-tune has its own run_dir, lr, ...).
   [[ ${MODULE:-} != pipeline.finetune ]] || mode=finetune
-  out=$("$PYTHON" -m launch.config_check --config "$CONFIG" --mode "$mode" ${OVERRIDES[@]+"${OVERRIDES[@]}"} 2>&1) ||
-    die "${out##*$'\n'}"
+  local last
+  if ! out=$("$PYTHON" -m launch.config_check --config "$CONFIG" --mode "$mode" ${OVERRIDES[@]+"${OVERRIDES[@]}"} 2>&1); then
+    last=${out##*$'\n'}
+    die "${last#error: }"  # config_check prints the CLIs' `error: ...` line; die adds the script's own prefix
+  fi
   RUN_DIR=${out##*$'\n'}
   # The trainer resumes from the newest checkpoint with a complete.json marker, not from DeepSpeed's
   # `latest` (a kill during a save can leave `latest` naming a half-written one). Tags are zero-padded.

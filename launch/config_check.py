@@ -4,15 +4,18 @@
                                                                   -> prints run_dir on success
 
 The shell launchers call this first, so a typo in a key or a missing config file fails in a second with
-pipeline.config's one-line message (exit 2) instead of after every node has started. It imports only
-pipeline.config (PyYAML), not torch.
+pipeline.config's one-line message (`error: ...`, exit 2, via core.errors.cli_main) instead of after every
+node has started. It imports only pipeline.config (PyYAML), not torch.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from core.errors import cli_main
 
+
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.config_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training config YAML")
@@ -21,13 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                              "pipeline.finetune's (its own run_dir, lr, schedule, ...); default pretrain")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
-    from pipeline.config import UserError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides, defaults=args.mode)
-    except UserError as e:
-        print(e, file=sys.stderr)
-        return 2
-    print(cfg.run_dir)
+    from pipeline.config import load_config
+
+    print(load_config(args.config, args.overrides, defaults=args.mode).run_dir)
     return 0
 
 

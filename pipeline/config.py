@@ -10,6 +10,14 @@ owned by the component that reads it.
 
 Values are checked against the dataclass annotations: an unknown key, a wrong type, or a value outside
 a fixed set of choices raises ConfigError with a one-line message naming the file, the key and the value.
+
+Why a hand-written checker and not pydantic (installed with DeepSpeed): measured here, importing pydantic
+and building the schema of Config costs ~130 ms on every CLI start (this module alone: ~35 ms), which
+would make `--help` and `launch.config_check` several times slower; pydantic's strict mode also refuses a
+dict for a nested dataclass, so strictness (bools are not ints) would have to be spelled per field, YAML
+1.1's "1e-3" strings need a before-validator, and every pydantic error type would need translating back
+into these one-line messages with their origin: more code than the ~60 lines of `_check_value` it replaces.
+The paper's recipes, including FINETUNE_DEFAULTS, live in pipeline.recipes.
 """
 from __future__ import annotations
 
@@ -21,9 +29,11 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from core.errors import UserError
+from core.units import PRECISIONS, image_hw
+from pipeline.recipes import FINETUNE_DEFAULTS
 
-class UserError(Exception):
-    """A mistake in what the user asked for (bad config, missing files): the CLI prints one line, exits 2."""
+__all__ = ["Config", "ConfigError", "FINETUNE_DEFAULTS", "UserError", "format_help", "load_config", "save_config"]
 
 
 class ConfigError(UserError):
@@ -60,7 +70,8 @@ class DataConfig:
     image_size: Union[int, list] = _f(64, "training resolution: int or [H, W], each divisible by 32")
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process)")
     shuffle_buffer: int = _f(1000, "samples in the shuffle buffer (0 or 1 disables sample shuffling)")
-    min_crop_scale: float = _f(0.08, "RandomResizedCrop's smallest crop, as a fraction of the image area (Inception: 0.08)")
+    min_crop_scale: float = _f(0.08, "RandomResizedCrop's smallest crop, as a fraction of the image area "
+                                     "(Inception: 0.08)")
     randaugment_layers: int = _f(2, "RandAugment ops per image; 0 disables RandAugment")
     randaugment_magnitude: int = _f(15, "RandAugment magnitude (0..30)")
     mixup_alpha: float = _f(0.0, "MixUp alpha; 0 disables MixUp")
@@ -109,6 +120,11 @@ class DeepSpeedConfig:
     zero_stage: int = _f(2, "ZeRO stage 0..3", (0, 1, 2, 3))
     offload_optimizer: bool = _f(False, "ZeRO-Offload: optimizer states on CPU (stage >= 1)")
     offload_param: bool = _f(False, "ZeRO-Infinity: parameters on CPU (stage 3 only)")
+    grad_accum_dtype: str = _f("fp32", "dtype gradients are accumulated in over micro-batches (DeepSpeed "
+                               "data_types.grad_accum_dtype); fp32 is exact over many micro-steps",
+                               ("fp32", "bf16", "fp16"))
+    communication_dtype: str = _f("fp32", "dtype of the gradient reduce-scatter/all-reduce (DeepSpeed "
+                                  "communication_data_type)", ("fp32", "bf16", "fp16"))
     extra: dict = _f({}, "merged last into the generated DeepSpeed config (expert knobs)")
 
 
@@ -122,7 +138,7 @@ class CheckpointConfig:
 class Config:
     run_dir: str = _f("runs/demo/pretrain", "output folder: config, metrics.jsonl, tb/, checkpoints/")
     seed: int = _f(0, "seed of the data order, augmentation and initialisation")
-    precision: str = _f("bf16", "mixed precision mode", ("bf16", "fp16", "fp32"))
+    precision: str = _f("bf16", "mixed precision mode", PRECISIONS)
     pretrained: Optional[str] = _f(None, "fine-tune from: run folder | DeepSpeed checkpoint | universal "
                                          "checkpoint | exported .safetensors")
     pretrained_trusted: bool = _f(False, "`pretrained` is a DeepSpeed checkpoint this tool did not write and you "
@@ -140,24 +156,24 @@ class Config:
 
     @property
     def image_hw(self) -> tuple[int, int]:
-        s = self.data.image_size
-        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
-
-
-# The paper's fine-tune recipe (Table 10, "1K fine-tune" column); `python -m pipeline.finetune` starts here.
-FINETUNE_DEFAULTS: dict = {
-    "run_dir": "runs/demo/finetune",
-    "optim": {"lr": 5.0e-5, "min_lr": 5.0e-5, "weight_decay": 1.0e-8, "warmup_steps": 0, "warmup_epochs": 0.0,
-              "decay": "constant"},
-    "train": {"ema_decay": 0.9999},
-    "loss": {"type": "softmax", "label_smoothing": 0.1},
-    "data": {"center_crop": False},
-}
+        return image_hw(self.data.image_size)
 
 
 # ---------------------------------------------------------------------------------------------- validation
 def _type_name(tp) -> str:
     return {int: "int", float: "float", str: "string", bool: "bool", list: "list", dict: "mapping"}.get(tp, str(tp))
+
+
+# The plain annotation types: (does the YAML value qualify?, what the message says it must be). Bools are
+# not numbers here, although Python's bool subclasses int.
+_TYPES = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    list: (lambda v: isinstance(v, list), "a list"),
+    dict: (lambda v: isinstance(v, dict), "a mapping"),
+}
 
 
 def _check_value(key: str, value: Any, tp, choices, where: str) -> Any:
@@ -175,31 +191,17 @@ def _check_value(key: str, value: Any, tp, choices, where: str) -> Any:
                 errors.append(e)
         names = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
         raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-    elif tp is float:
+    if tp is float and isinstance(value, str):
         # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number everyone means.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    accepts, must_be = _TYPES[tp]
+    if not accepts(value):
+        raise ConfigError(f"{where}: {key} must be {must_be}, got {value!r}")
+    if tp is float:
         value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-    elif tp is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-    elif tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
@@ -266,6 +268,26 @@ def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
+# Range checks as data: (dotted key, allowed?, what the message says it must be).
+_RANGES = [(key, lambda v: v > 0, "> 0") for key in ("train.global_batch_size", "train.micro_batch_size",
+                                                      "train.log_every")]
+_RANGES += [(key, lambda v: v >= 0, ">= 0") for key in (
+    "train.steps", "train.epochs", "train.eval_every", "data.num_workers", "data.shuffle_buffer",
+    "data.randaugment_layers", "optim.warmup_steps", "optim.warmup_epochs", "checkpoint.every_steps", "optim.lr",
+    "optim.min_lr", "train.grad_clip", "data.mixup_alpha", "data.cutmix_alpha")]
+_RANGES += [("checkpoint.keep", lambda v: v >= 1, ">= 1")]
+_RANGES += [(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in ("train.ema_decay", "loss.label_smoothing",
+                                                                  "model.drop_path_rate")]
+_RANGES += [("data.randaugment_magnitude", lambda v: 0 <= v <= 30, "in 0..30")]
+_RANGES += [(key, lambda v: 0 < v <= 1, "in (0, 1]") for key in ("data.min_crop_scale", "data.crop_ratio")]
+_RANGES += [("model.num_classes", lambda v: v is None or v >= 1, ">= 1 or null")]
+
+
+def _get(cfg: Config, dotted: str):
+    section, _, key = dotted.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg, key)
+
+
 def _validate_semantics(cfg: Config, where: str) -> None:
     """Checks that need more than one key or a range (world-size dependent checks live in the trainer)."""
     size = cfg.data.image_size
@@ -274,38 +296,11 @@ def _validate_semantics(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.image_size must be a positive int or [H, W] divisible by 32, got {size!r}")
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"{where}: optim.betas must be two numbers in [0, 1), got {cfg.optim.betas!r}")
-    positive = {"train.global_batch_size": cfg.train.global_batch_size, "train.micro_batch_size":
-                cfg.train.micro_batch_size, "train.log_every": cfg.train.log_every}
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{where}: {key} must be > 0, got {v}")
-    nonneg = {"train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.eval_every": cfg.train.eval_every,
-              "data.num_workers": cfg.data.num_workers, "data.shuffle_buffer": cfg.data.shuffle_buffer,
-              "data.randaugment_layers": cfg.data.randaugment_layers, "optim.warmup_steps": cfg.optim.warmup_steps,
-              "optim.warmup_epochs": cfg.optim.warmup_epochs, "checkpoint.every_steps": cfg.checkpoint.every_steps,
-              "optim.lr": cfg.optim.lr, "optim.min_lr": cfg.optim.min_lr, "train.grad_clip": cfg.train.grad_clip,
-              "data.mixup_alpha": cfg.data.mixup_alpha, "data.cutmix_alpha": cfg.data.cutmix_alpha}
-    for key, v in nonneg.items():
-        if v < 0:
-            raise ConfigError(f"{where}: {key} must be >= 0, got {v}")
+    for key, allowed, must in _RANGES:
+        if not allowed(_get(cfg, key)):
+            raise ConfigError(f"{where}: {key} must be {must}, got {_get(cfg, key)}")
     if cfg.train.steps == 0 and cfg.train.epochs <= 0:
         raise ConfigError(f"{where}: set train.steps > 0 or train.epochs > 0")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"{where}: checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
-    if not 0 <= cfg.loss.label_smoothing < 1:
-        raise ConfigError(f"{where}: loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
-    if not 0 <= cfg.model.drop_path_rate < 1:
-        raise ConfigError(f"{where}: model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
-    if not 0 <= cfg.data.randaugment_magnitude <= 30:
-        raise ConfigError(f"{where}: data.randaugment_magnitude must be in 0..30, got {cfg.data.randaugment_magnitude}")
-    if not 0 < cfg.data.min_crop_scale <= 1:
-        raise ConfigError(f"{where}: data.min_crop_scale must be in (0, 1], got {cfg.data.min_crop_scale}")
-    if not 0 < cfg.data.crop_ratio <= 1:
-        raise ConfigError(f"{where}: data.crop_ratio must be in (0, 1], got {cfg.data.crop_ratio}")
-    if cfg.model.num_classes is not None and cfg.model.num_classes < 1:
-        raise ConfigError(f"{where}: model.num_classes must be >= 1 or null, got {cfg.model.num_classes}")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
         raise ConfigError(f"{where}: deepspeed.offload_param needs deepspeed.zero_stage=3 "
                           f"(got {cfg.deepspeed.zero_stage})")

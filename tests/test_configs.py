@@ -2,7 +2,8 @@
 
 Every file must load with pipeline.config (so a renamed key breaks this test, not a cluster job), say
 on its first line the command that runs it, build a model of the paper's size on the meta device, and
-carry Table 10's values for its column.
+carry Table 10's values for its column. Table 10 itself is checked once, against pipeline/recipes.py,
+and every file must be exactly what `python -m pipeline.recipes --write` renders from it.
 """
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from model import create_model
+from pipeline import recipes
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,55 +76,83 @@ def test_models_have_the_papers_size():
     assert {name for name, _ in seen} == set(PAPER_PARAMS)
 
 
-def _load(name):
-    return load_config(REPO / "configs" / name)
+# Table 10 of the paper, written out once; pipeline/recipes.py must hold exactly these values.
+# (epochs, batch size, peak LR, min LR, warm-up steps, warm-up epochs, decay, weight decay, loss, label smoothing,
+#  RandAugment (layers, magnitude) or None, MixUp alpha, EMA decay, center crop, stochastic depth by model)
+C = "coatnet-"
+PAPER_TABLE10 = {
+    "in1k": (300, 4096, 1e-3, 1e-5, 10000, 0.0, "cosine", 0.05, "softmax", 0.1, (2, 15), 0.8, 0.0, True,
+             {C + "0": 0.2, C + "1": 0.3, C + "2": 0.5, C + "3": 0.7}),
+    "in1k-ft": (30, 512, 5e-5, 5e-5, 0, 0.0, "constant", 1e-8, "softmax", 0.1, (2, 15), 0.8, 0.9999, False, None),
+    "in21k": (90, 4096, 1e-3, 1e-5, 0, 5.0, "linear", 0.01, "sigmoid", 1e-4, None, 0.0, 0.0, True,
+              {C + "2": 0.3, C + "3": 0.5, C + "4": 0.7}),
+    "in21k-ft": (30, 1024, 5e-5, 5e-5, 0, 0.0, "constant", 1e-8, "softmax", 0.1, None, 0.0, 0.9999, False, None),
+    "jft": (14, 4096, {C + "3": 1e-3, C + "4": 5e-4, C + "5": 5e-4}, 1e-5, 20000, 0.0, "linear", 0.01, "sigmoid",
+            1e-4, (2, 5), 0.0, 0.0, True, {C + "3": 0.0, C + "4": 0.1, C + "5": 0.0}),
+    "jft-ft": (30, 512, 5e-5, 5e-5, 0, 0.0, "constant", 1e-8, "softmax", 0.1, (2, 5), 0.0, 0.9999, False,
+               {C + "3": 0.1, C + "4": 0.3, C + "5": 0.2}),
+}
+COLUMN_KEYS = ("epochs", "batch_size", "lr", "min_lr", "warmup_steps", "warmup_epochs", "decay", "weight_decay",
+               "loss", "label_smoothing", "randaugment", "mixup", "ema_decay", "center_crop", "drop_path")
 
 
-def test_table10_pretraining_columns():
-    for i, depth_rate in enumerate([0.2, 0.3, 0.5, 0.7]):
-        cfg = _load(f"pretrain/in1k_coatnet-{i}.yaml")
-        assert cfg.model.drop_path_rate == depth_rate
-    for path in CONFIGS:
-        cfg = load_config(REPO / path)
-        t, o, d, loss = cfg.train, cfg.optim, cfg.data, cfg.loss
-        assert cfg.precision == "bf16" and t.grad_clip == 1.0 and cfg.model.stride_on == "pointwise"
-        if path.parts[1] == "finetune":
-            continue
-        assert d.image_size == 224 and d.center_crop and t.global_batch_size == 4096 and t.ema_decay == 0
-        assert o.min_lr == 1e-5
-        if path.name.startswith("in1k_"):
-            assert (t.epochs, o.lr, o.warmup_steps, o.decay, o.weight_decay) == (300, 1e-3, 10000, "cosine", 0.05)
-            assert (loss.type, loss.label_smoothing, d.mixup_alpha) == ("softmax", 0.1, 0.8)
-            assert (d.randaugment_layers, d.randaugment_magnitude) == (2, 15)
-        elif path.name.startswith("in21k_"):
-            assert cfg.model.num_classes is None  # from the shards: 21,841 or a processed variant
-            assert (o.lr, o.warmup_epochs, o.decay, o.weight_decay) == (1e-3, 5.0, "linear", 0.01)
-            assert (loss.type, loss.label_smoothing, d.mixup_alpha) == ("sigmoid", 1e-4, 0.0)
-            pt_ra = "pt-ra" in path.name
-            assert d.randaugment_layers == (2 if pt_ra else 0) and t.epochs == (150 if pt_ra else 90)
-        else:
-            assert (t.epochs, o.lr, o.warmup_steps, o.decay, o.weight_decay) == (14, 5e-4, 20000, "linear", 0.01)
-            assert (loss.type, loss.label_smoothing) == ("sigmoid", 1e-4)
-            assert (d.randaugment_layers, d.randaugment_magnitude) == (2, 5)
-    assert [_load(f"pretrain/in21k_coatnet-{i}.yaml").model.drop_path_rate for i in (2, 3, 4)] == [0.3, 0.5, 0.7]
-    assert _load("pretrain/jft_coatnet-5.yaml").model.drop_path_rate == 0.0
+def test_table10_is_the_papers():
+    assert set(recipes.TABLE10) == set(PAPER_TABLE10)
+    for column, values in PAPER_TABLE10.items():
+        assert recipes.TABLE10[column] == dict(zip(COLUMN_KEYS, values)), column
+    assert recipes.PT_RA == {"randaugment": (2, 5), "epochs": 150}  # Section 4.2: C-4 PT-RA, 88.56%
 
 
-def test_table10_finetuning_columns():
-    for path in (p for p in CONFIGS if p.parts[1] == "finetune"):
-        cfg = load_config(REPO / path)
-        t, o, d = cfg.train, cfg.optim, cfg.data
-        pre = _load("pretrain/" + path.name.rsplit("_", 1)[0] + ".yaml")
-        assert d.image_size == int(path.stem.rsplit("_", 1)[1]) in (384, 512)
-        assert not d.center_crop and t.ema_decay == 0.9999 and t.epochs == 30 and cfg.model.num_classes == 1000
-        assert (o.lr, o.min_lr, o.decay, o.warmup_steps, o.warmup_epochs) == (5e-5, 5e-5, "constant", 0, 0.0)
-        assert o.weight_decay == 1e-8 and cfg.loss.type == "softmax" and cfg.loss.label_smoothing == 0.1
-        assert d.mixup_alpha == 0.0
-        if path.name.startswith("in21k_"):
-            assert t.global_batch_size == 1024
-            # "same as pretrain": RandAugment (none, or PT-RA's 2/5) and stochastic depth
-            assert d.randaugment_layers == pre.data.randaugment_layers
-            assert cfg.model.drop_path_rate == pre.model.drop_path_rate
-        else:
-            assert t.global_batch_size == 512 and (d.randaugment_layers, d.randaugment_magnitude) == (2, 5)
-    assert _load("finetune/jft_coatnet-5_512.yaml").model.drop_path_rate == 0.2
+def test_recipe_files_are_rendered_from_the_tables():
+    assert recipes.sync(REPO, write=False) == [], "run `python -m pipeline.recipes --write`"
+    assert {f"configs/{v.name}.yaml" for v in recipes.variants()} == {str(p) for p in CONFIGS}
+    assert recipes.get_config("configs/finetune/jft_coatnet-5_384.yaml")["data"]["image_size"] == 384
+
+
+@pytest.mark.parametrize("variant", recipes.variants(), ids=lambda v: v.name)
+def test_each_file_carries_its_table10_column(variant):
+    """The rendering puts each table cell where the trainer reads it (the values themselves: the test above)."""
+    cfg = load_config(REPO / "configs" / f"{variant.name}.yaml")
+    column = dict(recipes.TABLE10[variant.column])
+    if variant.tag == "pt-ra" and not variant.finetune:
+        column.update(recipes.PT_RA)
+    pretrain = recipes.Variant(variant.dataset, variant.model, variant.tag)
+    same_as_pretrain = load_config(REPO / "configs" / f"{pretrain.name}.yaml")
+    borrowed = recipes.BORROWED.get((variant.column, variant.model), variant.model)  # where the paper is silent
+
+    def pick(cell):
+        return cell[borrowed] if isinstance(cell, dict) else cell
+
+    t, o, d, loss = cfg.train, cfg.optim, cfg.data, cfg.loss
+    assert (t.epochs, t.global_batch_size, o.lr, o.min_lr) == tuple(pick(column[k]) for k in COLUMN_KEYS[:4])
+    assert (o.warmup_steps, o.warmup_epochs, o.decay, o.weight_decay) == tuple(column[k] for k in COLUMN_KEYS[4:8])
+    assert (loss.type, loss.label_smoothing, d.mixup_alpha, t.ema_decay, d.center_crop) == (
+        column["loss"], column["label_smoothing"], column["mixup"], column["ema_decay"], column["center_crop"])
+    if column["drop_path"] is None:  # "same as pretrain"
+        assert cfg.model.drop_path_rate == same_as_pretrain.model.drop_path_rate
+    else:
+        assert cfg.model.drop_path_rate == pick(column["drop_path"])
+    if variant.column == "in21k-ft":  # "same as pretrain"
+        ra = (same_as_pretrain.data.randaugment_layers, same_as_pretrain.data.randaugment_magnitude)
+    else:
+        ra = column["randaugment"] or recipes.RA_OFF  # None: "none"
+    assert (d.randaugment_layers, d.randaugment_magnitude) == ra
+    assert d.image_size == (variant.resolution or 224)
+    assert cfg.precision == "bf16" and t.grad_clip == 1.0 and cfg.model.stride_on == "pointwise"
+    assert cfg.model.num_classes == (1000 if variant.dataset == "in1k" or variant.finetune else None)
+
+
+def test_where_the_paper_is_silent_the_nearest_model_is_borrowed():
+    dp = {v.name: load_config(REPO / "configs" / f"{v.name}.yaml").model.drop_path_rate for v in recipes.variants()}
+    assert dp["pretrain/in1k_coatnet-4"] == dp["pretrain/in1k_coatnet-3"] == 0.7
+    assert dp["pretrain/jft_coatnet-6"] == dp["pretrain/jft_coatnet-7"] == 0.0
+    assert dp["finetune/jft_coatnet-7_512"] == dp["finetune/jft_coatnet-5_512"] == 0.2
+    assert load_config(REPO / "configs/pretrain/jft_coatnet-7.yaml").optim.lr == 5e-4
+
+
+def test_finetune_defaults_come_from_the_table():
+    ft = recipes.TABLE10["in1k-ft"]
+    cfg = load_config(None, defaults="finetune")
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.decay) == (
+        ft["lr"], ft["min_lr"], ft["weight_decay"], ft["decay"])
+    assert (cfg.train.ema_decay, cfg.loss.type, cfg.data.center_crop) == (ft["ema_decay"], ft["loss"], False)

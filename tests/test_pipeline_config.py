@@ -46,6 +46,11 @@ def test_finetune_defaults_follow_the_paper():
     ("precision=fp8", "precision must be one of bf16, fp16, fp32"),
     ("data.image_size=33", "data.image_size must be"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be one of"),
+    ("deepspeed.grad_accum_dtype=fp8", "deepspeed.grad_accum_dtype must be one of fp32, bf16, fp16"),
+    ("deepspeed.communication_dtype=true", "deepspeed.communication_dtype must be a string"),
+    ("checkpoint.keep=0", "checkpoint.keep must be >= 1, got 0"),
+    ("data.crop_ratio=1.5", r"data.crop_ratio must be in \(0, 1\], got 1.5"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be > 0"),
     ("nokey", "must look like key=value"),
 ])
 def test_bad_values_name_the_key(override, needle):
@@ -89,6 +94,19 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
         assert "Traceback" not in res.stderr
+
+
+def test_gradient_dtypes_default_to_fp32():
+    cfg = load_config(DEMO / "pretrain.yaml", ["deepspeed.grad_accum_dtype=bf16"])
+    assert (cfg.deepspeed.grad_accum_dtype, cfg.deepspeed.communication_dtype) == ("bf16", "fp32")
+    assert "grad_accum_dtype: fp32" in format_help() and "communication_dtype: fp32" in format_help()
+
+
+def test_config_check_cli_one_line_error():
+    res = subprocess.run([sys.executable, "-m", "launch.config_check", "--config", str(DEMO / "pretrain.yaml"),
+                          "train.stepz=3"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: override train.stepz=3: unknown key train.stepz")
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 
 def test_cli_batch_sizes_that_do_not_divide(tmp_path):
