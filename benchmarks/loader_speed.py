@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data import TrainLoader, open_shards  # noqa: E402
+from pipeline.data import TrainLoader  # noqa: E402
+from pipeline.shards import open_shards, worker_init  # noqa: E402
 from pipeline.transforms import MEAN, STD  # noqa: E402
 
 
@@ -76,10 +77,6 @@ def measure(make_iterator, n: int, warmup: int = 3) -> tuple[float, float]:
     return timed / wall, timed / cpu
 
 
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=8)
@@ -124,7 +121,7 @@ def main() -> None:
                 v2.RandAugment(num_ops=2, magnitude=15), v2.PILToTensor(),
                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]))
             loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                worker_init_fn=_worker_init, drop_last=True,
+                                worker_init_fn=worker_init, drop_last=True,
                                 prefetch_factor=4 if args.workers else None)
             state = {"it": None}
 

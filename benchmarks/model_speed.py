@@ -5,7 +5,9 @@
 
 One training step = forward, loss, backward, AdamW step, under bf16 autocast on CPU (or CUDA if
 present). The two models alternate round by round in the same process so that load from other
-processes and thermal drift hit both alike; the reported figure per model is the median round.
+processes and thermal drift hit both alike; the reported figure per model is the median round, with the
+training TFLOP/s it means (pipeline.flops: 3 forward passes of 2 FLOPs per multiply-add) and, on a GPU
+of known peak, the MFU.
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.units import precision_dtype  # noqa: E402
 from model import create_model, param_groups  # noqa: E402
+from pipeline.flops import device_peak_tflops, tflops_per_device, train_flops_per_image  # noqa: E402
 
 
 def train_steps(model, optimizer, images, labels, steps, dtype, device) -> float:
@@ -38,6 +43,15 @@ def train_steps(model, optimizer, images, labels, steps, dtype, device) -> float
     return time.perf_counter() - start
 
 
+def forward_macs(model, size: int, device) -> int:
+    """Multiply-adds of one image's forward, counted the way model.count_macs counts (any nn.Module)."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size, device=device))
+    model.train()
+    return counter.get_total_flops() // 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -52,7 +66,7 @@ def main() -> None:
         sys.exit("benchmarks/model_speed.py: timm is not installed; run `.venv/bin/pip install timm` (or `make bench`)")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = precision_dtype(args.dtype)
     torch.manual_seed(0)
     models = {
         "ours coatnet-0": create_model("coatnet-0", num_classes=1000, image_size=args.size),
@@ -73,10 +87,14 @@ def main() -> None:
     print(f"device={device} dtype={args.dtype} batch={args.batch} size={args.size} "
           f"threads={torch.get_num_threads()} steps/round={args.steps} rounds={args.rounds}")
     rates = {}
+    peak = device_peak_tflops(device)
     for name, (model, _, seconds) in runs.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
         rates[name] = args.batch * args.steps / statistics.median(seconds)
-        print(f"{name:32s} {params:6.2f}M params  {rates[name]:8.2f} images/s (training step)")
+        tflops = tflops_per_device(rates[name], train_flops_per_image(forward_macs(model, args.size, device)).model, 1)
+        mfu = f"  MFU {100 * tflops / peak:.1f}%" if peak else ""
+        print(f"{name:32s} {params:6.2f}M params  {rates[name]:8.2f} images/s (training step)  "
+              f"{tflops:.3f} TFLOP/s{mfu}")
     ours, theirs = rates.values()
     print(f"ratio ours/timm = {ours / theirs:.3f}  (target >= 1.0)")
 

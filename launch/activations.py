@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.units import precision_dtype
 from model import create_model
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -132,13 +131,15 @@ def _tally(model: nn.Module, batch: int, dtype: torch.dtype) -> _Tally:
     return tally
 
 
-def measure(model_name: str, image_size, num_classes: int = 1000, precision: str = "bf16",
-            drop_path_rate: float = 0.0, stride_on: str = "pointwise") -> ActivationMemory:
-    """Activation bytes per image of `model_name` at `image_size` trained in `precision` (see module doc)."""
-    dtype = DTYPES[precision]
+def measure(model_kwargs: dict, precision: str = "bf16") -> ActivationMemory:
+    """Activation bytes per image of the model `create_model(**model_kwargs)` trained in `precision`.
+
+    `model_kwargs` as pipeline.model_args.run_model_kwargs gives them; the model is measured without its
+    own checkpointing (the checkpointed figures are derived per block, see the module doc).
+    """
+    dtype = precision_dtype(precision)
     with torch.device("meta"):
-        model = create_model(model_name, num_classes=num_classes, image_size=image_size,
-                             drop_path_rate=drop_path_rate, stride_on=stride_on)
+        model = create_model(**{**model_kwargs, "grad_checkpointing": False})
     model = model.to(dtype).train()  # DeepSpeed's bf16/fp16 modes run the model itself in 16 bit
     one, two = _tally(model, 1, dtype), _tally(model, 2, dtype)
 

@@ -25,8 +25,9 @@ Which fitting setting wins (first difference decides), and why:
 5. the larger micro-batch (fewer accumulation steps).
 
 Time per epoch = images x 6 x multiply-adds (forward + backward = 3 forward passes, 2 FLOPs per
-multiply-add) / (GPUs x peak TFLOP/s x MFU). Exit status 0 when a setting fits, 1 when none does,
-2 on bad input.
+multiply-add) / (GPUs x peak TFLOP/s x MFU), counted by pipeline.flops as the trainer's MFU log counts it
+(model FLOPs only; HFU adds the forward that activation checkpointing recomputes). Exit status 0 when a
+setting fits, 1 when none does, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass
+
+from core.errors import UserError, cli_main
+from pipeline.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
 GIB = 2 ** 30
 FRAGMENTATION = 1.10  # PyTorch's caching allocator rarely packs activations tighter than this
@@ -52,10 +56,6 @@ KNOWN_DATASETS = {
     "jft300m": ("JFT-300M", 300_000_000, 18291),
     "jft3b": ("JFT-3B (about 30K labels)", 3_000_000_000, 30000),
 }
-
-
-class PlanError(Exception):
-    """Bad input to the planner: printed as one line, exit status 2."""
 
 
 @dataclass
@@ -89,12 +89,8 @@ def _dataset(cfg, images_per_epoch: int | None) -> tuple[int, int | None, str]:
     """(images per epoch, number of classes or None, where the figures come from)."""
     path = cfg.data.train
     if os.path.isfile(os.path.join(path, "_info.json")):
-        from pipeline.config import UserError
-        from pipeline.data import open_shards
-        try:
-            shards = open_shards(path, cfg.data.train_split)
-        except UserError as e:
-            raise PlanError(str(e)) from None
+        from pipeline.shards import open_shards
+        shards = open_shards(path, cfg.data.train_split)
         classes = len(shards.classes) if shards.classes else None
         return images_per_epoch or shards.num_samples, classes, f"{path}/_info.json"
     key = re.sub(r"[^a-z0-9]", "", os.path.basename(os.path.normpath(path)).lower())
@@ -103,7 +99,7 @@ def _dataset(cfg, images_per_epoch: int | None) -> tuple[int, int | None, str]:
             return images_per_epoch or images, classes, f"assumed from data.train={path}: {label}"
     if images_per_epoch:
         return images_per_epoch, None, "--images-per-epoch"
-    raise PlanError(f"data.train={path} has no _info.json and is not a known dataset name "
+    raise UserError(f"data.train={path} has no _info.json and is not a known dataset name "
                     f"({', '.join(sorted({v[0] for v in KNOWN_DATASETS.values()}))}); pass --images-per-epoch N")
 
 
@@ -112,38 +108,38 @@ def _divisors(n: int) -> list[int]:
 
 
 def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: float | None = None,
-         mfu: float = 0.4, gpu_tflops: float = 989.0, reserve_gb: float = 4.0,
+         mfu: float = 0.4, gpu_tflops: float = PEAK_BF16_TFLOPS[DEFAULT_GPU], reserve_gb: float = 4.0,
          images_per_epoch: int | None = None) -> dict:
     """Everything the CLI prints, as a dict (also the `--json` output)."""
     import torch
 
     from launch.activations import measure
-    from launch.model_states import candidate_settings, count_params, ema_bytes, model_states_bytes
+    from launch.model_states import count_params
     from model import count_macs, create_model
+    from pipeline.model_args import run_model_kwargs
 
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value < 1:
-            raise PlanError(f"{name} must be >= 1, got {value}")
+            raise UserError(f"{name} must be >= 1, got {value}")
     if gpu_mem_gb <= reserve_gb:
-        raise PlanError(f"--gpu-mem-gb {gpu_mem_gb} leaves nothing after the {reserve_gb} GiB reserve")
+        raise UserError(f"--gpu-mem-gb {gpu_mem_gb} leaves nothing after the {reserve_gb} GiB reserve")
     if not 0 < mfu <= 1:
-        raise PlanError(f"--mfu must be in (0, 1], got {mfu}")
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
 
     images, dataset_classes, dataset_source = _dataset(cfg, images_per_epoch)
     num_classes = cfg.model.num_classes or dataset_classes or 1000
-    hw = cfg.image_hw
+    model_kwargs = run_model_kwargs(cfg, num_classes)
     with torch.device("meta"):
-        model = create_model(cfg.model.name, num_classes=num_classes, image_size=hw,
-                             stride_on=cfg.model.stride_on)
+        model = create_model(**{**model_kwargs, "grad_checkpointing": False})
     total_params, largest_layer = count_params(model)
     macs = count_macs(model)
-    act = measure(cfg.model.name, hw, num_classes, cfg.precision, cfg.model.drop_path_rate, cfg.model.stride_on)
+    act = measure(model_kwargs, cfg.precision)
 
     gpus = nodes * gpus_per_node
     global_batch = cfg.train.global_batch_size
     usable = gpu_mem_gb * GIB - reserve_gb * GIB
     result = {
-        "config": None, "model": cfg.model.name, "image_size": list(hw), "num_classes": num_classes,
+        "config": None, "model": cfg.model.name, "image_size": list(cfg.image_hw), "num_classes": num_classes,
         "precision": cfg.precision, "parameters": total_params, "largest_layer_parameters": largest_layer,
         "macs_per_image": macs,
         "activation_gib_per_image": act.per_image / GIB, "activation_gib_per_image_checkpointed":
@@ -152,63 +148,73 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
         "usable_gib": usable / GIB, "reserve_gib": reserve_gb, "global_batch_size": global_batch,
         "options": [], "chosen": None, "fits": False, "reason": "",
     }
-
     if global_batch % gpus:
         result["reason"] = (f"global batch {global_batch} is not divisible by {gpus} GPUs: pick a GPU count that "
                             f"divides it (e.g. {_near_divisor(global_batch, gpus)}) or change train.global_batch_size")
     else:
-        per_rank = global_batch // gpus
-        divisors = _divisors(per_rank)
-        wanted = math.ceil(MIN_MICRO_MACS / max(macs, 1))
-        efficient_micro = min([d for d in divisors if d >= wanted] or [per_rank])
-        options = []
-        for setting in candidate_settings():
-            if setting.stage == 0 and gpus > 1:
-                continue
-            states, cpu = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node,
-                                             cfg.precision)
-            ema_gpu, ema_cpu = ema_bytes(setting, total_params, gpus, cfg.train.ema_decay)
-            states, cpu = states + ema_gpu, cpu + ema_cpu * gpus_per_node
-            cpu_ok = cpu_mem_gb is None or cpu <= cpu_mem_gb * GIB
-            for ckpt in (False, True):
-                def need(m):
-                    return states + act.bytes(m, ckpt) * FRAGMENTATION
-                fitting = [m for m in divisors if need(m) <= usable] if cpu_ok else []
-                m = max(fitting) if fitting else 0
-                options.append(Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
-                                      m, per_rank // m if m else 0, states / GIB,
-                                      act.bytes(max(m, 1), ckpt) * FRAGMENTATION / GIB, need(max(m, 1)) / GIB,
-                                      cpu / GIB, bool(m), m >= efficient_micro))
-        fitting = [o for o in options if o.fits]
-        if fitting:
-            best = min(fitting, key=lambda o: (o.offload_optimizer + o.offload_param, not o.efficient,
-                                               o.activation_checkpointing, o.zero_stage, -o.micro_batch_size))
-            result["chosen"], result["fits"] = asdict(best), True
-            result["overrides"] = best.overrides()
-        else:
-            smallest = min(options, key=lambda o: o.total_gib)
-            why = f"; CPU memory per node is {cpu_mem_gb} GiB" if cpu_mem_gb is not None else ""
-            result["reason"] = (f"cannot fit: even {smallest.describe()} with activation checkpointing at "
-                                f"micro-batch 1 needs {smallest.total_gib:.1f} GiB per GPU, over the "
-                                f"{usable / GIB:.1f} GiB usable{why}; use more GPUs, bigger GPUs or a smaller "
-                                f"image size")
-        result["options"] = [asdict(o) for o in options]
-        result["efficient_micro_batch"] = efficient_micro
+        result.update(_choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable,
+                              cpu_mem_gb))
+    result["as_written"] = _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable)
+    result.update(_time(cfg, macs, images, dataset_source, gpus, gpu_tflops, mfu, result["chosen"]))
+    return result
 
-    as_written = _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable)
-    result["as_written"] = as_written
 
-    flops_per_image = 6 * macs
-    cluster_flops = gpus * gpu_tflops * 1e12 * mfu
-    epoch_s = images * flops_per_image / cluster_flops
+def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable, cpu_mem_gb) -> dict:
+    """Every ZeRO x offload x checkpointing option at its largest fitting micro-batch, and the best one."""
+    from launch.model_states import candidate_settings, ema_bytes, model_states_bytes
+
+    gpus = nodes * gpus_per_node
+    per_rank = cfg.train.global_batch_size // gpus
+    divisors = _divisors(per_rank)
+    wanted = math.ceil(MIN_MICRO_MACS / max(macs, 1))
+    efficient_micro = min([d for d in divisors if d >= wanted] or [per_rank])
+    options = []
+    for setting in candidate_settings():
+        if setting.stage == 0 and gpus > 1:
+            continue
+        states, cpu = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node, cfg.precision)
+        ema_gpu, ema_cpu = ema_bytes(setting, total_params, gpus, cfg.train.ema_decay)
+        states, cpu = states + ema_gpu, cpu + ema_cpu * gpus_per_node
+        cpu_ok = cpu_mem_gb is None or cpu <= cpu_mem_gb * GIB
+        for ckpt in (False, True):
+            def need(m):
+                return states + act.bytes(m, ckpt) * FRAGMENTATION
+            fitting = [m for m in divisors if need(m) <= usable] if cpu_ok else []
+            m = max(fitting) if fitting else 0
+            options.append(Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
+                                  m, per_rank // m if m else 0, states / GIB,
+                                  act.bytes(max(m, 1), ckpt) * FRAGMENTATION / GIB, need(max(m, 1)) / GIB,
+                                  cpu / GIB, bool(m), m >= efficient_micro))
+    out: dict = {}
+    fitting = [o for o in options if o.fits]
+    if fitting:
+        best = min(fitting, key=lambda o: (o.offload_optimizer + o.offload_param, not o.efficient,
+                                           o.activation_checkpointing, o.zero_stage, -o.micro_batch_size))
+        out.update(chosen=asdict(best), fits=True, overrides=best.overrides())
+    else:
+        smallest = min(options, key=lambda o: o.total_gib)
+        why = f"; CPU memory per node is {cpu_mem_gb} GiB" if cpu_mem_gb is not None else ""
+        out["reason"] = (f"cannot fit: even {smallest.describe()} with activation checkpointing at "
+                         f"micro-batch 1 needs {smallest.total_gib:.1f} GiB per GPU, over the "
+                         f"{usable / GIB:.1f} GiB usable{why}; use more GPUs, bigger GPUs or a smaller image size")
+    out.update(options=[asdict(o) for o in options], efficient_micro_batch=efficient_micro)
+    return out
+
+
+def _time(cfg, macs: int, images: int, dataset_source: str, gpus: int, gpu_tflops: float, mfu: float, chosen: dict | None) -> dict:
+    """Epoch and run time at `mfu` (model FLOPs), and the HFU that is with the chosen checkpointing."""
+    recompute = chosen["activation_checkpointing"] if chosen else cfg.model.activation_checkpointing
+    flops = train_flops_per_image(macs, recompute)
+    global_batch = cfg.train.global_batch_size
     steps_per_epoch = images // global_batch
     steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
-    result.update({
+    return {
         "images_per_epoch": images, "dataset_source": dataset_source, "steps_per_epoch": steps_per_epoch,
-        "total_steps": steps, "mfu": mfu, "gpu_tflops": gpu_tflops, "train_flops_per_image": flops_per_image,
-        "epoch_hours": epoch_s / 3600, "total_hours": steps * global_batch * flops_per_image / cluster_flops / 3600,
-    })
-    return result
+        "total_steps": steps, "mfu": mfu, "hfu": mfu * flops.hardware / flops.model, "gpu_tflops": gpu_tflops,
+        "train_flops_per_image": flops.model, "train_hardware_flops_per_image": flops.hardware,
+        "epoch_hours": train_seconds(images, flops.model, gpus, gpu_tflops, mfu) / 3600,
+        "total_hours": train_seconds(steps * global_batch, flops.model, gpus, gpu_tflops, mfu) / 3600,
+    }
 
 
 def _near_divisor(n: int, gpus: int) -> int:
@@ -292,7 +298,8 @@ def format_table(r: dict) -> str:
         f"  whole run      {r['total_steps']:,} steps of {r['global_batch_size']}: {_fmt_hours(r['total_hours'])}",
     ]
     if c and c["activation_checkpointing"]:
-        lines.append("  (activation checkpointing recomputes the forward: expect about 3/4 of the MFU without it)")
+        lines.append(f"  (activation checkpointing recomputes the forward: expect about 3/4 of the MFU without it; "
+                     f"MFU {r['mfu']:g} is HFU {r['hfu']:.2f})")
     return "\n".join(lines)
 
 
@@ -311,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-mem-gb", type=float, default=None,
                    help="CPU memory per node in GiB; when given, offload settings must fit in it")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
-    p.add_argument("--gpu-tflops", type=float, default=989.0, help="peak 16-bit dense TFLOP/s per GPU (H100 SXM: 989)")
+    peak = PEAK_BF16_TFLOPS[DEFAULT_GPU]
+    p.add_argument("--gpu-tflops", type=float, default=peak,
+                   help=f"peak 16-bit dense TFLOP/s per GPU ({DEFAULT_GPU} SXM: {peak:g})")
     p.add_argument("--reserve-gb", type=float, default=4.0,
                    help="GiB per GPU kept for the CUDA context, NCCL and DeepSpeed communication buckets")
     p.add_argument("--images-per-epoch", type=int, default=None,
@@ -320,16 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.config import UserError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides, defaults=args.mode)
-        result = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.mfu,
-                      args.gpu_tflops, args.reserve_gb, args.images_per_epoch)
-    except (UserError, PlanError) as e:
-        print(f"launch.plan: error: {e}", file=sys.stderr)
-        return 2
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides, defaults=args.mode)
+    result = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.mfu,
+                  args.gpu_tflops, args.reserve_gb, args.images_per_epoch)
     result["config"] = args.config
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0 if result["fits"] else 1

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.data import ShardSet, decode_sample, open_shards
+from pipeline.shards import ShardSet, decode_sample, open_shards, worker_init
 from pipeline.transforms import eval_transform
 
 
@@ -41,10 +41,6 @@ class _DecodeEval:
 class _NoSamples(IterableDataset):
     def __iter__(self):
         return iter(())
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # one image at a time per worker; intra-op threads would only contend
 
 
 def shards_for_rank(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -78,7 +74,7 @@ def build_eval_loader(path: str, split: str, image_size, batch_size: int, num_wo
         )
     else:
         dataset = _NoSamples()  # more ranks than shards: this rank only keeps the others company
-    kwargs = dict(num_workers=workers, worker_init_fn=_worker_init, prefetch_factor=2) if workers else {}
+    kwargs = dict(num_workers=workers, worker_init_fn=worker_init, prefetch_factor=2) if workers else {}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, pin_memory=pin_memory,
                         **kwargs)
     return loader, shards

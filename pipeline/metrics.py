@@ -14,21 +14,10 @@ from typing import Optional
 
 import torch
 
+from core.files import atomic_write_text
+from pipeline.flops import device_peak_tflops, tflops_per_device, train_flops_per_image, utilization
+
 log = logging.getLogger("pipeline.train")
-
-# Dense bf16 peak TFLOP/s per accelerator, for MFU (vendor datasheets, no sparsity).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "A10G": 125.0, "V100": 125.0, "GH200": 989.0, "B200": 2250.0}
-
-
-def peak_tflops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_TFLOPS[key]
-    return None
 
 
 def memory_gb(device: torch.device) -> dict:
@@ -64,9 +53,7 @@ class MetricsLogger:
                             kept.append(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by the kill
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+            atomic_write_text(self.path, "".join(kept))
         elif resume_step == 0 and os.path.exists(self.path):
             os.remove(self.path)
         from torch.utils.tensorboard import SummaryWriter
@@ -92,14 +79,13 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Images/s, TFLOP/s, MFU and ETA over the last logging window."""
+    """Images/s, TFLOP/s, MFU, HFU and ETA over the last logging window (FLOPs as pipeline.flops counts them)."""
 
     def __init__(self, global_batch: int, macs_per_image: Optional[int], device: torch.device,
                  recompute: bool = False):
         self.global_batch = global_batch
-        # Training FLOPs = 2 * MACs * (1 forward + 2 backward) [+1 forward recomputed with checkpointing].
-        self.flops_per_image = 2 * macs_per_image * (4 if recompute else 3) if macs_per_image else None
-        self.peak = peak_tflops(device)
+        self.flops = train_flops_per_image(macs_per_image, recompute) if macs_per_image else None
+        self.peak = device_peak_tflops(device)
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.t0 = time.perf_counter()
         self.start = self.t0
@@ -112,11 +98,11 @@ class Throughput:
         self.t0, self.steps = now, steps_done
         ips = n * self.global_batch / dt
         out = {"perf/images_per_s": ips, "perf/step_time_s": dt / max(1, n)}
-        if self.flops_per_image:
-            tflops = ips * self.flops_per_image / 1e12 / self.world  # per device
-            out["perf/tflops_per_device"] = tflops
+        if self.flops:
+            out["perf/tflops_per_device"] = tflops_per_device(ips, self.flops.model, self.world)
             if self.peak:
-                out["perf/mfu"] = tflops / self.peak
+                out["perf/mfu"] = utilization(ips, self.flops.model, self.world, self.peak)
+                out["perf/hfu"] = utilization(ips, self.flops.hardware, self.world, self.peak)
         done = steps_done - start_step
         elapsed = now - self.start
         out["eta_s"] = elapsed / max(1, done) * (total_steps - steps_done)
@@ -130,5 +116,7 @@ def console_line(step: int, total: int, epoch: float, s: dict) -> str:
     parts.append(f"{s['perf/images_per_s']:.1f} img/s")
     if "perf/mfu" in s:
         parts.append(f"MFU {100 * s['perf/mfu']:.1f}%")
+        if s.get("perf/hfu", s["perf/mfu"]) != s["perf/mfu"]:  # activation checkpointing recomputes
+            parts.append(f"HFU {100 * s['perf/hfu']:.1f}%")
     parts.append(f"ETA {_fmt_time(s['eta_s'])}")
     return " | ".join(parts)

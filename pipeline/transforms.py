@@ -7,22 +7,15 @@ function of the sample's position (exact resume).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from core.units import ImageSize, image_hw
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-
-def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
 
 
 class TensorToPIL(torch.nn.Module):
@@ -53,7 +46,7 @@ class PILToCHW(torch.nn.Module):
         return torch.mul(chw, self._SCALE).add_(self._SHIFT) if self.normalize else chw
 
 
-def train_transform(image_size: int | Sequence[int], randaugment_layers: int = 2, randaugment_magnitude: int = 15,
+def train_transform(image_size: ImageSize, randaugment_layers: int = 2, randaugment_magnitude: int = 15,
                     scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, normalize: bool = True) -> v2.Compose:
     """Inception-style crop, flip, RandAugment(n, m) (the paper's recipe), then normalise.
 
@@ -64,7 +57,7 @@ def train_transform(image_size: int | Sequence[int], randaugment_layers: int = 2
     batches from its workers and normalises whole batches with `normalize_batch` where they are consumed
     (on the GPU in training).
     """
-    ops: list = [v2.RandomResizedCrop(_hw(image_size), scale=scale, antialias=True)]
+    ops: list = [v2.RandomResizedCrop(image_hw(image_size), scale=scale, antialias=True)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
     if randaugment_layers > 0:
@@ -84,9 +77,9 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     return torch.mul(images, PILToCHW._SCALE.to(device)).add_(PILToCHW._SHIFT.to(device))
 
 
-def eval_transform(image_size: int | Sequence[int], center_crop: bool = True, crop_ratio: float = 0.875) -> v2.Compose:
+def eval_transform(image_size: ImageSize, center_crop: bool = True, crop_ratio: float = 0.875) -> v2.Compose:
     """Resize + center crop (pretraining evaluation) or resize to the full size (fine-tuning, the paper: no crop)."""
-    h, w = _hw(image_size)
+    h, w = image_hw(image_size)
     if center_crop:
         resize = (round(h / crop_ratio), round(w / crop_ratio))
         ops: list = [v2.Resize(resize, antialias=True), v2.CenterCrop((h, w))]

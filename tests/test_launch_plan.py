@@ -30,9 +30,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.plan import GIB, format_table, plan
 from pipeline.config import load_config
+from pipeline.flops import peak_tflops_for_name, train_flops_per_image, train_seconds, utilization
+from pipeline.metrics import Throughput, console_line
 
 REPO = Path(__file__).resolve().parents[1]
 C7_512 = "configs/finetune/jft_coatnet-7_512.yaml"
@@ -125,3 +128,31 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     res = subprocess.run([sys.executable, "-m", "launch.plan", "--config", C0, "--nodes", "0", "--gpus-per-node", "8",
                           "--gpu-mem-gb", "80", "train.stepz=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "train.stepz" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = subprocess.run([sys.executable, "-m", "launch.plan", "--config", C0, "--nodes", "0", "--gpus-per-node", "8",
+                          "--gpu-mem-gb", "80"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: --nodes must be >= 1, got 0"
+
+
+def test_flops_mfu_and_hfu_are_counted_once():
+    # 2 FLOPs per multiply-add, forward + backward = 3 forwards; checkpointing recomputes one more forward.
+    plain, ckpt = train_flops_per_image(10**9), train_flops_per_image(10**9, recompute=True)
+    assert (plain.model, plain.hardware) == (6e9, 6e9) and (ckpt.model, ckpt.hardware) == (6e9, 8e9)
+    # 1000 img/s of 6 GFLOP on 2 devices of 10 TFLOP/s: 3 TFLOP/s each = MFU 0.3 (HFU 0.4 with recompute).
+    assert utilization(1000, ckpt.model, 2, 10.0) == pytest.approx(0.3)
+    assert utilization(1000, ckpt.hardware, 2, 10.0) == pytest.approx(0.4)
+    assert train_seconds(1000, ckpt.model, 2, 10.0, 0.3) == pytest.approx(1.0)  # the inverse
+    assert peak_tflops_for_name("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops_for_name("NVIDIA A100-SXM4") == 312.0
+    assert peak_tflops_for_name("NVIDIA GH200 480GB") == 989.0 and peak_tflops_for_name("Radeon") is None
+
+
+def test_trainer_logs_mfu_of_model_flops_and_hfu_with_recompute():
+    meter = Throughput(global_batch=100, macs_per_image=10**9, device=torch.device("cpu"), recompute=True)
+    assert meter.peak is None and "perf/mfu" not in meter.window(1, 10, 0)  # no known peak on CPU
+    meter.peak = 10.0
+    meter.t0 -= 1.0  # one step of 100 images in about one second
+    out = meter.window(2, 10, 0)
+    assert out["perf/hfu"] == pytest.approx(out["perf/mfu"] * 4 / 3)
+    assert out["perf/mfu"] == pytest.approx(out["perf/tflops_per_device"] / 10.0)
+    line = console_line(2, 10, 0.1, {"loss": 1.0, "lr": 1e-3, **out})
+    assert "MFU " in line and "HFU " in line

@@ -13,9 +13,10 @@ import torch
 # torchvision 0.29 announces its decoders' move to TorchCodec on every decode; the pipeline still uses them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
+from core.errors import UserError
 from pipeline.checkpoint import complete_checkpoints, latest_complete, prune, write_marker
-from pipeline.config import UserError
-from pipeline.data import TrainLoader, open_shards, shards_of_pass
+from pipeline.data import TrainLoader, shards_of_pass
+from pipeline.shards import open_shards
 
 from tests.conftest import DEMO_SHARD_CLASSES as NUM_CLASSES
 

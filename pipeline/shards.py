@@ -1,0 +1,154 @@
+"""The shards data_prep writes, as every reader sees them: where they are, how many samples, how to decode one.
+
+One module for training (pipeline.data), evaluation (pipeline.evaluation) and the planner (launch.plan),
+so a shard folder, a URL pattern and a sample mean the same thing everywhere:
+
+    shards = open_shards("shards/imagenet-1k", "val")   # ShardSet(urls, shard_lengths, num_samples, classes)
+    image, label = decode_sample(sample)                 # uint8 CHW RGB tensor, int label
+
+A location that is not usable raises core.errors.UserError with one line saying what to do.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from webdataset import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from core.errors import UserError
+
+# torchvision 0.29 announces a move of its decoders to TorchCodec; they are still the fastest JPEG decode here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split: where they are, how many samples each holds, and the class names."""
+    urls: list[str]
+    shard_lengths: list[int]
+    num_samples: int
+    classes: Optional[list[str]] = None
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _count_samples(url: str) -> int:
+    """Samples in one tar (distinct keys), reading headers only; used when there is no _info.json."""
+    if _is_local(url):
+        with tarfile.open(url, "r:") as tf:  # random access: seeks over the member data
+            names = tf.getnames()
+    else:
+        with gopen.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+            names = [m.name for m in tf]
+    return len({base_plus_ext(n)[0] for n in names} - {None})
+
+
+def _read_info(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, "_info.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); re-run `python -m data_prep shard`") from None
+
+
+def _open_folder(path: str, split: str) -> ShardSet:
+    """A shard folder: the split's entry in `_info.json`, or without one its `{split}-*.tar` files, counted."""
+    info = _read_info(path)
+    if info is None:
+        urls = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*.tar")))
+        if not urls:
+            raise UserError(f"no shards for split {split!r} in {path} (no _info.json, no {split}-*.tar); "
+                            f"make them with `python -m data_prep shard SRC {path} --split {split}`")
+        lengths = [_count_samples(u) for u in urls]
+        return ShardSet(urls, lengths, sum(lengths), None)
+    splits = info.get("splits", {})
+    if split not in splits:
+        raise UserError(f"{path}/_info.json has no split {split!r} (it has: {', '.join(splits) or 'none'}); "
+                        f"shard it with `python -m data_prep shard SRC {path} --split {split}`")
+    entry = splits[split]
+    names = entry.get("filenames") or [s["filename"] for s in entry.get("shards", [])]
+    lengths = entry.get("shard_lengths") or [s["num_samples"] for s in entry.get("shards", [])]
+    urls = [os.path.join(path, n) for n in names]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) listed in {path}/_info.json are missing, e.g. {missing[0]}; "
+                        f"re-run `python -m data_prep shard`")
+    if len(lengths) != len(urls):
+        lengths = [_count_samples(u) for u in urls]
+    classes = entry.get("classes", info.get("classes"))
+    return ShardSet(urls, [int(n) for n in lengths], int(sum(lengths)), list(classes) if classes else None)
+
+
+def _open_pattern(pattern: str, split: str) -> ShardSet:
+    """A brace-expanded URL pattern; lengths from an `_info.json` beside local files, else the tar headers."""
+    path = os.path.expanduser(pattern)
+    urls = expand_urls(path)
+    local = [u for u in urls if _is_local(u)]
+    if not urls or (len(local) == len(urls) and not any(os.path.isfile(u) for u in urls)):
+        raise UserError(f"shard location {pattern!r} is neither a folder nor matches any shard file; "
+                        f"check data.train / data.val")
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]}")
+    lengths: list[Optional[int]] = [None] * len(urls)
+    classes = None
+    folders = {os.path.dirname(u) for u in local}
+    if len(folders) == 1 and len(local) == len(urls):  # a pattern over data_prep's folder
+        info = _read_info(folders.pop() or ".")
+        if info:
+            by_name = {}
+            for sp in info.get("splits", {}).values():
+                by_name.update(zip(sp.get("filenames", []), sp.get("shard_lengths", [])))
+            lengths = [by_name.get(os.path.basename(u)) for u in urls]
+            entry = info.get("splits", {}).get(split)
+            if entry is not None:
+                classes = entry.get("classes")
+    counted = [n if n is not None else _count_samples(u) for u, n in zip(urls, lengths)]
+    return ShardSet(list(urls), [int(n) for n in counted], int(sum(counted)), classes)
+
+
+def open_shards(path_or_pattern: str, split: str = "train") -> ShardSet:
+    """Resolve a shard folder (with `_info.json`) or a webdataset URL pattern into a ShardSet.
+
+    Folder: the split's entry in `_info.json` (or, without one, the folder's `{split}-*.tar` files, counted).
+    Pattern: brace-expanded (`a-{000000..000009}.tar`); sample counts come from an `_info.json` next to
+    local files when it lists them, else from reading the tar headers. Raises UserError with one line.
+    """
+    if not path_or_pattern:
+        raise UserError("no shard location given (data.train / data.val is empty)")
+    path = os.path.expanduser(str(path_or_pattern))
+    if os.path.isdir(path):
+        return _open_folder(path, split)
+    return _open_pattern(str(path_or_pattern), split)
+
+
+def decode_sample(sample: dict) -> tuple[torch.Tensor, int]:
+    """JPEG bytes -> uint8 CHW RGB tensor (torchvision decoder), `cls` -> int. Raises on a bad sample."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    if "jpg" not in sample or "cls" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')!r} lacks jpg/cls (has {sorted(k for k in sample if k[0] != '_')})")
+    data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
+    image = decode_image(data, mode=ImageReadMode.RGB)
+    label = int(sample["cls"].decode("ascii").strip() if isinstance(sample["cls"], bytes) else sample["cls"])
+    return image, label
+
+
+def worker_init(_: int) -> None:
+    """DataLoader worker start: one intra-op thread, since decode + augment is per-sample work and threads
+    would only contend with the other workers."""
+    torch.set_num_threads(1)
