@@ -12,25 +12,31 @@ numbers do not depend on the number of ranks or workers. Rank 0 prints the resul
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from pipeline.config import UserError
+from core.errors import UserError, cli_main
+from core.files import atomic_write_json
+from core.units import PRECISIONS, image_hw, precision_dtype
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What pipeline.distributed.setup puts into a bare process's environment; restored when main returns.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _image_size(text: str):
-    parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
+def _image_size(text: str) -> list[int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        parts = []
     if len(parts) not in (1, 2) or any(p <= 0 or p % 32 for p in parts):
         raise argparse.ArgumentTypeError(f"{text}: image size must be S or H,W with each side a multiple of 32")
-    return parts[0] if len(parts) == 1 else parts
+    return list(image_hw(parts[0] if len(parts) == 1 else parts))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="center-crop ratio (default: the run's data.crop_ratio, else 0.875)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use EMA weights when the checkpoint has them (default: yes)")
-    parser.add_argument("--precision", choices=sorted(_DTYPES), default="fp32",
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="fp32, or autocast to bf16/fp16 (default: fp32)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="read a DeepSpeed checkpoint this tool did not write (it is a pickle: only if you trust "
@@ -66,24 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from the launcher's environment; plain torch.distributed, any launcher."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg:
-        device = torch.device(device_arg)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    """(rank, world size, device): pipeline.distributed's set-up (any launcher), then `--device` if given."""
+    from pipeline.distributed import setup
+
+    info = setup(deterministic=False)
+    if not device_arg:
+        return info.rank, info.world_size, info.device
+    device = torch.device(device_arg)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", info.local_rank)
+    if info.world_size > 1 and device.type != info.device.type:
+        raise UserError(f"--device {device_arg}: the {info.world_size} ranks exchange counts on {info.device.type} "
+                        f"({info.backend}); drop --device, or evaluate in one process")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif world > 1:  # ranks sharing this machine's cores: split them instead of oversubscribing
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or min(world, os.cpu_count() or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return info.rank, info.world_size, device
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """Destroy the process group at the end and leave the launcher variables as they were (in-process calls)."""
+    saved = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key in saved:
+            os.environ.pop(key, None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 def _label_map(model_classes, data_classes, where: str) -> Optional[torch.Tensor]:
@@ -115,12 +132,13 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     from pipeline.evaluation import build_eval_loader, evaluate
     from pipeline.pretrained import load_model
 
-    rank, world, device = _setup_distributed(args.device)
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --num-workers >= 0 (got {args.batch_size}, "
                         f"{args.num_workers})")
     start = time.perf_counter()
+    # The weights first: a wrong --weights fails before any process group (or DeepSpeed import) exists.
     net, meta = load_model(args.weights, ema=args.ema, image_size=args.image_size, trust_pickle=args.trust_checkpoint)
+    rank, world, device = _setup_distributed(args.device)
     net.to(device)
     center_crop = args.center_crop if args.center_crop is not None else (
         meta.get("center_crop") if meta.get("center_crop") is not None else True)
@@ -141,7 +159,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
             print(f"resized {len(meta['resized_tables'])} relative-position tables to {image_size[0]}x{image_size[1]} "
                   f"px", file=sys.stderr, flush=True)
     try:
-        result = evaluate(net, batches, num_classes, device, dtype=_DTYPES[args.precision], progress=rank == 0)
+        result = evaluate(net, batches, num_classes, device, dtype=precision_dtype(args.precision), progress=rank == 0)
     except ValueError as e:  # labels outside the head: wrong data for these weights
         raise UserError(f"{args.data} [{args.split}]: {e}") from None
     seconds = time.perf_counter() - start
@@ -176,25 +194,17 @@ def _print(result: dict, out: str) -> None:
     print(f"wrote {out}")
 
 
+@cli_main
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
+    with _process_group():
         result = run(args)
         if result is not None:
             out = args.out or _default_out(args.weights, args.split)
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out + ".tmp", "w") as f:
-                json.dump(result, f, indent=1)
-                f.write("\n")
-            os.replace(out + ".tmp", out)
+            atomic_write_json(out, result)
             _print(result, out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -26,11 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as coatnet
+from core.errors import cli_main
+from core.files import atomic_path, atomic_write_json
+from core.units import PRECISIONS, precision_dtype
+from pipeline.weights_adapt import check_fits as check_state
+from pipeline.weights_io import EXPORT_CONFIG as CONFIG_NAME
+from pipeline.weights_io import EXPORT_WEIGHTS as WEIGHTS_NAME
+from pipeline.weights_io import PretrainedError
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 FORMAT = "coatnet-export/1"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _paths(path: str) -> tuple[str, str]:
@@ -57,26 +61,16 @@ def load_exported(path: str, device: str | torch.device = "cpu") -> tuple[torch.
 # ----------------------------------------------------------------------------------------------- export
 def check_fits(state: dict, model_config: dict, where: str) -> None:
     """Build the model on the meta device (no memory) and compare every key and shape with `state`."""
-    from pipeline.pretrained import PretrainedError
-
     with torch.device("meta"):
         reference = coatnet.create_model(**model_config).state_dict()
-    missing = sorted(set(reference) - set(state))
-    unexpected = sorted(set(state) - set(reference))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise PretrainedError(f"{where}: the weights do not fit the recorded model {model_config.get('name')} "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {what})")
-    for key, tensor in reference.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise PretrainedError(f"{where}: {key} has shape {list(state[key].shape)}, the recorded model needs "
-                                  f"{list(tensor.shape)}")
+    check_state(state, reference, where, f"the recorded model {model_config.get('name')}",
+                hint="the checkpoint and its recorded model config disagree; export another checkpoint")
 
 
 def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", force: bool = False,
            trust_pickle: bool = False) -> dict:
     """Write OUT/model.safetensors and OUT/config.json from anything pipeline.pretrained.load_weights reads."""
-    from pipeline.pretrained import PretrainedError, load_weights
+    from pipeline.pretrained import load_weights
     from pipeline.transforms import MEAN, STD
 
     weights_path, config_path = os.path.join(out, WEIGHTS_NAME), os.path.join(out, CONFIG_NAME)
@@ -93,7 +87,7 @@ def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", 
                               f"folder (with config.yaml) or a checkpoint written by pipeline.trainer")
     model_config = dict(meta["model_config"], grad_checkpointing=False)
     check_fits(state, model_config, meta.get("checkpoint") or source)
-    target = _DTYPES[dtype]
+    target = precision_dtype(dtype)
     state = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     config = {
         "format": FORMAT,
@@ -111,13 +105,10 @@ def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", 
         "source": os.path.abspath(meta.get("checkpoint") or source),
     }
     os.makedirs(out, exist_ok=True)
-    # Write beside the target and rename, so a killed export never leaves a half-written file under the final name.
-    save_file(state, weights_path + ".tmp", metadata={"format": "pt", "model": model_config["name"]})
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    os.replace(weights_path + ".tmp", weights_path)
-    os.replace(config_path + ".tmp", config_path)
+    # Written beside the target and renamed: a killed export never leaves a half-written file under the final name.
+    with atomic_path(weights_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "model": model_config["name"]})
+    atomic_write_json(config_path, config, indent=2)
     return {"weights": weights_path, "config": config_path, "tensors": len(state),
             "parameters": sum(v.numel() for v in state.values()), **config}
 
@@ -135,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="export the EMA weights (default: EMA when the checkpoint has them; --ema fails "
                              "without them, --no-ema takes the trained weights)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32",
                         help="dtype of the stored tensors (default: fp32)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in OUT")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -144,16 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.config import UserError
-
-    try:
-        result = export(args.run, args.out, ema=args.ema, dtype=args.dtype, force=args.force,
-                        trust_pickle=args.trust_checkpoint)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = export(args.run, args.out, ema=args.ema, dtype=args.dtype, force=args.force,
+                    trust_pickle=args.trust_checkpoint)
     print(f"exported {result['model']['name']} ({result['parameters'] / 1e6:.2f}M values, {result['num_classes']} "
           f"classes, {result['image_size']} px, {'EMA' if result['ema'] else 'trained'} weights, step "
           f"{result['step']}) from {result['source']}\n  {result['weights']}\n  {result['config']}")

@@ -222,3 +222,18 @@ def test_evaluate_zero3_engine_on_two_ranks(shards, tmp_path):
     result = json.loads(out.read_text())
     assert result["zero3"]["count"] == NUM_IMAGES
     assert result["zero3"] == result["single"]
+
+
+def test_export_check_names_the_first_key_that_does_not_fit():
+    from pipeline.pretrained import PretrainedError
+
+    net = model.create_model("coatnet-tiny", num_classes=3, image_size=32)
+    config = {k: v for k, v in net.config.to_dict().items() if k != "grad_checkpointing"}
+    state = net.state_dict()
+    export_cli.check_fits(state, config, "ckpt")  # the recorded model: fits
+    with pytest.raises(PretrainedError, match=r"^ckpt: head.bias has shape \[4\] but the recorded model "
+                                              r"coatnet-tiny needs \[3\];") as err:
+        export_cli.check_fits(dict(state, **{"head.bias": torch.zeros(4)}), config, "ckpt")
+    assert "\n" not in str(err.value)
+    with pytest.raises(PretrainedError, match="missing 1 key.*e.g. head.bias") as err:
+        export_cli.check_fits({k: v for k, v in state.items() if k != "head.bias"}, config, "ckpt")

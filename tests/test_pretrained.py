@@ -294,3 +294,78 @@ def test_checkpoint_this_tool_did_not_write_needs_trust(tmp_path, tmp_path_facto
     trusted, _ = load_weights(str(foreign), trust_pickle=True)
     ours, _ = load_weights(str(tag))
     assert trusted.keys() == ours.keys() and all(torch.equal(trusted[k], ours[k]) for k in ours)
+
+
+# ------------------------------------------------------------------------- one rank reads for all ranks
+def _as_ranks(world: int, fn) -> list:
+    """fn(rank, barrier) on `world` threads standing in for ranks; [result or exception per rank]."""
+    import threading
+
+    barrier, results = threading.Barrier(world, timeout=120), [None] * world
+
+    def body(rank):
+        try:
+            results[rank] = fn(rank, barrier.wait)
+        except Exception as e:  # noqa: BLE001 - compared by the test
+            results[rank] = e
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a rank is stuck at a barrier"
+    return results
+
+
+def _counting_reader(monkeypatch) -> list:
+    """Record which thread ("rank") runs load_weights."""
+    import threading
+
+    from pipeline import shared_weights
+
+    calls, real = [], shared_weights.load_weights
+
+    def counted(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shared_weights, "load_weights", counted)
+    return calls
+
+
+@pytest.mark.slow
+def test_deepspeed_pretrained_is_read_by_one_rank_for_all(tmp_path_factory, tmp_path, monkeypatch):
+    from pipeline.shared_weights import load_weights_once
+
+    run = deepspeed_runs(tmp_path_factory) / "zero2"
+    calls = _counting_reader(monkeypatch)
+    cache = tmp_path / "finetune" / "pretrained.fp32.safetensors"
+    results = _as_ranks(3, lambda rank, barrier: load_weights_once(str(run), rank == 0, barrier, str(cache),
+                                                                    ema=False))
+    assert len(calls) == 1, calls  # the main rank only; the others read its safetensors copy
+    direct_state, direct_meta = load_weights(str(run), ema=False)
+    for state, meta in results:
+        assert_same_state(state, direct_state)
+        assert meta == json.loads(json.dumps(direct_meta))
+    assert not cache.exists(), "the shared copy is removed once every rank has read it"
+    target = model.create_model("coatnet-tiny", num_classes=3, image_size=64)
+    report = init_from_pretrained(target, results[1], CLASSES)
+    assert report["head"] == "kept" and report["format"] == "deepspeed" and report["source"] == str(run)
+
+
+def test_shared_read_of_an_export_and_of_a_bad_source(tmp_path, monkeypatch):
+    from pipeline.shared_weights import load_weights_once
+
+    folder = write_export(random_model(num_classes=3, seed=4), tmp_path / "exp", classes=CLASSES)
+    calls = _counting_reader(monkeypatch)
+    cache = tmp_path / "cache.safetensors"
+    results = _as_ranks(2, lambda rank, barrier: load_weights_once(str(folder), rank == 0, barrier, str(cache)))
+    assert len(calls) == 2 and not cache.exists()  # an export is safetensors already: each rank reads it
+    assert all(torch.equal(r[0]["head.weight"], results[0][0]["head.weight"]) for r in results)
+    # A missing source: every rank raises the same one-line error, none waits forever at a barrier.
+    results = _as_ranks(2, lambda rank, barrier: load_weights_once(str(tmp_path / "nowhere"), rank == 0, barrier,
+                                                                   str(cache)))
+    assert all(isinstance(r, PretrainedError) and "nowhere" in str(r) for r in results)
+    state, _ = load_weights_once(str(folder), True, None, str(cache))  # one rank: a plain load_weights
+    assert state.keys() == load_weights(str(folder))[0].keys()

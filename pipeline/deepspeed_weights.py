@@ -1,0 +1,289 @@
+"""DeepSpeed checkpoints of this tool's trainer (or trusted others): find the newest complete one, read its weights.
+
+* a run folder's `checkpoints/` (or any DeepSpeed save_dir): the newest tag the trainer marked complete;
+* one tag folder of any ZeRO stage: ZeRO 1-3 are consolidated with DeepSpeed's own
+  `get_fp32_state_dict_from_zero_checkpoint` (the fp32 master weights, not the bf16 copies), ZeRO-0 reads the
+  fp32 master copies from the model-states file, else the module weights;
+* a universal checkpoint folder (`zero/<param>/fp32.pt`, as ds_to_universal writes it).
+EMA weights (the trainer keeps them in the client state) win when present and asked for. These files are
+pickles: `read_tag` refuses a tag this tool did not write unless the user says they trust it. DeepSpeed is
+imported only to consolidate ZeRO partitions.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Optional
+
+import torch
+
+from core.units import image_hw
+from pipeline.checkpoint import MARKER
+from pipeline.weights_io import WHAT_TO_PASS, PretrainedError, first_line, to_fp32_cpu
+
+log = logging.getLogger("pipeline.pretrained")
+
+
+def _written_by_this_tool(tag_dir: str) -> bool:
+    """A checkpoint tag this tool's trainer wrote: it carries the trainer's completion marker (a universal
+    conversion counts through the tag it was converted from)."""
+    tag_dir = os.path.abspath(tag_dir)
+    if os.path.exists(os.path.join(tag_dir, MARKER)):
+        return True
+    parent = os.path.dirname(tag_dir)
+    return (os.path.basename(parent) == "universal"
+            and os.path.exists(os.path.join(os.path.dirname(parent), os.path.basename(tag_dir), MARKER)))
+
+
+def _require_trust(tag_dir: str, trust_pickle: bool) -> None:
+    """DeepSpeed checkpoints are pickles (and DeepSpeed's zero_to_fp32 unpickles them): read one only when
+    this tool wrote it or the user says they trust its origin."""
+    if not trust_pickle and not _written_by_this_tool(tag_dir):
+        raise PretrainedError(
+            f"{tag_dir} is a DeepSpeed checkpoint this tool did not write (no {MARKER}); reading it unpickles "
+            f"Python objects, which can run code. If you trust where it came from, pass --trust-checkpoint "
+            f"(pipeline.evaluate / pipeline.export) or pretrained_trusted=true (fine-tuning); or export it with "
+            f"python -m pipeline.export where it was trained")
+
+
+def _trusted_load(path: str) -> Any:
+    """torch.load a model-states file of a checkpoint that passed `_require_trust`.
+
+    weights_only=True first. A client state with non-tensor objects (e.g. numpy RNG state) needs the full
+    unpickler; that is acceptable only for checkpoints this tool wrote or the user trusts (`_require_trust`
+    runs before any file of a tag is read). Plain weight files never take this path.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure of the restricted unpickler
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise PretrainedError(f"{path} is not a readable DeepSpeed checkpoint file ({first_line(e)}); "
+                                  f"{WHAT_TO_PASS}") from None
+
+
+def _step_of(tag: str) -> int:
+    numbers = re.findall(r"\d+", os.path.basename(tag.rstrip("/")))
+    return int(numbers[-1]) if numbers else -1
+
+
+def _model_state_files(tag_dir: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(glob.escape(tag_dir), "*model_states.pt")))
+    # mp_rank_00_model_states.pt (ZeRO 0-2) or zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3) first.
+    files.sort(key=lambda f: (not os.path.basename(f).startswith(("mp_rank_00", "zero_pp_rank_0_")), f))
+    return files
+
+
+def _is_universal(tag_dir: str) -> bool:
+    return os.path.isdir(os.path.join(tag_dir, "zero")) and bool(
+        glob.glob(os.path.join(glob.escape(tag_dir), "zero", "*", "fp32.pt")))
+
+
+def is_deepspeed_tag(tag_dir: str) -> bool:
+    return os.path.isdir(tag_dir) and (bool(_model_state_files(tag_dir)) or _is_universal(tag_dir))
+
+
+def _complete(tag_dir: str) -> bool:
+    """Every file a reader needs exists and is non-empty (a save killed half-way leaves some missing)."""
+    if not is_deepspeed_tag(tag_dir):
+        return False
+    files = _model_state_files(tag_dir) + glob.glob(os.path.join(glob.escape(tag_dir), "*optim_states.pt"))
+    return all(os.path.getsize(f) > 0 for f in files)
+
+
+def _read_tag_file(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def newest_checkpoint(checkpoints_dir: str) -> str:
+    """The newest complete checkpoint tag folder under a DeepSpeed save_dir.
+
+    The trainer marks a checkpoint complete (pipeline.checkpoint's `complete.json`) only after every rank
+    saved it; DeepSpeed's `latest` may name a half-written tag, so marked tags win. A save_dir written by
+    other code has no markers: then the tags named by `latest` / `latest_universal` (newest step wins),
+    and failing those the complete-looking tag folder with the highest step.
+    """
+    from pipeline.checkpoint import latest_complete
+
+    marked = latest_complete(checkpoints_dir)
+    if marked is not None:
+        return marked.path
+    named = [_read_tag_file(os.path.join(checkpoints_dir, n)) for n in ("latest", "latest_universal")]
+    candidates = [os.path.join(checkpoints_dir, t) for t in named if t]
+    candidates = [c for c in candidates if _complete(c)]
+    if not candidates:
+        candidates = [d for d in glob.glob(os.path.join(glob.escape(checkpoints_dir), "*")) if _complete(d)]
+    if not candidates:
+        raise PretrainedError(f"{checkpoints_dir} holds no complete DeepSpeed checkpoint (no tag folder with "
+                              f"*model_states.pt); train longer or point at another checkpoint")
+    return max(candidates, key=lambda d: (_step_of(d), "universal" not in os.path.basename(d),
+                                          os.path.getmtime(d)))
+
+
+def find_run_dir(tag_dir: str) -> Optional[str]:
+    """The trainer's run_dir (with config.yaml) above a checkpoint tag folder, if there is one."""
+    candidate = os.path.abspath(tag_dir)
+    for _ in range(3):  # run_dir/checkpoints/<tag> or run_dir/checkpoints/universal/<tag>
+        candidate = os.path.dirname(candidate)
+        if os.path.isfile(os.path.join(candidate, "config.yaml")):
+            return candidate
+    return None
+
+
+def run_meta(run_dir: Optional[str]) -> dict:
+    """Model config, classes and eval preprocessing from the trainer's config.yaml / classes.json."""
+    meta: dict = {}
+    if run_dir is None:
+        return meta
+    import yaml  # the resolved config is plain YAML; pipeline.config.load_config would re-validate paths
+
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise PretrainedError(f"{run_dir}/config.yaml is not readable YAML ({e}); is this a training run folder?")
+    model_cfg, data_cfg = cfg.get("model") or {}, cfg.get("data") or {}
+    if model_cfg.get("name"):
+        meta["model_config"] = {
+            "name": model_cfg["name"], "image_size": list(image_hw(data_cfg.get("image_size", 224))),
+            **{k: model_cfg[k] for k in ("drop_path_rate", "stride_on") if k in model_cfg}}
+    meta["center_crop"] = data_cfg.get("center_crop")
+    meta["crop_ratio"] = data_cfg.get("crop_ratio")
+    classes_path = os.path.join(run_dir, "classes.json")
+    if os.path.isfile(classes_path):
+        try:
+            with open(classes_path) as f:
+                meta["classes"] = (json.load(f) or {}).get("classes")
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise PretrainedError(f"{classes_path} is not readable JSON ({e}); delete it or re-run training")
+    return meta
+
+
+def _load_universal_params(tag_dir: str, states: Optional[dict]) -> dict:
+    """Parameters from `zero/<name>/fp32.pt` (weights_only), buffers from the model-states file."""
+    zero = os.path.join(tag_dir, "zero")
+
+    def read(name: str) -> torch.Tensor:
+        path = os.path.join(zero, name, "fp32.pt")
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise PretrainedError(f"{path} is missing: the universal checkpoint {tag_dir} is incomplete; "
+                                  f"convert it again with ds_to_universal") from None
+        except Exception as e:  # noqa: BLE001
+            raise PretrainedError(f"{path} is not readable ({type(e).__name__}); convert the checkpoint again "
+                                  f"with ds_to_universal") from None
+        return entry["param"] if isinstance(entry, dict) else entry
+
+    state: dict = {}
+    shapes = {}
+    if states and states.get("param_shapes"):
+        for group in states["param_shapes"]:
+            shapes.update(group)
+    names = list(shapes) or sorted(os.path.basename(os.path.dirname(p))
+                                   for p in glob.glob(os.path.join(glob.escape(zero), "*", "fp32.pt")))
+    for name in names:
+        tensor = read(name)
+        if name in shapes and tensor.numel() == torch.Size(shapes[name]).numel():
+            tensor = tensor.reshape(shapes[name])
+        state[name] = tensor
+    if states:
+        module = states.get("module") or {}
+        for name in states.get("buffer_names") or []:
+            if name in module:
+                state[name] = module[name]
+    return state
+
+
+def _load_zero(tag_dir: str) -> dict:
+    """ZeRO 1-3: DeepSpeed's consolidation of the fp32 master weights (+ buffers); ZeRO-0: module weights."""
+    if not glob.glob(os.path.join(glob.escape(tag_dir), "*optim_states.pt")):
+        return {}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    parent, tag = os.path.split(os.path.abspath(tag_dir))
+    try:
+        # DeepSpeed prints progress to stdout; keep stdout for our results (e.g. the evaluate JSON).
+        with contextlib.redirect_stdout(sys.stderr):
+            return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    except ValueError as e:
+        if "is not a zero checkpoint" in str(e):
+            return {}  # ZeRO-0: the optimizer file holds no partitioned fp32 groups; use the module weights
+        raise PretrainedError(f"{tag_dir}: DeepSpeed cannot consolidate this checkpoint ({e})") from None
+    except (FileNotFoundError, KeyError, RuntimeError) as e:
+        raise PretrainedError(f"{tag_dir}: DeepSpeed cannot consolidate this checkpoint ({first_line(e)}); "
+                              f"it may be incomplete") from None
+
+
+def _stage0_master_weights(states: dict) -> Optional[dict]:
+    """ZeRO-0 with bf16/fp16: the fp32 master copies, named.
+
+    DeepSpeed keeps them in the model-states file as `optimizer.fp32_groups` (lists per optimizer param group,
+    in the group's parameter order) without names, and zero_to_fp32 does not read stage 0. Each master tensor
+    rounds to exactly its module copy (DeepSpeed copies master -> module after every step), so walking the
+    groups against the named module parameters in order names them; anything ambiguous or unmatched => None.
+    """
+    module, optimizer = states.get("module") or {}, states.get("optimizer")
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    buffers = set(states.get("buffer_names") or [])
+    names = [k for k, v in module.items() if k not in buffers and torch.is_tensor(v)]
+    if not groups or not any(module[n].dtype in (torch.bfloat16, torch.float16) for n in names):
+        return None
+    remaining, out = list(names), dict(module)
+    for group in groups:
+        for master in group:
+            for i, name in enumerate(remaining):
+                low = module[name]
+                if low.shape == master.shape and torch.equal(master.to(low.dtype), low):
+                    out[name] = master
+                    del remaining[i]
+                    break
+            else:
+                return None
+    return out if not remaining else None
+
+
+def read_tag(tag_dir: str, ema: bool, trust_pickle: bool = False) -> tuple[dict, dict]:
+    _require_trust(tag_dir, trust_pickle)
+    universal = _is_universal(tag_dir)
+    files = _model_state_files(tag_dir)
+    states = _trusted_load(files[0]) if files else None
+    if files and not isinstance(states, dict):
+        raise PretrainedError(f"{files[0]} is not a DeepSpeed model-states file; {WHAT_TO_PASS}")
+    meta: dict = {"format": "universal" if universal else "deepspeed", "checkpoint": tag_dir, "ema": False}
+    if states:
+        meta["step"] = states.get("step", states.get("global_steps"))
+        if isinstance(states.get("model_config"), dict):
+            meta["model_config"] = dict(states["model_config"])
+        if states.get("classes"):
+            meta["classes"] = list(states["classes"])
+        meta["zero_stage"] = ((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
+    state = None
+    if ema and states and isinstance(states.get("ema"), dict) and states["ema"]:
+        state, meta["ema"] = states["ema"], True
+    elif universal:
+        state = _load_universal_params(tag_dir, states)
+    else:
+        state = _load_zero(tag_dir)
+        if not state:
+            module = states.get("module") if states else None
+            if not module:
+                raise PretrainedError(f"{tag_dir} holds no model weights; {WHAT_TO_PASS}")
+            state = _stage0_master_weights(states)
+            if state is None:
+                state = module
+                low = {str(v.dtype) for v in module.values() if v.dtype in (torch.bfloat16, torch.float16)}
+                if low:
+                    log.warning("%s: no fp32 master weights found; using the module's %s copies", tag_dir,
+                                "/".join(sorted(low)))
+    return to_fp32_cpu(state), meta
