@@ -14,6 +14,56 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
+_LOW = (torch.bfloat16, torch.float16)
+_STATS = ("running_mean", "running_var")
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose running statistics stay fp32 and whose statistics are computed in fp32.
+
+    Why: in bf16 (8 mantissa bits) a momentum-0.1 update of a running statistic rounds away once the batch
+    value is within ~2% of it, so bf16 buffers stall. `_apply` (`.to(bf16)`, `.half()`, DeepSpeed's module
+    cast) therefore leaves the running buffers fp32, and forward upcasts any that arrive in 16 bits. Forward
+    uses PyTorch's mixed-dtype kernel (16-bit input, fp32 weight/bias/statistics, fp32 accumulation, output in
+    the input's dtype; the path autocast takes), so no fp32 copy of the activation is kept for backward.
+    State-dict keys, parameters and the _BatchNorm base class are nn.BatchNorm2d's.
+    """
+
+    def _apply(self, fn, recurse=True):
+        kept = {k: self._buffers[k] for k in _STATS if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for key, old in kept.items():
+            new = self._buffers[key]
+            if new.dtype in _LOW:
+                self._buffers[key] = old.detach().to(device=new.device, dtype=torch.float32)
+        return self
+
+    def _fp32_stats(self) -> None:
+        for key in _STATS:
+            buf = self._buffers.get(key)
+            if buf is not None and buf.dtype in _LOW:  # e.g. cast by DeepSpeed's data_types.buffer_dtype
+                buf.data = buf.data.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        self._fp32_stats()
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        weight, bias, inp = self.weight, self.bias, x
+        if x.dtype in _LOW:  # fp32 weight/bias with the 16-bit input selects the mixed-dtype kernel
+            weight = None if weight is None else weight.float()
+            bias = None if bias is None else bias.float()
+            if x.device.type not in ("cpu", "cuda", "meta"):  # no mixed-dtype kernel known there: compute in fp32
+                inp = x.float()
+        y = F.batch_norm(inp, self.running_mean if track else None, self.running_var if track else None,
+                         weight, bias, use_batch, factor, self.eps)
+        return y.to(x.dtype)
+
 
 class Stem(nn.Module):
     """S0: conv 3x3 stride 2, then conv 3x3 (the paper's two-layer conv stem)."""
@@ -23,7 +73,7 @@ class Stem(nn.Module):
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim, 3, stride=2, padding=1, bias=False)
-        self.norm1 = nn.BatchNorm2d(dim)
+        self.norm1 = BatchNorm2d(dim)
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(dim, dim, 3, stride=1, padding=1)
 
@@ -79,11 +129,11 @@ class MBConv(nn.Module):
         mid = out_dim * expand_ratio
         pw_stride, dw_stride = (stride, 1) if stride_on == "pointwise" else (1, stride)
         self.shortcut = Downsample(in_dim, out_dim, stride, "nchw") if (stride > 1 or in_dim != out_dim) else nn.Identity()
-        self.norm = nn.BatchNorm2d(in_dim)
+        self.norm = BatchNorm2d(in_dim)
         self.conv_expand = nn.Conv2d(in_dim, mid, 1, stride=pw_stride, bias=False)
-        self.norm_expand = nn.BatchNorm2d(mid)
+        self.norm_expand = BatchNorm2d(mid)
         self.conv_depthwise = nn.Conv2d(mid, mid, 3, stride=dw_stride, padding=1, groups=mid, bias=False)
-        self.norm_depthwise = nn.BatchNorm2d(mid)
+        self.norm_depthwise = BatchNorm2d(mid)
         self.act = nn.GELU()
         # The SE bottleneck is sized from the block input, as in EfficientNet's MBConv.
         self.se = SqueezeExcitation(mid, max(1, int(in_dim * se_ratio)), activation=nn.GELU)

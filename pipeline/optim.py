@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from core.errors import UserError
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -66,6 +68,35 @@ def _deep_update(base: dict, extra: dict) -> dict:
     return base
 
 
+def precision_config(cfg) -> dict:
+    """DeepSpeed's gradient accumulation and reduction dtypes (`data_types.grad_accum_dtype`,
+    `communication_data_type`) from `deepspeed.grad_accum_dtype` / `deepspeed.communication_dtype`.
+
+    Why fp32 by default: DeepSpeed's defaults follow the model dtype, and a bf16 sum of many micro-batch
+    gradients (or of many ranks' gradients) rounds at every addition (8 mantissa bits). What DeepSpeed 0.19.8
+    accepts, and what this maps each case to:
+      * ZeRO 1/2/3 with bf16 or fp16: fp32 or the precision's own dtype. ZeRO-1 + bf16 + fp32 runs DeepSpeed's
+        BF16_Optimizer (fp32 gradient buffers), ZeRO-2 an fp32 gradient partition, ZeRO-3 fp32 partitions.
+      * ZeRO 0 with bf16/fp16: its FP16_Optimizer accumulates in param.grad, so DeepSpeed refuses any other
+        dtype (NotImplementedError "unsupported mix"): the nearest supported, the precision's dtype, is used
+        for accumulation; reduction still follows `communication_dtype`.
+      * fp32 training: accumulation is fp32.
+    Any other mix (bf16 with fp16, or a 16-bit dtype for an fp32 run) is a UserError naming the key.
+    No `data_types.buffer_dtype`: DeepSpeed then casts parameters only and BatchNorm keeps fp32 statistics
+    (model.blocks.BatchNorm2d keeps them fp32 even when a module cast reaches them).
+    """
+    ds = cfg.deepspeed
+    accum = getattr(ds, "grad_accum_dtype", "fp32")
+    comm = getattr(ds, "communication_dtype", "fp32")
+    for key, value in (("grad_accum_dtype", accum), ("communication_dtype", comm)):
+        if value not in ("fp32", cfg.precision):
+            raise UserError(f"deepspeed.{key}={value} does not fit precision={cfg.precision}: "
+                            f"use fp32 or {cfg.precision}")
+    if cfg.precision == "fp32" or ds.zero_stage == 0:
+        accum = cfg.precision
+    return {"data_types": {"grad_accum_dtype": accum}, "communication_data_type": comm}
+
+
 def deepspeed_config(cfg, world_size: int, on_cpu: bool, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for this run: batch sizes, ZeRO, precision, clipping, optimizer."""
     t, ds = cfg.train, cfg.deepspeed
@@ -96,9 +127,7 @@ def deepspeed_config(cfg, world_size: int, on_cpu: bool, load_universal: bool = 
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": load_universal},
     }
-    if cfg.precision in ("bf16", "fp16"):
-        # BatchNorm's running statistics must share the parameters' dtype (DeepSpeed casts parameters only).
-        config["data_types"] = {"buffer_dtype": cfg.precision}
+    config.update(precision_config(cfg))
     if cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
