@@ -66,3 +66,12 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 1, durable:
     """`obj` as JSON (a trailing newline), written atomically."""
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
     atomic_write_text(path, text, durable=durable)
+
+
+def stale_temps(directory: PathLike, name_glob: str = "*") -> list[Path]:
+    """Temp files that `atomic_path` left beside targets matching `name_glob` (its writer was killed).
+
+    The temp naming lives here only: a caller that cleans up (or a test that checks nothing is left) asks
+    this function instead of spelling the pattern itself.
+    """
+    return sorted(Path(directory).glob(f".{name_glob}.tmp.*"))

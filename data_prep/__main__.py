@@ -17,9 +17,10 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    not on an RNG's version -- and cut into shards of ``--shard-size``. The plan is saved atomically to
    ``OUT/_state/<split>/plan.json.gz`` so a resumed job neither rescans nor re-plans.
 4. Write (one Ray task per shard; ``tasks.write_shard``): read the shard's inputs, check each sha1
-   against the scan, decode/resize/encode, stream the samples into ``OUT/.<name>.<uuid>.tmp`` with
-   ``tarfile`` (every header field pinned), fsync, rename to ``<split>-NNNNNN.tar``, then atomically
-   write ``OUT/_state/<split>/receipts/<name>.json`` (sha256, bytes, count, late rejects, node id).
+   against the scan, decode/resize/encode, stream the samples into a dot-named temp file beside the
+   shard (``core.files.atomic_path``) with ``tarfile`` (every header field pinned), fsync, rename to
+   ``<split>-NNNNNN.tar``, then atomically write ``OUT/_state/<split>/receipts/<name>.json`` (sha256,
+   bytes, count, late rejects, node id).
    One task per ~1,000 images keeps Ray's per-task overhead (scheduling, argument transfer, a result)
    negligible, keeps every worker busy on pure Pillow work, and makes "a shard" the only thing that can
    be half-done.
@@ -27,7 +28,7 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    written atomically from the plan and the receipts; the plan file is deleted, the receipts stay.
 
 Exactly once. The plan assigns each usable input to exactly one position of exactly one shard. On disk a
-shard is either absent, a temp file (ignored, deleted at the next start), or complete (renamed only
+shard is either absent, a temp file (dot-named: ignored, deleted at the next start), or complete (renamed only
 after fsync). A shard counts as done only if its receipt belongs to this plan *and* the tar's sha256
 matches the receipt; anything else is rewritten from scratch. Killing the driver (SIGKILL: its private
 Ray dies with it) or a worker (Ray retries the task into a fresh temp name) therefore never loses or

@@ -6,7 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .errors import UserError
+from core.errors import cli_main
 
 _EPILOG = textwrap.dedent("""\
     examples:
@@ -16,46 +16,72 @@ _EPILOG = textwrap.dedent("""\
     """)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
+def _bounded(kind, low, high=None, what: str = ""):
+    """An argparse type: `kind(text)` within [low, high], else a one-line usage error naming the value."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (high is not None and value > high):
+            limit = f"in {low}..{high}" if high is not None else (f"at least {low}" if low else f"{low} or more")
+            raise argparse.ArgumentTypeError(f"{text}: {what}must be {limit}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
-    return value
+_positive_int = _bounded(int, 1)
+_quality = _bounded(int, 1, 95, "JPEG quality ")
 
 
-def _quality(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 95:
-        raise argparse.ArgumentTypeError(f"{text}: JPEG quality must be in 1..95")
-    return value
+def _add_options(parser: argparse.ArgumentParser, rows: list[tuple]) -> None:
+    """(flag, type, default, help) rows; type `bool` is an on/off flag. The help texts name the defaults."""
+    for flag, kind, default, text in rows:
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=text)
 
 
-def _aspect(text: str) -> float:
-    value = float(text)
-    if value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: must be 1.0 or more")
-    return value
+# (flag, type, default, help): the options of `shard` and `demo-data` that are a plain value or flag.
+_SHARD_OPTIONS = [
+    ("--shard-size", _positive_int, 1000,
+     "samples per shard; the last shard may be short, and so may a shard holding a file that only fails when "
+     "fully decoded (exact lengths go to _info.json) (default: 1000)"),
+    ("--seed", int, 0, "global shuffle seed: a sample's shard and position depend only on the input list and "
+                       "this seed (default: 0)"),
+    ("--max-size", _bounded(int, 0), 256, "downscale so the shorter side is at most this many pixels (never "
+                                          "upscale); 0 keeps the size (default: 256)"),
+    ("--max-aspect", _bounded(float, 1.0), 4.0,
+     "also cap the longer side at max-size * this, so panoramas do not stay huge (default: 4.0)"),
+    ("--quality", _quality, 90, "JPEG quality of re-encoded images; JPEGs already within size, upright and RGB "
+                                "keep their original bytes (default: 90)"),
+    ("--max-pixels", _positive_int, 89_478_485, "reject images with more pixels than this as 'too_many_pixels' "
+                                                "(decompression bomb guard; default: Pillow's 89,478,485)"),
+    ("--dedup", bool, False, "write exact duplicates (same source bytes) once; the others go to rejects.jsonl as "
+                             "'duplicate' and are counted in _info.json"),
+    ("--workers", _positive_int, None, "at most this many shard tasks at once (default: every CPU of the local "
+                                       "machine or of the cluster)"),
+]
+_SHARD_FLAGS = [
+    ("--overwrite", bool, False, "replace this split in OUT even if it was made from other inputs or options "
+                                 "(other splits in OUT are kept)"),
+    ("--no-progress", bool, False, "no progress bar (log lines only)"),
+]
+_DEMO_OPTIONS = [
+    ("--classes", _positive_int, 6, "number of classes: 1..8 for 'shapes', 1..64 for 'shape-color' (default: 6)"),
+    ("--per-class", _positive_int, 100, "images per class (default: 100)"),
+    ("--size", _positive_int, 64, "image side in pixels (default: 64)"),
+    ("--seed", int, 0, "random seed; same seed, same bytes (default: 0)"),
+    ("--quality", _quality, 90, "JPEG quality (default: 90)"),
+    ("--overwrite", bool, False, "replace an existing demo-data folder"),
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
-        description="Pack image collections into WebDataset shards with Ray (exactly once, byte-identical, "
-                    "resumable), check them, or write the built-in demo images.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,demo-data}")
-
-    shard = sub.add_parser(
-        "shard", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="turn an ImageFolder tree, a folder of per-class .tar files or a CSV/JSONL manifest into shards",
-        description=textwrap.dedent("""\
+# sub-command -> (help, description, epilog), as `--help` shows them.
+_COMMANDS = {
+    "shard": (
+        "turn an ImageFolder tree, a folder of per-class .tar files or a CSV/JSONL manifest into shards",
+        textwrap.dedent("""\
             Write OUT/{split}-000000.tar ... and OUT/_info.json (timm-readable) from SRC.
 
             SRC is one of
@@ -66,11 +92,40 @@ def build_parser() -> argparse.ArgumentParser:
             Files that cannot be used are listed in OUT/rejects.jsonl with a reason; nothing is dropped silently.
             Re-running the same command resumes: complete, verified shards are kept, the rest is redone.
             """),
-        epilog=textwrap.dedent("""\
+        textwrap.dedent("""\
             example:
               python -m data_prep shard ~/imagenet21k ~/shards/in21k --split train --shard-size 1000 \\
                   --max-size 320 --quality 90 --dedup --seed 0 --ray-address auto
-            """))
+            """)),
+    "verify": (
+        "re-read every shard of OUT and check it against _info.json",
+        "Check every shard listed in OUT/_info.json: file present, bytes and sha256, sample count, every sample "
+        "complete (jpg, cls, json), labels within the class list, and one image per shard decodes. Exits 1 with "
+        "a report on any mismatch.",
+        "example:\n  python -m data_prep verify runs/demo/shards --split train\n"),
+    "demo-data": (
+        "write the built-in demo images (coloured shapes on textured backgrounds) as an ImageFolder tree",
+        "Write OUT/<class>/<class>_00000.jpg ...: one shape per image, random position, scale and rotation, on a "
+        "noisy textured background. Deterministic: the same arguments give byte-identical files.",
+        textwrap.dedent("""\
+            examples:
+              python -m data_prep demo-data runs/demo/pretrain --classes 8 --per-class 300 --label-set shapes
+              python -m data_prep demo-data runs/demo/finetune --classes 9 --per-class 100 --label-set shape-color
+            """)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Pack image collections into WebDataset shards with Ray (exactly once, byte-identical, "
+                    "resumable), check them, or write the built-in demo images.",
+        epilog=_EPILOG, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,demo-data}")
+    shard, verify, demo = (sub.add_parser(name, help=help_, description=description, epilog=epilog,
+                                          formatter_class=raw)
+                           for name, (help_, description, epilog) in _COMMANDS.items())
     shard.add_argument("src", type=Path, help="ImageFolder tree, folder of <class>.tar files, or .csv/.jsonl manifest")
     shard.add_argument("out", type=Path, help="output folder (shared by every node on a cluster); several splits "
                        "may share it, e.g. --split train then --split val")
@@ -84,71 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "ImageNet-1K synsets) or a JSON list / {\"classes\": [...]} (e.g. another split's "
                             "_info.json); images of other classes are rejected as 'unknown_class' "
                             "(default: the sorted class names found in SRC)")
-    shard.add_argument("--shard-size", type=_positive_int, default=1000,
-                       help="samples per shard; the last shard may be short, and so may a shard holding a file "
-                            "that only fails when fully decoded (exact lengths go to _info.json) (default: 1000)")
-    shard.add_argument("--seed", type=int, default=0,
-                       help="global shuffle seed: a sample's shard and position depend only on the input list "
-                            "and this seed (default: 0)")
-    shard.add_argument("--max-size", type=_non_negative_int, default=256,
-                       help="downscale so the shorter side is at most this many pixels (never upscale); "
-                            "0 keeps the size (default: 256)")
-    shard.add_argument("--max-aspect", type=_aspect, default=4.0,
-                       help="also cap the longer side at max-size * this, so panoramas do not stay huge "
-                            "(default: 4.0)")
-    shard.add_argument("--quality", type=_quality, default=90,
-                       help="JPEG quality of re-encoded images; JPEGs already within size, upright and RGB "
-                            "keep their original bytes (default: 90)")
-    shard.add_argument("--max-pixels", type=_positive_int, default=89_478_485,
-                       help="reject images with more pixels than this as 'too_many_pixels' (decompression "
-                            "bomb guard; default: Pillow's 89,478,485)")
-    shard.add_argument("--dedup", action="store_true",
-                       help="write exact duplicates (same source bytes) once; the others go to rejects.jsonl "
-                            "as 'duplicate' and are counted in _info.json")
-    shard.add_argument("--workers", type=_positive_int, default=None,
-                       help="at most this many shard tasks at once (default: every CPU of the local machine "
-                            "or of the cluster)")
+    _add_options(shard, _SHARD_OPTIONS)
     shard.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="Ray cluster to join: 'auto' or host:port (a cluster with token authentication "
                             "also needs RAY_AUTH_MODE=token and its token, as any Ray driver does); default: start "
                             "a private local Ray on 127.0.0.1 that ends with this command")
-    shard.add_argument("--overwrite", action="store_true",
-                       help="replace this split in OUT even if it was made from other inputs or options "
-                            "(other splits in OUT are kept)")
-    shard.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    _add_options(shard, _SHARD_FLAGS)
 
-    verify = sub.add_parser(
-        "verify", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="re-read every shard of OUT and check it against _info.json",
-        description="Check every shard listed in OUT/_info.json: file present, bytes and sha256, sample count, "
-                    "every sample complete (jpg, cls, json), labels within the class list, and one image per "
-                    "shard decodes. Exits 1 with a report on any mismatch.",
-        epilog="example:\n  python -m data_prep verify runs/demo/shards --split train\n")
     verify.add_argument("out", type=Path, help="shard folder holding _info.json")
     verify.add_argument("--split", default=None, help="check only this split (default: every split)")
 
-    demo = sub.add_parser(
-        "demo-data", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="write the built-in demo images (coloured shapes on textured backgrounds) as an ImageFolder tree",
-        description="Write OUT/<class>/<class>_00000.jpg ...: one shape per image, random position, scale and "
-                    "rotation, on a noisy textured background. Deterministic: the same arguments give "
-                    "byte-identical files.",
-        epilog=textwrap.dedent("""\
-            examples:
-              python -m data_prep demo-data runs/demo/pretrain --classes 8 --per-class 300 --label-set shapes
-              python -m data_prep demo-data runs/demo/finetune --classes 9 --per-class 100 --label-set shape-color
-            """))
     demo.add_argument("out", type=Path, help="folder to create (must be new or empty, or pass --overwrite)")
-    demo.add_argument("--classes", type=_positive_int, default=6,
-                      help="number of classes: 1..8 for 'shapes', 1..64 for 'shape-color' (default: 6)")
-    demo.add_argument("--per-class", type=_positive_int, default=100, help="images per class (default: 100)")
-    demo.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
+    _add_options(demo, _DEMO_OPTIONS[:4])
     demo.add_argument("--label-set", choices=["shapes", "shape-color"], default="shapes",
                       help="'shapes': label = shape kind, colour random; 'shape-color': label = (shape, colour) "
                            "pair, folder names like circle-red (default: shapes)")
-    demo.add_argument("--quality", type=_quality, default=90, help="JPEG quality (default: 90)")
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing demo-data folder")
+    _add_options(demo, _DEMO_OPTIONS[4:])
     return parser
 
 
@@ -187,17 +193,12 @@ def _run_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
+    """User errors: one line `error: ...`, exit 2; Ctrl-C: a hint to re-run (the job resumes), exit 130."""
     args = build_parser().parse_args(argv)
     handlers = {"demo-data": _run_demo, "shard": _run_shard, "verify": _run_verify}
-    try:
-        return handlers[args.command](args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

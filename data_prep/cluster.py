@@ -18,7 +18,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .errors import UserError
+from core.errors import UserError
 
 _LOOPBACK = ("127.0.0.1", "localhost")
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

@@ -24,18 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import UserError
+from core.errors import UserError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 185, 60),
-    "blue": (40, 80, 235),
-    "yellow": (240, 215, 40),
-    "magenta": (215, 50, 200),
-    "cyan": (40, 215, 225),
-    "orange": (250, 140, 30),
-    "white": (245, 245, 245),
+COLOURS = {  # name -> RGB; the order fixes the shape-color grid
+    "red": (220, 40, 40), "green": (40, 185, 60), "blue": (40, 80, 235), "yellow": (240, 215, 40),
+    "magenta": (215, 50, 200), "cyan": (40, 215, 225), "orange": (250, 140, 30), "white": (245, 245, 245),
 }
 LABEL_SETS = ("shapes", "shape-color")
 _SUPERSAMPLE = 2  # shapes are drawn at 2x and reduced: cheap anti-aliasing
@@ -55,18 +49,16 @@ class DemoDataConfig:
 
 def class_specs(num_classes: int, label_set: str) -> list[tuple[str, str, str | None]]:
     """(folder name, shape, colour or None) for each class, in a fixed order."""
+    if label_set not in LABEL_SETS:
+        raise UserError(f"--label-set {label_set!r}: choose one of {', '.join(LABEL_SETS)}")
+    most = len(SHAPES) if label_set == "shapes" else min(len(SHAPES), len(COLOURS)) ** 2
+    if not 1 <= num_classes <= most:
+        raise UserError(f"--classes {num_classes}: the {label_set!r} label set has 1..{most} classes")
     if label_set == "shapes":
-        if not 1 <= num_classes <= len(SHAPES):
-            raise UserError(f"--classes {num_classes}: the 'shapes' label set has 1..{len(SHAPES)} classes")
         return [(shape, shape, None) for shape in SHAPES[:num_classes]]
-    if label_set == "shape-color":
-        most = min(len(SHAPES), len(COLOURS)) ** 2
-        if not 1 <= num_classes <= most:
-            raise UserError(f"--classes {num_classes}: the 'shape-color' label set has 1..{most} classes")
-        side = math.ceil(math.sqrt(num_classes))
-        grid = [(s, c) for s in SHAPES[:side] for c in list(COLOURS)[:side]]
-        return [(f"{s}-{c}", s, c) for s, c in grid[:num_classes]]
-    raise UserError(f"--label-set {label_set!r}: choose one of {', '.join(LABEL_SETS)}")
+    side = math.ceil(math.sqrt(num_classes))
+    grid = [(s, c) for s in SHAPES[:side] for c in list(COLOURS)[:side]]
+    return [(f"{s}-{c}", s, c) for s, c in grid[:num_classes]]
 
 
 def _rotate(points: list[tuple[float, float]], angle: float, cx: float, cy: float) -> list[tuple[float, float]]:

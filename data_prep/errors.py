@@ -1,11 +1,7 @@
-"""The one exception type a user can cause: the CLI prints its message on one line and exits 2."""
+"""data_prep's own error: an input that changed under a running job. User errors are core.errors.UserError."""
+from core.errors import UserError
 
-
-class UserError(Exception):
-    """Bad input from the user (missing folder, bad option, bad manifest row, refused OUT).
-
-    The message must name the file/option/value and say what to do; no traceback is shown.
-    """
+__all__ = ["InputChanged", "UserError"]
 
 
 class InputChanged(UserError):

@@ -13,8 +13,10 @@ import platform
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
-from .layout import INFO_NAME, REJECTS_NAME, STATE_DIR, read_json, write_json_atomic, write_text_atomic
+from core.errors import UserError
+from core.files import atomic_write_json, atomic_write_text
+
+from .layout import INFO_NAME, REJECTS_NAME, STATE_DIR, read_json
 
 INFO_FORMAT = 1
 
@@ -72,7 +74,7 @@ def merge_split(out: Path, split: str, entry: dict | None, rejects: list[dict]) 
             splits = dict(info.get("splits", {}))
             splits[split] = entry
             info = {"splits": dict(sorted(splits.items())), "classes": entry["classes"], "versions": versions()}
-            write_json_atomic(out / INFO_NAME, info, indent=1)
+            atomic_write_json(out / INFO_NAME, info, indent=1)
         kept = []
         path = out / REJECTS_NAME
         if path.exists():
@@ -84,7 +86,7 @@ def merge_split(out: Path, split: str, entry: dict | None, rejects: list[dict]) 
                 if record.get("split") != split:
                     kept.append(line)
         lines = kept + [json.dumps({"split": split, **r}, ensure_ascii=False, sort_keys=True) for r in rejects]
-        write_text_atomic(path, "".join(line + "\n" for line in lines))
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def drop_split(out: Path, split: str) -> None:
@@ -93,12 +95,12 @@ def drop_split(out: Path, split: str) -> None:
         info = load_info(out)
         if split in info.get("splits", {}):
             info["splits"] = {k: v for k, v in info["splits"].items() if k != split}
-            write_json_atomic(out / INFO_NAME, info, indent=1)
+            atomic_write_json(out / INFO_NAME, info, indent=1)
         path = out / REJECTS_NAME
         if path.exists():
             lines = [line for line in path.read_text(encoding="utf-8").splitlines()
                      if _split_of(line) != split]
-            write_text_atomic(path, "".join(line + "\n" for line in lines))
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _split_of(line: str):

@@ -20,10 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import UserError
+from core.errors import UserError
+
 from .images import ImageOptions, ScanResult
 from .info import drop_split, load_info, merge_split
-from .layout import INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, shard_name, state_dir
+from .layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale_shard_temps, shard_name,
+                     split_shards, state_dir)
 from .plan import Plan, build_plan, load_plan, save_plan, shard_hash
 from .sources import Listing, list_inputs
 from .tasks import file_sha256
@@ -95,13 +97,10 @@ def _check_paths(cfg: ShardConfig) -> None:
                         f"another OUT")
 
 
-def _split_files(out: Path, split: str) -> list[Path]:
-    return sorted(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
-
-
 def _remove_split(out: Path, split: str) -> None:
-    for path in _split_files(out, split) + sorted(out.glob(f".{split}-*.tmp")):
+    for path in split_shards(out, split):
         path.unlink(missing_ok=True)
+    remove_stale_shard_temps(out, split)
     shutil.rmtree(state_dir(out, split), ignore_errors=True)
     drop_split(out, split)
 
@@ -147,7 +146,7 @@ def _prepare_out(cfg: ShardConfig, fingerprint: str, options: dict) -> bool:
         raise UserError(f"{what} from an unfinished job with other inputs or options "
                         f"({_changed(saved.counts.get('options', {}), options)}); re-run that command to finish "
                         f"it, or pass --overwrite to replace it")
-    if entry is None and saved is None and _split_files(out, split):
+    if entry is None and saved is None and split_shards(out, split):
         raise UserError(f"{what} as {split}-*.tar files that {INFO_NAME} does not describe; pass --overwrite "
                         f"to replace them, or choose another OUT or --split")
     return entry is not None and saved is None and _verify_complete(out, entry)
@@ -192,9 +191,17 @@ def _run_tasks(remote, calls: list[tuple], in_flight: int, on_result) -> None:
             on_result(index, result)
 
 
-def _scan(listing: Listing, cfg: ShardConfig, in_flight: int) -> dict[str, ScanResult]:
+def _run_with_bar(fn, calls: list[tuple], in_flight: int, on_result, bar: tqdm) -> None:
+    """`fn` as Ray tasks (one CPU each, retried if a worker dies) while `bar` shows progress; bar closed after."""
     import ray
 
+    try:
+        _run_tasks(ray.remote(num_cpus=1, max_retries=3)(fn), calls, in_flight, on_result)
+    finally:
+        bar.close()
+
+
+def _scan(listing: Listing, cfg: ShardConfig, in_flight: int) -> dict[str, ScanResult]:
     from .tasks import scan_chunk
 
     items = [(i.id, i.path, i.offset, i.size) for i in listing.inputs]
@@ -208,16 +215,11 @@ def _scan(listing: Listing, cfg: ShardConfig, in_flight: int) -> dict[str, ScanR
             results[file_id] = ScanResult(reason, detail, width, height, sha1)
         bar.update(len(rows))
 
-    try:
-        _run_tasks(ray.remote(num_cpus=1, max_retries=3)(scan_chunk), calls, in_flight, collect)
-    finally:
-        bar.close()
+    _run_with_bar(scan_chunk, calls, in_flight, collect, bar)
     return results
 
 
 def _write(plan: Plan, cfg: ShardConfig, in_flight: int) -> list[dict]:
-    import ray
-
     from .tasks import write_shard
 
     options = asdict(cfg.image_options())
@@ -236,10 +238,7 @@ def _write(plan: Plan, cfg: ShardConfig, in_flight: int) -> list[dict]:
         bar.set_postfix(shards=f"{sum(r is not None for r in receipts)}/{len(calls)}", resumed=resumed,
                         refresh=False)
 
-    try:
-        _run_tasks(ray.remote(num_cpus=1, max_retries=3)(write_shard), calls, in_flight, collect)
-    finally:
-        bar.close()
+    _run_with_bar(write_shard, calls, in_flight, collect, bar)
     return receipts  # type: ignore[return-value]
 
 
@@ -311,8 +310,7 @@ def run_shard_job(cfg: ShardConfig) -> JobResult:
     with _split_lock(cfg.out, cfg.split):
         if _prepare_out(cfg, fingerprint, options):
             return _up_to_date(cfg, start)
-        for stale in cfg.out.glob(f".{cfg.split}-*.tmp"):  # left by a killed run; never a complete shard
-            stale.unlink(missing_ok=True)
+        remove_stale_shard_temps(cfg.out, cfg.split)  # left by a killed run; never a complete shard
         from .cluster import ray_session
 
         ray_start = time.perf_counter()
@@ -340,8 +338,7 @@ def run_shard_job(cfg: ShardConfig) -> JobResult:
             write_start = time.perf_counter()
             receipts = _write(plan, cfg, session.in_flight)
             phases["write"] = round(time.perf_counter() - write_start, 3)
-        for stale in cfg.out.glob(f".{cfg.split}-*.tmp"):  # temp files of workers killed mid-shard (retried)
-            stale.unlink(missing_ok=True)
+        remove_stale_shard_temps(cfg.out, cfg.split)  # temp files of workers killed mid-shard (retried)
         seconds = time.perf_counter() - start
         entry, rejects = _split_entry(cfg, listing, plan, receipts, options, seconds, phases)
         merge_split(cfg.out, cfg.split, entry, rejects)

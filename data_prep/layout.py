@@ -1,18 +1,18 @@
-"""Where things live in OUT, and the small atomic-write helpers every writer uses.
+"""Where things live in OUT. Writes go through core.files (temp beside the target, fsync, rename).
 
-    OUT/{split}-000000.tar            shards (final names appear only once complete)
-    OUT/.{split}-000000.tar.<uuid>.tmp  a shard being written (removed on the next run if left behind)
-    OUT/_info.json                    timm-readable description of every split
-    OUT/rejects.jsonl                 one line per skipped file, every split
-    OUT/_state/{split}/plan.json.gz   the plan of a running job (deleted when the split is complete)
+    OUT/{split}-000000.tar              shards (final names appear only once complete)
+    OUT/.{split}-000000.tar.tmp.<pid>   a shard being written (removed on the next run if left behind)
+    OUT/_info.json                      timm-readable description of every split
+    OUT/rejects.jsonl                   one line per skipped file, every split
+    OUT/_state/{split}/plan.json.gz     the plan of a running job (deleted when the split is complete)
     OUT/_state/{split}/receipts/{split}-000000.json   written after its shard was renamed into place
 """
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
+
+from core.files import stale_temps
 
 INFO_NAME = "_info.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -23,9 +23,16 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def temp_path(out: Path, final_name: str) -> Path:
-    """Unique per attempt: a retried task never writes into the file of a task it replaced."""
-    return out / f".{final_name}.{uuid.uuid4().hex}.tmp"
+def split_shards(out: Path, split: str) -> list[Path]:
+    """The finished shards of a split on disk (temp files start with a dot and never match)."""
+    return sorted(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def remove_stale_shard_temps(out: Path, split: str) -> None:
+    """Delete the temp files of shard writers that were killed (never a complete shard)."""
+    legacy = out.glob(f".{split}-*.tmp")  # the naming of data_prep before core.files
+    for stale in [*stale_temps(out, f"{split}-*.tar"), *legacy]:
+        stale.unlink(missing_ok=True)
 
 
 def state_dir(out: Path, split: str) -> Path:
@@ -38,40 +45,6 @@ def plan_path(out: Path, split: str) -> Path:
 
 def receipt_path(out: Path, split: str, filename: str) -> Path:
     return state_dir(out, split) / "receipts" / f"{Path(filename).stem}.json"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (no-op where directories cannot be opened, e.g. some network filesystems)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload, indent: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path.parent, path.name)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=indent, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = temp_path(path.parent, path.name)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path):

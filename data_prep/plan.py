@@ -12,11 +12,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.files import atomic_path
 
 from .images import ScanResult
 from .sources import Listing
@@ -117,10 +118,8 @@ def save_plan(plan: Plan, path: Path) -> None:
     payload = {"format": PLAN_FORMAT, "fingerprint": plan.fingerprint, "classes": plan.classes,
                "shards": [[e.to_list() for e in shard] for shard in plan.shards], "rejects": plan.rejects,
                "counts": plan.counts}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with gzip.GzipFile(tmp, "wb", mtime=0) as handle:
+    with atomic_path(path) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as handle:
         handle.write(json.dumps(payload).encode("utf-8"))
-    os.replace(tmp, path)
 
 
 def load_plan(path: Path) -> Plan | None:

@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from core.errors import UserError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, plus .gif (Pillow reads it); compared lower-case, so .JPG and
 # .Jpeg count too. Anything else (.DS_Store, .txt, .json) is a "non_image_file".

@@ -9,22 +9,24 @@ tensor), and ``TarWriter`` is a thin loop over ``tarfile.addfile`` anyway. We wr
 writes (USTAR headers; per sample ``<key>.cls``, ``<key>.jpg``, ``<key>.json`` in sorted order; mode 0444)
 and pin every field that would otherwise vary: mtime 0, uid/gid 0, fixed uname/gname. The result is
 byte-identical on every run and is read back by stock ``webdataset.WebDataset`` and
-``ray.data.read_webdataset`` in the tests. We stream into our own file object so that we control the
-temp name, the fsync and the rename, and hash the bytes as they are written instead of reading back.
+``ray.data.read_webdataset`` in the tests. We stream into our own file object (a temp file from
+``core.files.atomic_path``, fsynced and renamed only when complete) and hash the bytes as they are written
+instead of reading them back.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
 import tarfile
 import time
 from pathlib import Path
 
+from core.files import atomic_path, atomic_write_json
+
 from .errors import InputChanged
 from .images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
-from .layout import fsync_dir, read_json, receipt_path, temp_path, write_json_atomic
+from .layout import read_json, receipt_path
 from .plan import Entry
 
 TAR_MTIME = 0            # every member gets this mtime: reproducible archives
@@ -130,6 +132,28 @@ def valid_receipt(out: Path, split: str, filename: str, plan_hash: str) -> dict 
     return receipt if file_sha256(tar) == receipt.get("sha256") else None
 
 
+def _sample_parts(entry: Entry, opts: ImageOptions, rejects: list[dict]) -> dict[str, bytes] | None:
+    """The tar members of one sample, or None (and a reject) when its full decode fails."""
+    # A read error or other bytes now would make the shard depend on *when* it was written: stop the job
+    # instead of dropping the sample (re-running resumes).
+    try:
+        data = read_bytes(entry.path, entry.offset, entry.size)
+    except (OSError, ImageRejected) as err:
+        raise InputChanged(f"{entry.id} cannot be read any more ({err}); it was readable when the "
+                           f"job scanned it: restore it and re-run, or re-run with --overwrite") from None
+    if hashlib.sha1(data).hexdigest() != entry.sha1:
+        raise InputChanged(f"{entry.id} changed while the job ran (sha1 differs from the scan); "
+                           f"re-run with --overwrite to start over")
+    try:
+        jpg, _w, _h = encode(data, opts)
+    except ImageRejected as err:
+        rejected = classify_error(err)
+        rejects.append({"source": entry.id, "class": entry.class_name, "reason": rejected.reason,
+                        "detail": rejected.detail})
+        return None
+    return {"jpg": jpg, "cls": str(entry.label).encode("ascii"), "json": sample_json(entry)}
+
+
 def write_shard(out: str, split: str, filename: str, plan_hash: str, rows: list[list], options: dict) -> dict:
     """Write one complete shard, or confirm the one already there; return its receipt.
 
@@ -146,43 +170,20 @@ def write_shard(out: str, split: str, filename: str, plan_hash: str, rows: list[
     opts = ImageOptions(**options)
     entries = [Entry(*row) for row in rows]
     rejects, written = [], 0
-    tmp = temp_path(out_dir, filename)
-    try:
-        with open(tmp, "wb") as handle:
-            stream = _HashingFile(handle)
-            sink = ShardTarWriter(stream)
-            for entry in entries:
-                # A read error or other bytes now would make this shard depend on *when* it was written:
-                # stop the job instead of dropping the sample (re-running resumes).
-                try:
-                    data = read_bytes(entry.path, entry.offset, entry.size)
-                except (OSError, ImageRejected) as err:
-                    raise InputChanged(f"{entry.id} cannot be read any more ({err}); it was readable when the "
-                                       f"job scanned it: restore it and re-run, or re-run with --overwrite") from None
-                if hashlib.sha1(data).hexdigest() != entry.sha1:
-                    raise InputChanged(f"{entry.id} changed while the job ran (sha1 differs from the scan); "
-                                       f"re-run with --overwrite to start over")
-                try:
-                    jpg, _w, _h = encode(data, opts)
-                except ImageRejected as err:
-                    rejected = classify_error(err)
-                    rejects.append({"source": entry.id, "class": entry.class_name, "reason": rejected.reason,
-                                    "detail": rejected.detail})
-                    continue
-                sink.write(entry.key, {"jpg": jpg, "cls": str(entry.label).encode("ascii"),
-                                       "json": sample_json(entry)})
+    with atomic_path(out_dir / filename) as tmp, open(tmp, "wb") as handle:  # fsync + rename on success
+        stream = _HashingFile(handle)
+        sink = ShardTarWriter(stream)
+        for entry in entries:
+            parts = _sample_parts(entry, opts, rejects)
+            if parts is not None:
+                sink.write(entry.key, parts)
                 written += 1
-            sink.close()
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out_dir / filename)
-        fsync_dir(out_dir)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        sink.close()
     receipt = {"filename": filename, "plan_hash": plan_hash, "num_samples": written, "bytes": stream.bytes,
                "sha256": stream.sha256.hexdigest(), "rejects": rejects, "node_id": _node_id(),
                "seconds": round(time.perf_counter() - start, 3),
                "cpu_seconds": round(time.process_time() - cpu_start, 3)}
-    write_json_atomic(receipt_path(out_dir, split, filename), receipt)
+    path = receipt_path(out_dir, split, filename)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, receipt, indent=None)
     return {**receipt, "resumed": False}

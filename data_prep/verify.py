@@ -16,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import UserError
+from core.errors import UserError
+
 from .info import load_info
 from .layout import INFO_NAME
 

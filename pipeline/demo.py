@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import UserError, cli_main
 from pipeline.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,7 @@ def launcher(ranks: int) -> list[str]:
             "--module"]
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (replaced on each run)")
@@ -68,10 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).resolve()
     marker = out / ".coatnet-demo"
     made_by_demo = marker.exists() or (out / "summary.json").exists()
-    if out.exists() and any(out.iterdir()) and not made_by_demo:
-        print(f"demo: {out} exists and was not made by the demo; pass another --out or remove it yourself",
-              file=sys.stderr)
-        sys.exit(2)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not made_by_demo:
+        raise UserError(f"--out {out} exists and was not made by the demo; pass another --out or remove it "
+                        f"yourself")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -138,4 +139,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,12 +14,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from pipeline.config import UserError, format_help, load_config
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    # pipeline.config.UserError, and the same idea from other packages (data_prep.errors.UserError).
-    return isinstance(exc, UserError) or any(c.__name__ == "UserError" for c in type(exc).__mro__)
+from core.errors import cli_main
+from pipeline.config import format_help, load_config
 
 
 def _rank() -> int:
@@ -41,27 +37,22 @@ def build_parser(prog: str, mode: str, description: str) -> argparse.ArgumentPar
     return parser
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None, mode: str = "pretrain", description: Optional[str] = None) -> int:
+    """Every rank raises the same UserError; cli_main prints it on rank 0 only (one line, exit 2)."""
     prog = f"python -m pipeline.{mode}"
     args = build_parser(prog, mode, description or __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_config(args.config, args.overrides, defaults=mode)
-        if args.print_config:
-            import yaml
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-            return 0
-        if mode == "finetune" and not cfg.pretrained:
-            logging.getLogger("pipeline.train").warning("fine-tuning with pretrained=null: training from scratch")
-        from pipeline.trainer import run
-        run(cfg, mode=mode)
-    except Exception as exc:  # noqa: BLE001 - user errors become one line, everything else re-raises
-        if not _is_user_error(exc):
-            raise
-        if _rank() == 0 or "RANK" not in os.environ:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides, defaults=mode)
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if mode == "finetune" and not cfg.pretrained:
+        logging.getLogger("pipeline.train").warning("fine-tuning with pretrained=null: training from scratch")
+    from pipeline.trainer import run
+    run(cfg, mode=mode)
     return 0
 
 

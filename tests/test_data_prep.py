@@ -13,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision.datasets.folder import find_classes
 
+from core.files import stale_temps
 from data_prep.cli import main
 from data_prep.demo_data import DemoDataConfig, generate
 from data_prep.errors import InputChanged, UserError
@@ -232,7 +233,7 @@ def test_write_shard_is_byte_identical_atomic_and_resumable(tmp_path):
     first, second = ((o / "train-000000.tar").read_bytes() for o in outs)
     assert first == second and receipts[0]["sha256"] == hashlib.sha256(first).hexdigest()
     assert receipts[0]["num_samples"] == 7 and receipts[0]["bytes"] == len(first)
-    assert not list(outs[0].glob(".*.tmp"))
+    assert not stale_temps(outs[0])
 
     samples = list(wds.WebDataset(str(outs[0] / "train-000000.tar"), shardshuffle=False))
     assert [s["__key__"] for s in samples] == [r[0] for r in rows]
@@ -261,7 +262,7 @@ def test_write_shard_drops_files_that_fail_the_full_decode(tmp_path):
     bad.write_bytes(b"")  # other content than the scan saw: the job must stop, not write a different shard
     with pytest.raises(InputChanged, match="changed while the job ran"):
         write_shard(str(tmp_path), "train", "train-000000.tar", "h", rows, {"max_size": 32})
-    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob("*.tar")) and not stale_temps(tmp_path)
     bad.unlink()
     with pytest.raises(InputChanged, match="cannot be read any more"):
         write_shard(str(tmp_path), "train", "train-000000.tar", "h", rows, {"max_size": 32})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from core.files import stale_temps
 from tests.conftest import free_port
 from tests.test_data_prep_helpers import make_jpeg_tree
 
@@ -75,7 +76,7 @@ def test_sigkill_part_way_then_rerun_is_exactly_once_and_byte_identical(tmp_path
     assert {k: v for k, v in _tars(killed).items() if k in partial} == partial  # kept shards were complete
     sources = _sources(killed)
     assert len(sources) == len(set(sources)) == len(expected) and set(sources) == set(expected)
-    assert not list(killed.glob(".*.tmp"))
+    assert not stale_temps(killed) and not list(killed.glob(".*.tmp"))
     info = json.loads((killed / "_info.json").read_text())["splits"]["train"]
     assert info["run"]["resumed_shards"] >= len(partial) and info["num_samples"] == len(expected)
 
