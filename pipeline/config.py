@@ -69,6 +69,10 @@ class DataConfig:
     val_split: str = _f("val", "split name inside the val shard folder")
     image_size: Union[int, list] = _f(64, "training resolution: int or [H, W], each divisible by 32")
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process)")
+    prefetch_factor: int = _f(4, "batches each worker keeps ready; shared memory per rank is about (num_workers x "
+                                 "prefetch_factor + 2) x micro_batch_size x 3 x H x W bytes (uint8 images)")
+    decode: str = _f("cpu", "where JPEGs are decoded and augmented: cpu (in the workers) or gpu (workers ship JPEG "
+                            "bytes; nvJPEG decode, crop, flip and RandAugment on the training GPU)", ("cpu", "gpu"))
     shuffle_buffer: int = _f(1000, "samples in the shuffle buffer (0 or 1 disables sample shuffling)")
     min_crop_scale: float = _f(0.08, "RandomResizedCrop's smallest crop, as a fraction of the image area "
                                      "(Inception: 0.08)")
@@ -275,7 +279,7 @@ _RANGES += [(key, lambda v: v >= 0, ">= 0") for key in (
     "train.steps", "train.epochs", "train.eval_every", "data.num_workers", "data.shuffle_buffer",
     "data.randaugment_layers", "optim.warmup_steps", "optim.warmup_epochs", "checkpoint.every_steps", "optim.lr",
     "optim.min_lr", "train.grad_clip", "data.mixup_alpha", "data.cutmix_alpha")]
-_RANGES += [("checkpoint.keep", lambda v: v >= 1, ">= 1")]
+_RANGES += [(key, lambda v: v >= 1, ">= 1") for key in ("checkpoint.keep", "data.prefetch_factor")]
 _RANGES += [(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in ("train.ema_decay", "loss.label_smoothing",
                                                                   "model.drop_path_rate")]
 _RANGES += [("data.randaugment_magnitude", lambda v: 0 <= v <= 30, "in 0..30")]

@@ -18,6 +18,10 @@ Design (why it resumes exactly and never hangs a collective)
   So data order and augmentation are a pure function of (seed, epoch/pass, rank, worker, position), and
   resuming replays the raw samples of the current pass through the buffer WITHOUT decoding them (only tar
   headers and bytes are read), then continues bit for bit.
+* Where. Workers always ship uint8: the crops (data.decode=cpu), or the raw JPEG bytes with each sample's
+  seed (data.decode=gpu, decoded and augmented on the device). Normalisation and MixUp/CutMix run in
+  TrainLoader on the training device after the transfer (pipeline.device_augment, which also bounds the
+  shared memory per rank).
 * Epochs. An epoch is num_samples // global_batch_size optimizer steps (the trainer's definition). Every
   rank draws the same number of micro-batches from its infinite stream, so no rank runs dry before the
   others and no collective hangs at an epoch's end, whatever the shard sizes.
@@ -40,7 +44,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from pipeline.shards import ShardSet, decode_sample, worker_init
+from pipeline.device_augment import DeviceBatch, check_decode, pack_jpegs, shared_memory_bytes
+from pipeline.shards import ShardSet, check_jpeg_header, decode_sample, split_sample, worker_init
 
 log = logging.getLogger("pipeline.data")
 
@@ -96,22 +101,23 @@ class _CorruptionCounter:
 
 
 class TrainStream(IterableDataset):
-    """Infinite, deterministic stream of (images, labels, position) micro-batches for one rank.
+    """Infinite, deterministic stream of uint8 micro-batches for one rank.
 
-    Yields dicts {"images": uint8 NCHW (or float normalised when `transform` normalises, e.g. for MixUp),
-    "labels": int64 (B,) or float (B, C) with MixUp/CutMix,
-    "worker": logical worker, "position": StreamPosition dict after the batch}.
+    Yields dicts {"labels": int64 (B,), "mix_seed": the batch's MixUp/CutMix seed, "worker": logical worker,
+    "position": StreamPosition dict after the batch} plus, with `transform` (data.decode=cpu),
+    "images": uint8 (B, 3, H, W); without (data.decode=gpu), "jpeg"/"jpeg_offsets" (pack_jpegs) and "seeds":
+    int64 (B,), each sample's augmentation seed, for pipeline.device_augment.augment_on_device.
     """
 
     def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
-                 micro_batch_size: int, transform: Callable, mix: Optional[Callable] = None,
-                 shuffle_buffer: int = 1000, positions: Optional[dict[int, dict]] = None, worker_offset: int = 0,
+                 micro_batch_size: int, transform: Optional[Callable], shuffle_buffer: int = 1000,
+                 positions: Optional[dict[int, dict]] = None, worker_offset: int = 0,
                  num_classes: Optional[int] = None):
         self.shards = shards
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.micro_batch_size = micro_batch_size
-        self.transform, self.mix = transform, mix
+        self.transform = transform
         self.shuffle_buffer = shuffle_buffer
         self.positions = {int(k): v for k, v in (positions or {}).items()}
         self.worker_offset = worker_offset
@@ -144,11 +150,30 @@ class TrainStream(IterableDataset):
                 handler(ValueError(f"{url}: read {count} of its {expected} samples; the shard is truncated or "
                                    f"damaged"))
 
-    def _transform(self, image: torch.Tensor, sample_seed: int) -> torch.Tensor:
+    def _prepare(self, sample: dict, sample_seed: int) -> tuple[Any, int]:
+        """One raw sample -> (uint8 crop, or checked JPEG bytes when decoding on the device; label)."""
+        if self.transform is None:
+            data, label = split_sample(sample)
+            check_jpeg_header(data)
+        else:
+            image, label = decode_sample(sample)
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} outside 0..{self.num_classes - 1}")
+        if self.transform is None:
+            return data, label
         # Only the CPU generator (the transforms run on CPU tensors): torch.manual_seed would also queue lazy
         # CUDA/XPU/MTIA seeding with a formatted stack trace each time, ~0.8 ms per image.
         torch.default_generator.manual_seed(sample_seed)
-        return self.transform(image)
+        return self.transform(image), label
+
+    def _collate(self, items: list, labels: list[int], seeds: list[int], mix_seed: int) -> dict:
+        batch = {"labels": torch.tensor(labels, dtype=torch.int64), "mix_seed": mix_seed}
+        if self.transform is None:
+            batch["jpeg"], batch["jpeg_offsets"] = pack_jpegs(items)
+            batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
+        else:
+            batch["images"] = default_collate(items)  # stacks straight into shared memory in a worker
+        return batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -174,7 +199,7 @@ class TrainStream(IterableDataset):
             yield from self._batches(stream, worker, pos, handler)
 
     def _batches(self, stream: int, worker: int, pos: StreamPosition, handler: _CorruptionCounter):
-        images, labels = [], []
+        items, labels, seeds = [], [], []
         first = None  # (pass, offset) of the batch's first sample: seeds MixUp/CutMix
         empty_passes = 0
         pass_index, skip = pos.pass_index, pos.offset
@@ -196,28 +221,22 @@ class TrainStream(IterableDataset):
                 got_any = True
                 sample_seed = derive_seed(self.seed, _TAG_SAMPLE, pass_index, stream, offset)
                 try:
-                    image, label = decode_sample(sample)
-                    if self.num_classes is not None and not 0 <= label < self.num_classes:
-                        raise ValueError(f"label {label} outside 0..{self.num_classes - 1}")
-                    image = self._transform(image, sample_seed)
+                    item, label = self._prepare(sample, sample_seed)
                 except Exception as exn:  # a bad JPEG or label: skip it, count it, carry on
                     exn.args = exn.args + (f"sample {sample.get('__key__')} of {sample.get('__url__')}",)
                     handler(exn)
                     continue
                 if first is None:
                     first = (pass_index, offset)
-                images.append(image)
+                items.append(item)
                 labels.append(label)
-                if len(images) == self.micro_batch_size:
-                    # default_collate stacks straight into shared memory in a worker (no copy on the way out).
-                    x, y = default_collate(images), torch.tensor(labels, dtype=torch.int64)
-                    if self.mix is not None:
-                        torch.default_generator.manual_seed(derive_seed(self.seed, _TAG_MIX, first[0], stream,
-                                                                        first[1]))
-                        x, y = self.mix(x, y)
-                    yield {"images": x, "labels": y, "worker": worker,
-                           "position": StreamPosition(pass_index, offset, handler.count).to_dict()}
-                    images, labels, first = [], [], None
+                seeds.append(sample_seed)
+                if len(items) == self.micro_batch_size:
+                    mix_seed = derive_seed(self.seed, _TAG_MIX, first[0], stream, first[1])
+                    batch = self._collate(items, labels, seeds, mix_seed)
+                    batch.update(worker=worker, position=StreamPosition(pass_index, offset, handler.count).to_dict())
+                    yield batch
+                    items, labels, seeds, first = [], [], [], None
             empty_passes = 0 if got_any else empty_passes + 1
             if empty_passes > self.world_size * self.num_workers + 1:
                 raise RuntimeError(f"stream {stream} read no samples in {empty_passes} passes: every shard of "
@@ -228,9 +247,10 @@ class TrainStream(IterableDataset):
 class TrainLoader:
     """The rank's training batches plus the bookkeeping that makes them resumable.
 
-    Yields (images float32 normalised NCHW on `device`, labels). For an accelerator without MixUp/CutMix the
-    workers ship uint8 crops (4x less inter-process traffic and host-to-device copy) and the batch is normalised
-    on the device; otherwise the workers normalise each image.
+    Yields (images float32 normalised NCHW on `device`, targets on `device`: int64 labels, or soft (B, C)
+    float with MixUp/CutMix). Workers ship uint8; normalisation, MixUp/CutMix and with decode="gpu" the JPEG
+    decode and augmentation run here on `device` (pipeline.device_augment). decode="gpu" runs on any device
+    given (the tests use the CPU); build_train_loader refuses it without CUDA.
 
     `state_dict()` -> {"layout": ..., "batches": micro-batches consumed, "positions": {worker: position}}.
     """
@@ -240,7 +260,8 @@ class TrainLoader:
                  min_crop_scale: float = 0.08,
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: Optional[int] = None,
                  shuffle_buffer: int = 1000, state: Optional[dict] = None, pin_memory: bool = False,
-                 prefetch_factor: int = 4, device: Optional[torch.device] = None):
+                 prefetch_factor: int = 4, device: Optional[torch.device] = None, decode: str = "cpu"):
+        from pipeline.device_augment import device_train_transform
         from pipeline.transforms import batch_mix_transform, train_transform
 
         self.layout = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": num_workers,
@@ -248,43 +269,54 @@ class TrainLoader:
         self.shards = shards
         self.batches = 0
         self.positions: dict[int, dict] = {}
-        worker_offset = 0
-        if state:
-            if state.get("layout") == self.layout:
-                self.batches = int(state["batches"])
-                self.positions = {int(k): v for k, v in state["positions"].items()}
-                worker_offset = self.batches % max(1, num_workers)
-            else:
-                # Different world size / workers / batch: the old streams cannot continue. Start all streams at
-                # the pass after the furthest one seen, so no data is replayed immediately.
-                passes = [int(p["pass"]) for p in state.get("positions", {}).values()] or [-1]
-                corrupt = sum(int(p.get("corrupt", 0)) for p in state.get("positions", {}).values())
-                nxt = max(passes) + 1
-                self.positions = {w: {"pass": nxt, "offset": 0, "corrupt": corrupt if w == 0 else 0}
-                                  for w in range(max(1, num_workers))}
-                log.warning("data layout changed (%s -> %s): streams restart at pass %d", state.get("layout"),
-                            self.layout, nxt)
+        worker_offset = self._restore(state, num_workers)
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be cpu or gpu, got {decode!r}")
+        self.device = torch.device(device or "cpu")
+        augment = dict(randaugment_layers=randaugment_layers, randaugment_magnitude=randaugment_magnitude,
+                       scale=(min_crop_scale, 1.0))
+        on_device = device_train_transform(image_size, **augment) if decode == "gpu" else None
         mix = batch_mix_transform(num_classes, mixup_alpha, cutmix_alpha) if num_classes else None
-        self.device = device or torch.device("cpu")
-        # Where to normalise: on an accelerator, ship uint8 (4x less to move) and normalise there; on the CPU,
-        # per image in the workers (shipping uint8 and normalising whole batches in the consumer measured
-        # the same on 2 CPU cores). MixUp blends pixels, so it needs normalised floats in the workers.
-        self.normalize_here = mix is None and self.device.type != "cpu"
+        self.finish = DeviceBatch(self.device, mix=mix, transform=on_device)
         self.dataset = TrainStream(
             shards, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
             micro_batch_size=micro_batch_size,
-            transform=train_transform(image_size, randaugment_layers, randaugment_magnitude,
-                                      scale=(min_crop_scale, 1.0), normalize=not self.normalize_here),
-            mix=mix, shuffle_buffer=shuffle_buffer, positions=self.positions, worker_offset=worker_offset,
+            transform=train_transform(image_size, **augment, normalize=False) if decode == "cpu" else None,
+            shuffle_buffer=shuffle_buffer, positions=self.positions, worker_offset=worker_offset,
             num_classes=num_classes)
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = dict(num_workers=num_workers, worker_init_fn=worker_init, prefetch_factor=prefetch_factor,
                           persistent_workers=False)
+        if decode == "cpu" and rank == 0:
+            log.info("input pipeline: uint8 batches, at most %.2f GB of shared memory per rank (%d workers x "
+                     "prefetch %d + 2 batches of %d images)", shared_memory_bytes(
+                         num_workers, prefetch_factor, micro_batch_size, image_size) / 1e9,
+                     num_workers, prefetch_factor, micro_batch_size)
         # Its own generator: starting the workers must not draw from the trainer's global RNG (exact resume).
         self.loader = DataLoader(self.dataset, batch_size=None, pin_memory=pin_memory,
                                  generator=torch.Generator().manual_seed(seed), **kwargs)
         self._iter = None
+
+    def _restore(self, state: Optional[dict], num_workers: int) -> int:
+        """Take the saved positions (same layout) or restart at the next pass (changed layout); returns the
+        DataLoader worker whose turn comes first."""
+        if not state:
+            return 0
+        if state.get("layout") == self.layout:
+            self.batches = int(state["batches"])
+            self.positions = {int(k): v for k, v in state["positions"].items()}
+            return self.batches % max(1, num_workers)
+        # Different world size / workers / batch: the old streams cannot continue. Start all streams at the
+        # pass after the furthest one seen, so no data is replayed immediately.
+        passes = [int(p["pass"]) for p in state.get("positions", {}).values()] or [-1]
+        corrupt = sum(int(p.get("corrupt", 0)) for p in state.get("positions", {}).values())
+        nxt = max(passes) + 1
+        self.positions = {w: {"pass": nxt, "offset": 0, "corrupt": corrupt if w == 0 else 0}
+                          for w in range(max(1, num_workers))}
+        log.warning("data layout changed (%s -> %s): streams restart at pass %d", state.get("layout"),
+                    self.layout, nxt)
+        return 0
 
     def __iter__(self):
         return self
@@ -292,15 +324,10 @@ class TrainLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             self._iter = iter(self.loader)
-        from pipeline.transforms import normalize_batch
-
         batch = next(self._iter)
         self.batches += 1
         self.positions[int(batch["worker"])] = batch["position"]
-        images = batch["images"].to(self.device, non_blocking=True)
-        if self.normalize_here:
-            images = normalize_batch(images)
-        return images, batch["labels"].to(self.device, non_blocking=True)
+        return self.finish(batch)
 
     @property
     def corrupt_count(self) -> int:
@@ -317,10 +344,15 @@ class TrainLoader:
 def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_classes: int,
                        state: Optional[dict] = None, pin_memory: bool = False,
                        device: Optional[torch.device] = None) -> TrainLoader:
-    """The TrainLoader for a pipeline Config (see pipeline.config.DataConfig)."""
+    """The TrainLoader for a pipeline Config (see pipeline.config.DataConfig).
+
+    Raises UserError (one line) for data.decode=gpu on a rank without a CUDA device.
+    """
     d = cfg.data
+    check_decode(d.decode, device or torch.device("cpu"))
     return TrainLoader(shards, seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
                        micro_batch_size=cfg.train.micro_batch_size, image_size=cfg.image_hw,
                        randaugment_layers=d.randaugment_layers, randaugment_magnitude=d.randaugment_magnitude,
-                       min_crop_scale=d.min_crop_scale, mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha, num_classes=num_classes,
-                       shuffle_buffer=d.shuffle_buffer, state=state, pin_memory=pin_memory, device=device)
+                       min_crop_scale=d.min_crop_scale, mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha,
+                       num_classes=num_classes, shuffle_buffer=d.shuffle_buffer, state=state,
+                       pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, device=device, decode=d.decode)

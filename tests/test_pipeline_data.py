@@ -115,7 +115,7 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path):
 
 
 def test_batch_normalisation_matches_the_per_image_transform():
-    """The accelerator path (uint8 batches normalised on the device) gives the CPU path's values."""
+    """normalize_batch (uint8 batches normalised on the training device) gives the per-image transform's values."""
     from torchvision.transforms import v2
 
     from pipeline.transforms import MEAN, STD, normalize_batch
