@@ -8,6 +8,13 @@
 * A different world size (or ZeRO stage) cannot load ZeRO partitions saved by another layout: the newest
   checkpoint is converted once with DeepSpeed's `ds_to_universal` into `checkpoints/universal/<tag>/` and
   loaded with the engine's `checkpoint.load_universal` option.
+
+The trainer uses one `Checkpointer`:
+
+    checkpointer = Checkpointer(ckpt_dir, keep, info, zero_stage)
+    resume = checkpointer.find_resume()          # before the engine: a universal load changes its config
+    checkpointer.restore(engine, state, resume)  # state: a pipeline.train_state.TrainState
+    checkpointer.save(engine, state)
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
+
+from core.files import atomic_write_json
 
 log = logging.getLogger("pipeline.checkpoint")
 
@@ -54,12 +63,8 @@ def read_marker(tag_dir: str) -> Optional[dict]:
 
 
 def write_marker(tag_dir: str, meta: dict) -> None:
-    tmp = os.path.join(tag_dir, MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(tag_dir, MARKER))  # atomic: the marker is there in full or not at all
+    """Mark a tag folder complete (atomic: the marker is there in full or not at all)."""
+    atomic_write_json(os.path.join(tag_dir, MARKER), meta, indent=None)
 
 
 def complete_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
@@ -129,3 +134,67 @@ def to_universal(info: CheckpointInfo) -> CheckpointInfo:
         ds_to_universal.main(args)
         write_marker(out, {**info.meta, "universal_of": info.path})
     return CheckpointInfo(out_root, info.tag, info.step, info.world_size, info.zero_stage, read_marker(out) or {})
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from, and whether it is a universal conversion of it."""
+    checkpoint: CheckpointInfo
+    universal: bool
+
+
+class Checkpointer:
+    """Saving, choosing and restoring a run's checkpoints in `ckpt_dir` (every rank holds one)."""
+
+    def __init__(self, ckpt_dir: str, keep: int, info, zero_stage: int):
+        self.ckpt_dir, self.keep, self.info, self.zero_stage = ckpt_dir, keep, info, zero_stage
+        self.saved_step = -1  # the step of the newest checkpoint this run holds (-1: none)
+
+    def find_resume(self) -> Optional[ResumePoint]:
+        """The newest complete checkpoint: rank 0 decides (and converts a changed layout), all ranks get it."""
+        from pipeline import distributed as D
+
+        resume = None
+        if self.info.is_main:
+            found = latest_complete(self.ckpt_dir)
+            resume = ResumePoint(found, False) if found is not None else None
+            if found is not None and self._layout_changed(found):
+                log.warning("checkpoint %s was written by %d ranks with ZeRO-%d; now %d ranks with ZeRO-%d: resuming "
+                            "through a universal checkpoint", found.tag, found.world_size, found.zero_stage,
+                            self.info.world_size, self.zero_stage)
+                resume = ResumePoint(to_universal(found), True)
+        return D.broadcast_object(resume)
+
+    def _layout_changed(self, found: CheckpointInfo) -> bool:
+        changed = found.world_size != self.info.world_size or found.zero_stage != self.zero_stage
+        return changed and found.zero_stage >= 1
+
+    def restore(self, engine, state, resume: ResumePoint) -> dict:
+        """Load model, optimizer and schedule into `engine` and the client state into `state`; returns it."""
+        found = resume.checkpoint
+        load_path, client = engine.load_checkpoint(found.dir, tag=found.tag, load_module_strict=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {found.path}")
+        state.load_state_dict(client)
+        # The optimizer's LR must match the (restored) schedule, also after a universal load.
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.saved_step = state.step
+        if self.info.is_main:
+            log.info("resumed from %s at step %d (samples seen %d)%s", found.path, state.step,
+                     int(client["samples_seen"]), " via universal checkpoint" if resume.universal else "")
+        return client
+
+    def save(self, engine, state) -> str:
+        """Save `engine` and `state` at `state.step` (collective), unless that step is already saved."""
+        from pipeline import distributed as D
+
+        if self.saved_step == state.step:
+            return tag_for(state.step)
+        D.sync_batchnorm_stats(engine.module)  # every rank's BatchNorm statistics agree in the checkpoint
+        tag = save(engine, self.ckpt_dir, state.step, state.state_dict(), self.keep,
+                   {"world_size": self.info.world_size, "zero_stage": self.zero_stage})
+        self.saved_step = state.step
+        if self.info.is_main:
+            log.info("saved checkpoint %s", os.path.join(self.ckpt_dir, tag))
+        return tag

@@ -5,31 +5,37 @@ the model's precision.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 
-class SoftmaxCrossEntropy(torch.nn.Module):
-    def __init__(self, label_smoothing: float = 0.1):
+class _SmoothedLoss(torch.nn.Module):
+    """A loss of (logits, integer or soft targets) with label smoothing `label_smoothing`."""
+
+    default_smoothing = 0.0
+
+    def __init__(self, label_smoothing: Optional[float] = None):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = self.default_smoothing if label_smoothing is None else label_smoothing
+
+
+class SoftmaxCrossEntropy(_SmoothedLoss):
+    default_smoothing = 0.1
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # torch's cross_entropy takes class indices or probabilities, with smoothing for both.
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
 
-class SigmoidBCE(torch.nn.Module):
+class SigmoidBCE(_SmoothedLoss):
     """Independent sigmoid per class, summed over classes and averaged over the batch.
 
     Summing over classes (big_vision's sigmoid_xent) keeps the gradient scale independent of the class
     count (21,841 classes for ImageNet-21K); smoothing moves targets to eps/C and 1 - eps + eps/C (timm's
     BinaryCrossEntropy convention).
     """
-
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()

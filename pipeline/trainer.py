@@ -2,27 +2,37 @@
 
     cfg = load_config("configs/demo/pretrain.yaml"); summary = run(cfg)
 
+The recipe, top to bottom in `run`: check the config against the data (user mistakes before any process
+group), build the model, the DeepSpeed engine, the EMA and the training state, restore the newest complete
+checkpoint (pipeline.checkpoint; through a universal checkpoint after a world-size change), build the data
+loader from the restored positions, then loop: step, log, evaluate, maybe save.
+
 One optimizer step = `accumulation` micro-batches per rank (global = micro x world x accumulation). The
-step's loss is the mean of its micro-batch losses, averaged over ranks when logged. Resume is automatic from
-the newest complete checkpoint in run_dir/checkpoints (see pipeline.checkpoint); with a different world size
-it goes through a universal checkpoint. Everything random (data order, augmentation, stochastic depth) is
-restored or re-derived, so a resumed run repeats the losses of an uninterrupted one.
+step's loss is the mean of its micro-batch losses, averaged over ranks when logged. Everything random (data
+order, augmentation, stochastic depth) is restored or re-derived (pipeline.train_state), so a resumed run
+repeats the losses of an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from pipeline import checkpoint as ckpt
+from core.errors import UserError
+from core.files import atomic_write_json
+from core.units import precision_dtype
 from pipeline import distributed as D
-from pipeline.config import Config, UserError, save_config
-from pipeline.data import ShardSet, build_train_loader, derive_seed, open_shards
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import Config, save_config
+from pipeline.shards import ShardSet, open_shards
+from pipeline.data import build_train_loader
+from pipeline.model_args import model_kwargs, run_model_kwargs
+from pipeline.train_state import TrainState, seed_rank_streams
 
 log = logging.getLogger("pipeline.train")
 
@@ -30,11 +40,38 @@ log = logging.getLogger("pipeline.train")
 # notice: launch/slurm/pretrain.sbatch touches it on SIGUSR1, a user may too).
 SAVE_REQUEST = ".save_now"
 
-_TAG_RANK_SEED = 11
+
+@dataclass
+class RunPlan:
+    """What the config and the train split fix before any process exists: classes, batches, step counts."""
+    shards: ShardSet
+    num_classes: int
+    classes: Optional[list]
+    accumulation: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    macs_per_image: int
 
 
-def _precision_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+def plan_run(cfg: Config) -> RunPlan:
+    """Check the config against the data: one UserError line, on every rank alike, before anything starts."""
+    from model import count_macs
+
+    accumulation = _check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    shards = open_shards(cfg.data.train, cfg.data.train_split)
+    if cfg.data.val:
+        open_shards(cfg.data.val, cfg.data.val_split)  # a wrong val path fails now, not after hours of training
+    num_classes = _num_classes(cfg, shards)
+    classes = shards.classes if shards.classes and len(shards.classes) == num_classes else None
+    global_batch = cfg.train.global_batch_size
+    steps_per_epoch = max(1, shards.num_samples // global_batch)
+    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    if shards.num_samples < global_batch:
+        log.warning("the train split has %d samples, fewer than one global batch (%d): an epoch is 1 step",
+                    shards.num_samples, global_batch)
+    return RunPlan(shards, num_classes, classes, accumulation, global_batch, steps_per_epoch, total_steps,
+                   count_macs(cfg.model.name, cfg.image_hw))
 
 
 def _check_batches(cfg: Config, world: int) -> int:
@@ -60,6 +97,99 @@ def _num_classes(cfg: Config, shards: ShardSet) -> int:
     return cfg.model.num_classes
 
 
+def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
+    """run_dir/config.yaml (the resolved config of this launch) and classes.json (the head's row order)."""
+    if info.is_main:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        atomic_write_json(os.path.join(cfg.run_dir, "classes.json"), {"classes": plan.classes}, indent=None)
+
+
+def build_model(cfg: Config, plan: RunPlan, info: D.DistInfo, from_pretrained: bool) -> torch.nn.Module:
+    """The same initialisation on every rank (or cfg.pretrained's weights), then per-rank RNG streams."""
+    from model import create_model
+
+    D.seed_everything(cfg.seed)
+    model = create_model(**run_model_kwargs(cfg, plan.num_classes))
+    if cfg.pretrained and from_pretrained:
+        from pipeline.pretrained import init_from_pretrained
+
+        report = init_from_pretrained(model, cfg.pretrained, plan.classes, trust_pickle=cfg.pretrained_trusted)
+        if info.is_main:
+            log.info("initialised from %s: head %s, %d head rows copied, %d tables resized", cfg.pretrained,
+                     report.get("head"), report.get("head_rows_copied", 0), len(report.get("resized_tables", {})))
+    seed_rank_streams(cfg.seed, info.rank)  # stochastic depth differs per rank
+    if cfg.model.compile:
+        model.compile()  # in place: state-dict keys (and so checkpoints) stay those of the plain model
+    return model
+
+
+def build_engine(cfg: Config, plan: RunPlan, info: D.DistInfo, model: torch.nn.Module, universal: bool):
+    """deepspeed.initialize with the config's optimizer, schedule, ZeRO stage and precision."""
+    import deepspeed
+    from model import param_groups
+    from pipeline.optim import deepspeed_config, make_schedule
+
+    schedule = make_schedule(cfg, plan.total_steps, plan.steps_per_epoch)
+    ds_config = deepspeed_config(cfg, info.world_size, on_cpu=info.device.type == "cpu", load_universal=universal)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+        lr_scheduler=schedule.scheduler_factory())
+    return engine
+
+
+def build_ema(cfg: Config, engine):
+    if cfg.train.ema_decay <= 0:
+        return None
+    from pipeline.ema import ShardedEMA
+
+    return ShardedEMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+
+
+def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+    """One optimizer step over `accumulation` micro-batches: (the LR it applied, its mean loss on this rank)."""
+    lr_used = float(engine.optimizer.param_groups[0]["lr"])  # DeepSpeed steps the schedule after this step
+    losses = []
+    for _ in range(accumulation):
+        images, targets = next(loader)
+        logits = engine(images.to(dtype))  # the loader delivers normalised float32 on the device
+        loss = criterion(logits, targets)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float())
+    return lr_used, torch.stack(losses).mean().double().cpu()
+
+
+class StepLog:
+    """The logged scalars of a step: loss over ranks, LR, grad norm, loss scale, progress, speed, memory."""
+
+    def __init__(self, cfg: Config, plan: RunPlan, info: D.DistInfo, logger, start_step: int):
+        from pipeline.metrics import Throughput
+
+        self.cfg, self.plan, self.info, self.logger, self.start_step = cfg, plan, info, logger, start_step
+        self.throughput = Throughput(plan.global_batch, plan.macs_per_image, info.device,
+                                     recompute=cfg.model.activation_checkpointing)
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.plan.total_steps
+
+    def __call__(self, engine, state: TrainState, lr: float, loss: torch.Tensor) -> None:
+        from pipeline.metrics import console_line, memory_gb
+
+        corrupt = torch.tensor(float(state.loader.corrupt_count), dtype=torch.float64)
+        reduced = D.all_reduce_sum(torch.stack([loss, corrupt]))
+        grad_norm = engine.get_global_grad_norm()
+        scale = getattr(engine.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
+        scalars = {"loss": float(reduced[0]) / self.info.world_size, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "loss_scale": float(scale) if scale is not None else None,
+                   "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(reduced[1])}
+        scalars.update(self.throughput.window(state.step, self.plan.total_steps, self.start_step))
+        scalars.update(memory_gb(self.info.device))
+        self.logger.log(state.step, scalars,
+                        console=console_line(state.step, self.plan.total_steps, state.epoch, scalars))
+
+
 @contextmanager
 def _rng_untouched(device: torch.device):
     """Evaluation must not consume the training RNG (exact resume after an in-training evaluation)."""
@@ -68,243 +198,126 @@ def _rng_untouched(device: torch.device):
         yield
 
 
-class _Evaluator:
-    """Runs pipeline.evaluation on data.val with the live model (and the EMA weights when enabled)."""
+class Evaluator:
+    """pipeline.evaluation on data.val with the live model (and the EMA weights when enabled), logged."""
 
-    def __init__(self, cfg: Config, info: D.DistInfo, num_classes: int):
-        from pipeline.evaluation import build_eval_loader, evaluate
+    def __init__(self, cfg: Config, info: D.DistInfo, num_classes: int, logger):
+        from pipeline.evaluation import build_eval_loader
 
-        self.evaluate = evaluate
-        self.cfg, self.info, self.num_classes = cfg, info, num_classes
+        self.info, self.num_classes, self.logger = info, num_classes, logger
         self.loader, self.shards = build_eval_loader(
             cfg.data.val, cfg.data.val_split, cfg.image_hw, batch_size=cfg.train.micro_batch_size * 2,
             num_workers=min(cfg.data.num_workers, 2), rank=info.rank, world_size=info.world_size,
             center_crop=cfg.data.center_crop, crop_ratio=cfg.data.crop_ratio)
         self.ema_model = None
 
-    def __call__(self, module: torch.nn.Module, ema_state: Optional[dict]) -> dict:
-        out = {}
+    def _evaluate(self, module: torch.nn.Module) -> dict:
+        from pipeline.evaluation import evaluate
+
+        return evaluate(module, self.loader, self.num_classes, self.info.device)
+
+    def __call__(self, engine, state: TrainState) -> dict:
+        from model import create_model
+
+        D.sync_batchnorm_stats(engine.module)
+        ema_state = state.ema_weights()
         with _rng_untouched(self.info.device):
-            res = self.evaluate(module, self.loader, self.num_classes, self.info.device)
-            out.update({f"eval/{k}": v for k, v in res.items() if k in ("top1", "top5", "count", "per_class_top1")})
+            res = self._evaluate(engine.module)
+            out = {f"eval/{k}": v for k, v in res.items() if k in ("top1", "top5", "count", "per_class_top1")}
             if ema_state is not None:
                 if self.ema_model is None:
-                    from model import create_model
-                    base = module.config
-                    self.ema_model = create_model(base.name, **{k: v for k, v in base.to_dict().items()
-                                                                 if k != "name"}).to(self.info.device)
+                    saved = engine.module.config.to_dict()
+                    self.ema_model = create_model(**model_kwargs(saved)).to(self.info.device)
                 self.ema_model.load_state_dict(ema_state, strict=True)
-                res = self.evaluate(self.ema_model, self.loader, self.num_classes, self.info.device)
+                res = self._evaluate(self.ema_model)
                 out.update({f"eval_ema/{k}": v for k, v in res.items() if k in ("top1", "top5", "count")})
+        ema_note = f" | EMA top1 {out['eval_ema/top1']:.2f}" if ema_state is not None else ""
+        self.logger.log(state.step, out, console=f"eval step {state.step}: top1 {out['eval/top1']:.2f} top5 "
+                                                 f"{out['eval/top5']:.2f} ({out['eval/count']} images){ema_note}")
         return out
+
+
+def save_requested(cfg: Config, info: D.DistInfo) -> bool:
+    """Whether run_dir/.save_now exists (rank 0 looks; every rank gets the answer)."""
+    path = os.path.join(cfg.run_dir, SAVE_REQUEST)
+    requested = torch.tensor([float(info.is_main and os.path.exists(path))], dtype=torch.float64)
+    return D.all_reduce_sum(requested).item() > 0
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return bool(every) and step % every == 0 and step < total
+
+
+def _announce(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
+    if info.is_main:
+        log.info("training %s (%d classes, %s px) for %d steps (%d per epoch) on %d rank(s): micro %d x world %d x "
+                 "accumulation %d = global %d; ZeRO-%d, %s", cfg.model.name, plan.num_classes, cfg.image_hw,
+                 plan.total_steps, plan.steps_per_epoch, info.world_size, cfg.train.micro_batch_size,
+                 info.world_size, plan.accumulation, plan.global_batch, cfg.deepspeed.zero_stage, cfg.precision)
 
 
 def run(cfg: Config, mode: str = "pretrain") -> dict:
     """Train according to `cfg` under whatever launcher started this process. Returns a summary (all ranks)."""
-    # User mistakes first, before the process group and DeepSpeed: one line, every rank alike, no hang.
-    accumulation = _check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    shards = open_shards(cfg.data.train, cfg.data.train_split)
-    if cfg.data.val:
-        open_shards(cfg.data.val, cfg.data.val_split)  # a wrong val path fails now, not after hours of training
-    num_classes = _num_classes(cfg, shards)
-    info = D.setup(deterministic=cfg.train.deterministic)
-    classes = shards.classes if shards.classes and len(shards.classes) == num_classes else None
-    global_batch = cfg.train.global_batch_size
-    steps_per_epoch = max(1, shards.num_samples // global_batch)
-    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    if shards.num_samples < global_batch:
-        log.warning("the train split has %d samples, fewer than one global batch (%d): an epoch is 1 step",
-                    shards.num_samples, global_batch)
-
-    run_dir = cfg.run_dir
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        with open(os.path.join(run_dir, "classes.json"), "w") as f:
-            json.dump({"classes": classes}, f)
-
-    # ---- which checkpoint to resume from (rank 0 decides; a universal conversion if the layout changed)
-    resume = ckpt.latest_complete(ckpt_dir) if info.is_main else None
-    universal = False
-    if info.is_main and resume is not None:
-        changed = resume.world_size != info.world_size or resume.zero_stage != cfg.deepspeed.zero_stage
-        if changed and resume.zero_stage >= 1:
-            log.warning("checkpoint %s was written by %d ranks with ZeRO-%d; now %d ranks with ZeRO-%d: resuming "
-                        "through a universal checkpoint", resume.tag, resume.world_size, resume.zero_stage,
-                        info.world_size, cfg.deepspeed.zero_stage)
-            resume = ckpt.to_universal(resume)
-            universal = True
-    resume, universal = D.broadcast_object((resume, universal))
-
-    # ---- model (identical initialisation on every rank), then per-rank RNG streams (stochastic depth)
-    import deepspeed
-    from model import create_model, count_macs, param_groups
     from pipeline.loss import build_loss
-    from pipeline.optim import deepspeed_config, make_schedule
+    from pipeline.metrics import MetricsLogger
 
-    D.seed_everything(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=num_classes, image_size=cfg.image_hw,
-                         drop_path_rate=cfg.model.drop_path_rate, stride_on=cfg.model.stride_on,
-                         grad_checkpointing=cfg.model.activation_checkpointing)
-    init_report = None
-    if cfg.pretrained and resume is None:
-        from pipeline.pretrained import init_from_pretrained
+    plan = plan_run(cfg)
+    info = D.setup(deterministic=cfg.train.deterministic)
+    write_run_files(cfg, plan, info)
+    checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep, info,
+                                cfg.deepspeed.zero_stage)
+    resume = checkpointer.find_resume()  # before the engine: a universal checkpoint changes its config
 
-        init_report = init_from_pretrained(model, cfg.pretrained, classes, trust_pickle=cfg.pretrained_trusted)
-        if info.is_main:
-            log.info("initialised from %s: head %s, %d head rows copied, %d tables resized", cfg.pretrained,
-                     init_report.get("head"), init_report.get("head_rows_copied", 0),
-                     len(init_report.get("resized_tables", {})))
-    macs = count_macs(cfg.model.name, cfg.image_hw)
-    D.seed_everything(derive_seed(cfg.seed, _TAG_RANK_SEED, info.rank))
-    if cfg.model.compile:
-        model.compile()  # in place: state-dict keys (and so checkpoints) stay those of the plain model
-
-    on_cpu = info.device.type == "cpu"
-    schedule = make_schedule(cfg, total_steps, steps_per_epoch)
-    ds_config = deepspeed_config(cfg, info.world_size, on_cpu=on_cpu, load_universal=universal)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
-        lr_scheduler=schedule.scheduler_factory())
-    dtype = _precision_dtype(cfg.precision)
-
-    ema = None
-    if cfg.train.ema_decay > 0:
-        from pipeline.ema import ShardedEMA
-        ema = ShardedEMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
-
-    # ---- restore
-    step, data_state = 0, None
+    # ---- build: model, engine, EMA, training state; restore; then the data from the restored positions
+    model = build_model(cfg, plan, info, from_pretrained=resume is None)
+    engine = build_engine(cfg, plan, info, model, universal=resume is not None and resume.universal)
+    state = TrainState(cfg.seed, info, plan.global_batch, plan.steps_per_epoch, ema=build_ema(cfg, engine),
+                       run_meta={"model_config": engine.module.config.to_dict(), "classes": plan.classes,
+                                 "world_size": info.world_size, "zero_stage": cfg.deepspeed.zero_stage, "mode": mode})
     if resume is not None:
-        load_path, client = engine.load_checkpoint(resume.dir, tag=resume.tag, load_module_strict=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {resume.path}")
-        step = int(client["step"])
-        same_layout = int(client.get("world_size", -1)) == info.world_size
-        if same_layout:
-            D.set_rng_state(client["rng"][str(info.rank)])
-            data_state = client["data_state"][str(info.rank)]
-        else:
-            # A new world: per-rank RNG streams cannot be continued; derive fresh ones from the step.
-            D.seed_everything(derive_seed(cfg.seed, _TAG_RANK_SEED, info.rank, step))
-            data_state = {"layout": None, "positions": {
-                f"{r}.{w}": p for r, s in client["data_state"].items() for w, p in s["positions"].items()}}
-            if info.rank != 0:
-                for p in data_state["positions"].values():
-                    p["corrupt"] = 0
-        if ema is not None and client.get("ema") is not None:
-            ema.load_state_dict(client["ema"], int(client.get("ema_updates", step)))
-        # The optimizer's LR must match the (restored) schedule, also after a universal load.
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-        if info.is_main:
-            log.info("resumed from %s at step %d (samples seen %d)%s", resume.path, step, int(client["samples_seen"]),
-                     " via universal checkpoint" if universal else "")
-
-    loader = build_train_loader(cfg, shards, info.rank, info.world_size, num_classes, state=data_state,
-                                pin_memory=info.device.type == "cuda", device=info.device)
+        checkpointer.restore(engine, state, resume)
+    loader = build_train_loader(cfg, plan.shards, info.rank, info.world_size, plan.num_classes,
+                                state=state.data_state, pin_memory=info.device.type == "cuda", device=info.device)
+    state.attach_loader(loader)
     criterion = build_loss(cfg)
-    from pipeline.metrics import MetricsLogger, Throughput, console_line, memory_gb
+    logger = MetricsLogger(cfg.run_dir, info.is_main, resume_step=state.step)
+    log_step = StepLog(cfg, plan, info, logger, start_step=state.step)
+    evaluate = Evaluator(cfg, info, plan.num_classes, logger) if cfg.data.val else None
+    _announce(cfg, plan, info)
 
-    logger = MetricsLogger(run_dir, info.is_main, resume_step=step)
-    throughput = Throughput(global_batch, macs, info.device, recompute=cfg.model.activation_checkpointing)
-    evaluator = _Evaluator(cfg, info, num_classes) if cfg.data.val else None
-    if info.is_main:
-        log.info("training %s (%d classes, %s px) for %d steps (%d per epoch) on %d rank(s): micro %d x world %d x "
-                 "accumulation %d = global %d; ZeRO-%d, %s", cfg.model.name, num_classes, cfg.image_hw, total_steps,
-                 steps_per_epoch, info.world_size, cfg.train.micro_batch_size, info.world_size, accumulation,
-                 global_batch, cfg.deepspeed.zero_stage, cfg.precision)
-
-    def client_state() -> dict:
-        rngs = D.all_gather_object(D.rng_state())
-        datas = D.all_gather_object(loader.state_dict())
-        return {"step": step, "epoch": step / steps_per_epoch, "samples_seen": step * global_batch,
-                "data_state": {str(r): s for r, s in enumerate(datas)},
-                "rng": {str(r): s for r, s in enumerate(rngs)},
-                "ema": ema.state_dict() if ema is not None else None,
-                "ema_updates": ema.updates if ema is not None else 0,
-                "model_config": engine.module.config.to_dict(), "classes": classes,
-                "world_size": info.world_size, "zero_stage": cfg.deepspeed.zero_stage, "mode": mode}
-
-    def save() -> None:
-        D.sync_batchnorm_stats(engine.module)
-        state = client_state()
-        tag = ckpt.save(engine, ckpt_dir, step, state, cfg.checkpoint.keep,
-                        {"world_size": info.world_size, "zero_stage": cfg.deepspeed.zero_stage})
-        if info.is_main:
-            log.info("saved checkpoint %s", os.path.join(ckpt_dir, tag))
-
-    def run_eval() -> dict:
-        D.sync_batchnorm_stats(engine.module)
-        ema_state = ema.state_dict() if ema is not None else None
-        result = evaluator(engine.module, ema_state)
-        scalars = {k: v for k, v in result.items()}
-        logger.log(step, scalars, console=(f"eval step {step}: top1 {result['eval/top1']:.2f} top5 "
-                                          f"{result['eval/top5']:.2f} ({result['eval/count']} images)" +
-                                          (f" | EMA top1 {result['eval_ema/top1']:.2f}" if ema is not None else "")))
-        return result
-
-    save_request = os.path.join(run_dir, SAVE_REQUEST)
-    stopped_on_request = False
-    start_step = step
-    engine.train()
+    # ---- the loop: step, log, evaluate, maybe save; a save request saves and stops
+    dtype, total = precision_dtype(cfg.precision), plan.total_steps
     last_eval: dict = {}
-    saved_at = step if resume is not None else -1
-    while step < total_steps:
-        losses = []
-        lr_used = float(optimizer.param_groups[0]["lr"])  # the LR this step applies (DeepSpeed steps the schedule)
-        for _ in range(accumulation):
-            images, targets = next(loader)
-            images = images.to(dtype)  # the loader delivers normalised float32 on info.device
-            logits = engine(images)
-            loss = criterion(logits, targets)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
-        step += 1
-        if ema is not None:
-            ema.update()
-        step_loss = torch.stack(losses).mean().double().cpu()
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            reduced = D.all_reduce_sum(torch.stack([step_loss, torch.tensor(float(loader.corrupt_count),
-                                                                            dtype=torch.float64)]))
-            grad_norm = engine.get_global_grad_norm()
-            scale = getattr(engine.optimizer, "cur_scale", None) if cfg.precision == "fp16" else 1.0
-            scalars = {"loss": float(reduced[0]) / info.world_size, "lr": lr_used,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "loss_scale": float(scale) if scale is not None else None,
-                       "epoch": step / steps_per_epoch, "samples_seen": step * global_batch,
-                       "data/corrupt_skipped": int(reduced[1])}
-            scalars.update(throughput.window(step, total_steps, start_step))
-            scalars.update(memory_gb(info.device))
-            logger.log(step, scalars, console=console_line(step, total_steps, step / steps_per_epoch, scalars))
-        if evaluator is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-            last_eval = run_eval()
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
-            save()
-            saved_at = step
-        # Preemption notice (launch/slurm/pretrain.sbatch touches the file on SIGUSR1): save now and stop.
-        requested = torch.tensor([float(info.is_main and os.path.exists(save_request))], dtype=torch.float64)
-        if step < total_steps and D.all_reduce_sum(requested).item() > 0:
-            if saved_at != step:
-                save()
-                saved_at = step
-            if info.is_main:
-                os.remove(save_request)
-                log.info("saved step %d on request (%s); launch the same command again to continue", step,
-                         save_request)
+    stopped_on_request = False
+    engine.train()
+    while state.step < total:
+        lr, loss = train_step(engine, loader, criterion, plan.accumulation, dtype)
+        state.advance()
+        if log_step.due(state.step):
+            log_step(engine, state, lr, loss)
+        if evaluate is not None and _due(state.step, cfg.train.eval_every, total):
+            last_eval = evaluate(engine, state)
+        if _due(state.step, cfg.checkpoint.every_steps, total):
+            checkpointer.save(engine, state)
+        if state.step < total and save_requested(cfg, info):
             stopped_on_request = True
+            _save_on_request(cfg, info, checkpointer, engine, state)
             break
-    if evaluator is not None and not stopped_on_request:
-        last_eval = run_eval()
-    if saved_at != step:
-        save()
+    if evaluate is not None and not stopped_on_request:
+        last_eval = evaluate(engine, state)
+    checkpointer.save(engine, state)  # unless this step is saved already
     logger.close()
     loader.close()
-    summary = {"step": step, "samples_seen": step * global_batch, "run_dir": run_dir, **last_eval,
-               "stopped_on_request": stopped_on_request,
-               "corrupt_skipped": loader.corrupt_count}
     if info.is_main:
-        log.info("done: %d steps, run folder %s", step, run_dir)
-    return summary
+        log.info("done: %d steps, run folder %s", state.step, cfg.run_dir)
+    return {"step": state.step, "samples_seen": state.samples_seen, "run_dir": cfg.run_dir, **last_eval,
+            "stopped_on_request": stopped_on_request, "corrupt_skipped": loader.corrupt_count}
+
+
+def _save_on_request(cfg: Config, info: D.DistInfo, checkpointer: Checkpointer, engine, state: TrainState) -> None:
+    """The preemption notice: save this step (if not saved already), remove the request file."""
+    checkpointer.save(engine, state)
+    if info.is_main:
+        path = os.path.join(cfg.run_dir, SAVE_REQUEST)
+        os.remove(path)
+        log.info("saved step %d on request (%s); launch the same command again to continue", state.step, path)

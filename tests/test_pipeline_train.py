@@ -116,6 +116,12 @@ def zero2_run(demo_shards, tmp_path_factory):
     return run_dir, res
 
 
+@pytest.fixture(scope="module")
+def reference(zero2_run) -> dict[int, dict]:
+    """The uninterrupted ZeRO-2 run's logged steps: what a resumed run must repeat."""
+    return metrics(zero2_run[0])[0]
+
+
 @pytest.mark.slow
 def test_zero2_deepspeed_launcher(zero2_run):
     run_dir, res = zero2_run
@@ -146,8 +152,7 @@ def test_zero2_deepspeed_launcher(zero2_run):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_identical_losses(zero2_run, demo_shards, tmp_path):
-    reference, _ = metrics(zero2_run[0])
+def test_kill_and_resume_gives_identical_losses(reference, demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = deepspeed_cmd(base_overrides(demo_shards, run_dir, **TINY_EMA))
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -178,8 +183,7 @@ def test_kill_and_resume_gives_identical_losses(zero2_run, demo_shards, tmp_path
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_on_one_rank_through_universal_checkpoint(zero2_run, demo_shards, tmp_path):
-    reference, _ = metrics(zero2_run[0])
+def test_two_ranks_resume_on_one_rank_through_universal_checkpoint(zero2_run, reference, demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(zero2_run[0], run_dir)
     for tag in ("step_00000016", "step_00000024"):
@@ -257,3 +261,36 @@ def test_save_request_checkpoints_and_stops_then_the_same_command_resumes(demo_s
     res = run([*cmd, f"train.steps={saved[0] + 2}"])  # the later override wins
     assert f"at step {saved[0]}" in res.stdout + res.stderr
     assert sorted(metrics(run_dir)[0]) == list(range(1, saved[0] + 3))
+
+
+def test_train_state_round_trip_and_world_size_change():
+    """The client state has exactly CLIENT_KEYS; the same world continues RNG and positions, a new one regroups."""
+    import random
+
+    from pipeline.distributed import DistInfo
+    from pipeline.train_state import CLIENT_KEYS, TrainState, data_state_for_rank
+
+    class Loader:
+        def state_dict(self):
+            return {"layout": {"rank": 0}, "batches": 6, "positions": {"0": {"pass": 1, "offset": 5, "corrupt": 2}}}
+
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    state = TrainState(0, info, global_batch=16, steps_per_epoch=4, run_meta={"world_size": 1, "mode": "pretrain"})
+    state.attach_loader(Loader())
+    for _ in range(6):
+        state.advance()
+    random.seed(3)
+    client = state.state_dict()
+    assert tuple(client) == CLIENT_KEYS and client["samples_seen"] == 96 and client["epoch"] == 1.5
+    expected = random.random()
+    restored = TrainState(0, info, global_batch=16, steps_per_epoch=4)
+    restored.load_state_dict(client)
+    assert restored.step == 6 and restored.data_state == Loader().state_dict() and random.random() == expected
+
+    two = {"0": Loader().state_dict(), "1": {"layout": {"rank": 1}, "positions": {"0": {"pass": 2, "offset": 1,
+                                                                                      "corrupt": 1}}}}
+    assert data_state_for_rank(two, 1, 2) == two["1"]
+    merged = data_state_for_rank(two, 1, 3)  # a new world: every stream's position, corrupt counts on rank 0 only
+    assert merged["layout"] is None and set(merged["positions"]) == {"0.0", "1.0"}
+    assert all(p["corrupt"] == 0 for p in merged["positions"].values())
+    assert sum(p["corrupt"] for p in data_state_for_rank(two, 0, 1)["positions"].values()) == 3

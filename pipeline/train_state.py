@@ -1,0 +1,112 @@
+"""The training state a checkpoint carries besides DeepSpeed's model and optimizer: one owner, one format.
+
+    state = TrainState(cfg.seed, info, global_batch, steps_per_epoch, ema=ema, run_meta={...})
+    state.load_state_dict(client)            # after engine.load_checkpoint; then build the loader from
+    loader = build_train_loader(..., state=state.data_state); state.attach_loader(loader)
+    client = state.state_dict()              # collective: every rank's RNG and data position, the full EMA
+
+The client state (`engine.save_checkpoint(client_state=...)`) has exactly the keys of CLIENT_KEYS:
+
+    step, epoch, samples_seen     progress (samples_seen = step x global batch)
+    rng, data_state               {"<rank>": ...}: every rank's RNG streams and data-loader positions
+    ema, ema_updates              the full fp32 EMA weights (None without EMA) and its update count
+    model_config, classes, world_size, zero_stage, mode     what wrote it (run_meta)
+
+Everything random is per rank: after the model's identical initialisation each rank seeds its own streams
+(`seed_rank_streams`); a resume with the same world size continues them exactly, a different world size
+derives fresh ones from the step and regroups the data positions (`data_state_for_rank`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pipeline import distributed as D
+from pipeline.data import derive_seed
+
+CLIENT_KEYS = ("step", "epoch", "samples_seen", "data_state", "rng", "ema", "ema_updates",
+               "model_config", "classes", "world_size", "zero_stage", "mode")
+RUN_META_KEYS = ("model_config", "classes", "world_size", "zero_stage", "mode")
+
+_TAG_RANK_SEED = 11
+
+
+def seed_rank_streams(seed: int, rank: int, step: Optional[int] = None) -> None:
+    """Seed this rank's python/numpy/torch RNG (stochastic depth); `step` after a world-size change."""
+    parts = (seed, _TAG_RANK_SEED, rank) if step is None else (seed, _TAG_RANK_SEED, rank, step)
+    D.seed_everything(derive_seed(*parts))
+
+
+def data_state_for_rank(saved: dict[str, dict], rank: int, world_size: int) -> dict:
+    """The loader state this rank starts from, given every rank's saved loader state ({"<rank>": state}).
+
+    Same world size: this rank's own state (the loader continues its streams, or restarts them itself when
+    its layout changed). A different world size: all ranks' positions in one layout-less state, so the
+    loader restarts every stream after the furthest pass seen; the corrupt-sample count stays on rank 0.
+    TODO(issue 13): belongs in the loader's own load_state_dict (pipeline/data.py).
+    """
+    if len(saved) == world_size and str(rank) in saved:
+        return saved[str(rank)]
+    positions = {f"{r}.{w}": dict(p) for r, s in saved.items() for w, p in s["positions"].items()}
+    if rank != 0:
+        for p in positions.values():
+            p["corrupt"] = 0
+    return {"layout": None, "positions": positions}
+
+
+class TrainState:
+    """Step, samples seen, epoch, per-rank RNG streams and data positions, and the EMA of one run."""
+
+    def __init__(self, seed: int, info: D.DistInfo, global_batch: int, steps_per_epoch: int, ema=None,
+                 run_meta: Optional[dict] = None):
+        self.seed, self.info = seed, info
+        self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
+        self.ema = ema
+        self.run_meta = dict(run_meta or {})
+        self.step = 0
+        self.data_state: Optional[dict] = None  # the loader state to start from (set by load_state_dict)
+        self.loader = None
+
+    @property
+    def samples_seen(self) -> int:
+        return self.step * self.global_batch
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def attach_loader(self, loader) -> None:
+        """The train loader whose positions are saved (built from `data_state`)."""
+        self.loader = loader
+
+    def advance(self) -> None:
+        """One optimizer step done: count it and update the EMA."""
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update()
+
+    def ema_weights(self) -> Optional[dict]:
+        """The full EMA weights (collective: call on every rank), or None without EMA."""
+        return self.ema.state_dict() if self.ema is not None else None
+
+    def state_dict(self) -> dict:
+        """The checkpoint's client state. Collective: every rank must call it."""
+        rngs = D.all_gather_object(D.rng_state())
+        datas = D.all_gather_object(self.loader.state_dict())
+        out = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+               "data_state": {str(r): s for r, s in enumerate(datas)},
+               "rng": {str(r): s for r, s in enumerate(rngs)},
+               "ema": self.ema_weights(), "ema_updates": self.ema.updates if self.ema is not None else 0,
+               **{k: self.run_meta.get(k) for k in RUN_META_KEYS}}
+        assert tuple(out) == CLIENT_KEYS
+        return out
+
+    def load_state_dict(self, client: dict) -> None:
+        """Restore from a checkpoint's client state (before the loader is built from `data_state`)."""
+        self.step = int(client["step"])
+        if int(client.get("world_size", -1)) == self.info.world_size:
+            D.set_rng_state(client["rng"][str(self.info.rank)])
+        else:  # a new world: per-rank RNG streams cannot be continued; derive fresh ones from the step
+            seed_rank_streams(self.seed, self.info.rank, self.step)
+        self.data_state = data_state_for_rank(client["data_state"], self.info.rank, self.info.world_size)
+        if self.ema is not None and client.get("ema") is not None:
+            self.ema.load_state_dict(client["ema"], int(client.get("ema_updates", self.step)))
