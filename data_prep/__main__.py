@@ -6,8 +6,12 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
 
 1. List (driver, no image bytes read; ``sources.py``): every input gets a stable id -- its POSIX path
    relative to SRC, ``<class>.tar/<member>`` for archive members (read in place at their offset, never
-   extracted), or the path as written in a CSV/JSONL manifest -- and a class. Files with a non-image
-   extension, outside any class folder, or of a class missing from ``--classes`` are rejected here.
+   extracted), the path as written in a CSV/JSONL manifest, or ``<ImageID>.jpg`` of an OpenImages annotation
+   file (``manifests.py``) -- and a class. Files with a non-image extension, outside any class folder, of a
+   class missing from ``--classes``, or named by a manifest but absent, are rejected here.
+   Multi-label sources (manifest ``labels``, OpenImages) give each file a label list instead: unknown labels
+   are dropped and counted, a file with none left is rejected. Whether a split is multi-label is a property
+   of its source, so a split never mixes sample layouts and single-label shards keep their exact bytes.
 2. Scan (Ray tasks over chunks of the sorted list; ``images.scan``): read each file, sha1 it, open the
    header with Pillow (not an image, empty, more than ``--max-pixels``) and check completeness (PNG chunk
    walk with CRCs; JPEG end marker, with a 1/8-scale decode only when the marker is missing; other
@@ -18,7 +22,8 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    ``OUT/_state/<split>/plan.json.gz`` so a resumed job neither rescans nor re-plans.
 4. Write (one Ray task per shard; ``tasks.write_shard``): read the shard's inputs, check each sha1
    against the scan, decode/resize/encode, stream the samples into a dot-named temp file beside the
-   shard (``core.files.atomic_path``) with ``tarfile`` (every header field pinned), fsync, rename to
+   shard (``core.files.atomic_path``) with ``tarfile`` (every header field pinned; members ``cls``, ``jpg``,
+   ``json``, plus ``labels`` -- "3,7,12", first == ``cls`` -- in multi-label splits), fsync, rename to
    ``<split>-NNNNNN.tar``, then atomically write ``OUT/_state/<split>/receipts/<name>.json`` (sha256,
    bytes, count, late rejects, node id).
    One task per ~1,000 images keeps Ray's per-task overhead (scheduling, argument transfer, a result)

@@ -68,7 +68,8 @@ _SHARD_FLAGS = [
     ("--no-progress", bool, False, "no progress bar (log lines only)"),
 ]
 _DEMO_OPTIONS = [
-    ("--classes", _positive_int, 6, "number of classes: 1..8 for 'shapes', 1..64 for 'shape-color' (default: 6)"),
+    ("--classes", _positive_int, 6,
+     "number of classes: 1..8 for 'shapes' and 'multi', 1..64 for 'shape-color' (default: 6)"),
     ("--per-class", _positive_int, 100, "images per class (default: 100)"),
     ("--size", _positive_int, 64, "image side in pixels (default: 64)"),
     ("--seed", int, 0, "random seed; same seed, same bytes (default: 0)"),
@@ -87,8 +88,13 @@ _COMMANDS = {
             SRC is one of
               * an ImageFolder tree SRC/<class>/.../<image>   (classes sorted as torchvision sorts them)
               * a folder of per-class archives SRC/<class>.tar (ImageNet-21K style; read in place, never extracted)
-              * a manifest file SRC.csv or SRC.jsonl with columns/keys `path` and `label` (a class name);
-                relative paths are relative to the manifest's folder.
+              * a manifest file SRC.csv or SRC.jsonl with columns/keys `path` and `label` (a class name), or
+                `labels` for several per image (a JSON list; in CSV names separated by '|'); relative paths
+                are relative to the manifest's folder.
+              * an OpenImages annotation file SRC.csv (header ImageID,Source,LabelName,Confidence; only
+                Confidence 1 is kept) with --images DIR holding <ImageID>.jpg.
+            Multi-label samples keep `cls` (the first label) and add `.labels` ("3,7,12") and json
+            `labels`/`classes`.
             Files that cannot be used are listed in OUT/rejects.jsonl with a reason; nothing is dropped silently.
             Re-running the same command resumes: complete, verified shards are kept, the rest is redone.
             """),
@@ -100,17 +106,23 @@ _COMMANDS = {
     "verify": (
         "re-read every shard of OUT and check it against _info.json",
         "Check every shard listed in OUT/_info.json: file present, bytes and sha256, sample count, every sample "
-        "complete (jpg, cls, json), labels within the class list, and one image per shard decodes. Exits 1 with "
+        "complete (jpg, cls, json), labels within the class list (in multi-label splits every label of .labels, "
+        "whose first is cls), and one image per shard decodes. Exits 1 with "
         "a report on any mismatch.",
         "example:\n  python -m data_prep verify runs/demo/shards --split train\n"),
     "demo-data": (
         "write the built-in demo images (coloured shapes on textured backgrounds) as an ImageFolder tree",
         "Write OUT/<class>/<class>_00000.jpg ...: one shape per image, random position, scale and rotation, on a "
-        "noisy textured background. Deterministic: the same arguments give byte-identical files.",
+        "noisy textured background. With --label-set multi: OUT/images/multi_00000.jpg ... with 2-3 shapes each, "
+        "OUT/labels.jsonl ({\"path\", \"labels\"} per image) and OUT/classes.txt. Deterministic: the same "
+        "arguments give byte-identical files.",
         textwrap.dedent("""\
             examples:
               python -m data_prep demo-data runs/demo/pretrain --classes 8 --per-class 300 --label-set shapes
               python -m data_prep demo-data runs/demo/finetune --classes 9 --per-class 100 --label-set shape-color
+              python -m data_prep demo-data runs/demo/multi --classes 6 --per-class 100 --label-set multi
+              python -m data_prep shard runs/demo/multi/labels.jsonl runs/demo/multi-shards \
+                  --classes runs/demo/multi/classes.txt
             """)),
 }
 
@@ -131,13 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "may share it, e.g. --split train then --split val")
     shard.add_argument("--split", default="train",
                        help="split name, used in shard names and _info.json (default: train)")
-    shard.add_argument("--source", choices=["auto", "folder", "tars", "manifest"], default="auto",
-                       help="kind of SRC; auto: a .csv/.jsonl file is a manifest, a folder with .tar files and no "
-                            "sub-folders is per-class tars, any other folder an ImageFolder tree (default: auto)")
+    shard.add_argument("--source", choices=["auto", "folder", "tars", "manifest", "openimages"], default="auto",
+                       help="kind of SRC; auto: a .csv with the header ImageID,Source,LabelName,Confidence is "
+                            "OpenImages annotations, any other .csv/.jsonl file a manifest, a folder with .tar files "
+                            "and no sub-folders per-class tars, any other folder an ImageFolder tree (default: auto)")
+    shard.add_argument("--images", type=Path, default=None, metavar="DIR",
+                       help="OpenImages only: the folder holding <ImageID>.jpg for the annotation file SRC")
     shard.add_argument("--classes", type=Path, default=None, metavar="FILE",
                        help="fix the class order: a text file with one class name per line (e.g. the 1,000 "
                             "ImageNet-1K synsets) or a JSON list / {\"classes\": [...]} (e.g. another split's "
-                            "_info.json); images of other classes are rejected as 'unknown_class' "
+                            "_info.json); images of other classes are rejected as 'unknown_class' (multi-label: "
+                            "other labels are dropped, an image with none left is rejected) "
                             "(default: the sorted class names found in SRC)")
     _add_options(shard, _SHARD_OPTIONS)
     shard.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -151,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_argument("out", type=Path, help="folder to create (must be new or empty, or pass --overwrite)")
     _add_options(demo, _DEMO_OPTIONS[:4])
-    demo.add_argument("--label-set", choices=["shapes", "shape-color"], default="shapes",
+    demo.add_argument("--label-set", choices=["shapes", "shape-color", "multi"], default="shapes",
                       help="'shapes': label = shape kind, colour random; 'shape-color': label = (shape, colour) "
-                           "pair, folder names like circle-red (default: shapes)")
+                           "pair, folder names like circle-red; 'multi': 2-3 shapes per image, labels = the shapes "
+                           "present, written as OUT/images/*.jpg + OUT/labels.jsonl (shard that file), "
+                           "--classes x --per-class images in all (default: shapes)")
     _add_options(demo, _DEMO_OPTIONS[4:])
     return parser
 
@@ -162,11 +180,19 @@ def _run_demo(args) -> int:
     import time
 
     from .demo_data import DemoDataConfig, generate
+    from .demo_multi import generate_multi
 
     start = time.perf_counter()
-    counts = generate(DemoDataConfig(out=args.out, classes=args.classes, per_class=args.per_class, size=args.size,
-                                     seed=args.seed, label_set=args.label_set, quality=args.quality,
-                                     overwrite=args.overwrite))
+    cfg = DemoDataConfig(out=args.out, classes=args.classes, per_class=args.per_class, size=args.size,
+                         seed=args.seed, label_set=args.label_set, quality=args.quality, overwrite=args.overwrite)
+    if args.label_set == "multi":
+        total, counts = generate_multi(cfg)
+        print(f"demo-data: wrote {total} multi-label images ({', '.join(f'{k} {v}' for k, v in counts.items())} "
+              f"images per class) and {args.out / 'labels.jsonl'} in {time.perf_counter() - start:.2f}s; "
+              f"next: python -m data_prep shard {args.out / 'labels.jsonl'} OUT --classes "
+              f"{args.out / 'classes.txt'}")
+        return 0
+    counts = generate(cfg)
     total = sum(counts.values())
     print(f"demo-data: wrote {total} images in {len(counts)} classes ({', '.join(counts)}) to {args.out} "
           f"in {time.perf_counter() - start:.2f}s")
@@ -177,6 +203,7 @@ def _run_shard(args) -> int:
     from .job import ShardConfig, run_shard_job
 
     cfg = ShardConfig(src=args.src, out=args.out, split=args.split, source=args.source, classes_file=args.classes,
+                      images=args.images,
                       shard_size=args.shard_size, seed=args.seed, max_size=args.max_size, max_aspect=args.max_aspect,
                       quality=args.quality, max_pixels=args.max_pixels, dedup=args.dedup, workers=args.workers,
                       ray_address=args.ray_address, overwrite=args.overwrite, progress=not args.no_progress)

@@ -38,8 +38,9 @@ class ShardConfig:
     src: Path
     out: Path
     split: str = "train"
-    source: str = "auto"                 # auto | folder | tars | manifest
+    source: str = "auto"                 # auto | folder | tars | manifest | openimages
     classes_file: Path | None = None
+    images: Path | None = None           # OpenImages: the folder holding <ImageID>.jpg
     shard_size: int = 1000
     seed: int = 0
     max_size: int = 256
@@ -242,12 +243,20 @@ def _write(plan: Plan, cfg: ShardConfig, in_flight: int) -> list[dict]:
     return receipts  # type: ignore[return-value]
 
 
+def _label_counts(plan: Plan, late_ids: set[str]) -> tuple[Counter, dict]:
+    """Images per class (an image counts once for each of its labels) and labels per image, of written samples."""
+    written = [e for shard in plan.shards for e in shard if e.id not in late_ids]
+    names = [e.label_names if e.labels is not None else [e.class_name] for e in written]
+    per_class = Counter(n for image in names for n in image)
+    sizes = [len(image) for image in names]
+    return per_class, {"mean": round(sum(sizes) / len(sizes), 4) if sizes else 0.0, "max": max(sizes, default=0)}
+
+
 def _split_entry(cfg: ShardConfig, listing: Listing, plan: Plan, receipts: list[dict], options: dict,
                  seconds: float, phases: dict) -> tuple[dict, list[dict]]:
     late = [r for receipt in receipts for r in receipt["rejects"]]
     rejects = sorted(plan.rejects + late, key=lambda r: r["source"])
-    late_ids = {r["source"] for r in late}
-    per_class = Counter(e.class_name for shard in plan.shards for e in shard if e.id not in late_ids)
+    per_class, per_image = _label_counts(plan, {r["source"] for r in late})
     counts = {key: value for key, value in plan.counts.items() if key != "options"}
     counts.update(
         written=sum(r["num_samples"] for r in receipts),
@@ -265,9 +274,12 @@ def _split_entry(cfg: ShardConfig, listing: Listing, plan: Plan, receipts: list[
         "shard_lengths": [s["num_samples"] for s in shards],
         "shards": shards,
         "classes": plan.classes,
+        "multi_label": plan.multi_label,
+        "labels_per_image": per_image,
         "options": options,
         "fingerprint": plan.fingerprint,
-        "source": {"path": str(cfg.src), "kind": listing.kind, "classes_from": listing.class_source},
+        "source": {"path": str(cfg.src), "kind": listing.kind, "classes_from": listing.class_source,
+                   **({"images": str(cfg.images)} if cfg.images is not None else {})},
         "counts": counts,
         "run": {"nodes": dict(sorted(nodes.items())), "resumed_shards": sum(bool(r.get("resumed")) for r in receipts),
                 "seconds": round(seconds, 3), "phases": phases, "task_cpu_seconds": round(cpu_seconds, 3),
@@ -300,7 +312,7 @@ def _up_to_date(cfg: ShardConfig, start: float) -> JobResult:
 def run_shard_job(cfg: ShardConfig) -> JobResult:
     start = time.perf_counter()
     _check_paths(cfg)
-    listing = list_inputs(cfg.src, cfg.source, cfg.classes_file)
+    listing = list_inputs(cfg.src, cfg.source, cfg.classes_file, cfg.images)
     phases = {"list": round(time.perf_counter() - start, 3)}
     options = cfg.output_options(listing.kind)
     fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},

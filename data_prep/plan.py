@@ -2,6 +2,8 @@
 
 The plan is the single source of truth for exactly-once: each valid input appears in exactly one shard at
 exactly one position, and a shard's bytes are a pure function of its entries and the image options.
+Multi-label entries carry their label list too (two extra fields); single-label entries keep the ten
+fields they always had, so their shard hashes, receipts and bytes are unchanged.
 
 Shuffle: inputs are ordered by sha256(seed, id). This depends only on the input list and the seed (not on
 numpy's or Python's RNG streams, which are not promised stable across versions), and adding or removing
@@ -40,10 +42,14 @@ class Entry:
     sha1: str
     width: int
     height: int
+    labels: list[int] | None = None        # multi-label splits only: every label, labels[0] == label
+    label_names: list[str] | None = None   # the class names of `labels`
 
     def to_list(self) -> list:
-        return [self.key, self.id, self.path, self.offset, self.size, self.label, self.class_name, self.sha1,
-                self.width, self.height]
+        """Single-label entries keep their 10 fields, so their shard hash (and receipts) stay as they were."""
+        row = [self.key, self.id, self.path, self.offset, self.size, self.label, self.class_name, self.sha1,
+               self.width, self.height]
+        return row if self.labels is None else row + [list(self.labels), list(self.label_names or [])]
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Plan:
     shards: list[list[Entry]]
     rejects: list[dict]                          # {"source", "class", "reason", "detail"}, sorted by source
     counts: dict = field(default_factory=dict)
+    multi_label: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -94,8 +101,10 @@ def build_plan(listing: Listing, scans: dict[str, ScanResult], fingerprint: str,
                 rejects.append({"source": item.id, "class": item.class_name, "reason": "duplicate",
                                 "detail": f"same bytes as {kept}"})
                 continue
+        multi = [label_of[n] for n in item.labels] if listing.multi_label else None
         valid[item.id] = Entry(sample_key(item.id), item.id, item.path, item.offset, item.size,
-                               label_of[item.class_name], item.class_name, result.sha1, result.width, result.height)
+                               label_of[item.class_name], item.class_name, result.sha1, result.width, result.height,
+                               multi, list(item.labels) if listing.multi_label else None)
     keys = Counter(e.key for e in valid.values())
     clash = next((k for k, n in keys.items() if n > 1), None)
     if clash is not None:  # 96-bit hash: practically impossible, but a silent clash would merge two samples
@@ -109,15 +118,16 @@ def build_plan(listing: Listing, scans: dict[str, ScanResult], fingerprint: str,
         "duplicates": duplicates,
         "non_image_files": sum(1 for r in listing.rejects if r.reason == "non_image_file"),
         "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "unknown_labels_dropped": listing.unknown_labels_dropped,
     }
-    return Plan(fingerprint, list(listing.classes), shards, rejects, counts)
+    return Plan(fingerprint, list(listing.classes), shards, rejects, counts, listing.multi_label)
 
 
 def save_plan(plan: Plan, path: Path) -> None:
     """Atomic (temp + rename) so a killed driver never leaves half a plan behind."""
     payload = {"format": PLAN_FORMAT, "fingerprint": plan.fingerprint, "classes": plan.classes,
                "shards": [[e.to_list() for e in shard] for shard in plan.shards], "rejects": plan.rejects,
-               "counts": plan.counts}
+               "counts": plan.counts, "multi_label": plan.multi_label}
     with atomic_path(path) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as handle:
         handle.write(json.dumps(payload).encode("utf-8"))
 
@@ -130,6 +140,7 @@ def load_plan(path: Path) -> Plan | None:
         if payload.get("format") != PLAN_FORMAT:
             return None
         shards = [[Entry(*row) for row in shard] for shard in payload["shards"]]
-        return Plan(payload["fingerprint"], payload["classes"], shards, payload["rejects"], payload["counts"])
+        return Plan(payload["fingerprint"], payload["classes"], shards, payload["rejects"], payload["counts"],
+                    bool(payload.get("multi_label", False)))
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None

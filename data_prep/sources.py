@@ -1,13 +1,13 @@
-"""List the inputs of a shard job: ImageFolder trees, folders of per-class tar archives, CSV/JSONL manifests.
+"""List the inputs of a shard job: ImageFolder trees, per-class tar archives, manifests (``manifests.py``).
 
 Listing is cheap (directory walks, tar headers, manifest rows; no image bytes are read) and gives every
 file a stable id, the id every later step keys on: its POSIX path relative to SRC, ``<class>.tar/<member>``
-for archive members, or the path as written in the manifest. Files that can be judged from their name
-alone (non-image extension, class not in ``--classes``, file outside any class folder) are rejected here.
+for archive members, the path as written in the manifest, or ``<ImageID>.jpg`` for OpenImages. Files that
+can be judged without reading them (non-image extension, class not in ``--classes``, file outside any class
+folder, a manifest path that does not exist) are rejected here.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
+
+from .manifests import is_openimages_csv, list_manifest, list_openimages, stat as _stat
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, plus .gif (Pillow reads it); compared lower-case, so .JPG and
 # .Jpeg count too. Anything else (.DS_Store, .txt, .json) is a "non_image_file".
@@ -31,8 +33,9 @@ class InputFile:
     class_name: str
     path: str          # file on disk, or the tar archive holding it
     offset: int        # byte offset of the member's data inside the archive; -1 for a plain file
-    size: int          # bytes; -1 when the file could not be stat'ed (rejected later as unreadable)
+    size: int          # bytes; -1 when the file could not be stat'ed (rejected as missing_file or unreadable)
     mtime: int         # modification time (ns for files, s for archive members); part of the fingerprint
+    labels: tuple[str, ...] = ()   # multi-label sources: every known label, class_name == labels[0]; else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +48,14 @@ class ListingReject:
 
 @dataclass
 class Listing:
-    kind: str                      # folder | tars | manifest
+    kind: str                      # folder | tars | manifest | openimages
     classes: list[str]
     inputs: list[InputFile]        # sorted by id; only files with an image extension and a known class
-    rejects: list[ListingReject]   # judged from the name alone
+    rejects: list[ListingReject]   # judged without reading: name, class, label list, existence
     class_source: str              # "--classes FILE" or "SRC"
     fingerprint: str               # sha256 of the class list and every listed (id, class, size, mtime)
+    multi_label: bool = False      # samples carry a label list (manifest `labels`, OpenImages)
+    unknown_labels_dropped: int = 0  # labels not in --classes removed from images that kept a known one
 
 
 def is_image_name(name: str) -> bool:
@@ -64,7 +69,7 @@ def detect_kind(src: Path, requested: str) -> str:
     if requested != "auto":
         kind = requested
     elif src.is_file():
-        kind = "manifest"
+        kind = "openimages" if is_openimages_csv(src) else "manifest"
     else:
         entries = list(os.scandir(src))
         has_tars = any(e.is_file() and e.name.endswith(".tar") for e in entries)
@@ -73,6 +78,10 @@ def detect_kind(src: Path, requested: str) -> str:
     if kind == "manifest":
         if not src.is_file() or src.suffix.lower() not in MANIFEST_SUFFIXES:
             raise UserError(f"SRC {src}: a manifest must be a .csv or .jsonl file with 'path' and 'label'")
+    elif kind == "openimages":
+        if not src.is_file() or not is_openimages_csv(src):
+            raise UserError(f"SRC {src}: an OpenImages annotation file must be a .csv whose header is "
+                            f"ImageID,Source,LabelName,Confidence")
     elif not src.is_dir():
         raise UserError(f"SRC {src} is a file; --source {kind} needs a folder")
     return kind
@@ -107,14 +116,6 @@ def load_class_file(path: Path) -> list[str]:
             raise UserError(f"--classes {path}: class {name!r} is listed twice (entries {seen[name] + 1} and {i + 1})")
         seen[name] = i
     return classes
-
-
-def _stat(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
 
 
 def _walk_class_folder(src: Path, folder: Path) -> list[tuple[str, str]]:
@@ -164,95 +165,63 @@ def _list_tars(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, i
     return classes, rows
 
 
-def _manifest_rows(path: Path):
-    """(line number, row dict) of a CSV (header row) or JSONL manifest."""
-    try:
-        handle = open(path, newline="", encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"manifest {path}: cannot read it ({err.strerror or err})") from None
-    with handle:
-        try:
-            if path.suffix.lower() == ".csv":
-                reader = csv.DictReader(handle)
-                if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                    raise UserError(f"manifest {path}: the header row must name the columns 'path' and 'label' "
-                                    f"(found {reader.fieldnames})")
-                for row in reader:
-                    yield reader.line_num, row
-            else:
-                for lineno, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"manifest {path}:{lineno}: invalid JSON ({err.msg}); "
-                                        f"expected {{\"path\": ..., \"label\": ...}}") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"manifest {path}:{lineno}: expected a JSON object with 'path' and 'label'")
-                    yield lineno, row
-        except UnicodeDecodeError:
-            raise UserError(f"manifest {path}: not UTF-8 text") from None
+def _list_any(src: Path, kind: str, images: Path | None) -> tuple[list[str], list[tuple], bool]:
+    """(classes found, rows, multi_label) of any kind of SRC; rows carry a class name, or a label tuple."""
+    if images is not None and kind != "openimages":
+        raise UserError(f"--images {images} is only for an OpenImages annotation file "
+                        f"(ImageID,Source,LabelName,Confidence); SRC {src} is a {kind} source")
+    if kind == "openimages":
+        return list_openimages(src, images)
+    if kind == "manifest":
+        classes, rows, multi = list_manifest(src)
+        if not multi:  # single-label manifest: the same rows (and fingerprint) as before multi-label sources
+            rows = [(r[0], r[1][0], *r[2:]) for r in rows]
+        return classes, rows, multi
+    classes, rows = (_list_folder if kind == "folder" else _list_tars)(src)
+    return classes, rows, False
 
 
-def _label_text(value, path: Path, lineno: int) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, (float, list, dict)):
-        raise UserError(f"manifest {path}:{lineno}: label {value!r} is not a class name or integer")
-    text = str(value).strip()
-    if not text:
-        raise UserError(f"manifest {path}:{lineno}: empty label")
-    return text
+def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool):
+    """One listed row -> (InputFile, None, dropped labels) or (None, ListingReject, 0)."""
+    file_id, label, path, offset, size, mtime = row
+    multi = isinstance(label, tuple)
+    first = (label[0] if label else None) if multi else label
+    if label is None:
+        return None, ListingReject(file_id, None, "no_class", "file is not inside a class folder"), 0
+    if not is_image_name(file_id):
+        return None, ListingReject(file_id, first, "non_image_file", "file name has no image extension"), 0
+    if multi and not label:
+        return None, ListingReject(file_id, None, "no_label", "no positive label (Confidence 1) for it"), 0
+    kept = tuple(n for n in label if n in known) if multi else ((label,) if label in known else ())
+    if not kept:
+        names = f"labels {list(label)} are" if multi and len(label) > 1 else f"class {first!r} is"
+        return None, ListingReject(file_id, first, "unknown_class", f"{names} not in {classes_file}"), 0
+    if from_manifest and size < 0 and not os.path.exists(path):
+        return None, ListingReject(file_id, kept[0], "missing_file", f"no such file {path}"), 0
+    item = InputFile(file_id, kept[0], path, offset, size, mtime, kept if multi else ())
+    return item, None, (len(label) - len(kept)) if multi else 0
 
 
-def _list_manifest(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
-    base = src.parent
-    rows, first_line = [], {}
-    for lineno, row in _manifest_rows(src):
-        raw_path = row.get("path")
-        if not isinstance(raw_path, str) or not raw_path.strip():
-            raise UserError(f"manifest {src}:{lineno}: missing or empty 'path'")
-        if "label" not in row:
-            raise UserError(f"manifest {src}:{lineno}: missing 'label'")
-        label = _label_text(row["label"], src, lineno)
-        file_id = Path(raw_path.strip()).as_posix()
-        if file_id in first_line:
-            raise UserError(f"manifest {src}:{lineno}: path {file_id!r} is already listed on line "
-                            f"{first_line[file_id]}; list each file once")
-        first_line[file_id] = lineno
-        full = str(base / file_id)
-        size, mtime = _stat(full)
-        rows.append((file_id, label, full, -1, size, mtime))
-    if not rows:
-        raise UserError(f"manifest {src} has no rows")
-    labels = {r[1] for r in rows}
-    # Integer labels ("0".."999") are sorted as numbers so that class index == label; names sort as text.
-    classes = sorted(labels, key=int) if all(lab.lstrip("-").isdigit() for lab in labels) else sorted(labels)
-    return classes, rows
-
-
-def list_inputs(src: Path, kind: str, classes_file: Path | None) -> Listing:
+def list_inputs(src: Path, kind: str, classes_file: Path | None, images: Path | None = None) -> Listing:
     """All inputs of SRC, sorted by id, with the rejects that need no reading."""
     kind = detect_kind(src, kind)
-    lister = {"folder": _list_folder, "tars": _list_tars, "manifest": _list_manifest}[kind]
-    found_classes, rows = lister(src)
+    found_classes, rows, multi = _list_any(src, kind, images)
     classes = load_class_file(classes_file) if classes_file is not None else found_classes
     known = set(classes)
-    inputs, rejects = [], []
+    inputs, rejects, dropped = [], [], 0
     digest = hashlib.sha256(json.dumps([kind, classes]).encode())
-    for file_id, class_name, path, offset, size, mtime in sorted(rows, key=lambda r: r[0]):
-        digest.update(json.dumps([file_id, class_name, size, mtime]).encode())
-        if class_name is None:
-            rejects.append(ListingReject(file_id, None, "no_class", "file is not inside a class folder"))
-        elif not is_image_name(file_id):
-            rejects.append(ListingReject(file_id, class_name, "non_image_file", "file name has no image extension"))
-        elif class_name not in known:
-            rejects.append(ListingReject(file_id, class_name, "unknown_class",
-                                         f"class {class_name!r} is not in {classes_file}"))
+    for row in sorted(rows, key=lambda r: r[0]):
+        file_id, label, _path, _offset, size, mtime = row
+        digest.update(json.dumps([file_id, list(label) if multi else label, size, mtime]).encode())
+        item, reject, lost = _judge(row, known, classes_file, kind in ("manifest", "openimages"))
+        dropped += lost
+        if item is not None:
+            inputs.append(item)
         else:
-            inputs.append(InputFile(file_id, class_name, path, offset, size, mtime))
+            rejects.append(reject)
     if not inputs:
         raise UserError(f"SRC {src}: no image files found ({len(rejects)} other files); "
                         f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
     return Listing(kind=kind, classes=classes, inputs=inputs, rejects=rejects,
                    class_source=f"--classes {classes_file}" if classes_file else "SRC",
-                   fingerprint=digest.hexdigest())
+                   fingerprint=digest.hexdigest(), multi_label=multi, unknown_labels_dropped=dropped)

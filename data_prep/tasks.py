@@ -6,7 +6,8 @@ them directly.
 Why ``tarfile`` with fixed ``TarInfo`` fields and not webdataset's ``TarWriter``: importing webdataset
 imports torch (about 1.5 s and a few hundred MB in *every* Ray worker, for a job that never touches a
 tensor), and ``TarWriter`` is a thin loop over ``tarfile.addfile`` anyway. We write the same layout it
-writes (USTAR headers; per sample ``<key>.cls``, ``<key>.jpg``, ``<key>.json`` in sorted order; mode 0444)
+writes (USTAR headers; per sample ``<key>.cls``, ``<key>.jpg``, ``<key>.json`` -- plus ``<key>.labels`` in
+multi-label splits -- in sorted order; mode 0444)
 and pin every field that would otherwise vary: mtime 0, uid/gid 0, fixed uname/gname. The result is
 byte-identical on every run and is read back by stock ``webdataset.WebDataset`` and
 ``ray.data.read_webdataset`` in the tests. We stream into our own file object (a temp file from
@@ -107,6 +108,8 @@ class ShardTarWriter:
 def sample_json(entry: Entry) -> bytes:
     meta = {"source": entry.id, "class": entry.class_name, "label": entry.label, "width": entry.width,
             "height": entry.height, "sha1": entry.sha1}
+    if entry.labels is not None:  # multi-label only: single-label samples keep their exact bytes
+        meta.update(labels=list(entry.labels), classes=list(entry.label_names or []))
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -151,7 +154,10 @@ def _sample_parts(entry: Entry, opts: ImageOptions, rejects: list[dict]) -> dict
         rejects.append({"source": entry.id, "class": entry.class_name, "reason": rejected.reason,
                         "detail": rejected.detail})
         return None
-    return {"jpg": jpg, "cls": str(entry.label).encode("ascii"), "json": sample_json(entry)}
+    parts = {"jpg": jpg, "cls": str(entry.label).encode("ascii"), "json": sample_json(entry)}
+    if entry.labels is not None:  # "3,7,12": every label, the first one is also `cls`
+        parts["labels"] = ",".join(str(label) for label in entry.labels).encode("ascii")
+    return parts
 
 
 def write_shard(out: str, split: str, filename: str, plan_hash: str, rows: list[list], options: dict) -> dict:

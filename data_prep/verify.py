@@ -3,6 +3,9 @@
 Checks, per shard: present, byte size and sha256 as recorded, readable as a tar without extracting,
 every sample complete (jpg, cls, json) with a unique key, ``cls`` an integer within the class list and
 equal to the json label, sample count equal to ``shard_lengths``; the first image of each shard decodes.
+Multi-label splits (``multi_label: true``): every sample also has ``.labels``, a non-empty list of distinct
+labels within the class list whose first is ``cls``, equal to the json ``labels``, with json ``classes``
+their names.
 Per split: ``num_samples`` is the sum of the shard lengths and ``filenames`` matches the shard list.
 """
 from __future__ import annotations
@@ -70,7 +73,25 @@ def _read_samples(path: Path, digest) -> dict[str, dict[str, bytes]]:
     return {k: samples[k] for k in order}
 
 
-def _check_shard(out: Path, split: str, shard: dict, length: int, num_classes: int, report: VerifyReport) -> int:
+def _label_list_problem(parts: dict[str, bytes], label: int, meta: dict, classes: list[str]) -> str | None:
+    """Why a multi-label sample's `.labels` / json labels are wrong, or None."""
+    if "labels" not in parts:
+        return "lacks labels"
+    try:
+        labels = [int(x) for x in parts["labels"].decode("ascii").split(",")]
+    except (ValueError, UnicodeDecodeError):
+        return f"has an unreadable labels member {parts['labels'][:40]!r}"
+    if len(set(labels)) != len(labels) or not all(0 <= x < len(classes) for x in labels):
+        return f"has labels {labels}: repeated or outside 0..{len(classes) - 1}"
+    if labels[0] != label:
+        return f"has cls {label} but labels {labels} (cls must be the first)"
+    if meta.get("labels") != labels or meta.get("classes") != [classes[x] for x in labels]:
+        return f"has json labels/classes that disagree with labels {labels}"
+    return None
+
+
+def _check_shard(out: Path, split: str, shard: dict, length: int, classes: list[str], multi: bool,
+                 report: VerifyReport) -> int:
     before = report.problems
     name = shard.get("filename", "?")
     path = out / name
@@ -89,6 +110,7 @@ def _check_shard(out: Path, split: str, shard: dict, length: int, num_classes: i
         return 0
     if digest.hexdigest() != shard.get("sha256"):
         report.bad(f"{where}: sha256 {digest.hexdigest()[:16]}... differs from _info.json")
+    num_classes = len(classes)
     if len(samples) != length or length != shard.get("num_samples"):
         report.bad(f"{where}: {len(samples)} samples, _info.json says {length}")
     for key, parts in samples.items():
@@ -104,6 +126,8 @@ def _check_shard(out: Path, split: str, shard: dict, length: int, num_classes: i
             continue
         if not 0 <= label < num_classes or meta.get("label", label) != label:
             report.bad(f"{where}: sample {key} has label {label}, outside 0..{num_classes - 1} or != json label")
+        elif multi and (problem := _label_list_problem(parts, label, meta, classes)):
+            report.bad(f"{where}: sample {key} {problem}")
     if samples:
         first_key, first = next(iter(samples.items()))
         try:
@@ -135,9 +159,9 @@ def verify_out(out: Path, split: str | None = None) -> VerifyReport:
             continue
         if sum(lengths) != entry.get("num_samples"):
             report.bad(f"{name}: num_samples {entry.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
-        num_classes = len(entry.get("classes", []))
+        classes, multi = entry.get("classes", []), bool(entry.get("multi_label", False))
         for shard, length in zip(shards, lengths):
-            total += _check_shard(out, name, shard, length, num_classes, report)
+            total += _check_shard(out, name, shard, length, classes, multi, report)
     shard_count = sum(len(e.get("shards", [])) for e in splits.values())
     verdict = "OK" if report.ok else f"{report.problems} problem(s)"
     report.lines.append(f"verify {out}: {verdict}; {len(splits)} split(s), {shard_count} shards, {total} samples")

@@ -176,7 +176,8 @@ def test_tar_and_manifest_listings(tmp_path):
     csv_manifest.write_text("path,label\nsrc/cat/img_000.jpg,cat\nsrc/missing.jpg,dog\n", encoding="utf-8")
     listing = list_inputs(csv_manifest, "auto", None)
     assert [(i.id, i.class_name, i.size) for i in listing.inputs] == [
-        ("src/cat/img_000.jpg", "cat", (tree.root / "cat/img_000.jpg").stat().st_size), ("src/missing.jpg", "dog", -1)]
+        ("src/cat/img_000.jpg", "cat", (tree.root / "cat/img_000.jpg").stat().st_size)]
+    assert [(r.id, r.class_name, r.reason) for r in listing.rejects] == [("src/missing.jpg", "dog", "missing_file")]
 
 
 def test_classes_file_fixes_order_and_rejects_other_classes(tmp_path):

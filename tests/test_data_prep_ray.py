@@ -178,7 +178,7 @@ def test_tar_archives_classes_file_and_manifest(local_ray, tmp_path):
     run_shard_job(ShardConfig(src=manifest, out=out, shard_size=6, max_size=32, progress=False))
     metas = [json.loads(s["json"]) for s in _samples(out)]
     assert sorted(m["source"] for m in metas) == sorted(f"src/{k}" for k in tree.written)
-    assert _rejects(out) == {"src/missing.jpg": "unreadable"}
+    assert _rejects(out) == {"src/missing.jpg": "missing_file"}  # judged when listed, never scanned
 
 
 def test_verify_reports_damage_and_rerun_repairs_only_that_shard(local_ray, tmp_path, capsys):

@@ -1,0 +1,101 @@
+"""Multi-label demo data: 2-3 shapes of different classes per image, labels = the shapes present.
+
+Why: multi-label training (JFT/OpenImages style) needs images whose labels are a *set*, with the answer
+known exactly, and an input the shard job reads like a real multi-label collection. One image cannot live
+in several ImageFolder class folders, so this writes a flat folder plus a JSONL manifest:
+
+    OUT/images/multi_00000.jpg ...
+    OUT/labels.jsonl   {"path": "images/multi_00000.jpg", "labels": ["circle", "star"]} per image
+    OUT/classes.txt    the shape classes in their fixed order (pass it to `shard --classes`)
+
+Each object sits in its own cell of a 2x2 grid (random scale, position and rotation inside it, random
+palette colour), so no shape hides another and every label is visible. Labels are listed in class order.
+Every image is a pure function of (seed, index): the same arguments give byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from core.errors import UserError
+from core.files import atomic_write_text
+
+from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask
+
+MANIFEST_NAME = "labels.jsonl"
+CLASSES_NAME = "classes.txt"
+IMAGES_DIR = "images"
+_SET_ID = 2          # after demo_data.LABEL_SETS ("shapes" 0, "shape-color" 1): a seed stream of its own
+_CELLS = 2           # a 2x2 grid: at most 4 objects, one per cell
+
+
+def render_multi(shapes: list[str], size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image with each of `shapes` in its own grid cell, on a textured background."""
+    img = _background(size, rng)
+    cell = size // _CELLS
+    cells = rng.choice(_CELLS * _CELLS, size=len(shapes), replace=False)
+    for shape, where in zip(shapes, cells):
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-18, 18, size=3)
+        mask = Image.new("L", (size, size), 0)
+        mask.paste(_draw_mask(shape, cell, rng), (int(where % _CELLS) * cell, int(where // _CELLS) * cell))
+        alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+        shade = rng.normal(0, 8, size=(size, size, 1))
+        img = img * (1 - alpha) + (rgb + shade) * alpha
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def _looks_like_multi_demo(out: Path) -> bool:
+    for entry in out.iterdir():
+        if entry.name in (MANIFEST_NAME, CLASSES_NAME) and entry.is_file():
+            continue
+        if entry.name != IMAGES_DIR or not entry.is_dir():
+            return False
+        if any(not f.is_file() or f.suffix != ".jpg" for f in entry.iterdir()):
+            return False
+    return True
+
+
+def _prepare(cfg: DemoDataConfig) -> Path:
+    if not 1 <= cfg.classes <= len(SHAPES):
+        raise UserError(f"--classes {cfg.classes}: the 'multi' label set has 1..{len(SHAPES)} classes")
+    if cfg.per_class < 1:
+        raise UserError(f"--per-class {cfg.per_class}: must be at least 1")
+    if cfg.size < 16:
+        raise UserError(f"--size {cfg.size}: must be at least 16 pixels for 'multi' (4 cells of 8)")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give demo-data a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(f"{out} is not empty; choose a new folder or pass --overwrite")
+        if not _looks_like_multi_demo(out):
+            raise UserError(f"{out} holds files that demo-data --label-set multi did not write; refusing to "
+                            f"delete it, choose a new folder")
+        shutil.rmtree(out)
+    (out / IMAGES_DIR).mkdir(parents=True)
+    return out
+
+
+def generate_multi(cfg: DemoDataConfig) -> tuple[int, dict[str, int]]:
+    """Write classes x per_class images, the manifest and the class list; return (images, images per class)."""
+    out = _prepare(cfg)
+    classes = list(SHAPES[:cfg.classes])
+    counts = dict.fromkeys(classes, 0)
+    lines = []
+    for i in range(cfg.classes * cfg.per_class):
+        rng = np.random.default_rng([cfg.seed, _SET_ID, i])
+        k = min(cfg.classes, int(rng.integers(2, 4)))
+        shapes = [classes[c] for c in sorted(rng.choice(cfg.classes, size=k, replace=False))]
+        rel = f"{IMAGES_DIR}/multi_{i:05d}.jpg"
+        render_multi(shapes, cfg.size, rng).save(out / rel, format="JPEG", quality=cfg.quality)
+        lines.append(json.dumps({"path": rel, "labels": shapes}))
+        for name in shapes:
+            counts[name] += 1
+    atomic_write_text(out / CLASSES_NAME, "".join(f"{name}\n" for name in classes))
+    atomic_write_text(out / MANIFEST_NAME, "".join(f"{line}\n" for line in lines))  # last: marks it complete
+    return len(lines), counts

@@ -1,0 +1,192 @@
+"""List the inputs of a manifest: CSV/JSONL rows with one label or several, or OpenImages annotation files.
+
+Each lister returns ``(classes, rows, multi_label)``; a row is ``(id, labels, path, offset, size, mtime)``
+with ``labels`` a tuple of class names in source order, duplicates removed. ``multi_label`` is a property
+of the *source*, not of its rows: a manifest that uses ``labels`` anywhere (or any OpenImages file) makes a
+multi-label split even where a row has one label, so one split never mixes two sample layouts. A
+single-label manifest keeps today's layout, and so today's bytes.
+
+Mistakes in a row (no path, no or empty label list) stop the job with ``file:line``: guessing would
+silently change the class list. Judging the images themselves (missing files, unknown classes) is left to
+``sources.list_inputs``, which reports them per image.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from core.errors import UserError
+
+OPENIMAGES_HEADER = ["ImageID", "Source", "LabelName", "Confidence"]
+LABEL_SEPARATOR = "|"   # CSV `labels` cell: "cat|dog|person"
+
+Row = tuple  # (id, labels: tuple[str, ...], path, offset, size, mtime)
+
+
+def stat(path: str) -> tuple[int, int]:
+    """(size, mtime_ns), or (-1, -1) when the file cannot be stat'ed (missing: rejected when listed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def sorted_classes(names) -> list[str]:
+    """Integer labels ("0".."999") sort as numbers, so class index == label; names sort as text."""
+    names = set(names)
+    return sorted(names, key=int) if all(n.lstrip("-").isdigit() for n in names) else sorted(names)
+
+
+def _open_text(path: Path, what: str):
+    try:
+        return open(path, newline="", encoding="utf-8-sig")
+    except OSError as err:
+        raise UserError(f"{what} {path}: cannot read it ({err.strerror or err})") from None
+
+
+def is_openimages_csv(path: Path) -> bool:
+    """A .csv whose header row is exactly ``ImageID,Source,LabelName,Confidence`` (OpenImages labels)."""
+    if path.suffix.lower() != ".csv":
+        return False
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return [h.strip() for h in header or []] == OPENIMAGES_HEADER
+
+
+def _manifest_rows(path: Path):
+    """(line number, row dict, multi-label header?) of a CSV (header row) or JSONL manifest."""
+    with _open_text(path, "manifest") as handle:
+        try:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(handle)
+                fields = set(reader.fieldnames or [])
+                if "path" not in fields or not fields & {"label", "labels"}:
+                    raise UserError(f"manifest {path}: the header row must name the columns 'path' and 'label' "
+                                    f"(one class) or 'labels' (several, separated by '{LABEL_SEPARATOR}') "
+                                    f"(found {reader.fieldnames})")
+                if {"label", "labels"} <= fields:
+                    raise UserError(f"manifest {path}: the header names both 'label' and 'labels'; keep one")
+                for row in reader:
+                    yield reader.line_num, row, "labels" in fields
+            else:
+                for lineno, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"manifest {path}:{lineno}: invalid JSON ({err.msg}); "
+                                        f"expected {{\"path\": ..., \"label\": ...}}") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"manifest {path}:{lineno}: expected a JSON object with 'path' and 'label'")
+                    yield lineno, row, "labels" in row
+        except UnicodeDecodeError:
+            raise UserError(f"manifest {path}: not UTF-8 text") from None
+
+
+def _label_text(value, where: str) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, (float, list, dict)):
+        raise UserError(f"manifest {where}: label {value!r} is not a class name or integer")
+    text = str(value).strip()
+    if not text:
+        raise UserError(f"manifest {where}: empty label")
+    return text
+
+
+def _unique(names) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))  # source order, duplicates removed
+
+
+def _row_labels(row: dict, where: str, is_csv: bool) -> tuple[str, ...]:
+    """The label names of one manifest row: `label` (one) or `labels` (a JSON list, or 'a|b' in CSV)."""
+    if "label" in row and "labels" in row:
+        raise UserError(f"manifest {where}: give 'label' or 'labels', not both")
+    if "labels" not in row:
+        if "label" not in row:
+            raise UserError(f"manifest {where}: missing 'label' (or 'labels')")
+        return (_label_text(row["label"], where),)
+    value = row["labels"]
+    if is_csv:
+        value = [] if value is None or not value.strip() else value.split(LABEL_SEPARATOR)
+    elif not isinstance(value, list):
+        raise UserError(f"manifest {where}: 'labels' must be a JSON list of class names, got {value!r}")
+    if not value:
+        raise UserError(f"manifest {where}: empty label list; give at least one label, or leave the image out")
+    return _unique(_label_text(v, where) for v in value)
+
+
+def list_manifest(src: Path) -> tuple[list[str], list[Row], bool]:
+    """Rows of a CSV/JSONL manifest; paths are relative to the manifest's folder."""
+    base = src.parent
+    rows, first_line, multi = [], {}, False
+    is_csv = src.suffix.lower() == ".csv"
+    for lineno, row, multi_row in _manifest_rows(src):
+        where = f"{src}:{lineno}"
+        raw_path = row.get("path")
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            raise UserError(f"manifest {where}: missing or empty 'path'")
+        labels = _row_labels(row, where, is_csv)
+        multi = multi or multi_row
+        file_id = Path(raw_path.strip()).as_posix()
+        if file_id in first_line:
+            raise UserError(f"manifest {where}: path {file_id!r} is already listed on line "
+                            f"{first_line[file_id]}; list each file once")
+        first_line[file_id] = lineno
+        full = str(base / file_id)
+        rows.append((file_id, labels, full, -1, *stat(full)))
+    if not rows:
+        raise UserError(f"manifest {src} has no rows")
+    return sorted_classes(n for r in rows for n in r[1]), rows, multi
+
+
+def _confidence(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise UserError(f"annotations {where}: Confidence {text!r} is not a number") from None
+
+
+def list_openimages(src: Path, images: Path | None) -> tuple[list[str], list[Row], bool]:
+    """OpenImages image-level labels: one row per (image, label); only Confidence 1 is a positive label.
+
+    Images whose rows are all Confidence 0 get an empty label tuple (rejected as 'no_label' when listed).
+    """
+    if images is None:
+        raise UserError(f"SRC {src} is an OpenImages annotation file; give the image folder with --images DIR "
+                        f"(it holds <ImageID>.jpg)")
+    if not images.is_dir():
+        raise UserError(f"--images {images}: not a folder; give the folder that holds <ImageID>.jpg")
+    labels: dict[str, list[str]] = {}
+    with _open_text(src, "annotations") as handle:
+        reader = csv.reader(handle)
+        try:
+            next(reader, None)  # the header, checked by is_openimages_csv
+            for row in reader:
+                where = f"{src}:{reader.line_num}"
+                if not row:
+                    continue
+                if len(row) != len(OPENIMAGES_HEADER):
+                    raise UserError(f"annotations {where}: expected 4 fields ImageID,Source,LabelName,Confidence")
+                image_id, _source, label, confidence = (field.strip() for field in row)
+                if not image_id or "/" in image_id or image_id.startswith("."):
+                    raise UserError(f"annotations {where}: ImageID {image_id!r} is not a file name")
+                if not label:
+                    raise UserError(f"annotations {where}: empty LabelName")
+                names = labels.setdefault(image_id, [])
+                if _confidence(confidence, where) == 1:
+                    names.append(label)
+        except UnicodeDecodeError:
+            raise UserError(f"annotations {src}: not UTF-8 text") from None
+    if not labels:
+        raise UserError(f"annotations {src} has no rows")
+    rows = []
+    for image_id, names in labels.items():
+        full = str(images / f"{image_id}.jpg")
+        rows.append((f"{image_id}.jpg", _unique(names), full, -1, *stat(full)))
+    return sorted_classes(n for r in rows for n in r[1]), rows, True
