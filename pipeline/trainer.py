@@ -30,7 +30,7 @@ from pipeline import distributed as D
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import Config, save_config
 from pipeline.shards import ShardSet, open_shards
-from pipeline.data import build_train_loader
+from pipeline.data import build_train_loader, multi_hot_targets
 from pipeline.model_args import model_kwargs, run_model_kwargs
 from pipeline.train_state import TrainState, seed_rank_streams
 
@@ -60,6 +60,7 @@ def plan_run(cfg: Config) -> RunPlan:
 
     accumulation = _check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     shards = open_shards(cfg.data.train, cfg.data.train_split)
+    multi_hot_targets(cfg, shards)  # softmax on a multi-label split: one line, before any process group
     if cfg.data.val:
         open_shards(cfg.data.val, cfg.data.val_split)  # a wrong val path fails now, not after hours of training
     num_classes = _num_classes(cfg, shards)
@@ -113,8 +114,16 @@ def build_model(cfg: Config, plan: RunPlan, info: D.DistInfo, from_pretrained: b
     model = create_model(**run_model_kwargs(cfg, plan.num_classes))
     if cfg.pretrained and from_pretrained:
         from pipeline.pretrained import init_from_pretrained
+        from pipeline.shared_weights import load_weights_once
 
-        report = init_from_pretrained(model, cfg.pretrained, plan.classes, trust_pickle=cfg.pretrained_trusted)
+        # One rank consolidates a DeepSpeed checkpoint; the others read its safetensors copy (one fp32
+        # copy per rank instead of every rank unpickling every shard: ~25 GB per rank for CoAtNet-7).
+        barrier = torch.distributed.barrier if info.world_size > 1 else None
+        weights = load_weights_once(cfg.pretrained, info.is_main, barrier,
+                                    os.path.join(cfg.run_dir, "pretrained.fp32.safetensors"),
+                                    trust_pickle=cfg.pretrained_trusted)
+        report = init_from_pretrained(model, weights, plan.classes)
+        del weights
         if info.is_main:
             log.info("initialised from %s: head %s, %d head rows copied, %d tables resized", cfg.pretrained,
                      report.get("head"), report.get("head_rows_copied", 0), len(report.get("resized_tables", {})))
@@ -157,6 +166,10 @@ def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
+    if not engine.was_step_applied() and engine.lr_scheduler is not None:
+        # fp16 overflow: DeepSpeed skipped the update and the schedule step, but this step counts, so the
+        # schedule advances too and the LR stays Schedule.lr_at(step) (resume recomputes it that way).
+        engine.lr_scheduler.step()
     return lr_used, torch.stack(losses).mean().double().cpu()
 
 
@@ -214,26 +227,28 @@ class Evaluator:
     def _evaluate(self, module: torch.nn.Module) -> dict:
         from pipeline.evaluation import evaluate
 
-        return evaluate(module, self.loader, self.num_classes, self.info.device)
+        return evaluate(module, self.loader, self.num_classes, self.info.device, multi_label=self.shards.multi_label)
 
     def __call__(self, engine, state: TrainState) -> dict:
         from model import create_model
+        from pipeline.evaluation import LOGGED_KEYS, headline
 
         D.sync_batchnorm_stats(engine.module)
         ema_state = state.ema_weights()
         with _rng_untouched(self.info.device):
             res = self._evaluate(engine.module)
-            out = {f"eval/{k}": v for k, v in res.items() if k in ("top1", "top5", "count", "per_class_top1")}
+            out = {f"eval/{k}": v for k, v in res.items() if k in LOGGED_KEYS}
+            console = f"eval step {state.step}: {headline(res)} ({res['count']} images)"
             if ema_state is not None:
                 if self.ema_model is None:
                     saved = engine.module.config.to_dict()
                     self.ema_model = create_model(**model_kwargs(saved)).to(self.info.device)
                 self.ema_model.load_state_dict(ema_state, strict=True)
                 res = self._evaluate(self.ema_model)
-                out.update({f"eval_ema/{k}": v for k, v in res.items() if k in ("top1", "top5", "count")})
-        ema_note = f" | EMA top1 {out['eval_ema/top1']:.2f}" if ema_state is not None else ""
-        self.logger.log(state.step, out, console=f"eval step {state.step}: top1 {out['eval/top1']:.2f} top5 "
-                                                 f"{out['eval/top5']:.2f} ({out['eval/count']} images){ema_note}")
+                out.update({f"eval_ema/{k}": v for k, v in res.items()
+                            if k in LOGGED_KEYS and not k.startswith("per_")})
+                console += f" | EMA {headline(res)}"
+        self.logger.log(state.step, out, console=console)
         return out
 
 
