@@ -35,3 +35,34 @@ def dtype_precision(dtype) -> str:
         if precision_dtype(name) == dtype:
             return name
     raise ValueError(f"no precision name for {dtype}")
+
+
+def resolve_precision(name: str, device_type: str) -> str:
+    """The precision to train in: "auto" -> "bf16" where the hardware computes bf16 natively, else "fp32".
+
+    Native means a CUDA GPU with bf16 arithmetic (Ampere or newer), or a CPU whose PyTorch kernels run at
+    the AVX512 level (`torch.backends.cpu.get_cpu_capability()`, which `ATEN_CPU_CAPABILITY=avx2` lowers
+    to "AVX2") on a chip with AVX512-BF16 or AMX-BF16, or an Arm CPU with BF16 instructions. Elsewhere
+    bf16 is emulated by conversions and runs slower than fp32. Explicit names pass through.
+    """
+    if name != "auto":
+        precision_dtype(name)  # validates
+        return name
+    import torch
+
+    if device_type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if ok else "fp32"
+    if device_type != "cpu":
+        return "fp32"
+    level = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "SVE256", "DEFAULT", ...
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if level == "AVX512":
+        if caps:
+            native = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+        else:  # older torch: oneDNN's own check
+            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "bf16" if native else "fp32"
+    if level.startswith("SVE") or caps.get("architecture") in ("arm64", "aarch64"):
+        return "bf16" if (caps.get("bf16") or caps.get("sve_bf16")) else "fp32"
+    return "fp32"

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
+from .attention import relative_attention
+
 _LOW = (torch.bfloat16, torch.float16)
 _STATS = ("running_mean", "running_var")
 
@@ -161,7 +163,10 @@ class RelativePositionBias(nn.Module):
 
     The table `bias_table` has shape (heads, 2H-1, 2W-1) for an H x W feature map: input-independent,
     not shared across layers, no bucketing. `model.resize_rel_pos_tables` resizes it for another
-    resolution.
+    resolution. Calling the module gathers the dense (heads, N, N) bias with `index_select` (its backward
+    is an index_add, several times cheaper on CPU than advanced indexing's). Without autograd (evaluation)
+    the gathered bias is cached per dtype until the table changes (its version or storage) or the module
+    switches between train and eval.
     """
 
     def __init__(self, num_heads: int, feat_size: tuple[int, int]):
@@ -170,19 +175,60 @@ class RelativePositionBias(nn.Module):
         self.feat_size = (height, width)
         self.bias_table = nn.Parameter(torch.zeros(num_heads, 2 * height - 1, 2 * width - 1))
         self.register_buffer("index", relative_position_index(height, width), persistent=False)
+        self._cache: dict = {}
 
-    def forward(self) -> torch.Tensor:
-        heads = self.bias_table.shape[0]
-        n = self.index.shape[0]
-        return self.bias_table.reshape(heads, -1)[:, self.index.reshape(-1)].reshape(heads, n, n)
+    def train(self, mode: bool = True):
+        self._cache = {}  # weights may have changed in ways the version counter misses (e.g. DeepSpeed all-gathers)
+        return super().train(mode)
+
+    def forward(self, dtype: torch.dtype | None = None, pad_to: int = 1) -> torch.Tensor:
+        """The (heads, N, N) bias in `dtype` (default: the table's); with `pad_to`, a (heads, N, N') tensor
+        whose rows are padded to a multiple of `pad_to` (slice [..., :N] for an aligned view)."""
+        table = self.bias_table
+        dtype = dtype or table.dtype
+        if torch.is_grad_enabled() and table.requires_grad:
+            return _GatherBias.apply(table, self._index(pad_to), dtype)
+        key = (dtype, pad_to, table.device, table.data_ptr(), table._version)
+        if self._cache.get(dtype, (None,))[0] != key:
+            self._cache[dtype] = (key, _GatherBias.apply(table, self._index(pad_to), dtype))
+        return self._cache[dtype][1]
+
+    def _index(self, pad_to: int) -> torch.Tensor:
+        if self.index.shape[1] % pad_to:  # padding columns read entry 0 and are sliced off by the caller
+            return F.pad(self.index, (0, pad_to - self.index.shape[1] % pad_to))
+        return self.index
+
+
+class _GatherBias(torch.autograd.Function):
+    """bias[h, q, k] = table[h].flatten()[index[q, k]], gathered straight into `dtype`.
+
+    Gathering from a 16-bit copy of the (small) table writes the (heads, N, N) bias once, in 16 bits, instead
+    of an fp32 gather plus a cast; backward sums each offset's gradient in fp32 (index_add), so up to N
+    terms per entry do not round in bf16.
+    """
+
+    @staticmethod
+    def forward(ctx, table, index, dtype):
+        ctx.save_for_backward(index)
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        heads, n = table.shape[0], index.shape[0]
+        return table.to(dtype).reshape(heads, -1).index_select(1, index.reshape(-1)).reshape(heads, n, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        heads = ctx.table_shape[0]
+        flat = torch.zeros(heads, ctx.table_shape[1] * ctx.table_shape[2], dtype=torch.float32, device=grad.device)
+        flat.index_add_(1, index.reshape(-1), grad.reshape(heads, -1).float())
+        return flat.reshape(ctx.table_shape).to(ctx.table_dtype), None, None
 
 
 class RelativeAttention(nn.Module):
     """Global multi-head self-attention over the whole feature map with a relative-position bias.
 
-    Runs through `F.scaled_dot_product_attention` with the gathered bias as an additive `attn_mask`,
-    so PyTorch picks its fused CPU/GPU kernels. The output width may differ from the input width
-    (a stage's first block maps in_dim -> out_dim).
+    The kernel is chosen in model/attention.py (`attention_impl`: fused SDPA by default, flex attention
+    or the written-out math). The output width may differ from the input width (a stage's first block
+    maps in_dim -> out_dim).
     """
 
     def __init__(self, in_dim: int, out_dim: int, head_dim: int, feat_size: tuple[int, int]):
@@ -196,8 +242,7 @@ class RelativeAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
         q, k, v = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        bias = self.rel_pos().to(q.dtype).unsqueeze(0)  # (1, heads, N, N), broadcast over the batch
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        y = relative_attention(q, k, v, self.rel_pos)  # (B, heads, N, head_dim)
         return self.proj(y.transpose(1, 2).reshape(batch, height, width, -1))
 
 

@@ -175,3 +175,45 @@ def test_reset_classifier_replaces_head_only():
     model.reset_classifier(11)
     assert model.head.out_features == 11 and model.config.num_classes == 11
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 11)
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    from model import prepare_for_speed
+
+    torch.manual_seed(0)
+    plain = create_model("coatnet-nano", num_classes=3, image_size=64, drop_path_rate=0.0)
+    fast = create_model("coatnet-nano", num_classes=3, image_size=64, drop_path_rate=0.0)
+    fast.load_state_dict(plain.state_dict())
+    prepare_for_speed(fast)
+    assert fast.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for net, inp in ((plain, x), (fast, x.contiguous(memory_format=torch.channels_last))):
+        net(inp).square().sum().backward()
+    assert torch.allclose(fast(x), plain(x), atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    seen = []
+    last_conv_block = fast.stages[1].blocks[-1]
+    last_conv_block.register_forward_hook(lambda m, i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
+    fast(x)
+    assert seen == [True]  # the conv stages stay channels-last up to the transformer boundary
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_attention_kernels_agree_inside_the_model():
+    from model import attention
+
+    model = create_model("coatnet-nano", num_classes=3, image_size=64).eval()
+    with torch.no_grad():
+        for table in (m.rel_pos.bias_table for m in model.modules() if hasattr(m, "rel_pos")):
+            table.normal_()
+        x, saved, outs = torch.randn(2, 3, 64, 64), attention.attention_impl, {}
+        try:
+            for name in ("sdpa", "math", "flex"):
+                attention.set_attention_impl(name)
+                outs[name] = model(x)
+        finally:
+            attention.attention_impl = saved
+    assert torch.allclose(outs["sdpa"], outs["math"], atol=1e-5)
+    assert torch.allclose(outs["flex"], outs["math"], atol=1e-5)
