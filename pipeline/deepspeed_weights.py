@@ -2,8 +2,10 @@
 
 * a run folder's `checkpoints/` (or any DeepSpeed save_dir): the newest tag the trainer marked complete;
 * one tag folder of any ZeRO stage: ZeRO 1-3 are consolidated with DeepSpeed's own
-  `get_fp32_state_dict_from_zero_checkpoint` (the fp32 master weights, not the bf16 copies), ZeRO-0 reads the
-  fp32 master copies from the model-states file, else the module weights;
+  `get_fp32_state_dict_from_zero_checkpoint` (the fp32 master weights, not the bf16 copies); ZeRO-1 with bf16
+  and fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, which zero_to_fp32 refuses) is assembled here
+  from its fp32 partitions (`_load_bf16_optimizer`); ZeRO-0 reads the fp32 master copies from the
+  model-states file, else the module weights;
 * a universal checkpoint folder (`zero/<param>/fp32.pt`, as ds_to_universal writes it).
 EMA weights (the trainer keeps them in the client state) win when present and asked for. These files are
 pickles: `read_tag` refuses a tag this tool did not write unless the user says they trust it. DeepSpeed is
@@ -51,18 +53,19 @@ def _require_trust(tag_dir: str, trust_pickle: bool) -> None:
             f"python -m pipeline.export where it was trained")
 
 
-def _trusted_load(path: str) -> Any:
-    """torch.load a model-states file of a checkpoint that passed `_require_trust`.
+def _trusted_load(path: str, mmap: bool = False) -> Any:
+    """torch.load a model-states (or optimizer-states) file of a checkpoint that passed `_require_trust`.
 
     weights_only=True first. A client state with non-tensor objects (e.g. numpy RNG state) needs the full
     unpickler; that is acceptable only for checkpoints this tool wrote or the user trusts (`_require_trust`
-    runs before any file of a tag is read). Plain weight files never take this path.
+    runs before any file of a tag is read). Plain weight files never take this path. `mmap`: optimizer
+    files, of which only the fp32 partition is read (the Adam moments are never paged in).
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # noqa: BLE001 - any failure of the restricted unpickler
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         except Exception as e:  # noqa: BLE001
             raise PretrainedError(f"{path} is not a readable DeepSpeed checkpoint file ({first_line(e)}); "
                                   f"{WHAT_TO_PASS}") from None
@@ -205,10 +208,95 @@ def _load_universal_params(tag_dir: str, states: Optional[dict]) -> dict:
     return state
 
 
-def _load_zero(tag_dir: str) -> dict:
-    """ZeRO 1-3: DeepSpeed's consolidation of the fp32 master weights (+ buffers); ZeRO-0: module weights."""
-    if not glob.glob(os.path.join(glob.escape(tag_dir), "*optim_states.pt")):
+def _optim_files(tag_dir: str) -> list[str]:
+    """`[bf16_|fp16_]zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt` in data-parallel rank order."""
+    def rank(path: str) -> tuple[int, ...]:
+        found = re.search(r"zero_pp_rank_(\d+)_mp_rank_(\d+)", os.path.basename(path))
+        return (int(found.group(2)), int(found.group(1))) if found else (-1, -1)
+
+    return sorted(glob.glob(os.path.join(glob.escape(tag_dir), "*optim_states.pt")), key=rank)
+
+
+def _is_bf16_optimizer(optimizer_state: dict) -> bool:
+    """DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + fp32 gradient accumulation): flat fp32 partitions with
+    per-parameter slice mappings, and no `zero_stage` key (which is why zero_to_fp32 refuses it)."""
+    from deepspeed.checkpoint.constants import PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
+
+    return (ZERO_STAGE not in optimizer_state and SINGLE_PARTITION_OF_FP32_GROUPS in optimizer_state
+            and PARAM_SLICE_MAPPINGS in optimizer_state)
+
+
+def _load_bf16_optimizer(tag_dir: str, files: list[str], states: Optional[dict]) -> dict:
+    """The fp32 master weights of a BF16_Optimizer checkpoint (+ buffers), as zero_to_fp32 gives for ZeRO 1/2.
+
+    Each rank's file holds, per parameter group, one flat fp32 partition and `param_slice_mappings`
+    {name: (start, numel)} for the parameters (or parts of them) in it. Partitions are consecutive slices of
+    the group's flat buffer in rank order, so a parameter's fragments, read rank by rank, are the parameter
+    in order; `param_shapes` in the model-states file gives its shape. The same walk as DeepSpeed's
+    ds_to_universal, without writing the Adam moments out. Frozen parameters (not in the optimizer) and
+    buffers come from the module copies.
+    """
+    from deepspeed.checkpoint.constants import (OPTIMIZER_STATE_DICT, PARAM_SLICE_MAPPINGS, PARTITION_COUNT,
+                                                SINGLE_PARTITION_OF_FP32_GROUPS)
+
+    ranks = [re.search(r"_mp_rank_(\d+)", os.path.basename(f)) for f in files]
+    if any(r is None or int(r.group(1)) != 0 for r in ranks):
+        raise PretrainedError(f"{tag_dir}: tensor-parallel BF16_Optimizer checkpoints are not supported; "
+                              f"convert it with DeepSpeed's ds_to_universal and pass the universal folder")
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for path in files:
+        loaded = _trusted_load(path, mmap=True)
+        optimizer_state = (loaded.get(OPTIMIZER_STATE_DICT) if isinstance(loaded, dict) else None) or {}
+        if not _is_bf16_optimizer(optimizer_state):
+            raise PretrainedError(f"{path} is not a BF16_Optimizer partition like its rank-0 file; the "
+                                  f"checkpoint {tag_dir} mixes runs")
+        world = max(optimizer_state.get(PARTITION_COUNT) or [len(files)])
+        if world != len(files):
+            raise PretrainedError(f"{tag_dir} holds {len(files)} optimizer files of the {world} ranks that wrote "
+                                  f"it; the checkpoint is incomplete")
+        for flat, mapping in zip(optimizer_state[SINGLE_PARTITION_OF_FP32_GROUPS],
+                                 optimizer_state[PARAM_SLICE_MAPPINGS]):
+            for name, address in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel).clone())
+    shapes: dict = {}
+    for group in (states or {}).get("param_shapes") or []:
+        shapes.update(group)
+    state: dict = {}
+    for name, shape in shapes.items():
+        flat = torch.cat(pieces.pop(name)) if name in pieces else torch.empty(0)
+        if flat.numel() != torch.Size(shape).numel():
+            raise PretrainedError(f"{tag_dir}: {name} has {flat.numel()} of its {torch.Size(shape).numel()} "
+                                  f"values in the optimizer files; the checkpoint is incomplete")
+        state[name] = flat.view(shape)
+    if pieces:
+        raise PretrainedError(f"{tag_dir}: optimizer partitions hold {sorted(pieces)[:3]}, which the model-states "
+                              f"file does not name; the files are from different runs")
+    module = (states or {}).get("module") or {}
+    for name, value in module.items():  # buffers and frozen parameters
+        state.setdefault(name, value)
+    for alias, name in ((states or {}).get("shared_params") or {}).items():  # tied weights: stored once
+        if name in state:
+            state[alias] = state[name]
+    return state
+
+
+def _load_zero(tag_dir: str, states: Optional[dict]) -> dict:
+    """ZeRO 1-3: the fp32 master weights (+ buffers), by DeepSpeed's consolidation or, for its
+    BF16_Optimizer, `_load_bf16_optimizer`; {} for ZeRO-0 (its optimizer files hold no partitions)."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+
+    files = _optim_files(tag_dir)
+    if not files:
         return {}
+    first = _trusted_load(files[0], mmap=True)
+    optimizer_state = first.get(OPTIMIZER_STATE_DICT) if isinstance(first, dict) else None
+    if not isinstance(optimizer_state, dict):
+        raise PretrainedError(f"{files[0]} is not a DeepSpeed optimizer-states file; {WHAT_TO_PASS}")
+    if _is_bf16_optimizer(optimizer_state):
+        return _load_bf16_optimizer(tag_dir, files, states)
+    if ZERO_STAGE not in optimizer_state:
+        return {}  # ZeRO-0: no partitioned fp32 groups; the model-states file has what there is
+    del first, optimizer_state
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     parent, tag = os.path.split(os.path.abspath(tag_dir))
@@ -216,11 +304,7 @@ def _load_zero(tag_dir: str) -> dict:
         # DeepSpeed prints progress to stdout; keep stdout for our results (e.g. the evaluate JSON).
         with contextlib.redirect_stdout(sys.stderr):
             return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
-    except ValueError as e:
-        if "is not a zero checkpoint" in str(e):
-            return {}  # ZeRO-0: the optimizer file holds no partitioned fp32 groups; use the module weights
-        raise PretrainedError(f"{tag_dir}: DeepSpeed cannot consolidate this checkpoint ({e})") from None
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         raise PretrainedError(f"{tag_dir}: DeepSpeed cannot consolidate this checkpoint ({first_line(e)}); "
                               f"it may be incomplete") from None
 
@@ -274,7 +358,7 @@ def read_tag(tag_dir: str, ema: bool, trust_pickle: bool = False) -> tuple[dict,
     elif universal:
         state = _load_universal_params(tag_dir, states)
     else:
-        state = _load_zero(tag_dir)
+        state = _load_zero(tag_dir, states)
         if not state:
             module = states.get("module") if states else None
             if not module:

@@ -1,9 +1,10 @@
 """Pretraining end to end: real launchers (deepspeed, torchrun), 2 CPU ranks, bf16, ZeRO 1/2/3, on data_prep shards.
 
 One ZeRO-2 run under the deepspeed launcher is the reference: loss, TensorBoard, metrics, consolidation, and
-the uninterrupted losses that the kill-and-resume run must reproduce exactly. Its step-4 checkpoint is then
-resumed on ONE rank (universal checkpoint). ZeRO-1 runs under torchrun with a truncated shard; ZeRO-3 with
-EMA and in-training evaluation.
+the uninterrupted losses that the kill-and-resume run must reproduce exactly. Its step-8 checkpoint is then
+resumed on ONE rank (universal checkpoint). ZeRO-1 runs under torchrun with a truncated shard (bf16 with fp32
+gradient accumulation: DeepSpeed's BF16_Optimizer, whose checkpoints zero_to_fp32 refuses) and is resumed on
+one rank too; ZeRO-3 with EMA and in-training evaluation.
 """
 import json
 import os
@@ -77,7 +78,26 @@ def metrics(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
     return train, evals
 
 
-def check_run(run_dir: Path, steps: int = STEPS) -> dict[int, dict]:
+def consolidate(ckpt: Path, tag: str, zero_stage: int) -> dict:
+    """The fp32 master weights of a checkpoint: DeepSpeed's zero_to_fp32 for ZeRO 2/3; for ZeRO-1 + bf16 (the
+    BF16_Optimizer, which zero_to_fp32 refuses) the pipeline's own reader, checked against the module's copies."""
+    if zero_stage != 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    from pipeline.deepspeed_weights import read_tag
+
+    assert list((ckpt / tag).glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    state, meta = read_tag(str(ckpt / tag), ema=False)
+    assert meta["zero_stage"] == 1 and not meta["ema"]
+    module = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    for key, low in module.items():  # every fp32 master rounds to exactly the bf16 copy DeepSpeed trained with
+        if low.dtype == torch.bfloat16:
+            assert torch.equal(state[key].to(low.dtype), low), key
+    return state
+
+
+def check_run(run_dir: Path, steps: int = STEPS, zero_stage: int = 2) -> dict[int, dict]:
     """Loss falls; metrics and TensorBoard agree; the last checkpoint consolidates into the model strictly."""
     train, _ = metrics(run_dir)
     assert sorted(train) == list(range(1, steps + 1))
@@ -96,17 +116,31 @@ def check_run(run_dir: Path, steps: int = STEPS) -> dict[int, dict]:
     assert sorted(tb_loss) == list(range(1, steps + 1))
     assert all(abs(tb_loss[s] - train[s]["loss"]) < 1e-5 for s in tb_loss)
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from model import create_model
 
     ckpt = run_dir / "checkpoints"
     tag = f"step_{steps:08d}"
     assert (ckpt / tag / "complete.json").exists() and (ckpt / "zero_to_fp32.py").exists()
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    state = consolidate(ckpt, tag, zero_stage)
     cfg = json.loads((run_dir / "classes.json").read_text())
     model = create_model("coatnet-nano", num_classes=len(cfg["classes"]), image_size=32)
     model.load_state_dict(state, strict=True)
     return train
+
+
+def assert_ema_follows_weights(run_dir: Path) -> None:
+    """With TINY_EMA the EMA is the weights: each rank averaged only its fragment of every fp32 master weight;
+    assembled, they are the fp32 master weights the pipeline's reader consolidates."""
+    from pipeline.pretrained import load_weights
+
+    ema, ema_meta = load_weights(str(run_dir), ema=True)
+    trained, trained_meta = load_weights(str(run_dir), ema=False)
+    assert ema_meta["ema"] and not trained_meta["ema"] and ema.keys() == trained.keys()
+    for key, value in trained.items():
+        if "running_" in key:  # BatchNorm statistics: averaged over ranks, and kept in bf16 by DeepSpeed
+            assert torch.allclose(ema[key], value, atol=1e-3, rtol=1e-2), key
+        elif value.is_floating_point():
+            assert torch.allclose(ema[key], value, atol=1e-5, rtol=1e-4), key
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +172,7 @@ def test_zero2_deepspeed_launcher(zero2_run):
     assert client["step"] == STEPS and client["samples_seen"] == STEPS * 16
     assert set(client["rng"]) == {"0", "1"} and set(client["data_state"]) == {"0", "1"}
     assert (run_dir / "config.yaml").exists()
-    # Each rank averaged only its fragment of every fp32 master weight; assembled, they are the weights.
-    from pipeline.pretrained import load_weights
-
-    ema, ema_meta = load_weights(str(run_dir), ema=True)
-    trained, trained_meta = load_weights(str(run_dir), ema=False)
-    assert ema_meta["ema"] and not trained_meta["ema"] and ema.keys() == trained.keys()
-    for key, value in trained.items():
-        if "running_" in key:  # BatchNorm statistics: DeepSpeed keeps this bf16 run's buffers in bf16
-            assert torch.allclose(ema[key], value, atol=1e-3, rtol=1e-2), key
-        elif value.is_floating_point():
-            assert torch.allclose(ema[key], value, atol=1e-5, rtol=1e-4), key
+    assert_ema_follows_weights(run_dir)
 
 
 @pytest.mark.slow
@@ -201,17 +225,57 @@ def test_two_ranks_resume_on_one_rank_through_universal_checkpoint(zero2_run, re
     assert meta["world_size"] == 1
 
 
-@pytest.mark.slow
-def test_zero1_torchrun_with_truncated_shard(demo_shards, tmp_path):
-    shards = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def zero1_run(demo_shards, tmp_path_factory):
+    """ZeRO-1 under torchrun on shards with one truncated shard; returns (run_dir, result, shards)."""
+    shards = tmp_path_factory.mktemp("zero1") / "shards"
     shutil.copytree(demo_shards, shards)
     victim = shards / "train-000002.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    run_dir = tmp_path / "run"
-    res = run(torchrun_cmd(base_overrides(shards, run_dir, **{"deepspeed.zero_stage": 1, "data.val": None})))
+    run_dir = shards.parent / "run"
+    overrides = {"deepspeed.zero_stage": 1, "data.val": None, **TINY_EMA}
+    return run_dir, run(torchrun_cmd(base_overrides(shards, run_dir, **overrides))), shards
+
+
+@pytest.mark.slow
+def test_zero1_torchrun_with_truncated_shard(zero1_run):
+    run_dir, res, _ = zero1_run
     assert "skipped corrupt data" in res.stderr + res.stdout and "train-000002.tar" in res.stderr + res.stdout
-    train = check_run(run_dir)
+    train = check_run(run_dir, zero_stage=1)
     assert train[STEPS]["data/corrupt_skipped"] >= 1
+    assert_ema_follows_weights(run_dir)
+
+
+@pytest.mark.slow
+def test_zero1_bf16_two_ranks_resume_on_one_rank_through_universal_checkpoint(zero1_run, tmp_path):
+    """The BF16_Optimizer's checkpoint goes through ds_to_universal like ZeRO-2's; the conversion's weights are
+    the pipeline reader's, and the run continues its schedule on one rank."""
+    source, _, shards = zero1_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    for tag in ("step_00000016", "step_00000024"):
+        shutil.rmtree(run_dir / "checkpoints" / tag)  # the newest left is step 8, written by 2 ranks
+    overrides = {"deepspeed.zero_stage": 1, "data.val": None}
+    res = run([sys.executable, "-m", "pipeline.pretrain", *base_overrides(shards, run_dir, **overrides)])
+    out = res.stdout + res.stderr
+    assert "universal" in out and "at step 8" in out
+    from pipeline.pretrained import load_weights
+
+    universal, meta = load_weights(str(run_dir / "checkpoints" / "universal" / "step_00000008"), ema=False)
+    original, _ = load_weights(str(source / "checkpoints" / "step_00000008"), ema=False)
+    assert meta["format"] == "universal" and universal.keys() == original.keys()
+    assert all(torch.equal(universal[k], original[k]) for k in original)
+    reference, resumed = metrics(source)[0], metrics(run_dir)[0]
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(9, STEPS + 1):
+        assert resumed[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-9)
+        assert resumed[step]["samples_seen"] == step * 16
+    meta = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "complete.json").read_text())
+    assert meta["world_size"] == 1
+    from model import create_model
+
+    state = consolidate(run_dir / "checkpoints", f"step_{STEPS:08d}", zero_stage=1)  # one rank's BF16_Optimizer
+    create_model("coatnet-nano", num_classes=4, image_size=32).load_state_dict(state, strict=True)
 
 
 @pytest.mark.slow
@@ -219,7 +283,7 @@ def test_zero3_with_ema_and_evaluation(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     run(deepspeed_cmd(base_overrides(demo_shards, run_dir, **{"deepspeed.zero_stage": 3, "train.ema_decay": 0.9,
                                                              "train.eval_every": 10})))
-    check_run(run_dir)
+    check_run(run_dir, zero_stage=3)
     _, evals = metrics(run_dir)
     assert [e["step"] for e in evals] == [10, 20, STEPS]
     assert all(e["eval/count"] == 32 and e["eval_ema/count"] == 32 for e in evals)

@@ -21,6 +21,8 @@ CLASSES = ["circle", "square", "triangle"]
 # Two real DeepSpeed runs of coatnet-tiny at 32 px in the trainer's run-folder layout (config.yaml, classes.json,
 # checkpoints/step_XXXXXXXX with the trainer's complete.json marker, and a universal conversion under
 # checkpoints/universal/), made with deepspeed.initialize + engine.save_checkpoint in one process:
+#   zero1: ZeRO-1, bf16, fp32 gradient accumulation (as the trainer runs it): DeepSpeed's BF16_Optimizer, whose
+#          checkpoints zero_to_fp32 refuses (pipeline.deepspeed_weights reads its fp32 partitions itself)
 #   zero2: ZeRO-2, bf16 (the fp32 master weights live in the optimizer partitions only)
 #   zero3: ZeRO-3, fp32
 # Each holds two steps; step 2's client state carries an "ema" (the initial weights, so it differs from the
@@ -46,7 +48,7 @@ DEEPSPEED_RUNS = textwrap.dedent('''
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     classes = json.loads(sys.argv[2])
-    for stage, precision in ((2, "bf16"), (3, "fp32")):
+    for stage, precision in ((1, "bf16"), (2, "bf16"), (3, "fp32")):
         torch.manual_seed(stage)
         net = model.create_model("coatnet-tiny", num_classes=len(classes), image_size=32)
         ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -63,7 +65,10 @@ DEEPSPEED_RUNS = textwrap.dedent('''
                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
                      # BatchNorm on CPU wants its running stats in the parameters' dtype.
                      "data_types": {"buffer_dtype": precision}}
+        if stage == 1:
+            ds_config["data_types"]["grad_accum_dtype"] = "fp32"
         engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=ds_config)
+        assert stage != 1 or type(engine.optimizer).__name__ == "BF16_Optimizer"
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         for step in (1, 2):
             x, y = torch.randn(4, 3, 32, 32, dtype=dtype), torch.randint(0, len(classes), (4,))
@@ -90,7 +95,7 @@ _RUNS: dict[str, Path] = {}
 
 
 def deepspeed_runs(tmp_path_factory) -> Path:
-    """The folder holding zero2/ and zero3/ (made once per test session, shared with test_evaluate_export)."""
+    """The folder holding zero1/, zero2/ and zero3/ (made once per session, shared with test_evaluate_export)."""
     if "runs" not in _RUNS:
         out = tmp_path_factory.mktemp("deepspeed_runs")
         proc = subprocess.run([sys.executable, "-c", DEEPSPEED_RUNS, str(out), json.dumps(CLASSES)], cwd=REPO,
@@ -225,7 +230,7 @@ def test_unreadable_or_mismatched_sources_give_one_line_errors(tmp_path):
 
 # -------------------------------------------------------------------------------- DeepSpeed checkpoints
 @pytest.mark.slow
-@pytest.mark.parametrize("run_name", ["zero2", "zero3"])
+@pytest.mark.parametrize("run_name", ["zero1", "zero2", "zero3"])
 def test_deepspeed_checkpoints_give_the_engines_fp32_weights(tmp_path_factory, run_name):
     run = deepspeed_runs(tmp_path_factory) / run_name
     trained, ema = reference(run), reference(run, "ema")
