@@ -13,6 +13,10 @@ Design (why it resumes exactly and never hangs a collective)
 * Position. A stream's position is (pass, offset): `offset` raw samples of pass `pass` were consumed.
   Each batch carries the position after its last sample; the trainer stores the newest one per worker
   (plus how many batches it consumed, which says whose turn it is in the DataLoader's round robin).
+* Labels. Single-label splits ship int64 labels (B,). A multi-label split read with multi-hot targets
+  (loss.type=sigmoid, see `multi_hot_targets`) ships every image's labels padded with -1 (B, L), and the
+  device turns them into multi-hot float (B, num_classes): MixUp/CutMix then mix those with the same
+  per-batch draws (pipeline.transforms.MultiHotMix). `data.first_label_only` reads such a split as single-label.
 * Augmentation. Sample (pass e, offset o) of stream s is decoded and transformed after seeding torch's
   RNG with (seed, e, s, o); MixUp/CutMix for a batch with (seed, e, s, offset of its first sample).
   So data order and augmentation are a pure function of (seed, epoch/pass, rank, worker, position), and
@@ -45,7 +49,8 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from pipeline.device_augment import DeviceBatch, check_decode, pack_jpegs, shared_memory_bytes
-from pipeline.shards import ShardSet, check_jpeg_header, decode_sample, split_sample, worker_init
+from core.errors import UserError
+from pipeline.shards import ShardSet, check_jpeg_header, decode_sample, pad_labels, split_sample, worker_init
 
 log = logging.getLogger("pipeline.data")
 
@@ -103,7 +108,8 @@ class _CorruptionCounter:
 class TrainStream(IterableDataset):
     """Infinite, deterministic stream of uint8 micro-batches for one rank.
 
-    Yields dicts {"labels": int64 (B,), "mix_seed": the batch's MixUp/CutMix seed, "worker": logical worker,
+    Yields dicts {"labels": int64 (B,) (`multi_label`: (B, L), each image's labels padded with -1),
+    "mix_seed": the batch's MixUp/CutMix seed, "worker": logical worker,
     "position": StreamPosition dict after the batch} plus, with `transform` (data.decode=cpu),
     "images": uint8 (B, 3, H, W); without (data.decode=gpu), "jpeg"/"jpeg_offsets" (pack_jpegs) and "seeds":
     int64 (B,), each sample's augmentation seed, for pipeline.device_augment.augment_on_device.
@@ -112,7 +118,7 @@ class TrainStream(IterableDataset):
     def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
                  micro_batch_size: int, transform: Optional[Callable], shuffle_buffer: int = 1000,
                  positions: Optional[dict[int, dict]] = None, worker_offset: int = 0,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, multi_label: bool = False):
         self.shards = shards
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
@@ -122,6 +128,7 @@ class TrainStream(IterableDataset):
         self.positions = {int(k): v for k, v in (positions or {}).items()}
         self.worker_offset = worker_offset
         self.num_classes = num_classes
+        self.multi_label = multi_label
 
     # -- raw samples of one pass of one stream, shuffled, undecoded
     def _raw_pass(self, pass_index: int, stream: int, handler: _CorruptionCounter) -> Iterator[dict]:
@@ -150,15 +157,17 @@ class TrainStream(IterableDataset):
                 handler(ValueError(f"{url}: read {count} of its {expected} samples; the shard is truncated or "
                                    f"damaged"))
 
-    def _prepare(self, sample: dict, sample_seed: int) -> tuple[Any, int]:
-        """One raw sample -> (uint8 crop, or checked JPEG bytes when decoding on the device; label)."""
+    def _prepare(self, sample: dict, sample_seed: int) -> tuple[Any, Any]:
+        """One raw sample -> (uint8 crop, or checked JPEG bytes when decoding on the device; label or labels)."""
         if self.transform is None:
-            data, label = split_sample(sample)
+            data, label = split_sample(sample, self.multi_label)
             check_jpeg_header(data)
         else:
-            image, label = decode_sample(sample)
-        if self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise ValueError(f"label {label} outside 0..{self.num_classes - 1}")
+            image, label = decode_sample(sample, self.multi_label)
+        if self.num_classes is not None:
+            bad = [k for k in (label if self.multi_label else [label]) if not 0 <= k < self.num_classes]
+            if bad:
+                raise ValueError(f"label {bad[0]} outside 0..{self.num_classes - 1}")
         if self.transform is None:
             return data, label
         # Only the CPU generator (the transforms run on CPU tensors): torch.manual_seed would also queue lazy
@@ -166,8 +175,9 @@ class TrainStream(IterableDataset):
         torch.default_generator.manual_seed(sample_seed)
         return self.transform(image), label
 
-    def _collate(self, items: list, labels: list[int], seeds: list[int], mix_seed: int) -> dict:
-        batch = {"labels": torch.tensor(labels, dtype=torch.int64), "mix_seed": mix_seed}
+    def _collate(self, items: list, labels: list, seeds: list[int], mix_seed: int) -> dict:
+        targets = pad_labels(labels) if self.multi_label else torch.tensor(labels, dtype=torch.int64)
+        batch = {"labels": targets, "mix_seed": mix_seed}
         if self.transform is None:
             batch["jpeg"], batch["jpeg_offsets"] = pack_jpegs(items)
             batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
@@ -248,9 +258,10 @@ class TrainLoader:
     """The rank's training batches plus the bookkeeping that makes them resumable.
 
     Yields (images float32 normalised NCHW on `device`, targets on `device`: int64 labels, or soft (B, C)
-    float with MixUp/CutMix). Workers ship uint8; normalisation, MixUp/CutMix and with decode="gpu" the JPEG
-    decode and augmentation run here on `device` (pipeline.device_augment). decode="gpu" runs on any device
-    given (the tests use the CPU); build_train_loader refuses it without CUDA.
+    float with MixUp/CutMix; with `multi_label`, multi-hot float (B, num_classes), mixed by MixUp/CutMix).
+    Workers ship uint8; normalisation, MixUp/CutMix and with decode="gpu" the JPEG decode and augmentation
+    run here on `device` (pipeline.device_augment). decode="gpu" runs on any device given (the tests use the
+    CPU); build_train_loader refuses it without CUDA.
 
     `state_dict()` -> {"layout": ..., "batches": micro-batches consumed, "positions": {worker: position}}.
     """
@@ -260,10 +271,13 @@ class TrainLoader:
                  min_crop_scale: float = 0.08,
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: Optional[int] = None,
                  shuffle_buffer: int = 1000, state: Optional[dict] = None, pin_memory: bool = False,
-                 prefetch_factor: int = 4, device: Optional[torch.device] = None, decode: str = "cpu"):
+                 prefetch_factor: int = 4, device: Optional[torch.device] = None, decode: str = "cpu",
+                 multi_label: bool = False):
         from pipeline.device_augment import device_train_transform
-        from pipeline.transforms import batch_mix_transform, train_transform
+        from pipeline.transforms import MultiHotMix, batch_mix_transform, train_transform
 
+        if multi_label and not num_classes:
+            raise ValueError("multi-label targets need num_classes (the width of the multi-hot vectors)")
         self.layout = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": num_workers,
                        "micro_batch_size": micro_batch_size, "num_shards": len(shards.urls)}
         self.shards = shards
@@ -276,14 +290,18 @@ class TrainLoader:
         augment = dict(randaugment_layers=randaugment_layers, randaugment_magnitude=randaugment_magnitude,
                        scale=(min_crop_scale, 1.0))
         on_device = device_train_transform(image_size, **augment) if decode == "gpu" else None
-        mix = batch_mix_transform(num_classes, mixup_alpha, cutmix_alpha) if num_classes else None
-        self.finish = DeviceBatch(self.device, mix=mix, transform=on_device)
+        if multi_label:
+            mix = MultiHotMix(mixup_alpha, cutmix_alpha) if mixup_alpha > 0 or cutmix_alpha > 0 else None
+        else:
+            mix = batch_mix_transform(num_classes, mixup_alpha, cutmix_alpha) if num_classes else None
+        self.finish = DeviceBatch(self.device, mix=mix, transform=on_device,
+                                  num_classes=num_classes if multi_label else None)
         self.dataset = TrainStream(
             shards, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
             micro_batch_size=micro_batch_size,
             transform=train_transform(image_size, **augment, normalize=False) if decode == "cpu" else None,
             shuffle_buffer=shuffle_buffer, positions=self.positions, worker_offset=worker_offset,
-            num_classes=num_classes)
+            num_classes=num_classes, multi_label=multi_label)
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = dict(num_workers=num_workers, worker_init_fn=worker_init, prefetch_factor=prefetch_factor,
@@ -341,18 +359,37 @@ class TrainLoader:
         self._iter = None  # drops the worker processes
 
 
+def multi_hot_targets(cfg, shards: ShardSet) -> bool:
+    """Whether the train split trains on multi-hot targets (a multi-label split with loss.type=sigmoid).
+
+    A multi-label split under softmax is refused in one line unless data.first_label_only says to train on
+    each image's first label (the split is then read as single-label: `.cls`). The trainer asks this before
+    any process group exists.
+    """
+    if not shards.multi_label or cfg.data.first_label_only:
+        return False
+    if cfg.loss.type != "sigmoid":
+        raise UserError(f"{cfg.data.train} [{cfg.data.train_split}] is a multi-label split, but loss.type="
+                        f"{cfg.loss.type} trains on one label per image; set loss.type=sigmoid (multi-hot targets) "
+                        f"or data.first_label_only=true (softmax on each image's first label)")
+    return True
+
+
 def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_classes: int,
                        state: Optional[dict] = None, pin_memory: bool = False,
                        device: Optional[torch.device] = None) -> TrainLoader:
     """The TrainLoader for a pipeline Config (see pipeline.config.DataConfig).
 
-    Raises UserError (one line) for data.decode=gpu on a rank without a CUDA device.
+    Raises UserError (one line) for data.decode=gpu on a rank without a CUDA device, and for a multi-label
+    split under softmax without data.first_label_only (`multi_hot_targets`).
     """
     d = cfg.data
     check_decode(d.decode, device or torch.device("cpu"))
+    multi_label = multi_hot_targets(cfg, shards)
     return TrainLoader(shards, seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
                        micro_batch_size=cfg.train.micro_batch_size, image_size=cfg.image_hw,
                        randaugment_layers=d.randaugment_layers, randaugment_magnitude=d.randaugment_magnitude,
                        min_crop_scale=d.min_crop_scale, mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha,
                        num_classes=num_classes, shuffle_buffer=d.shuffle_buffer, state=state,
-                       pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, device=device, decode=d.decode)
+                       pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, device=device, decode=d.decode,
+                       multi_label=multi_label)

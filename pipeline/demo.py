@@ -1,6 +1,7 @@
 """The whole system end to end on built-in demo data, on this machine's CPU: `make demo`.
 
     python -m pipeline.demo --out runs/demo [--ranks 2] [--pretrain-steps N --finetune-steps N ...]
+    python -m pipeline.demo --multi-label [--out runs/demo-multi ...]   # the multi-label demo (issue 11)
 
 Stages, each the same command a user runs (printed before it runs):
  1. demo data: two label sets over generated shape images — `shape-color` (pretraining) and
@@ -44,6 +45,23 @@ class Stages:
             sys.exit(f"demo: stage '{stage}' failed (exit {result.returncode}); its output is above")
 
 
+def prepare_out(path: str) -> Path:
+    """An empty output folder: replaced when an earlier demo made it, refused when it holds anything else."""
+    out = Path(path).resolve()
+    marker = out / ".coatnet-demo"
+    made_by_demo = marker.exists() or (out / "summary.json").exists()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not made_by_demo:
+        raise UserError(f"--out {out} exists and was not made by the demo; pass another --out or remove it "
+                        f"yourself")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    marker.write_text("made by python -m pipeline.demo; replaced on each run\n")
+    # the venv's deepspeed launcher on PATH
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return out
+
+
 def launcher(ranks: int) -> list[str]:
     """DeepSpeed's own launcher with `ranks` local processes (CPU accelerator, gloo on CPU)."""
     return ["deepspeed", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -52,7 +70,15 @@ def launcher(ranks: int) -> list[str]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--multi-label" in argv:
+        from pipeline import demo_multilabel
+
+        return demo_multilabel.main([a for a in argv if a != "--multi-label"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--multi-label", action="store_true",
+                        help="run the multi-label demo instead (pipeline/demo_multilabel.py; its options: "
+                             "--multi-label --help)")
     parser.add_argument("--out", default="runs/demo", help="output folder (replaced on each run)")
     parser.add_argument("--ranks", type=int, default=2, help="training processes (CPU ranks)")
     parser.add_argument("--pretrain-steps", type=int, default=2400)
@@ -67,20 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=50, help="held-out images per class")
     args = parser.parse_args(argv)
 
-    out = Path(args.out).resolve()
-    marker = out / ".coatnet-demo"
-    made_by_demo = marker.exists() or (out / "summary.json").exists()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not made_by_demo:
-        raise UserError(f"--out {out} exists and was not made by the demo; pass another --out or remove it "
-                        f"yourself")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    marker.write_text("made by python -m pipeline.demo; replaced on each run\n")
+    out = prepare_out(args.out)
     images, shards = out / "images", out / "shards"
     py = sys.executable
-    bin_dir = Path(py).parent
-    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's deepspeed launcher
     stages = Stages()
     total_start = time.perf_counter()
 

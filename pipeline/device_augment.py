@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from core.errors import UserError
 from core.units import ImageSize, image_hw
-from pipeline.transforms import normalize_batch
+from pipeline.transforms import multi_hot, normalize_batch
 
 DECODES = ("cpu", "gpu")
 log = logging.getLogger("pipeline.data")
@@ -161,15 +161,20 @@ class DeviceBatch:
 
     `transform` set: the batch holds JPEG bytes (data.decode=gpu) that are decoded and augmented on the
     device; otherwise it holds uint8 crops. MixUp/CutMix (`mix`) run after normalisation, seeded by the
-    batch's `mix_seed`, exactly as the workers used to run them on CPU.
+    batch's `mix_seed`, exactly as the workers used to run them on CPU. `num_classes` set: the labels are
+    padded label lists (a multi-label split) and become multi-hot float (B, num_classes) here, before `mix`
+    (then pipeline.transforms.MultiHotMix).
     """
 
-    def __init__(self, device: torch.device, mix: Optional[Callable] = None, transform: Optional[Callable] = None):
+    def __init__(self, device: torch.device, mix: Optional[Callable] = None, transform: Optional[Callable] = None,
+                 num_classes: Optional[int] = None):
         self.device = torch.device(device)
-        self.mix, self.transform = mix, transform
+        self.mix, self.transform, self.num_classes = mix, transform, num_classes
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"].to(self.device, non_blocking=True)
+        if self.num_classes is not None:
+            labels = multi_hot(labels, self.num_classes)
         if "jpeg" in batch:
             jpegs = unpack_jpegs(batch["jpeg"], batch["jpeg_offsets"])
             images = augment_on_device(jpegs, batch["seeds"].tolist(), self.device, self.transform)

@@ -1,4 +1,5 @@
-"""Top-1, top-5 and per-class accuracy of trained weights on a shard split, exact across ranks.
+"""Top-1, top-5 and per-class accuracy of trained weights on a shard split, exact across ranks; on a
+multi-label split mAP, precision@1, the first label's top-1 and per-class AP instead (pipeline.mean_ap).
 
     python -m pipeline.evaluate --weights runs/demo/finetune --data runs/demo/shards/finetune --split val
     torchrun --nproc_per_node 2 -m pipeline.evaluate --weights exports/demo --data shards/ --image-size 384
@@ -118,7 +119,8 @@ def _label_map(model_classes, data_classes, where: str) -> Optional[torch.Tensor
 
 def _remap(loader, mapping: torch.Tensor):
     for images, labels, *rest in loader:
-        yield (images, mapping[labels], *rest)
+        # padded label lists (multi-label) keep their -1 padding
+        yield (images, torch.where(labels >= 0, mapping[labels.clamp(min=0)], labels), *rest)
 
 
 def _default_out(weights: str, split: str) -> str:
@@ -159,7 +161,8 @@ def run(args: argparse.Namespace) -> Optional[dict]:
             print(f"resized {len(meta['resized_tables'])} relative-position tables to {image_size[0]}x{image_size[1]} "
                   f"px", file=sys.stderr, flush=True)
     try:
-        result = evaluate(net, batches, num_classes, device, dtype=precision_dtype(args.precision), progress=rank == 0)
+        result = evaluate(net, batches, num_classes, device, dtype=precision_dtype(args.precision), progress=rank == 0,
+                          multi_label=shards.multi_label)
     except ValueError as e:  # labels outside the head: wrong data for these weights
         raise UserError(f"{args.data} [{args.split}]: {e}") from None
     seconds = time.perf_counter() - start
@@ -173,18 +176,40 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         "split": args.split, "image_size": image_size, "center_crop": center_crop, "crop_ratio": crop_ratio,
         "precision": args.precision, "world_size": world, "expected_count": shards.num_samples,
         "classes": names, "seconds": round(seconds, 3),
-        "per_class": [{"class": n, "top1": a, "count": c, "correct1": k} for n, a, c, k in
-                      zip(names, result["per_class_top1"], result["per_class_count"], result["per_class_correct1"])],
     })
+    if shards.multi_label:
+        result["per_class"] = [{"class": n, "ap": a, "positives": p} for n, a, p in
+                               zip(names, result["per_class_ap"], result["per_class_positives"])]
+    else:
+        result["per_class"] = [{"class": n, "top1": a, "count": c, "correct1": k} for n, a, c, k in
+                               zip(names, result["per_class_top1"], result["per_class_count"],
+                                   result["per_class_correct1"])]
     return result
 
 
+def _print_multi_label(result: dict) -> None:
+    """mAP, precision@1, first-label top-1, then the per-class AP (the 25 worst when there are many)."""
+    count = result["count"]
+    print(f"mAP {result['mAP']:.2f}% over {result['ap_classes']} classes ({result['ap_skipped_classes']} without a "
+          f"positive skipped)   precision@1 {result['precision_at_1']:.2f}% ({result['correct_at_1']}/{count})   "
+          f"top-1 of the first label {result['top1_first_label']:.2f}% ({result['correct_first_label']}/{count})")
+    rows = [r for r in result["per_class"] if r["positives"]]
+    shown = rows if len(rows) <= 50 else sorted(rows, key=lambda r: r["ap"])[:25]
+    print("per-class AP" + ("" if len(rows) <= 50 else f" (the 25 worst of {len(rows)}; all in the JSON)") + ":")
+    width = max((len(str(r["class"])) for r in shown), default=5)
+    for r in shown:
+        print(f"  {str(r['class']).ljust(width)}  {r['ap']:6.2f}%  ({r['positives']} positives)")
+
+
 def _print(result: dict, out: str) -> None:
+    if result.get("multi_label"):
+        _print_multi_label(result)
+        _warn_short(result)
+        print(f"wrote {out}")
+        return
     print(f"top-1 {result['top1']:.2f}% ({result['correct1']}/{result['count']})   "
           f"top-5 {result['top5']:.2f}% ({result['correct5']}/{result['count']})")
-    if result["count"] != result["expected_count"]:
-        print(f"warning: {result['expected_count'] - result['count']} of {result['expected_count']} samples were "
-              f"unreadable and skipped (see the warnings above)", file=sys.stderr)
+    _warn_short(result)
     rows = [r for r in result["per_class"] if r["count"]]
     shown = rows if len(rows) <= 50 else sorted(rows, key=lambda r: r["top1"])[:25]
     print("per-class top-1" + ("" if len(rows) <= 50 else f" (the 25 worst of {len(rows)}; all in the JSON)") + ":")
@@ -192,6 +217,12 @@ def _print(result: dict, out: str) -> None:
     for r in shown:
         print(f"  {str(r['class']).ljust(width)}  {r['top1']:6.2f}%  ({r['correct1']}/{r['count']})")
     print(f"wrote {out}")
+
+
+def _warn_short(result: dict) -> None:
+    if result["count"] != result["expected_count"]:
+        print(f"warning: {result['expected_count'] - result['count']} of {result['expected_count']} samples were "
+              f"unreadable and skipped (see the warnings above)", file=sys.stderr)
 
 
 @cli_main

@@ -1,7 +1,8 @@
 """Classification losses: softmax cross-entropy with label smoothing, or sigmoid BCE (the paper's 21K/JFT choice).
 
 Both take integer labels (B,) or soft targets (B, C) from MixUp/CutMix, and compute in float32 whatever
-the model's precision.
+the model's precision. SigmoidBCE also takes the multi-hot targets of a multi-label split (pipeline.data),
+mixed or not; softmax never sees them (the trainer refuses softmax on a multi-label split).
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ class SigmoidBCE(_SmoothedLoss):
     Summing over classes (big_vision's sigmoid_xent) keeps the gradient scale independent of the class
     count (21,841 classes for ImageNet-21K); smoothing moves targets to eps/C and 1 - eps + eps/C (timm's
     BinaryCrossEntropy convention).
+
+    Multi-label smoothing is the same map, t -> t (1 - eps) + eps / C, on each entry of the multi-hot (or
+    mixed) target: every positive becomes 1 - eps + eps/C and every negative eps/C, however many labels an
+    image has. Why this and not a per-class binary eps/2: an image with one label gets exactly the target
+    (and loss) of the single-label path, so a multi-label split whose images carry one label trains like a
+    single-label split.
     """
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

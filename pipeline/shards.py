@@ -5,6 +5,11 @@ so a shard folder, a URL pattern and a sample mean the same thing everywhere:
 
     shards = open_shards("shards/imagenet-1k", "val")   # ShardSet(urls, shard_lengths, num_samples, classes)
     image, label = decode_sample(sample)                 # uint8 CHW RGB tensor, int label
+    image, labels = decode_sample(sample, multi_label=True)   # ... list[int] (`.labels`, first == `.cls`)
+
+A multi-label split (`_info.json`: `splits.<split>.multi_label`, issue 11) adds a `<key>.labels` member per
+sample ("3,7,12", distinct ints, the first is `.cls`); `ShardSet.multi_label` says so, and readers that
+want every label pass `multi_label=True` to the sample functions.
 
 A location that is not usable raises core.errors.UserError with one line saying what to do.
 """
@@ -16,7 +21,7 @@ import os
 import tarfile
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from webdataset import gopen
@@ -37,21 +42,30 @@ class ShardSet:
     shard_lengths: list[int]
     num_samples: int
     classes: Optional[list[str]] = None
+    multi_label: bool = False
 
 
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def _count_samples(url: str) -> int:
-    """Samples in one tar (distinct keys), reading headers only; used when there is no _info.json."""
+def _scan_tar(url: str) -> tuple[int, bool]:
+    """(samples in one tar (distinct keys), whether it has `.labels` members), reading headers only.
+
+    Used when there is no _info.json: the `.labels` members are then the only sign of a multi-label split.
+    """
     if _is_local(url):
         with tarfile.open(url, "r:") as tf:  # random access: seeks over the member data
             names = tf.getnames()
     else:
         with gopen.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
             names = [m.name for m in tf]
-    return len({base_plus_ext(n)[0] for n in names} - {None})
+    parts = [base_plus_ext(n) for n in names]
+    return len({key for key, _ in parts} - {None}), any(ext == "labels" for _, ext in parts)
+
+
+def _count_samples(url: str) -> int:
+    return _scan_tar(url)[0]
 
 
 def _read_info(folder: str) -> Optional[dict]:
@@ -73,8 +87,9 @@ def _open_folder(path: str, split: str) -> ShardSet:
         if not urls:
             raise UserError(f"no shards for split {split!r} in {path} (no _info.json, no {split}-*.tar); "
                             f"make them with `python -m data_prep shard SRC {path} --split {split}`")
-        lengths = [_count_samples(u) for u in urls]
-        return ShardSet(urls, lengths, sum(lengths), None)
+        scans = [_scan_tar(u) for u in urls]
+        lengths = [n for n, _ in scans]
+        return ShardSet(urls, lengths, sum(lengths), None, any(m for _, m in scans))
     splits = info.get("splits", {})
     if split not in splits:
         raise UserError(f"{path}/_info.json has no split {split!r} (it has: {', '.join(splits) or 'none'}); "
@@ -90,7 +105,8 @@ def _open_folder(path: str, split: str) -> ShardSet:
     if len(lengths) != len(urls):
         lengths = [_count_samples(u) for u in urls]
     classes = entry.get("classes", info.get("classes"))
-    return ShardSet(urls, [int(n) for n in lengths], int(sum(lengths)), list(classes) if classes else None)
+    return ShardSet(urls, [int(n) for n in lengths], int(sum(lengths)), list(classes) if classes else None,
+                    bool(entry.get("multi_label", False)))
 
 
 def _open_pattern(pattern: str, split: str) -> ShardSet:
@@ -105,20 +121,25 @@ def _open_pattern(pattern: str, split: str) -> ShardSet:
     if missing:
         raise UserError(f"{len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]}")
     lengths: list[Optional[int]] = [None] * len(urls)
-    classes = None
+    classes, multi_label = None, None
     folders = {os.path.dirname(u) for u in local}
     if len(folders) == 1 and len(local) == len(urls):  # a pattern over data_prep's folder
         info = _read_info(folders.pop() or ".")
         if info:
-            by_name = {}
+            by_name, multi_by_name = {}, {}
             for sp in info.get("splits", {}).values():
                 by_name.update(zip(sp.get("filenames", []), sp.get("shard_lengths", [])))
+                multi_by_name.update((n, bool(sp.get("multi_label", False))) for n in sp.get("filenames", []))
             lengths = [by_name.get(os.path.basename(u)) for u in urls]
+            multi_label = multi_by_name.get(os.path.basename(urls[0]))
             entry = info.get("splits", {}).get(split)
             if entry is not None:
                 classes = entry.get("classes")
-    counted = [n if n is not None else _count_samples(u) for u, n in zip(urls, lengths)]
-    return ShardSet(list(urls), [int(n) for n in counted], int(sum(counted)), classes)
+    scans = {i: _scan_tar(u) for i, (u, n) in enumerate(zip(urls, lengths)) if n is None}
+    counted = [n if n is not None else scans[i][0] for i, n in enumerate(lengths)]
+    if multi_label is None:  # no _info.json entry for this split: the first shard's members decide
+        multi_label = (scans.get(0) or _scan_tar(urls[0]))[1]
+    return ShardSet(list(urls), [int(n) for n in counted], int(sum(counted)), classes, bool(multi_label))
 
 
 def open_shards(path_or_pattern: str, split: str = "train") -> ShardSet:
@@ -136,21 +157,47 @@ def open_shards(path_or_pattern: str, split: str = "train") -> ShardSet:
     return _open_pattern(str(path_or_pattern), split)
 
 
-def split_sample(sample: dict) -> tuple[bytes, int]:
-    """A raw sample's JPEG bytes and int label, undecoded. Raises ValueError on a sample without `jpg`/`cls`."""
+def _text(value) -> str:
+    return value.decode("ascii").strip() if isinstance(value, bytes) else str(value).strip()
+
+
+def split_sample(sample: dict, multi_label: bool = False) -> tuple[bytes, Union[int, list[int]]]:
+    """A raw sample's JPEG bytes and its label, undecoded: the int `cls`, or with `multi_label` the list of
+    `.labels` (first == cls; a sample without `.labels` has just [cls]). Raises ValueError on a sample without
+    `jpg`/`cls` or with an unreadable `.labels`."""
     if "jpg" not in sample or "cls" not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} lacks jpg/cls (has {sorted(k for k in sample if k[0] != '_')})")
-    label = int(sample["cls"].decode("ascii").strip() if isinstance(sample["cls"], bytes) else sample["cls"])
-    return sample["jpg"], label
+    label = int(_text(sample["cls"]))
+    if not multi_label:
+        return sample["jpg"], label
+    if "labels" not in sample:
+        return sample["jpg"], [label]
+    labels = [int(part) for part in _text(sample["labels"]).split(",")]
+    if not labels or len(set(labels)) != len(labels):
+        raise ValueError(f"sample {sample.get('__key__')!r}: .labels {labels} is empty or repeats a label")
+    return sample["jpg"], labels
 
 
-def decode_sample(sample: dict) -> tuple[torch.Tensor, int]:
-    """JPEG bytes -> uint8 CHW RGB tensor (torchvision decoder), `cls` -> int. Raises on a bad sample."""
+def decode_sample(sample: dict, multi_label: bool = False) -> tuple[torch.Tensor, Union[int, list[int]]]:
+    """JPEG bytes -> uint8 CHW RGB tensor (torchvision decoder), label as split_sample. Raises on a bad sample."""
     from torchvision.io import ImageReadMode, decode_image
 
-    data, label = split_sample(sample)
+    data, label = split_sample(sample, multi_label)
     image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return image, label
+
+
+def pad_labels(labels: list[list[int]]) -> torch.Tensor:
+    """Label lists of a batch -> int64 (B, max labels), padded with -1 (the first column is each `cls`).
+
+    Why padded indices and not multi-hot: a batch of 512 images with 21,841 classes would ship 11 MB of
+    multi-hot floats per batch from a worker; the indices are a few KB, made multi-hot on the device.
+    """
+    width = max((len(row) for row in labels), default=1)
+    out = torch.full((len(labels), width), -1, dtype=torch.int64)
+    for i, row in enumerate(labels):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+    return out
 
 
 def check_jpeg_header(data: bytes) -> None:

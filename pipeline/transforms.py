@@ -149,3 +149,42 @@ def batch_mix_transform(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha
     if not ops:
         return None
     return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label lists padded with -1, int64 (B, L) -> multi-hot float32 (B, num_classes) on the same device."""
+    out = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    valid = labels >= 0
+    out[rows[valid], labels[valid]] = 1.0
+    return out
+
+
+class MultiHotMix:
+    """MixUp and/or CutMix for multi-hot targets (B, C), with torchvision's own draws.
+
+    torchvision's v2 MixUp/CutMix take integer labels only. So the batch goes through them with the labels
+    0..B-1 (num_classes=B): the (B, B) soft targets they return are the mixing weights themselves, w[i, i] =
+    lambda (CutMix: the area-corrected lambda) and w[i, i-1] = 1 - lambda (they pair each image with the one
+    before it, `roll(1)`). The multi-hot targets are mixed with exactly those weights:
+    t'_i = lambda t_i + (1 - lambda) t_{i-1}. The random draws (which op, lambda, the box) are the same as
+    batch_mix_transform's for the same seed, and for one-hot targets the result equals its soft targets bit
+    for bit (tests/test_multilabel_training.py), so a per-batch seed keeps resume exact here too.
+    """
+
+    def __init__(self, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        if mixup_alpha <= 0 and cutmix_alpha <= 0:
+            raise ValueError("MultiHotMix needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.alphas = (mixup_alpha, cutmix_alpha)
+        self._by_batch: dict[int, object] = {}
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = images.shape[0]
+        if size not in self._by_batch:
+            self._by_batch[size] = batch_mix_transform(size, *self.alphas)
+        images, weights = self._by_batch[size](images, torch.arange(size, device=images.device))
+        if size < 2:  # an image mixed with itself keeps its targets
+            return images, targets
+        index = torch.arange(size, device=weights.device)
+        own, other = weights[index, index], weights[index, index - 1]
+        return images, targets * own[:, None] + targets.roll(1, 0) * other[:, None]
