@@ -146,23 +146,29 @@ def _looks_like_demo_tree(out: Path) -> bool:
     return True
 
 
-def generate(cfg: DemoDataConfig) -> dict[str, int]:
-    """Write cfg.out/<class>/<class>_<index>.jpg and return {class: count}."""
-    specs = class_specs(cfg.classes, cfg.label_set)
+def prepare_out(cfg: DemoDataConfig, min_size: int, looks_like_ours, what: str = "demo-data") -> Path:
+    """Check --per-class / --size, and empty OUT (only a tree `looks_like_ours` says we wrote, with --overwrite)."""
     if cfg.per_class < 1:
         raise UserError(f"--per-class {cfg.per_class}: must be at least 1")
-    if cfg.size < 8:
-        raise UserError(f"--size {cfg.size}: must be at least 8 pixels")
+    if cfg.size < min_size:
+        raise UserError(f"--size {cfg.size}: must be at least {min_size} pixels for {what}")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; give demo-data a folder path")
     if out.is_dir() and any(out.iterdir()):
         if not cfg.overwrite:
             raise UserError(f"{out} is not empty; choose a new folder or pass --overwrite")
-        if not _looks_like_demo_tree(out):
-            raise UserError(f"{out} holds files that demo-data did not write; refusing to delete it, "
+        if not looks_like_ours(out):
+            raise UserError(f"{out} holds files that {what} did not write; refusing to delete it, "
                             f"choose a new folder")
         shutil.rmtree(out)
+    return out
+
+
+def generate(cfg: DemoDataConfig) -> dict[str, int]:
+    """Write cfg.out/<class>/<class>_<index>.jpg and return {class: count}."""
+    specs = class_specs(cfg.classes, cfg.label_set)
+    out = prepare_out(cfg, 8, _looks_like_demo_tree)
     counts = {}
     set_id = LABEL_SETS.index(cfg.label_set)
     for name, shape, colour in specs:

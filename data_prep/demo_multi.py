@@ -15,7 +15,6 @@ Every image is a pure function of (seed, index): the same arguments give byte-id
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from PIL import Image
 from core.errors import UserError
 from core.files import atomic_write_text
 
-from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask
+from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask, prepare_out
 
 MANIFEST_NAME = "labels.jsonl"
 CLASSES_NAME = "classes.txt"
@@ -63,20 +62,7 @@ def _looks_like_multi_demo(out: Path) -> bool:
 def _prepare(cfg: DemoDataConfig) -> Path:
     if not 1 <= cfg.classes <= len(SHAPES):
         raise UserError(f"--classes {cfg.classes}: the 'multi' label set has 1..{len(SHAPES)} classes")
-    if cfg.per_class < 1:
-        raise UserError(f"--per-class {cfg.per_class}: must be at least 1")
-    if cfg.size < 16:
-        raise UserError(f"--size {cfg.size}: must be at least 16 pixels for 'multi' (4 cells of 8)")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; give demo-data a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise UserError(f"{out} is not empty; choose a new folder or pass --overwrite")
-        if not _looks_like_multi_demo(out):
-            raise UserError(f"{out} holds files that demo-data --label-set multi did not write; refusing to "
-                            f"delete it, choose a new folder")
-        shutil.rmtree(out)
+    out = prepare_out(cfg, 16, _looks_like_multi_demo, "demo-data --label-set multi (4 cells of 8 px)")
     (out / IMAGES_DIR).mkdir(parents=True)
     return out
 

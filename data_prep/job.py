@@ -28,7 +28,7 @@ from .layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale
                      split_shards, state_dir)
 from .plan import Plan, build_plan, load_plan, save_plan, shard_hash
 from .sources import Listing, list_inputs
-from .tasks import file_sha256
+from .tasks import SPACE_ERRNOS, OutOfSpace, file_sha256
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -167,9 +167,10 @@ def _split_lock(out: Path, split: str):
 
 
 def _unwrap_task_error(err: Exception) -> Exception:
-    """A UserError raised inside a task (InputChanged) reaches the user as one line, not a Ray traceback."""
+    """A UserError raised inside a task (InputChanged, OutOfSpace) reaches the user as one line, not a Ray
+    traceback; it keeps its type, so the driver can add what only it knows."""
     cause = getattr(err, "cause", None)
-    return UserError(str(cause)) if isinstance(cause, UserError) else err
+    return cause if isinstance(cause, UserError) else err
 
 
 def _run_tasks(remote, calls: list[tuple], in_flight: int, on_result) -> None:
@@ -239,8 +240,32 @@ def _write(plan: Plan, cfg: ShardConfig, in_flight: int) -> list[dict]:
         bar.set_postfix(shards=f"{sum(r is not None for r in receipts)}/{len(calls)}", resumed=resumed,
                         refresh=False)
 
-    _run_with_bar(write_shard, calls, in_flight, collect, bar)
+    try:
+        _run_with_bar(write_shard, calls, in_flight, collect, bar)
+    except OutOfSpace as err:
+        raise UserError(_space_message(cfg.out, str(err), plan, receipts)) from None
     return receipts  # type: ignore[return-value]
+
+
+def _space_message(out: Path, cause: str, plan: Plan, receipts: list) -> str:
+    """One line: OUT is full, about how much more the shards not yet written need, and that a re-run resumes."""
+    done = [i for i, r in enumerate(receipts) if r is not None]
+    left = [i for i, r in enumerate(receipts) if r is None]
+    samples_done = sum(len(plan.shards[i]) for i in done)
+    if samples_done and sum(receipts[i]["bytes"] for i in done):
+        per_sample = sum(receipts[i]["bytes"] for i in done) / samples_done
+        need = per_sample * sum(len(plan.shards[i]) for i in left)
+    else:  # nothing written yet: the inputs' size (re-encoded images are usually smaller)
+        need = sum(e.size for i in left for e in plan.shards[i])
+    free = shutil.disk_usage(out).free
+    return (f"OUT {out} is full ({cause}): about {need / 1e6:,.1f} MB more are needed for the {len(left)} shards "
+            f"not yet written ({free / 1e6:,.1f} MB free now); free space there and re-run the same command: the "
+            f"{len(done)} finished shards are kept")
+
+
+def _space_error(out: Path, err: OSError) -> UserError:
+    return UserError(f"OUT {out} is full ({err.strerror or err}{f': {err.filename}' if err.filename else ''}); "
+                     f"free space there and re-run the same command: finished shards are kept")
 
 
 def _label_counts(plan: Plan, late_ids: set[str]) -> tuple[Counter, dict]:
@@ -310,6 +335,16 @@ def _up_to_date(cfg: ShardConfig, start: float) -> JobResult:
 
 
 def run_shard_job(cfg: ShardConfig) -> JobResult:
+    """The whole job; a full OUT (the driver's own writes: plan, receipts' folder, _info.json) is one line too."""
+    try:
+        return _run_shard_job(cfg)
+    except OSError as err:
+        if err.errno in SPACE_ERRNOS:
+            raise _space_error(cfg.out, err) from None
+        raise
+
+
+def _run_shard_job(cfg: ShardConfig) -> JobResult:
     start = time.perf_counter()
     _check_paths(cfg)
     listing = list_inputs(cfg.src, cfg.source, cfg.classes_file, cfg.images)

@@ -16,6 +16,7 @@ instead of reading them back.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -25,10 +26,12 @@ from pathlib import Path
 
 from core.files import atomic_path, atomic_write_json
 
-from .errors import InputChanged
+from .errors import InputChanged, UserError
 from .images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
 from .layout import read_json, receipt_path
 from .plan import Entry
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
 
 TAR_MTIME = 0            # every member gets this mtime: reproducible archives
 TAR_USER = "data_prep"
@@ -62,6 +65,15 @@ def scan_chunk(items: list[tuple[str, str, int, int]], max_pixels: int) -> list[
         result = scan(data, max_pixels)
         out.append((file_id, result.reason, result.detail, result.width, result.height, result.sha1))
     return out
+
+
+class OutOfSpace(UserError):
+    """OUT's filesystem refused a write (full, quota, size limit). Raised inside a Ray task; the driver turns it
+    into one line that says how much space the rest of the job needs. The temp file is gone; re-run resumes."""
+
+    def __init__(self, message: str, filename: str = ""):  # (message,) alone must rebuild it: Ray pickles it
+        super().__init__(message)
+        self.filename = filename
 
 
 class _HashingFile:
@@ -173,6 +185,16 @@ def write_shard(out: str, split: str, filename: str, plan_hash: str, rows: list[
     existing = valid_receipt(out_dir, split, filename, plan_hash)
     if existing is not None:
         return {**existing, "resumed": True, "node_id": _node_id(), "seconds": 0.0, "cpu_seconds": 0.0}
+    try:
+        return _write_new_shard(out_dir, split, filename, plan_hash, rows, options, start, cpu_start)
+    except OSError as err:
+        if err.errno in SPACE_ERRNOS:
+            raise OutOfSpace(f"{err.strerror or err} writing {filename}", filename) from None
+        raise
+
+
+def _write_new_shard(out_dir: Path, split: str, filename: str, plan_hash: str, rows: list[list], options: dict,
+                     start: float, cpu_start: float) -> dict:
     opts = ImageOptions(**options)
     entries = [Entry(*row) for row in rows]
     rejects, written = [], 0
