@@ -133,6 +133,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
         model = create_model(**{**model_kwargs, "grad_checkpointing": False})
     total_params, largest_layer = count_params(model)
     macs = count_macs(model)
+    if cfg.precision == "auto":  # planning for GPUs that compute bf16 natively (Ampere and newer)
+        cfg.precision = "bf16"
     act = measure(model_kwargs, cfg.precision)
 
     gpus = nodes * gpus_per_node

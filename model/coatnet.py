@@ -96,19 +96,22 @@ class CoAtNet(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def prepare_for_speed(model: nn.Module, channels_last: bool = True) -> nn.Module:
+def prepare_for_speed(model: nn.Module, channels_last: bool = True, weights: bool = True) -> nn.Module:
     """Run the convolution stages in channels-last memory format (NHWC in memory, NCHW to the code).
 
     Why: cuDNN's and oneDNN's fast convolutions (tensor cores, depthwise) are NHWC kernels, and S2's
     channels-last output becomes S3's NHWC token map by a permute that copies nothing. The model converts
     its input, so it stays channels-last even where ZeRO flattens the conv weights back to contiguous.
     State dict, parameters and outputs are unchanged. Call before wrapping the model (DeepSpeed, DDP).
+    `weights=False` leaves the conv weights' layout alone (a convolution follows its input's memory
+    format): for DeepSpeed, whose ZeRO flattening views parameters as bytes and needs them contiguous.
     """
     target = model.module if hasattr(model, "module") and isinstance(model.module, CoAtNet) else model
     if not isinstance(target, CoAtNet):
         raise TypeError(f"prepare_for_speed expects a CoAtNet, got {type(model).__name__}")
     target.channels_last = channels_last
-    target.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if weights:
+        target.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return model
 
 

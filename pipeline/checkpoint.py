@@ -4,7 +4,11 @@
   returned on every rank, rank 0 writes `complete.json` into it. DeepSpeed's `latest` file is written
   before that marker, so a kill in between could leave `latest` naming a half-written tag: resume ignores
   `latest` and picks the newest tag WITH the marker.
-* Only the newest `keep` complete checkpoints are kept.
+* Only the newest `keep` complete checkpoints are kept (a pruned one loses its marker before its files).
+* The marker records each file's size and checksum (pipeline.checkpoint_integrity), each rank hashing the
+  files it wrote; resume checks them, newest first, and a damaged checkpoint loses its marker (kept as
+  `complete.json.damaged`, with the reason) in favour of the previous one. A save that cannot be written
+  (disk full, quota, permission) ends the run with one line and never touches older checkpoints.
 * A different world size (or ZeRO stage) cannot load ZeRO partitions saved by another layout: the newest
   checkpoint is converted once with DeepSpeed's `ds_to_universal` into `checkpoints/universal/<tag>/` and
   loaded with the engine's `checkpoint.load_universal` option.
@@ -19,6 +23,7 @@ The trainer uses one `Checkpointer`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +38,7 @@ from core.files import atomic_write_json
 log = logging.getLogger("pipeline.checkpoint")
 
 MARKER = "complete.json"
+CONVERSION_ALLOWANCE = 4  # x train.hang_timeout_s: the wait while rank 0 converts to a universal checkpoint
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -93,6 +99,7 @@ def prune(ckpt_dir: str, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than the newest."""
     found = complete_checkpoints(ckpt_dir)
     for old in found[:-keep] if keep > 0 else []:
+        unmark(old.path)  # first: a kill mid-delete must not leave a marker over missing files
         shutil.rmtree(old.path, ignore_errors=True)
         shutil.rmtree(os.path.join(ckpt_dir, "universal", old.tag), ignore_errors=True)
     if found:
@@ -105,14 +112,57 @@ def prune(ckpt_dir: str, keep: int) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: dict) -> str:
-    """engine.save_checkpoint on every rank, then the completion marker and pruning on rank 0."""
+def unmark(tag_dir: str, reason: Optional[str] = None) -> None:
+    """Take a checkpoint off the resume list: its marker goes (kept as complete.json.damaged with a reason)."""
+    marker = os.path.join(tag_dir, MARKER)
+    if reason is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(marker)
+        return
+    with contextlib.suppress(OSError):
+        atomic_write_json(marker + ".damaged", {"reason": reason, "marker": read_marker(tag_dir)}, indent=None)
+        os.remove(marker)
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: dict,
+         stats: Optional[dict] = None) -> str:
+    """engine.save_checkpoint on every rank, each recording its files' sizes and checksums; then the completion
+    marker holding them all, and pruning, on rank 0. A write that fails (disk full, quota, permission) ends the
+    run with one line (checkpoint_integrity.exit_save_failed): the marker is never written, older ones stay."""
     import torch.distributed as dist
 
-    tag = tag_for(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)  # ends with a barrier
-    if dist.get_rank() == 0:
-        write_marker(os.path.join(ckpt_dir, tag), {"step": step, "time": time.time(), **meta})
+    from pipeline import distributed as D
+    from pipeline.checkpoint_integrity import (ALGORITHM, describe_files, exit_save_failed, is_write_failure,
+                                               merge_files, record_writes, space_message)
+
+    stats = {} if stats is None else stats
+    tag, rank, start = tag_for(step), dist.get_rank(), time.monotonic()
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if rank == 0 and os.path.isdir(tag_dir) and read_marker(tag_dir) is None:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # a failed or damaged save of this step; DeepSpeed's barrier follows
+    try:
+        with record_writes(engine) as written:
+            engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)  # ends with a barrier
+        files = describe_files(tag_dir, written, rank)
+    except (OSError, RuntimeError) as err:
+        if not is_write_failure(err):
+            raise
+        newest = latest_complete(ckpt_dir)
+        exit_save_failed(space_message(ckpt_dir, tag, f"rank {rank}: {err}".split("\n")[0], stats.get("need"),
+                                       newest.tag if newest else None))
+    gathered = D.all_gather_object(files)
+    stats.update(bytes=sum(f["bytes"] for records in gathered for f in records.values()),
+                 seconds=time.monotonic() - start)
+    if rank == 0:
+        files = merge_files(tag_dir, gathered, skip=(MARKER,))
+        stats["bytes"] = sum(f["bytes"] for f in files.values())
+        try:
+            write_marker(tag_dir, {"step": step, "time": time.time(), **meta, "save_s": round(stats["seconds"], 3),
+                                   "bytes": stats["bytes"], "checksum": ALGORITHM, "files": files})
+        except OSError as err:
+            newest = latest_complete(ckpt_dir)
+            exit_save_failed(space_message(ckpt_dir, tag, str(err), stats.get("need"),
+                                           newest.tag if newest else None))
         prune(ckpt_dir, keep)
     dist.barrier()
     return tag
@@ -132,7 +182,8 @@ def to_universal(info: CheckpointInfo) -> CheckpointInfo:
                                   inject_missing_state=True)
         log.warning("converting %s (world size %d) to a universal checkpoint in %s", info.path, info.world_size, out)
         ds_to_universal.main(args)
-        write_marker(out, {**info.meta, "universal_of": info.path})
+        kept = {k: v for k, v in info.meta.items() if k != "files"}  # the source's file list, not this folder's
+        write_marker(out, {**kept, "universal_of": info.path})
     return CheckpointInfo(out_root, info.tag, info.step, info.world_size, info.zero_stage, read_marker(out) or {})
 
 
@@ -146,24 +197,55 @@ class ResumePoint:
 class Checkpointer:
     """Saving, choosing and restoring a run's checkpoints in `ckpt_dir` (every rank holds one)."""
 
-    def __init__(self, ckpt_dir: str, keep: int, info, zero_stage: int):
+    def __init__(self, ckpt_dir: str, keep: int, info, zero_stage: int, watchdog=None):
         self.ckpt_dir, self.keep, self.info, self.zero_stage = ckpt_dir, keep, info, zero_stage
+        self.watchdog = watchdog  # pipeline.watchdog.Watchdog: saves and verification get their own allowance
         self.saved_step = -1  # the step of the newest checkpoint this run holds (-1: none)
+        self.last_save_s: Optional[float] = None  # how long the newest save took (SIGTERM: does one fit?)
+        self.last_bytes: Optional[int] = None     # and how big it was (free space before the next one)
+        self.run_config: Optional[dict] = None  # the resolved config, kept in each marker (config changes on resume)
 
     def find_resume(self) -> Optional[ResumePoint]:
-        """The newest complete checkpoint: rank 0 decides (and converts a changed layout), all ranks get it."""
+        """The newest complete checkpoint whose files check out; rank 0 converts a changed layout; all ranks get it."""
         from pipeline import distributed as D
 
+        with self._watch("checkpoint verification"):
+            found = self._newest_intact()
         resume = None
-        if self.info.is_main:
-            found = latest_complete(self.ckpt_dir)
-            resume = ResumePoint(found, False) if found is not None else None
-            if found is not None and self._layout_changed(found):
+        if self.info.is_main and found is not None:
+            resume = ResumePoint(found, False)
+            if self._layout_changed(found):
                 log.warning("checkpoint %s was written by %d ranks with ZeRO-%d; now %d ranks with ZeRO-%d: resuming "
                             "through a universal checkpoint", found.tag, found.world_size, found.zero_stage,
                             self.info.world_size, self.zero_stage)
                 resume = ResumePoint(to_universal(found), True)
-        return D.broadcast_object(resume)
+        if found is None or not self._layout_changed(found):
+            return D.broadcast_object(resume)
+        # The others wait while rank 0 converts (CoAtNet-7: longer than a hang timeout): their own allowance.
+        allowance = CONVERSION_ALLOWANCE * (self.watchdog.timeout_s if self.watchdog else 1800.0)
+        with self._watch("universal conversion", allowance):
+            return D.broadcast_object(resume, timeout_s=allowance + 60.0)
+
+    def _newest_intact(self) -> Optional[CheckpointInfo]:
+        """Newest first, each rank checks its share of a complete checkpoint's recorded sizes and checksums; a
+        damaged one loses its marker, with a warning naming the file, and the previous one is tried."""
+        from pipeline import distributed as D
+        from pipeline.checkpoint_integrity import verify_share
+
+        candidates = D.broadcast_object(complete_checkpoints(self.ckpt_dir) if self.info.is_main else None)
+        for found in reversed(candidates):
+            share = verify_share(found.path, found.meta, self.info.rank, self.info.world_size)
+            problems = [p for rank_problems in D.all_gather_object(share) for p in rank_problems]
+            if not problems:
+                return found
+            if self.info.is_main:
+                log.warning("checkpoint %s is damaged (%s): not resuming from it; trying the previous complete one",
+                            found.path, "; ".join(problems))
+                unmark(found.path, "; ".join(problems))
+        return None
+
+    def _watch(self, what: str, allowance: Optional[float] = None):
+        return self.watchdog.phase(what, allowance) if self.watchdog is not None else contextlib.nullcontext()
 
     def _layout_changed(self, found: CheckpointInfo) -> bool:
         changed = found.world_size != self.info.world_size or found.zero_stage != self.zero_stage
@@ -172,14 +254,20 @@ class Checkpointer:
     def restore(self, engine, state, resume: ResumePoint) -> dict:
         """Load model, optimizer and schedule into `engine` and the client state into `state`; returns it."""
         found = resume.checkpoint
-        load_path, client = engine.load_checkpoint(found.dir, tag=found.tag, load_module_strict=True)
+        with self._watch("checkpoint load"):
+            load_path, client = engine.load_checkpoint(found.dir, tag=found.tag, load_module_strict=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {found.path}")
         state.load_state_dict(client)
-        # The optimizer's LR must match the (restored) schedule, also after a universal load.
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        # The LR follows THIS launch's schedule from the restored step (pipeline.optim.ScheduleLR), also after a
+        # universal load; a plain LambdaLR keeps the restored one.
+        if hasattr(engine.lr_scheduler, "restart_at"):
+            engine.lr_scheduler.restart_at(state.step)
+        else:
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
         self.saved_step = state.step
+        self.last_save_s, self.last_bytes = found.meta.get("save_s"), found.meta.get("bytes")
         if self.info.is_main:
             log.info("resumed from %s at step %d (samples seen %d)%s", found.path, state.step,
                      int(client["samples_seen"]), " via universal checkpoint" if resume.universal else "")
@@ -191,10 +279,33 @@ class Checkpointer:
 
         if self.saved_step == state.step:
             return tag_for(state.step)
-        D.sync_batchnorm_stats(engine.module)  # every rank's BatchNorm statistics agree in the checkpoint
-        tag = save(engine, self.ckpt_dir, state.step, state.state_dict(), self.keep,
-                   {"world_size": self.info.world_size, "zero_stage": self.zero_stage})
+        stats = {"need": self.last_bytes}
+        with self._watch("checkpoint save"):
+            self._check_space(state.step)
+            D.sync_batchnorm_stats(engine.module)  # every rank's BatchNorm statistics agree in the checkpoint
+            tag = save(engine, self.ckpt_dir, state.step, state.state_dict(), self.keep,
+                       {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "config": self.run_config},
+                       stats=stats)
         self.saved_step = state.step
+        self.last_save_s, self.last_bytes = stats["seconds"], stats["bytes"]
         if self.info.is_main:
             log.info("saved checkpoint %s", os.path.join(self.ckpt_dir, tag))
         return tag
+
+    def _check_space(self, step: int) -> None:
+        """Before a save: stop with one line (every rank) when the disk cannot hold another checkpoint of the
+        size of the last one, instead of filling it and failing half-way."""
+        import torch
+
+        from core.errors import UserError
+        from pipeline import distributed as D
+        from pipeline.checkpoint_integrity import free_bytes, space_message
+
+        if not self.last_bytes:
+            return
+        free = free_bytes(self.ckpt_dir) if self.info.is_main else None
+        short = free is not None and free < self.last_bytes * 1.05
+        if D.all_reduce_sum(torch.tensor([float(short)], dtype=torch.float64)).item() > 0:
+            newest = latest_complete(self.ckpt_dir)
+            raise UserError(space_message(self.ckpt_dir, tag_for(step), "not enough free space", self.last_bytes,
+                                          newest.tag if newest else None))

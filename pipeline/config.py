@@ -80,6 +80,8 @@ class DataConfig:
     randaugment_magnitude: int = _f(15, "RandAugment magnitude (0..30)")
     mixup_alpha: float = _f(0.0, "MixUp alpha; 0 disables MixUp")
     cutmix_alpha: float = _f(0.0, "CutMix alpha; 0 disables CutMix")
+    first_label_only: bool = _f(False, "multi-label splits: train softmax on each image's first label (without "
+                                       "it softmax on a multi-label split is refused; sigmoid: multi-hot targets)")
     center_crop: bool = _f(True, "eval transform: resize + center crop (pretrain) vs resize to full size (fine-tune)")
     crop_ratio: float = _f(0.875, "eval center-crop ratio (image_size / resize size)")
 
@@ -98,6 +100,17 @@ class TrainConfig:
                                  "runs only: a 30-epoch fine-tune with it never reaches 0.9999")
     deterministic: bool = _f(True, "deterministic kernels and fixed CPU threads: bit-exact resume (the CPU tests); "
                                    "false on GPU clusters for speed (cuDNN autotuning, non-deterministic kernels)")
+    attention: str = _f("auto", "relative attention kernel (model/attention.py): auto picks by device and precision",
+                        ("auto", "sdpa", "math", "flex"))
+    max_bad_steps: int = _f(5, "steps in a row whose loss or gradient is not finite (each is skipped: no update, "
+                               "no EMA) before the run rolls back to the previous checkpoint and skips their batches")
+    spike_factor: float = _f(10.0, "a step whose loss (mean over ranks) exceeds this x the mean of the last 50 applied "
+                                   "steps is skipped and the run rolls back as for max_bad_steps; 0 disables")
+    hang_timeout_s: float = _f(1800.0, "a rank without progress this long (a step, or a save or evaluation, each with "
+                                       "its own allowance; a frozen peer) dumps its stacks to run_dir/hang/ and exits "
+                                       "non-zero so the launcher ends the job; also the collective timeout (+60 s)")
+    sigterm_grace_s: float = _f(25.0, "on SIGTERM: save if the last save took less than this (SLURM KillWait 30 s), "
+                                      "else stop at once; every rank exits within it")
 
 
 @dataclass
@@ -142,7 +155,9 @@ class CheckpointConfig:
 class Config:
     run_dir: str = _f("runs/demo/pretrain", "output folder: config, metrics.jsonl, tb/, checkpoints/")
     seed: int = _f(0, "seed of the data order, augmentation and initialisation")
-    precision: str = _f("bf16", "mixed precision mode", PRECISIONS)
+    precision: str = _f("auto", "mixed precision: auto = bf16 where the hardware computes it natively (Ampere+ GPUs, "
+                                "CPUs with AVX512-BF16/AMX), else fp32; or bf16, fp16 (dynamic loss scaling), fp32",
+                        ("auto",) + PRECISIONS)
     pretrained: Optional[str] = _f(None, "fine-tune from: run folder | DeepSpeed checkpoint | universal "
                                          "checkpoint | exported .safetensors")
     pretrained_trusted: bool = _f(False, "`pretrained` is a DeepSpeed checkpoint this tool did not write and you "
@@ -279,12 +294,15 @@ _RANGES += [(key, lambda v: v >= 0, ">= 0") for key in (
     "train.steps", "train.epochs", "train.eval_every", "data.num_workers", "data.shuffle_buffer",
     "data.randaugment_layers", "optim.warmup_steps", "optim.warmup_epochs", "checkpoint.every_steps", "optim.lr",
     "optim.min_lr", "train.grad_clip", "data.mixup_alpha", "data.cutmix_alpha")]
-_RANGES += [(key, lambda v: v >= 1, ">= 1") for key in ("checkpoint.keep", "data.prefetch_factor")]
+_RANGES += [(key, lambda v: v >= 1, ">= 1") for key in ("checkpoint.keep", "data.prefetch_factor",
+                                                      "train.max_bad_steps")]
 _RANGES += [(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in ("train.ema_decay", "loss.label_smoothing",
                                                                   "model.drop_path_rate")]
 _RANGES += [("data.randaugment_magnitude", lambda v: 0 <= v <= 30, "in 0..30")]
+_RANGES += [("train.spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1")]
 _RANGES += [(key, lambda v: 0 < v <= 1, "in (0, 1]") for key in ("data.min_crop_scale", "data.crop_ratio")]
 _RANGES += [("model.num_classes", lambda v: v is None or v >= 1, ">= 1 or null")]
+_RANGES += [("train.hang_timeout_s", lambda v: v > 0, "> 0"), ("train.sigterm_grace_s", lambda v: v >= 0, ">= 0")]
 
 
 def _get(cfg: Config, dotted: str):

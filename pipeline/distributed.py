@@ -12,6 +12,7 @@ import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,8 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(deterministic: bool = True) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed and return this process's place in the world."""
+def setup(deterministic: bool = True, timeout_s: Optional[float] = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed and return this process's place in the world.
+
+    `timeout_s`: every collective's timeout (the trainer passes train.hang_timeout_s plus a minute, so its
+    watchdog dumps the stacks first); DEEPSPEED_TIMEOUT (minutes) overrides it.
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -64,10 +69,19 @@ def setup(deterministic: bool = True) -> DistInfo:
         torch_deterministic.fill_uninitialized_memory = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the conv algorithms once
+        # fp32 matmuls and convolutions on tensor cores (torch >= 2.9 spelling of the old allow_tf32 flags)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     if not torch.distributed.is_initialized():
-        # DeepSpeed's default collective timeout is 10 min; rank 0 alone converting a CoAtNet-7 checkpoint to a
-        # universal one after a world-size change can take longer while the others wait in a broadcast.
-        timeout = timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 60)))
+        # A collective that waits longer than this is a hang (a frozen or dead peer). The one legitimately long
+        # wait, the others waiting while rank 0 converts a checkpoint to a universal one, uses its own group
+        # (broadcast_object's timeout_s).
+        if "DEEPSPEED_TIMEOUT" in os.environ or timeout_s is None:
+            timeout = timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 60)))
+        else:
+            timeout = timedelta(seconds=timeout_s)
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False, timeout=timeout)
     if accel.device_name() == "cpu":
         device = torch.device("cpu")
@@ -75,6 +89,13 @@ def setup(deterministic: bool = True) -> DistInfo:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
     return DistInfo(rank, world, local_rank, local_world, device, accel.communication_backend_name())
+
+
+def teardown() -> None:
+    """Destroy the process group: a process that leaves with it alive (e.g. after a user error on every
+    rank) aborts in the collective library's threads at interpreter exit instead of exiting 2."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -103,11 +124,18 @@ def all_gather_object(obj):
     return out
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj, src: int = 0, timeout_s: Optional[float] = None):
+    """`obj` from rank `src` on every rank; `timeout_s`: through a temporary gloo group with that timeout (a
+    wait known to be longer than the process group's hang timeout)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
+    group = None
+    if timeout_s is not None:
+        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    torch.distributed.broadcast_object_list(box, src=src, group=group)
+    if group is not None:
+        torch.distributed.destroy_process_group(group)
     return box[0]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -43,20 +44,67 @@ class Schedule:
             factor = 1.0 - progress
         return self.min_lr + (self.lr - self.min_lr) * factor
 
-    def scheduler_factory(self):
-        """A callable deepspeed.initialize(lr_scheduler=...) calls with the optimizer it built."""
+    def scheduler_factory(self, settings: Optional[dict] = None):
+        """A callable deepspeed.initialize(lr_scheduler=...) calls with the optimizer it built; `settings`
+        (optimizer_settings(cfg)) are re-applied over a restored optimizer state."""
         def build(optimizer):
             for group in optimizer.param_groups:
                 group["lr"] = self.lr
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr
-                                                     if self.lr > 0 else 0.0)
+            return ScheduleLR(optimizer, self, settings)
         return build
+
+
+class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
+    """The LambdaLR of a Schedule that, when restored, follows THIS launch's schedule from the restored step.
+
+    Why: a checkpoint's LambdaLR state holds the old base LRs and last LR (its lambda is not saved), so a
+    relaunch with a new optim.lr / min_lr / warm-up / decay / step count would train its next step at the old
+    LR and scale the new curve by the old peak. `restart_at(step)` (called by Checkpointer.restore with the
+    client state's step) makes the LR exactly `self.schedule.lr_at(step)` from there on.
+    """
+
+    def __init__(self, optimizer, schedule: Schedule, settings: Optional[dict] = None):
+        self.schedule, self.settings = schedule, settings
+        super().__init__(optimizer, lambda step: schedule.lr_at(step) / schedule.lr if schedule.lr > 0 else 0.0)
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        for key in _OWN_KEYS:  # they come from the config of each launch
+            out.pop(key, None)
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        own = {key: getattr(self, key) for key in _OWN_KEYS}
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in _OWN_KEYS})
+        self.__dict__.update(own)
+        self.restart_at(self.last_epoch)
+
+    def restart_at(self, step: int) -> None:
+        """Continue this schedule at `step`: base LRs, counter and the optimizer's group LRs."""
+        self.base_lrs = [self.schedule.lr for _ in self.optimizer.param_groups]
+        self.last_epoch = step
+        lrs = [base * fn(step) for base, fn in zip(self.base_lrs, self.lr_lambdas)]  # LambdaLR.get_lr's formula
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+        groups = self.optimizer.param_groups
+        for i, group in enumerate(groups if self.settings else []):
+            group["betas"], group["eps"] = tuple(self.settings["betas"]), self.settings["eps"]
+            if i == 0 and len(groups) == 2:  # model.param_groups: [decayed, not decayed]
+                group["weight_decay"] = self.settings["weight_decay"]
+
+
+_OWN_KEYS = ("schedule", "settings")
+
+
+def optimizer_settings(cfg) -> dict:
+    """This launch's AdamW betas, eps and weight decay (a restored optimizer state would bring back the old)."""
+    return {"betas": list(cfg.optim.betas), "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}
 
 
 def make_schedule(cfg, total_steps: int, steps_per_epoch: int) -> Schedule:
     warmup = cfg.optim.warmup_steps + int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     return Schedule(cfg.optim.lr, cfg.optim.min_lr, warmup, total_steps, cfg.optim.decay)
-
 
 
 def _deep_update(base: dict, extra: dict) -> dict:

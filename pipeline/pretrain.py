@@ -51,8 +51,13 @@ def main(argv: Optional[Sequence[str]] = None, mode: str = "pretrain", descripti
         return 0
     if mode == "finetune" and not cfg.pretrained:
         logging.getLogger("pipeline.train").warning("fine-tuning with pretrained=null: training from scratch")
+    from pipeline import distributed
     from pipeline.trainer import run
-    run(cfg, mode=mode)
+
+    try:
+        run(cfg, mode=mode)
+    finally:
+        distributed.teardown()
     return 0
 
 

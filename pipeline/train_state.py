@@ -11,6 +11,7 @@ The client state (`engine.save_checkpoint(client_state=...)`) has exactly the ke
     rng, data_state               {"<rank>": ...}: every rank's RNG streams and data-loader positions
     ema, ema_updates              the full fp32 EMA weights (None without EMA) and its update count
     model_config, classes, world_size, zero_stage, mode     what wrote it (run_meta)
+    step_guard                    bad steps counted, steps whose batches a rollback skips (pipeline.step_guard)
 
 Everything random is per rank: after the model's identical initialisation each rank seeds its own streams
 (`seed_rank_streams`); a resume with the same world size continues them exactly, a different world size
@@ -24,7 +25,7 @@ from pipeline import distributed as D
 from pipeline.data import derive_seed
 
 CLIENT_KEYS = ("step", "epoch", "samples_seen", "data_state", "rng", "ema", "ema_updates",
-               "model_config", "classes", "world_size", "zero_stage", "mode")
+               "model_config", "classes", "world_size", "zero_stage", "mode", "step_guard")
 RUN_META_KEYS = ("model_config", "classes", "world_size", "zero_stage", "mode")
 
 _TAG_RANK_SEED = 11
@@ -57,10 +58,11 @@ class TrainState:
     """Step, samples seen, epoch, per-rank RNG streams and data positions, and the EMA of one run."""
 
     def __init__(self, seed: int, info: D.DistInfo, global_batch: int, steps_per_epoch: int, ema=None,
-                 run_meta: Optional[dict] = None):
+                 run_meta: Optional[dict] = None, guard=None):
         self.seed, self.info = seed, info
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
         self.ema = ema
+        self.guard = guard  # a pipeline.step_guard.StepGuard, or None
         self.run_meta = dict(run_meta or {})
         self.step = 0
         self.data_state: Optional[dict] = None  # the loader state to start from (set by load_state_dict)
@@ -78,10 +80,10 @@ class TrainState:
         """The train loader whose positions are saved (built from `data_state`)."""
         self.loader = loader
 
-    def advance(self) -> None:
-        """One optimizer step done: count it and update the EMA."""
+    def advance(self, applied: bool = True) -> None:
+        """One optimizer step done: count it and update the EMA (not after a step that was not applied)."""
         self.step += 1
-        if self.ema is not None:
+        if self.ema is not None and applied:
             self.ema.update()
 
     def ema_weights(self) -> Optional[dict]:
@@ -96,7 +98,8 @@ class TrainState:
                "data_state": {str(r): s for r, s in enumerate(datas)},
                "rng": {str(r): s for r, s in enumerate(rngs)},
                "ema": self.ema_weights(), "ema_updates": self.ema.updates if self.ema is not None else 0,
-               **{k: self.run_meta.get(k) for k in RUN_META_KEYS}}
+               **{k: self.run_meta.get(k) for k in RUN_META_KEYS},
+               "step_guard": self.guard.state_dict() if self.guard is not None else None}
         assert tuple(out) == CLIENT_KEYS
         return out
 
@@ -110,3 +113,54 @@ class TrainState:
         self.data_state = data_state_for_rank(client["data_state"], self.info.rank, self.info.world_size)
         if self.ema is not None and client.get("ema") is not None:
             self.ema.load_state_dict(client["ema"], int(client.get("ema_updates", self.step)))
+        if self.guard is not None:
+            self.guard.load_state_dict(client.get("step_guard"))
+
+
+# Keys a relaunch cannot change in the same run_dir: the checkpoint's weights would not fit (or would silently
+# mean something else). Everything else may change; the new value applies from the resumed step.
+FIXED_ON_RESUME = ("model.name", "model.num_classes", "model.stride_on", "data.image_size")
+_NOT_REPORTED = ("run_dir",)  # a copied or moved run folder is the same run
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _show(value) -> str:
+    """0.0 as 0, 1e-05 as 1e-05: how one types it on the command line."""
+    if isinstance(value, float) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return repr(value)
+
+
+def check_config_change(saved: Optional[dict], new: dict, step: int, is_main: bool) -> list[str]:
+    """Compare the resolved config a checkpoint was written with to this launch's: a UserError naming a key
+    that cannot change; one warning line per other changed key (rank 0). Returns those lines."""
+    import logging
+
+    from core.errors import UserError
+
+    if not saved:
+        return []
+    old_flat, new_flat = _flat(saved), _flat(new)
+    lines = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        before, after = old_flat.get(key), new_flat.get(key)
+        if before == after or key in _NOT_REPORTED:
+            continue
+        if key in FIXED_ON_RESUME:
+            raise UserError(f"{key} changed from {before!r} to {after!r}, but the checkpoint at step {step} was "
+                            f"trained with {before!r}: keep {key}={before!r} to resume, or use a new run_dir")
+        lines.append(f"config change on resume: {key} {_show(before)} -> {_show(after)} "
+                     f"(the new value applies from the resumed step {step})")
+    if is_main:
+        for line in lines:
+            logging.getLogger("pipeline.train").warning(line)
+    return lines

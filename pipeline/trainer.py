@@ -32,7 +32,9 @@ from pipeline.config import Config, save_config
 from pipeline.shards import ShardSet, open_shards
 from pipeline.data import build_train_loader, multi_hot_targets
 from pipeline.model_args import model_kwargs, run_model_kwargs
-from pipeline.train_state import TrainState, seed_rank_streams
+from pipeline.step_guard import StepGuard
+from pipeline.watchdog import EXIT_TERMINATED, Watchdog, collective_timeout_s, start as start_watchdog
+from pipeline.train_state import TrainState, check_config_change, seed_rank_streams
 
 log = logging.getLogger("pipeline.train")
 
@@ -98,6 +100,27 @@ def _num_classes(cfg: Config, shards: ShardSet) -> int:
     return cfg.model.num_classes
 
 
+def resolved_config(cfg: Config, plan: RunPlan, resume, info: D.DistInfo) -> dict:
+    """The config as checkpoints record it (model.num_classes resolved from the data), checked against the one
+    the resumed checkpoint recorded: a UserError for a key that cannot change, a warning line per other key."""
+    out = cfg.to_dict()
+    out["model"]["num_classes"] = plan.num_classes
+    if resume is not None:
+        check_config_change(resume.checkpoint.meta.get("config"), out, resume.checkpoint.step, info.is_main)
+    return out
+
+
+def resolve_run_precision(cfg: Config, info: D.DistInfo) -> None:
+    """precision: auto -> bf16 where this device computes it natively, else fp32 (said once, in the log)."""
+    from core.units import resolve_precision
+
+    chosen = resolve_precision(cfg.precision, info.device.type)
+    if cfg.precision == "auto" and info.is_main:
+        log.info("precision auto -> %s on %s (%s)", chosen, info.device.type,
+                 torch.backends.cpu.get_cpu_capability() if info.device.type == "cpu" else "GPU")
+    cfg.precision = chosen
+
+
 def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
     """run_dir/config.yaml (the resolved config of this launch) and classes.json (the head's row order)."""
     if info.is_main:
@@ -108,10 +131,13 @@ def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
 
 def build_model(cfg: Config, plan: RunPlan, info: D.DistInfo, from_pretrained: bool) -> torch.nn.Module:
     """The same initialisation on every rank (or cfg.pretrained's weights), then per-rank RNG streams."""
-    from model import create_model
+    from model import channels_last_default, create_model, prepare_for_speed, set_attention_impl
 
     D.seed_everything(cfg.seed)
     model = create_model(**run_model_kwargs(cfg, plan.num_classes))
+    set_attention_impl(cfg.train.attention)
+    # Activations only: DeepSpeed flattens (and views as bytes) the parameters, which must stay contiguous.
+    prepare_for_speed(model, channels_last_default(info.device.type, cfg.precision), weights=False)
     if cfg.pretrained and from_pretrained:
         from pipeline.pretrained import init_from_pretrained
         from pipeline.shared_weights import load_weights_once
@@ -137,13 +163,13 @@ def build_engine(cfg: Config, plan: RunPlan, info: D.DistInfo, model: torch.nn.M
     """deepspeed.initialize with the config's optimizer, schedule, ZeRO stage and precision."""
     import deepspeed
     from model import param_groups
-    from pipeline.optim import deepspeed_config, make_schedule
+    from pipeline.optim import deepspeed_config, make_schedule, optimizer_settings
 
     schedule = make_schedule(cfg, plan.total_steps, plan.steps_per_epoch)
     ds_config = deepspeed_config(cfg, info.world_size, on_cpu=info.device.type == "cpu", load_universal=universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
-        lr_scheduler=schedule.scheduler_factory())
+        lr_scheduler=schedule.scheduler_factory(optimizer_settings(cfg)))
     return engine
 
 
@@ -155,22 +181,66 @@ def build_ema(cfg: Config, engine):
     return ShardedEMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
 
 
-def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
-    """One optimizer step over `accumulation` micro-batches: (the LR it applied, its mean loss on this rank)."""
+def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype, guard: StepGuard,
+               step: int) -> tuple[float, torch.Tensor]:
+    """Optimizer step `step` (1-based) over `accumulation` micro-batches: (the LR it applied, its mean loss on
+    this rank). A bad step (pipeline.step_guard) is not applied: the guard's verdict, taken before the last
+    backward, makes its gradients NaN and DeepSpeed's overflow check skips the update."""
     lr_used = float(engine.optimizer.param_groups[0]["lr"])  # DeepSpeed steps the schedule after this step
+    guard.snapshot_buffers(engine.module)
     losses = []
-    for _ in range(accumulation):
+    for micro in range(accumulation):
         images, targets = next(loader)
         logits = engine(images.to(dtype))  # the loader delivers normalised float32 on the device
-        loss = criterion(logits, targets)
-        engine.backward(loss)
-        engine.step()
+        loss = guard.inject(criterion(logits, targets), step, micro)
         losses.append(loss.detach().float())
-    if not engine.was_step_applied() and engine.lr_scheduler is not None:
-        # fp16 overflow: DeepSpeed skipped the update and the schedule step, but this step counts, so the
-        # schedule advances too and the LR stays Schedule.lr_at(step) (resume recomputes it that way).
+        if micro == accumulation - 1:
+            loss, mean, bad = guard.verdict(loss, losses)
+        engine.backward(loss)
+        if micro == accumulation - 1 and not hasattr(engine.optimizer, "overflow") and bool(bad):
+            engine.zero_grad()  # a plain torch optimizer (fp32, ZeRO-0) skips parameters without gradients
+        engine.step()
+    applied = engine.was_step_applied()
+    if not applied and engine.lr_scheduler is not None:
+        # fp16 overflow or a bad step: DeepSpeed skipped the update and the schedule step, but this step counts,
+        # so the schedule advances too and the LR stays Schedule.lr_at(step) (resume recomputes it that way).
         engine.lr_scheduler.step()
+    guard.record(step, float(mean), bool(bad), applied)
+    if not guard.applied:
+        guard.restore_buffers()  # BatchNorm statistics as before the step
     return lr_used, torch.stack(losses).mean().double().cpu()
+
+
+def skip_step(engine, loader, accumulation: int, samples: int, guard: StepGuard,
+              step: int) -> tuple[float, torch.Tensor]:
+    """Step `step` after a rollback that skips it: consume its batches, advance the schedule, train nothing."""
+    lr_used = float(engine.optimizer.param_groups[0]["lr"])
+    for _ in range(accumulation):
+        next(loader)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()
+    guard.skipped(step, samples)
+    return lr_used, torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def roll_back(cfg: Config, plan: RunPlan, info: D.DistInfo, checkpointer: Checkpointer, engine, state: TrainState,
+              logger) -> bool:
+    """Back to the newest complete checkpoint after bad steps (pipeline.step_guard): model, optimizer, state and
+    a loader rebuilt from its data positions; metrics after it are dropped. False when there is none."""
+    resume = checkpointer.find_resume()
+    if resume is None:
+        state.guard.no_checkpoint()  # a UserError unless it was a spike
+        return False
+    state.loader.close()
+    engine._config.load_universal_checkpoint = resume.universal  # DeepSpeed reads it in load_checkpoint
+    checkpointer.restore(engine, state, resume)
+    state.guard.rolled_back(state.step, plan.global_batch)
+    state.attach_loader(build_train_loader(cfg, plan.shards, info.rank, info.world_size, plan.num_classes,
+                                           state=state.data_state, pin_memory=info.device.type == "cuda",
+                                           device=info.device))
+    logger.close()
+    logger.__init__(cfg.run_dir, info.is_main, resume_step=state.step)  # same object: StepLog and Evaluator hold it
+    return True
 
 
 class StepLog:
@@ -196,7 +266,8 @@ class StepLog:
         scalars = {"loss": float(reduced[0]) / self.info.world_size, "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "loss_scale": float(scale) if scale is not None else None,
-                   "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(reduced[1])}
+                   "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(reduced[1]),
+                   "bad_steps": state.guard.bad_total if state.guard is not None else 0}
         scalars.update(self.throughput.window(state.step, self.plan.total_steps, self.start_step))
         scalars.update(memory_gb(self.info.device))
         self.logger.log(state.step, scalars,
@@ -252,11 +323,17 @@ class Evaluator:
         return out
 
 
-def save_requested(cfg: Config, info: D.DistInfo) -> bool:
-    """Whether run_dir/.save_now exists (rank 0 looks; every rank gets the answer)."""
-    path = os.path.join(cfg.run_dir, SAVE_REQUEST)
-    requested = torch.tensor([float(info.is_main and os.path.exists(path))], dtype=torch.float64)
-    return D.all_reduce_sum(requested).item() > 0
+def stop_requested(cfg: Config, info: D.DistInfo, watchdog: Watchdog, checkpointer: Checkpointer) -> Optional[str]:
+    """None, "request" (run_dir/.save_now: rank 0 looks), "sigterm-save" or "sigterm-exit": alike on every rank
+    from the step's one small all-reduce. After a SIGTERM on any rank, save only if every signalled rank has
+    more grace left than the last save took (no save yet in this run: no estimate, exit at once)."""
+    requested = info.is_main and os.path.exists(os.path.join(cfg.run_dir, SAVE_REQUEST))
+    took = checkpointer.last_save_s
+    no_time = watchdog.signalled and (took is None or took >= watchdog.grace_left())
+    flags = D.all_reduce_sum(torch.tensor([requested, watchdog.signalled, no_time], dtype=torch.float64))
+    if flags[1] > 0:
+        return "sigterm-exit" if flags[2] > 0 else "sigterm-save"
+    return "request" if flags[0] > 0 else None
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -277,18 +354,23 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     from pipeline.metrics import MetricsLogger
 
     plan = plan_run(cfg)
-    info = D.setup(deterministic=cfg.train.deterministic)
+    watchdog = start_watchdog(cfg)  # hangs, SIGTERM, a dead launcher: from before the process group exists
+    info = D.setup(deterministic=cfg.train.deterministic, timeout_s=collective_timeout_s(cfg.train.hang_timeout_s))
+    resolve_run_precision(cfg, info)
     write_run_files(cfg, plan, info)
     checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep, info,
-                                cfg.deepspeed.zero_stage)
+                                cfg.deepspeed.zero_stage, watchdog=watchdog)
     resume = checkpointer.find_resume()  # before the engine: a universal checkpoint changes its config
+    checkpointer.run_config = resolved_config(cfg, plan, resume, info)  # a key that cannot change: one line
 
     # ---- build: model, engine, EMA, training state; restore; then the data from the restored positions
     model = build_model(cfg, plan, info, from_pretrained=resume is None)
     engine = build_engine(cfg, plan, info, model, universal=resume is not None and resume.universal)
+    guard = StepGuard(cfg.train.max_bad_steps, cfg.train.spike_factor, fp16=cfg.precision == "fp16", rank=info.rank)
     state = TrainState(cfg.seed, info, plan.global_batch, plan.steps_per_epoch, ema=build_ema(cfg, engine),
                        run_meta={"model_config": engine.module.config.to_dict(), "classes": plan.classes,
-                                 "world_size": info.world_size, "zero_stage": cfg.deepspeed.zero_stage, "mode": mode})
+                                 "world_size": info.world_size, "zero_stage": cfg.deepspeed.zero_stage, "mode": mode},
+                       guard=guard)
     if resume is not None:
         checkpointer.restore(engine, state, resume)
     loader = build_train_loader(cfg, plan.shards, info.rank, info.world_size, plan.num_classes,
@@ -306,31 +388,51 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     stopped_on_request = False
     engine.train()
     while state.step < total:
-        lr, loss = train_step(engine, loader, criterion, plan.accumulation, dtype)
-        state.advance()
+        watchdog.beat(step=state.step)
+        if guard.skip(state.step + 1):  # a rollback skips the batches of the bad steps
+            lr, loss = skip_step(engine, loader, plan.accumulation, plan.global_batch, guard, state.step + 1)
+        else:
+            lr, loss = train_step(engine, loader, criterion, plan.accumulation, dtype, guard, state.step + 1)
+        state.advance(applied=guard.applied)
+        if guard.rollback_reason and roll_back(cfg, plan, info, checkpointer, engine, state, logger):
+            loader = state.loader
+            continue
         if log_step.due(state.step):
             log_step(engine, state, lr, loss)
         if evaluate is not None and _due(state.step, cfg.train.eval_every, total):
-            last_eval = evaluate(engine, state)
+            with watchdog.phase("evaluation"):
+                last_eval = evaluate(engine, state)
         if _due(state.step, cfg.checkpoint.every_steps, total):
             checkpointer.save(engine, state)
-        if state.step < total and save_requested(cfg, info):
+        stop = stop_requested(cfg, info, watchdog, checkpointer) if state.step < total else None
+        if stop is not None:
             stopped_on_request = True
-            _save_on_request(cfg, info, checkpointer, engine, state)
+            _stop(stop, cfg, info, checkpointer, engine, state)  # after SIGTERM the process exits 143 here
             break
     if evaluate is not None and not stopped_on_request:
-        last_eval = evaluate(engine, state)
+        with watchdog.phase("evaluation"):
+            last_eval = evaluate(engine, state)
     checkpointer.save(engine, state)  # unless this step is saved already
     logger.close()
     loader.close()
+    watchdog.close()
     if info.is_main:
         log.info("done: %d steps, run folder %s", state.step, cfg.run_dir)
     return {"step": state.step, "samples_seen": state.samples_seen, "run_dir": cfg.run_dir, **last_eval,
             "stopped_on_request": stopped_on_request, "corrupt_skipped": loader.corrupt_count}
 
 
-def _save_on_request(cfg: Config, info: D.DistInfo, checkpointer: Checkpointer, engine, state: TrainState) -> None:
-    """The preemption notice: save this step (if not saved already), remove the request file."""
+def _stop(reason: str, cfg: Config, info: D.DistInfo, checkpointer: Checkpointer, engine, state: TrainState) -> None:
+    """Stop after this step: save it unless SIGTERM left no time for that; after SIGTERM exit 143 right here."""
+    if reason.startswith("sigterm"):
+        if reason == "sigterm-save":
+            checkpointer.save(engine, state)
+        if info.is_main:
+            what = (f"saved step {state.step}" if reason == "sigterm-save" else
+                    f"no time to save (the last save took {checkpointer.last_save_s} s)")
+            log.warning("SIGTERM: %s; exiting %d: the same command resumes from the newest complete checkpoint",
+                        what, EXIT_TERMINATED)
+        raise SystemExit(EXIT_TERMINATED)
     checkpointer.save(engine, state)
     if info.is_main:
         path = os.path.join(cfg.run_dir, SAVE_REQUEST)

@@ -43,7 +43,7 @@ def test_finetune_defaults_follow_the_paper():
     ("train.stepz=3", "unknown key train.stepz"),
     ("train.steps=abc", "train.steps must be an integer"),
     ("model.drop_path_rate=[1]", "model.drop_path_rate must be a number"),
-    ("precision=fp8", "precision must be one of bf16, fp16, fp32"),
+    ("precision=fp8", "precision must be one of auto, bf16, fp16, fp32"),
     ("data.image_size=33", "data.image_size must be"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be one of"),
     ("deepspeed.grad_accum_dtype=fp8", "deepspeed.grad_accum_dtype must be one of fp32, bf16, fp16"),
