@@ -132,9 +132,14 @@ def render_image(shape: str, colour: str | None, size: int, rng: np.random.Gener
     rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-18, 18, size=3)
     img = _background(size, rng)
     alpha = np.asarray(_draw_mask(shape, size, rng), dtype=np.float32)[..., None] / 255.0
-    shade = rng.normal(0, 8, size=(size, size, 1))  # the shape is textured too, not a flat fill
-    img = img * (1 - alpha) + (rgb + shade) * alpha
+    img = paint(img, alpha, rgb, rng)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def paint(img: np.ndarray, alpha: np.ndarray, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Composite a shape of colour `rgb` through `alpha` (H, W, 1); the shape is textured too, not a flat fill."""
+    shade = rng.normal(0, 8, size=(*alpha.shape[:2], 1))
+    return img * (1 - alpha) + (rgb + shade) * alpha
 
 
 def _looks_like_demo_tree(out: Path) -> bool:

@@ -23,7 +23,7 @@ from PIL import Image
 from core.errors import UserError
 from core.files import atomic_write_text
 
-from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask, prepare_out
+from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask, paint, prepare_out
 
 MANIFEST_NAME = "labels.jsonl"
 CLASSES_NAME = "classes.txt"
@@ -42,9 +42,7 @@ def render_multi(shapes: list[str], size: int, rng: np.random.Generator) -> Imag
         rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-18, 18, size=3)
         mask = Image.new("L", (size, size), 0)
         mask.paste(_draw_mask(shape, cell, rng), (int(where % _CELLS) * cell, int(where // _CELLS) * cell))
-        alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
-        shade = rng.normal(0, 8, size=(size, size, 1))
-        img = img * (1 - alpha) + (rgb + shade) * alpha
+        img = paint(img, np.asarray(mask, dtype=np.float32)[..., None] / 255.0, rgb, rng)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 

@@ -44,6 +44,12 @@ class Stages:
         if result.returncode != 0:
             sys.exit(f"demo: stage '{stage}' failed (exit {result.returncode}); its output is above")
 
+    def print_times(self, total: float) -> None:
+        print("wall time per stage:")
+        for stage, seconds in self.times.items():
+            print(f"  {stage:40s} {seconds:6.1f} s")
+        print(f"  {'total':40s} {total:6.1f} s")
+
 
 def prepare_out(path: str) -> Path:
     """An empty output folder: replaced when an earlier demo made it, refused when it holds anything else."""
@@ -144,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
           f"chance top-1: {100 / num_classes:.1f}%")
     for name, r in results.items():
         print(f"  {name:28s} top-1 {r['top1']:5.1f}%   top-5 {r['top5']:5.1f}%")
-    print("wall time per stage:")
-    for stage, seconds in stages.times.items():
-        print(f"  {stage:40s} {seconds:6.1f} s")
-    print(f"  {'total':40s} {total:6.1f} s")
+    stages.print_times(total)
     print(f"TensorBoard: .venv/bin/tensorboard --logdir {out} --host 127.0.0.1")
     (out / "summary.json").write_text(json.dumps({"results": results, "stage_seconds": stages.times,
                                                   "total_seconds": total}, indent=2))

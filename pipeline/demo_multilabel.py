@@ -155,10 +155,7 @@ def _summary(out: Path, multi: dict, single: dict, stages: Stages, total: float)
               f"chance top-1 {100 / n:.1f}%")
         for name, r in single.items():
             print(f"  {name:28s} top-1 {r['top1']:5.1f}%   top-5 {r['top5']:5.1f}%")
-    print("wall time per stage:")
-    for stage, seconds in stages.times.items():
-        print(f"  {stage:40s} {seconds:6.1f} s")
-    print(f"  {'total':40s} {total:6.1f} s")
+    stages.print_times(total)
     (out / "summary.json").write_text(json.dumps({"multi_label": multi, "transfer": single,
                                                   "stage_seconds": stages.times, "total_seconds": total}, indent=2))
 
