@@ -375,10 +375,28 @@ def multi_hot_targets(cfg, shards: ShardSet) -> bool:
     return True
 
 
+def loader_state_for_rank(saved: dict[str, dict], rank: int, world_size: int) -> dict:
+    """The loader state this rank starts from, given every rank's saved loader state ({"<rank>": state}).
+
+    Same world size: this rank's own state (the loader continues its streams, or restarts them itself when
+    its layout changed). A different world size: all ranks' positions in one layout-less state, so the
+    loader restarts every stream after the furthest pass seen; the corrupt-sample count stays on rank 0.
+    """
+    if len(saved) == world_size and str(rank) in saved:
+        return saved[str(rank)]
+    positions = {f"{r}.{w}": dict(p) for r, s in saved.items() for w, p in s["positions"].items()}
+    if rank != 0:
+        for p in positions.values():
+            p["corrupt"] = 0
+    return {"layout": None, "positions": positions}
+
+
 def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_classes: int,
                        state: Optional[dict] = None, pin_memory: bool = False,
                        device: Optional[torch.device] = None) -> TrainLoader:
-    """The TrainLoader for a pipeline Config (see pipeline.config.DataConfig).
+    """The TrainLoader for a pipeline Config (see pipeline.config.DataConfig), resumed from `state`: every
+    rank's saved loader state ({"<rank>": state}, as checkpoints hold it), regrouped here when the world size
+    changed (`loader_state_for_rank`).
 
     Raises UserError (one line) for data.decode=gpu on a rank without a CUDA device, and for a multi-label
     split under softmax without data.first_label_only (`multi_hot_targets`).
@@ -390,6 +408,7 @@ def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_cl
                        micro_batch_size=cfg.train.micro_batch_size, image_size=cfg.image_hw,
                        randaugment_layers=d.randaugment_layers, randaugment_magnitude=d.randaugment_magnitude,
                        min_crop_scale=d.min_crop_scale, mixup_alpha=d.mixup_alpha, cutmix_alpha=d.cutmix_alpha,
-                       num_classes=num_classes, shuffle_buffer=d.shuffle_buffer, state=state,
+                       num_classes=num_classes, shuffle_buffer=d.shuffle_buffer,
+                       state=None if state is None else loader_state_for_rank(state, rank, world_size),
                        pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, device=device, decode=d.decode,
                        multi_label=multi_label)

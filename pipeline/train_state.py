@@ -2,7 +2,7 @@
 
     state = TrainState(cfg.seed, info, global_batch, steps_per_epoch, ema=ema, run_meta={...})
     state.load_state_dict(client)            # after engine.load_checkpoint; then build the loader from
-    loader = build_train_loader(..., state=state.data_state); state.attach_loader(loader)
+    loader = build_train_loader(..., state=state.data_state); state.attach_loader(loader)   # every rank's states
     client = state.state_dict()              # collective: every rank's RNG and data position, the full EMA
 
 The client state (`engine.save_checkpoint(client_state=...)`) has exactly the keys of CLIENT_KEYS:
@@ -15,7 +15,8 @@ The client state (`engine.save_checkpoint(client_state=...)`) has exactly the ke
 
 Everything random is per rank: after the model's identical initialisation each rank seeds its own streams
 (`seed_rank_streams`); a resume with the same world size continues them exactly, a different world size
-derives fresh ones from the step and regroups the data positions (`data_state_for_rank`).
+derives fresh ones from the step, and the loader regroups the data positions itself
+(`pipeline.data.loader_state_for_rank`).
 """
 from __future__ import annotations
 
@@ -35,23 +36,6 @@ def seed_rank_streams(seed: int, rank: int, step: Optional[int] = None) -> None:
     """Seed this rank's python/numpy/torch RNG (stochastic depth); `step` after a world-size change."""
     parts = (seed, _TAG_RANK_SEED, rank) if step is None else (seed, _TAG_RANK_SEED, rank, step)
     D.seed_everything(derive_seed(*parts))
-
-
-def data_state_for_rank(saved: dict[str, dict], rank: int, world_size: int) -> dict:
-    """The loader state this rank starts from, given every rank's saved loader state ({"<rank>": state}).
-
-    Same world size: this rank's own state (the loader continues its streams, or restarts them itself when
-    its layout changed). A different world size: all ranks' positions in one layout-less state, so the
-    loader restarts every stream after the furthest pass seen; the corrupt-sample count stays on rank 0.
-    TODO(issue 13): belongs in the loader's own load_state_dict (pipeline/data.py).
-    """
-    if len(saved) == world_size and str(rank) in saved:
-        return saved[str(rank)]
-    positions = {f"{r}.{w}": dict(p) for r, s in saved.items() for w, p in s["positions"].items()}
-    if rank != 0:
-        for p in positions.values():
-            p["corrupt"] = 0
-    return {"layout": None, "positions": positions}
 
 
 class TrainState:
@@ -110,7 +94,7 @@ class TrainState:
             D.set_rng_state(client["rng"][str(self.info.rank)])
         else:  # a new world: per-rank RNG streams cannot be continued; derive fresh ones from the step
             seed_rank_streams(self.seed, self.info.rank, self.step)
-        self.data_state = data_state_for_rank(client["data_state"], self.info.rank, self.info.world_size)
+        self.data_state = client["data_state"]  # every rank's; the loader picks or regroups its own
         if self.ema is not None and client.get("ema") is not None:
             self.ema.load_state_dict(client["ema"], int(client.get("ema_updates", self.step)))
         if self.guard is not None:

@@ -332,7 +332,8 @@ def test_train_state_round_trip_and_world_size_change():
     import random
 
     from pipeline.distributed import DistInfo
-    from pipeline.train_state import CLIENT_KEYS, TrainState, data_state_for_rank
+    from pipeline.data import loader_state_for_rank
+    from pipeline.train_state import CLIENT_KEYS, TrainState
 
     class Loader:
         def state_dict(self):
@@ -349,12 +350,12 @@ def test_train_state_round_trip_and_world_size_change():
     expected = random.random()
     restored = TrainState(0, info, global_batch=16, steps_per_epoch=4)
     restored.load_state_dict(client)
-    assert restored.step == 6 and restored.data_state == Loader().state_dict() and random.random() == expected
+    assert restored.step == 6 and restored.data_state == {"0": Loader().state_dict()} and random.random() == expected
 
     two = {"0": Loader().state_dict(), "1": {"layout": {"rank": 1}, "positions": {"0": {"pass": 2, "offset": 1,
                                                                                       "corrupt": 1}}}}
-    assert data_state_for_rank(two, 1, 2) == two["1"]
-    merged = data_state_for_rank(two, 1, 3)  # a new world: every stream's position, corrupt counts on rank 0 only
+    assert loader_state_for_rank(two, 1, 2) == two["1"]
+    merged = loader_state_for_rank(two, 1, 3)  # a new world: every stream's position, corrupt counts on rank 0 only
     assert merged["layout"] is None and set(merged["positions"]) == {"0.0", "1.0"}
     assert all(p["corrupt"] == 0 for p in merged["positions"].values())
-    assert sum(p["corrupt"] for p in data_state_for_rank(two, 0, 1)["positions"].values()) == 3
+    assert sum(p["corrupt"] for p in loader_state_for_rank(two, 0, 1)["positions"].values()) == 3
