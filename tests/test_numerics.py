@@ -108,10 +108,10 @@ def test_precision_config_defaults(precision, stage, accum):
 
 
 def test_precision_config_choices():
-    cfg = _cfg(**{"deepspeed.grad_accum_dtype": "bf16", "deepspeed.communication_dtype": "bf16"})
+    cfg = _cfg(precision="bf16", **{"deepspeed.grad_accum_dtype": "bf16", "deepspeed.communication_dtype": "bf16"})
     assert precision_config(cfg) == {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}
     with pytest.raises(UserError, match="deepspeed.grad_accum_dtype=fp16"):
-        precision_config(_cfg(**{"deepspeed.grad_accum_dtype": "fp16"}))
+        precision_config(_cfg(precision="bf16", **{"deepspeed.grad_accum_dtype": "fp16"}))
     with pytest.raises(UserError, match="deepspeed.communication_dtype=bf16"):
         precision_config(_cfg(precision="fp32", **{"deepspeed.communication_dtype": "bf16"}))
 
