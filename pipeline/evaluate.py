@@ -193,12 +193,7 @@ def _print_multi_label(result: dict) -> None:
     print(f"mAP {result['mAP']:.2f}% over {result['ap_classes']} classes ({result['ap_skipped_classes']} without a "
           f"positive skipped)   precision@1 {result['precision_at_1']:.2f}% ({result['correct_at_1']}/{count})   "
           f"top-1 of the first label {result['top1_first_label']:.2f}% ({result['correct_first_label']}/{count})")
-    rows = [r for r in result["per_class"] if r["positives"]]
-    shown = rows if len(rows) <= 50 else sorted(rows, key=lambda r: r["ap"])[:25]
-    print("per-class AP" + ("" if len(rows) <= 50 else f" (the 25 worst of {len(rows)}; all in the JSON)") + ":")
-    width = max((len(str(r["class"])) for r in shown), default=5)
-    for r in shown:
-        print(f"  {str(r['class']).ljust(width)}  {r['ap']:6.2f}%  ({r['positives']} positives)")
+    _print_per_class(result, "AP", "positives", "ap", lambda r: f"{r['positives']} positives")
 
 
 def _print(result: dict, out: str) -> None:
@@ -210,13 +205,19 @@ def _print(result: dict, out: str) -> None:
     print(f"top-1 {result['top1']:.2f}% ({result['correct1']}/{result['count']})   "
           f"top-5 {result['top5']:.2f}% ({result['correct5']}/{result['count']})")
     _warn_short(result)
-    rows = [r for r in result["per_class"] if r["count"]]
-    shown = rows if len(rows) <= 50 else sorted(rows, key=lambda r: r["top1"])[:25]
-    print("per-class top-1" + ("" if len(rows) <= 50 else f" (the 25 worst of {len(rows)}; all in the JSON)") + ":")
+    _print_per_class(result, "top-1", "count", "top1", lambda r: f"{r['correct1']}/{r['count']}")
+    print(f"wrote {out}")
+
+
+def _print_per_class(result: dict, metric: str, present: str, key: str, detail) -> None:
+    """One line per class with data (the 25 worst by `key` when there are more than 50; all are in the JSON)."""
+    rows = [r for r in result["per_class"] if r[present]]
+    shown = rows if len(rows) <= 50 else sorted(rows, key=lambda r: r[key])[:25]
+    print(f"per-class {metric}" + ("" if len(rows) <= 50 else f" (the 25 worst of {len(rows)}; all in the JSON)")
+          + ":")
     width = max((len(str(r["class"])) for r in shown), default=5)
     for r in shown:
-        print(f"  {str(r['class']).ljust(width)}  {r['top1']:6.2f}%  ({r['correct1']}/{r['count']})")
-    print(f"wrote {out}")
+        print(f"  {str(r['class']).ljust(width)}  {r[key]:6.2f}%  ({detail(r)})")
 
 
 def _warn_short(result: dict) -> None:
