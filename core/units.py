@@ -29,14 +29,6 @@ def precision_dtype(precision: str):
     return table[precision]
 
 
-def dtype_precision(dtype) -> str:
-    """The precision name of a torch dtype (inverse of precision_dtype)."""
-    for name in PRECISIONS:
-        if precision_dtype(name) == dtype:
-            return name
-    raise ValueError(f"no precision name for {dtype}")
-
-
 def resolve_precision(name: str, device_type: str) -> str:
     """The precision to train in: "auto" -> "bf16" where the hardware computes bf16 natively, else "fp32".
 

@@ -44,3 +44,14 @@ def demo_shards(tmp_path_factory) -> Path:
         _run([py, "-m", "data_prep", "shard", str(images), str(out), "--split", split, "--shard-size",
               str(shard_size), "--seed", "0", "--workers", "1"])
     return out
+
+
+def data_prep_error(capsys, argv: list[str]) -> str:
+    """`python -m data_prep ARGV` in process must fail as a user error: exit 2, one stderr line, no traceback."""
+    from data_prep.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err

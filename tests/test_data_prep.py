@@ -21,7 +21,7 @@ from data_prep.images import ImageOptions, ImageRejected, encode, scan, target_s
 from data_prep.plan import sample_key, shuffle_ids
 from data_prep.sources import list_inputs
 from data_prep.tasks import valid_receipt, write_shard
-from tests.conftest import free_port
+from tests.conftest import data_prep_error, free_port
 from tests.test_data_prep_helpers import (
     corrupt_pixels_png, decompression_bomb_png, encode as encode_image, exif_rotated_jpeg, make_tricky_tree, _rgb,
 )
@@ -281,47 +281,39 @@ def test_write_shard_drops_files_that_fail_the_full_decode(tmp_path):
 
 # ---------------------------------------------------------------- CLI errors: one line, exit 2, no Ray needed
 
-def _one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_user_errors_are_one_line(tmp_path, capsys):
     tree = make_tricky_tree(tmp_path / "src", per_class=1)
     out = str(tmp_path / "out")
-    assert "does not exist" in _one_line_error(capsys, ["shard", str(tmp_path / "nope"), out])
+    assert "does not exist" in data_prep_error(capsys, ["shard", str(tmp_path / "nope"), out])
     (tmp_path / "empty").mkdir()
-    assert "no class folders" in _one_line_error(capsys, ["shard", str(tmp_path / "empty"), out])
+    assert "no class folders" in data_prep_error(capsys, ["shard", str(tmp_path / "empty"), out])
     (tmp_path / "only_text" / "a").mkdir(parents=True)
     (tmp_path / "only_text" / "a" / "x.txt").write_text("x")
-    assert "no image files" in _one_line_error(capsys, ["shard", str(tmp_path / "only_text"), out])
+    assert "no image files" in data_prep_error(capsys, ["shard", str(tmp_path / "only_text"), out])
     dup = tmp_path / "dup.txt"
     dup.write_text("cat\ndog\ncat\n")
-    assert "listed twice" in _one_line_error(capsys, ["shard", str(tree.root), out, "--classes", str(dup)])
-    assert "cannot read" in _one_line_error(capsys, ["shard", str(tree.root), out, "--classes", str(tmp_path / "x")])
+    assert "listed twice" in data_prep_error(capsys, ["shard", str(tree.root), out, "--classes", str(dup)])
+    assert "cannot read" in data_prep_error(capsys, ["shard", str(tree.root), out, "--classes", str(tmp_path / "x")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "src/cat/img_000.jpg", "label": "cat"}\n{"path": "src/dog/img_000.jpg"}\n')
-    assert "bad.jsonl:2: missing 'label'" in _one_line_error(capsys, ["shard", str(bad), out])
+    assert "bad.jsonl:2: missing 'label'" in data_prep_error(capsys, ["shard", str(bad), out])
     bad.write_text('{"path": "a.jpg", "label": "cat"}\nnot json\n')
-    assert "bad.jsonl:2: invalid JSON" in _one_line_error(capsys, ["shard", str(bad), out])
+    assert "bad.jsonl:2: invalid JSON" in data_prep_error(capsys, ["shard", str(bad), out])
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,class\na.jpg,cat\n")
-    assert "'path' and 'label'" in _one_line_error(capsys, ["shard", str(bad_csv), out])
+    assert "'path' and 'label'" in data_prep_error(capsys, ["shard", str(bad_csv), out])
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.pdf").write_bytes(b"%PDF")
-    assert "not empty" in _one_line_error(capsys, ["shard", str(tree.root), str(foreign)])
-    assert "inside SRC" in _one_line_error(capsys, ["shard", str(tree.root), str(tree.root / "cat" / "out")])
-    assert "--split" in _one_line_error(capsys, ["shard", str(tree.root), out, "--split", "a.b"])
+    assert "not empty" in data_prep_error(capsys, ["shard", str(tree.root), str(foreign)])
+    assert "inside SRC" in data_prep_error(capsys, ["shard", str(tree.root), str(tree.root / "cat" / "out")])
+    assert "--split" in data_prep_error(capsys, ["shard", str(tree.root), out, "--split", "a.b"])
     (tmp_path / "afile").write_text("x")
-    assert "is a file" in _one_line_error(capsys, ["shard", str(tree.root), str(tmp_path / "afile")])
-    assert "_info.json not found" in _one_line_error(capsys, ["verify", str(tmp_path)])
+    assert "is a file" in data_prep_error(capsys, ["shard", str(tree.root), str(tmp_path / "afile")])
+    assert "_info.json not found" in data_prep_error(capsys, ["verify", str(tmp_path)])
     dead = f"127.0.0.1:{free_port()}"
-    assert "nothing answers there" in _one_line_error(capsys, ["shard", str(tree.root), out, "--ray-address", dead])
-    assert "host:port" in _one_line_error(capsys, ["shard", str(tree.root), out, "--ray-address", "nowhere"])
+    assert "nothing answers there" in data_prep_error(capsys, ["shard", str(tree.root), out, "--ray-address", dead])
+    assert "host:port" in data_prep_error(capsys, ["shard", str(tree.root), out, "--ray-address", "nowhere"])
 
 
 def test_help_explains_every_option(capsys):

@@ -21,6 +21,7 @@ from data_prep.plan import sample_key
 from data_prep.sources import list_inputs
 from data_prep.tasks import write_shard
 from data_prep.verify import verify_out
+from tests.conftest import data_prep_error
 
 KNOWN = ["circle", "square", "triangle", "star"]   # --classes: "cross" (class 5 of the demo set) is unknown
 OPENIMAGES_HEADER = "ImageID,Source,LabelName,Confidence"
@@ -202,41 +203,33 @@ def test_multi_label_samples_and_verify(demo, tmp_path):
 
 # ---------------------------------------------------------------- one-line errors, exit 2 (no Ray)
 
-def _one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_bad_multi_label_input_is_one_line(demo, tmp_path, capsys):
     out = str(tmp_path / "out")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "a.jpg", "labels": ["cat"]}\n{"path": "b.jpg", "labels": []}\n', encoding="utf-8")
-    assert f"{bad}:2: empty label list" in _one_line_error(capsys, ["shard", str(bad), out])
+    assert f"{bad}:2: empty label list" in data_prep_error(capsys, ["shard", str(bad), out])
     bad.write_text('{"path": "a.jpg", "labels": "cat"}\n', encoding="utf-8")
-    assert f"{bad}:1: 'labels' must be a JSON list" in _one_line_error(capsys, ["shard", str(bad), out])
+    assert f"{bad}:1: 'labels' must be a JSON list" in data_prep_error(capsys, ["shard", str(bad), out])
     bad.write_text('{"path": "a.jpg", "label": "cat", "labels": ["cat"]}\n', encoding="utf-8")
-    assert "not both" in _one_line_error(capsys, ["shard", str(bad), out])
+    assert "not both" in data_prep_error(capsys, ["shard", str(bad), out])
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path,labels\na.jpg,cat|dog\nb.jpg,\n", encoding="utf-8")
-    assert f"{bad_csv}:3: empty label list" in _one_line_error(capsys, ["shard", str(bad_csv), out])
+    assert f"{bad_csv}:3: empty label list" in data_prep_error(capsys, ["shard", str(bad_csv), out])
     bad_csv.write_text("path,labels\na.jpg,cat||dog\n", encoding="utf-8")
-    assert f"{bad_csv}:2: empty label" in _one_line_error(capsys, ["shard", str(bad_csv), out])
+    assert f"{bad_csv}:2: empty label" in data_prep_error(capsys, ["shard", str(bad_csv), out])
     bad_csv.write_text("path,tags\na.jpg,cat\n", encoding="utf-8")
-    assert "'label' (one class) or 'labels'" in _one_line_error(capsys, ["shard", str(bad_csv), out])
+    assert "'label' (one class) or 'labels'" in data_prep_error(capsys, ["shard", str(bad_csv), out])
     sources = _write_sources(demo, _source_labels(demo))
-    assert "--images DIR" in _one_line_error(capsys, ["shard", str(sources["openimages"]), out])
-    assert "is only for an OpenImages" in _one_line_error(
+    assert "--images DIR" in data_prep_error(capsys, ["shard", str(sources["openimages"]), out])
+    assert "is only for an OpenImages" in data_prep_error(
         capsys, ["shard", str(sources["csv"]), out, "--images", str(demo / "images")])
-    assert "not a folder" in _one_line_error(
+    assert "not a folder" in data_prep_error(
         capsys, ["shard", str(sources["openimages"]), out, "--images", str(tmp_path / "nope")])
     bad_oi = tmp_path / "oi.csv"
     bad_oi.write_text(f"{OPENIMAGES_HEADER}\nx,verification,circle,sure\n", encoding="utf-8")
-    assert f"{bad_oi}:2: Confidence 'sure'" in _one_line_error(
+    assert f"{bad_oi}:2: Confidence 'sure'" in data_prep_error(
         capsys, ["shard", str(bad_oi), out, "--images", str(demo / "images")])
-    assert "header is ImageID" in _one_line_error(capsys, ["shard", str(bad_csv), out, "--source", "openimages"])
+    assert "header is ImageID" in data_prep_error(capsys, ["shard", str(bad_csv), out, "--source", "openimages"])
 
 
 # ---------------------------------------------------------------- end to end on Ray: the three formats
