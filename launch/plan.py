@@ -32,6 +32,7 @@ setting fits, 1 when none does, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -134,7 +135,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
     total_params, largest_layer = count_params(model)
     macs = count_macs(model)
     if cfg.precision == "auto":  # planning for GPUs that compute bf16 natively (Ampere and newer)
-        cfg.precision = "bf16"
+        cfg = dataclasses.replace(cfg, precision="bf16")  # a copy: the caller's config stays as written
     act = measure(model_kwargs, cfg.precision)
 
     gpus = nodes * gpus_per_node
