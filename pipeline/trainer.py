@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,10 +30,11 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.config import Config, save_config
 from pipeline.shards import ShardSet, open_shards
 from pipeline.data import build_train_loader, multi_hot_targets
-from pipeline.model_args import model_kwargs, run_model_kwargs
+from pipeline.build import build_ema, build_engine, build_model
+from pipeline.periodic_eval import Evaluator
 from pipeline.step_guard import StepGuard
 from pipeline.watchdog import EXIT_TERMINATED, Watchdog, collective_timeout_s, start as start_watchdog
-from pipeline.train_state import TrainState, check_config_change, seed_rank_streams
+from pipeline.train_state import TrainState, check_config_change
 
 log = logging.getLogger("pipeline.train")
 
@@ -129,58 +129,6 @@ def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
         atomic_write_json(os.path.join(cfg.run_dir, "classes.json"), {"classes": plan.classes}, indent=None)
 
 
-def build_model(cfg: Config, plan: RunPlan, info: D.DistInfo, from_pretrained: bool) -> torch.nn.Module:
-    """The same initialisation on every rank (or cfg.pretrained's weights), then per-rank RNG streams."""
-    from model import channels_last_default, create_model, prepare_for_speed, set_attention_impl
-
-    D.seed_everything(cfg.seed)
-    model = create_model(**run_model_kwargs(cfg, plan.num_classes))
-    set_attention_impl(cfg.train.attention)
-    # Activations only: DeepSpeed flattens (and views as bytes) the parameters, which must stay contiguous.
-    prepare_for_speed(model, channels_last_default(info.device.type, cfg.precision), weights=False)
-    if cfg.pretrained and from_pretrained:
-        from pipeline.pretrained import init_from_pretrained
-        from pipeline.shared_weights import load_weights_once
-
-        # One rank consolidates a DeepSpeed checkpoint; the others read its safetensors copy (one fp32
-        # copy per rank instead of every rank unpickling every shard: ~25 GB per rank for CoAtNet-7).
-        barrier = torch.distributed.barrier if info.world_size > 1 else None
-        weights = load_weights_once(cfg.pretrained, info.is_main, barrier,
-                                    os.path.join(cfg.run_dir, "pretrained.fp32.safetensors"),
-                                    trust_pickle=cfg.pretrained_trusted)
-        report = init_from_pretrained(model, weights, plan.classes)
-        del weights
-        if info.is_main:
-            log.info("initialised from %s: head %s, %d head rows copied, %d tables resized", cfg.pretrained,
-                     report.get("head"), report.get("head_rows_copied", 0), len(report.get("resized_tables", {})))
-    seed_rank_streams(cfg.seed, info.rank)  # stochastic depth differs per rank
-    if cfg.model.compile:
-        model.compile()  # in place: state-dict keys (and so checkpoints) stay those of the plain model
-    return model
-
-
-def build_engine(cfg: Config, plan: RunPlan, info: D.DistInfo, model: torch.nn.Module, universal: bool):
-    """deepspeed.initialize with the config's optimizer, schedule, ZeRO stage and precision."""
-    import deepspeed
-    from model import param_groups
-    from pipeline.optim import deepspeed_config, make_schedule, optimizer_settings
-
-    schedule = make_schedule(cfg, plan.total_steps, plan.steps_per_epoch)
-    ds_config = deepspeed_config(cfg, info.world_size, on_cpu=info.device.type == "cpu", load_universal=universal)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
-        lr_scheduler=schedule.scheduler_factory(optimizer_settings(cfg)))
-    return engine
-
-
-def build_ema(cfg: Config, engine):
-    if cfg.train.ema_decay <= 0:
-        return None
-    from pipeline.ema import ShardedEMA
-
-    return ShardedEMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
-
-
 def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype, guard: StepGuard,
                step: int) -> tuple[float, torch.Tensor]:
     """Optimizer step `step` (1-based) over `accumulation` micro-batches: (the LR it applied, its mean loss on
@@ -272,55 +220,6 @@ class StepLog:
         scalars.update(memory_gb(self.info.device))
         self.logger.log(state.step, scalars,
                         console=console_line(state.step, self.plan.total_steps, state.epoch, scalars))
-
-
-@contextmanager
-def _rng_untouched(device: torch.device):
-    """Evaluation must not consume the training RNG (exact resume after an in-training evaluation)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-class Evaluator:
-    """pipeline.evaluation on data.val with the live model (and the EMA weights when enabled), logged."""
-
-    def __init__(self, cfg: Config, info: D.DistInfo, num_classes: int, logger):
-        from pipeline.evaluation import build_eval_loader
-
-        self.info, self.num_classes, self.logger = info, num_classes, logger
-        self.loader, self.shards = build_eval_loader(
-            cfg.data.val, cfg.data.val_split, cfg.image_hw, batch_size=cfg.train.micro_batch_size * 2,
-            num_workers=min(cfg.data.num_workers, 2), rank=info.rank, world_size=info.world_size,
-            center_crop=cfg.data.center_crop, crop_ratio=cfg.data.crop_ratio)
-        self.ema_model = None
-
-    def _evaluate(self, module: torch.nn.Module) -> dict:
-        from pipeline.evaluation import evaluate
-
-        return evaluate(module, self.loader, self.num_classes, self.info.device, multi_label=self.shards.multi_label)
-
-    def __call__(self, engine, state: TrainState) -> dict:
-        from model import create_model
-        from pipeline.evaluation import LOGGED_KEYS, headline
-
-        D.sync_batchnorm_stats(engine.module)
-        ema_state = state.ema_weights()
-        with _rng_untouched(self.info.device):
-            res = self._evaluate(engine.module)
-            out = {f"eval/{k}": v for k, v in res.items() if k in LOGGED_KEYS}
-            console = f"eval step {state.step}: {headline(res)} ({res['count']} images)"
-            if ema_state is not None:
-                if self.ema_model is None:
-                    saved = engine.module.config.to_dict()
-                    self.ema_model = create_model(**model_kwargs(saved)).to(self.info.device)
-                self.ema_model.load_state_dict(ema_state, strict=True)
-                res = self._evaluate(self.ema_model)
-                out.update({f"eval_ema/{k}": v for k, v in res.items()
-                            if k in LOGGED_KEYS and not k.startswith("per_")})
-                console += f" | EMA {headline(res)}"
-        self.logger.log(state.step, out, console=console)
-        return out
 
 
 def stop_requested(cfg: Config, info: D.DistInfo, watchdog: Watchdog, checkpointer: Checkpointer) -> Optional[str]:
