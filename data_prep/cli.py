@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "may share it, e.g. --split train then --split val")
     shard.add_argument("--split", default="train",
                        help="split name, used in shard names and _info.json (default: train)")
-    shard.add_argument("--source", choices=["auto", "folder", "tars", "manifest", "openimages"], default="auto",
+    shard.add_argument("--source", choices=["auto", "folder", "tars", "manifest", "openimages", "webdataset", "parquet"],
+                       default="auto",
                        help="kind of SRC; auto: a .csv with the header ImageID,Source,LabelName,Confidence is "
                             "OpenImages annotations, any other .csv/.jsonl file a manifest, a folder with .tar files "
                             "and no sub-folders per-class tars, any other folder an ImageFolder tree (default: auto)")
@@ -155,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "_info.json); images of other classes are rejected as 'unknown_class' (multi-label: "
                             "other labels are dropped, an image with none left is rejected) "
                             "(default: the sorted class names found in SRC)")
+    shard.add_argument("--label-field", default=None, metavar="KEY",
+                       help="webdataset/parquet sources: where the label(s) are: a JSON key of the sample's .json "
+                            "member, a member extension (cls, txt), or a parquet column")
+    shard.add_argument("--label-map", type=Path, default=None, metavar="FILE",
+                       help="webdataset/parquet sources: a JSON object or two-column CSV mapping raw labels to class "
+                            "names; labels it does not map are unknown")
     _add_options(shard, _SHARD_OPTIONS)
     shard.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="Ray cluster to join: 'auto' or host:port (a cluster with token authentication "
@@ -203,7 +210,7 @@ def _run_shard(args) -> int:
     from .job import ShardConfig, run_shard_job
 
     cfg = ShardConfig(src=args.src, out=args.out, split=args.split, source=args.source, classes_file=args.classes,
-                      images=args.images,
+                      images=args.images, label_field=args.label_field, label_map=args.label_map,
                       shard_size=args.shard_size, seed=args.seed, max_size=args.max_size, max_aspect=args.max_aspect,
                       quality=args.quality, max_pixels=args.max_pixels, dedup=args.dedup, workers=args.workers,
                       ray_address=args.ray_address, overwrite=args.overwrite, progress=not args.no_progress)

@@ -41,6 +41,8 @@ class ShardConfig:
     source: str = "auto"                 # auto | folder | tars | manifest | openimages
     classes_file: Path | None = None
     images: Path | None = None           # OpenImages: the folder holding <ImageID>.jpg
+    label_field: str | None = None       # webdataset/parquet sources: JSON key, member extension or column
+    label_map: Path | None = None        # webdataset/parquet sources: raw label -> class name
     shard_size: int = 1000
     seed: int = 0
     max_size: int = 256
@@ -347,7 +349,8 @@ def run_shard_job(cfg: ShardConfig) -> JobResult:
 def _run_shard_job(cfg: ShardConfig) -> JobResult:
     start = time.perf_counter()
     _check_paths(cfg)
-    listing = list_inputs(cfg.src, cfg.source, cfg.classes_file, cfg.images)
+    listing = list_inputs(cfg.src, cfg.source, cfg.classes_file, cfg.images,
+                          label_field=cfg.label_field, label_map=cfg.label_map)
     phases = {"list": round(time.perf_counter() - start, 3)}
     options = cfg.output_options(listing.kind)
     fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},

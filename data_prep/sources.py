@@ -202,7 +202,8 @@ def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest
     return item, None, (len(label) - len(kept)) if multi else 0
 
 
-def list_inputs(src: Path, kind: str, classes_file: Path | None, images: Path | None = None) -> Listing:
+def list_inputs(src: Path, kind: str, classes_file: Path | None, images: Path | None = None,
+                label_field: str | None = None, label_map: Path | None = None) -> Listing:
     """All inputs of SRC, sorted by id, with the rejects that need no reading."""
     kind = detect_kind(src, kind)
     found_classes, rows, multi = _list_any(src, kind, images)

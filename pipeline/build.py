@@ -1,5 +1,5 @@
-"""Build what a run trains: the model (initialised once, the same on every rank, or from `pretrained`), the
-DeepSpeed engine around it, and the EMA of its fp32 master weights."""
+"""Build what a run trains: the model (initialised once, the same on every rank, or from `pretrained`) and the
+DeepSpeed engine around it."""
 from __future__ import annotations
 
 import logging
@@ -57,12 +57,3 @@ def build_engine(cfg: Config, plan, info: D.DistInfo, model: torch.nn.Module, un
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
         lr_scheduler=schedule.scheduler_factory(optimizer_settings(cfg)))
     return engine
-
-
-def build_ema(cfg: Config, engine):
-    if cfg.train.ema_decay <= 0:
-        return None
-    from pipeline.ema import ShardedEMA
-
-    return ShardedEMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
-

@@ -109,3 +109,10 @@ class ShardedEMA:
                 self.shadow[name] = value.flatten().narrow(0, addr.start, addr.numel).clone().to(self.shadow[name].device)
             else:
                 self.shadow[name] = value.to(self.shadow[name].device).clone()
+
+
+def build_ema(cfg, engine):
+    """The run's EMA (train.ema_decay > 0), or None."""
+    if cfg.train.ema_decay <= 0:
+        return None
+    return ShardedEMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)

@@ -30,7 +30,8 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.config import Config, save_config
 from pipeline.shards import ShardSet, open_shards
 from pipeline.data import build_train_loader, multi_hot_targets
-from pipeline.build import build_ema, build_engine, build_model
+from pipeline.build import build_engine, build_model
+from pipeline.ema import build_ema
 from pipeline.periodic_eval import Evaluator
 from pipeline.step_guard import StepGuard
 from pipeline.watchdog import EXIT_TERMINATED, Watchdog, collective_timeout_s, start as start_watchdog
