@@ -18,6 +18,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts Ray or several ranks; skipped by `make test-fast`")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_deepspeed_shm():
+    """Ranks the tests kill on purpose leave DeepSpeed's 67 MB /dev/shm segments behind (pipeline.cpu_shm)."""
+    yield
+    from pipeline.cpu_shm import remove_orphans
+
+    remove_orphans()
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()
