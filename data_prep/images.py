@@ -20,6 +20,7 @@ _EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 _JPEG_END = b"\xff\xd9"
+PARQUET_ROW = -2  # InputFile.size of a parquet image: its offset is a row index, not a byte offset
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,25 @@ class ImageRejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-def read_bytes(path: str, offset: int, size: int) -> bytes:
-    """The bytes of a plain file (offset < 0) or of a tar member (read in place, never extracted)."""
+def read_bytes(path, offset: int, size: int) -> bytes:
+    """The bytes at one input address (``sources.InputFile``): a plain file (offset < 0), a tar member (read in
+    place at its offset, never extracted), or row `offset` of a parquet file (size == PARQUET_ROW).
+
+    `path` is a local path (str or Path) or, when it holds "://", an fsspec URL (``s3://bucket/key``): a member
+    or object is then one ranged GET (``packed.read_range``), never a local copy of the archive.
+    """
+    path = str(path)
+    if size == PARQUET_ROW:
+        from .packed import read_parquet_image  # pyarrow is imported only by jobs that read parquet
+
+        return read_parquet_image(path, offset)
+    if "://" in path:
+        from .packed import read_range
+
+        data = read_range(path, offset, size)
+        if offset >= 0 and len(data) != size:
+            raise ImageRejected("truncated", f"archive member ends after {len(data)} of {size} bytes")
+        return data
     with open(path, "rb") as handle:
         if offset < 0:
             return handle.read()

@@ -1,4 +1,5 @@
-"""List the inputs of a manifest: CSV/JSONL rows with one label or several, or OpenImages annotation files.
+"""List the inputs of a manifest: CSV/JSONL rows with one label or several, or OpenImages annotation files;
+and read a label map (``--label-map``: raw labels of a packed source -> class names).
 
 Each lister returns ``(classes, rows, multi_label)``; a row is ``(id, labels, path, offset, size, mtime)``
 with ``labels`` a tuple of class names in source order, duplicates removed. ``multi_label`` is a property
@@ -190,3 +191,50 @@ def list_openimages(src: Path, images: Path | None) -> tuple[list[str], list[Row
         full = str(images / f"{image_id}.jpg")
         rows.append((f"{image_id}.jpg", _unique(names), full, -1, *stat(full)))
     return sorted_classes(n for r in rows for n in r[1]), rows, True
+
+
+def load_label_map(path: Path) -> dict[str, str]:
+    """``--label-map FILE``: a JSON object {raw label: class name} or a CSV of ``raw,class`` rows (no header).
+
+    Raw labels are compared as text (the integer 3 and the string "3" are the same raw label). Several raw
+    labels may map to one class (merging classes); a raw label mapped twice is an error, not a silent pick.
+    A CSV header row such as ``label,name`` is harmless: it maps the raw label "label", which no sample has.
+    """
+    where = f"--label-map {path}"
+    mapping: dict[str, str] = {}
+    if path.suffix.lower() == ".json":
+        with _open_text(path, "--label-map") as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: invalid JSON at line {err.lineno} ({err.msg})") from None
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object {{\"raw label\": \"class name\", ...}}")
+        for raw, name in data.items():
+            if isinstance(name, bool) or not isinstance(name, (str, int)) or not str(name).strip():
+                raise UserError(f"{where}: raw label {raw!r} maps to {name!r}; give a class name")
+            mapping[raw.strip()] = str(name).strip()
+    else:
+        with _open_text(path, "--label-map") as handle:
+            reader = csv.reader(handle)
+            try:
+                for row in reader:
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue
+                    cells = [cell.strip() for cell in row]
+                    if len(cells) != 2 or not all(cells):
+                        raise UserError(f"{where}:{reader.line_num}: expected two columns raw_label,class_name "
+                                        f"(got {row!r})")
+                    if cells[0] in mapping and mapping[cells[0]] != cells[1]:
+                        raise UserError(f"{where}:{reader.line_num}: raw label {cells[0]!r} is mapped twice "
+                                        f"({mapping[cells[0]]!r} and {cells[1]!r})")
+                    mapping[cells[0]] = cells[1]
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text") from None
+            except csv.Error as err:
+                raise UserError(f"{where}:{reader.line_num}: {err}") from None
+    if not mapping:
+        raise UserError(f"{where}: maps no labels")
+    return mapping

@@ -1,10 +1,13 @@
-"""List the inputs of a shard job: ImageFolder trees, per-class tar archives, manifests (``manifests.py``).
+"""List the inputs of a shard job: ImageFolder trees, per-class tar archives, manifests (``manifests.py``),
+webdataset tars and parquet files (``packed.py``; also from object storage URLs).
 
-Listing is cheap (directory walks, tar headers, manifest rows; no image bytes are read) and gives every
-file a stable id, the id every later step keys on: its POSIX path relative to SRC, ``<class>.tar/<member>``
-for archive members, the path as written in the manifest, or ``<ImageID>.jpg`` for OpenImages. Files that
-can be judged without reading them (non-image extension, class not in ``--classes``, file outside any class
-folder, a manifest path that does not exist) are rejected here.
+Listing is cheap (directory walks, tar headers, manifest rows, small label members, parquet label columns; no
+image bytes are read) and gives every image a stable id, the id every later step keys on: its POSIX path
+relative to SRC, ``<class>.tar/<member>`` for archive members, the path as written in the manifest,
+``<ImageID>.jpg`` for OpenImages, ``<shard>.tar/<image member>`` for webdataset samples, or
+``<file>.parquet/<row, zero-padded>`` for parquet rows. Files that can be judged without reading them
+(non-image extension, class not in ``--classes``, file outside any class folder, a manifest path that does
+not exist, a webdataset sample without image or label) are rejected here.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ from pathlib import Path
 from core.errors import UserError
 
 from .manifests import is_openimages_csv, list_manifest, list_openimages, stat as _stat
+from .packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, list_parquet,
+                     list_webdataset, open_location, peek_tar, walk_files)
+
+URL_KINDS = (*PACKED_KINDS, "folder", "tars")  # what an object-store SRC can be (manifests name local paths)
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, plus .gif (Pillow reads it); compared lower-case, so .JPG and
 # .Jpeg count too. Anything else (.DS_Store, .txt, .json) is a "non_image_file".
@@ -31,10 +38,12 @@ class InputFile:
 
     id: str            # stable, unique within the job
     class_name: str
-    path: str          # file on disk, or the tar archive holding it
-    offset: int        # byte offset of the member's data inside the archive; -1 for a plain file
-    size: int          # bytes; -1 when the file could not be stat'ed (rejected as missing_file or unreadable)
-    mtime: int         # modification time (ns for files, s for archive members); part of the fingerprint
+    path: str          # file on disk, the tar archive or parquet file holding it; a URL when it holds "://"
+    offset: int        # byte offset of the member's data inside the archive; -1 for a plain file; parquet: row
+    size: int          # bytes; -1 when the file could not be stat'ed (rejected as missing_file or unreadable);
+                       # images.PARQUET_ROW (-2) for a parquet row
+    mtime: int         # modification time (ns for files and packed sources, s for per-class tar members);
+                       # part of the fingerprint
     labels: tuple[str, ...] = ()   # multi-label sources: every known label, class_name == labels[0]; else ()
 
 
@@ -48,7 +57,7 @@ class ListingReject:
 
 @dataclass
 class Listing:
-    kind: str                      # folder | tars | manifest | openimages
+    kind: str                      # folder | tars | manifest | openimages | webdataset | parquet
     classes: list[str]
     inputs: list[InputFile]        # sorted by id; only files with an image extension and a known class
     rejects: list[ListingReject]   # judged without reading: name, class, label list, existence
@@ -62,20 +71,58 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def detect_kind(src: Path, requested: str) -> str:
+def _detect_url(src: str, requested: str) -> str:
+    """A URL SRC: webdataset or per-class tars, parquet files or an ImageFolder tree; a pattern: packed files."""
+    kind = detect_packed(src) if requested == "auto" else requested
+    if kind is None:
+        raise UserError(f"SRC {src}: cannot tell what it holds (webdataset or per-class .tar files, .parquet "
+                        f"files, class folders); give --source")
+    allowed = PACKED_KINDS if has_glob(src) else URL_KINDS
+    if kind not in allowed:
+        raise UserError(f"SRC {src}: --source {kind} reads a local path; a {'pattern' if has_glob(src) else 'URL'} "
+                        f"SRC is read with --source {' or '.join(allowed)}")
+    return kind
+
+
+def _detect_folder(src: Path) -> str:
+    """Folder SRC: webdataset shards (even beside folders, e.g. our own OUT with _state/), per-class tars,
+    parquet files, or an ImageFolder tree. Tars that look like neither layout need --source."""
+    entries = list(os.scandir(src))
+    tars = sorted(e.name for e in entries if e.is_file() and e.name.endswith(".tar") and not e.name.startswith("."))
+    has_dirs = any(e.is_dir() for e in entries)
+    if tars:
+        layout = peek_tar(str(src / tars[0]))
+        if layout == "webdataset":
+            return "webdataset"
+        if has_dirs:
+            return "folder"
+        if layout == "tars":
+            return "tars"
+        raise UserError(f"SRC {src}: cannot tell whether its .tar files are webdataset shards or per-class "
+                        f"archives (looked at {tars[0]}); give --source webdataset or --source tars")
+    if not has_dirs and any(e.is_file() and e.name.lower().endswith(".parquet") for e in entries):
+        return "parquet"
+    return "folder"
+
+
+def detect_kind(src, requested: str) -> str:
+    if is_url(src) or has_glob(src):
+        return _detect_url(str(src), requested)
+    src = Path(src)
     if not src.exists():
         raise UserError(f"SRC {src} does not exist; give an ImageFolder tree, a folder of <class>.tar files, "
-                        f"or a .csv/.jsonl manifest")
+                        f"a .csv/.jsonl manifest, or webdataset .tar / .parquet files")
     if requested != "auto":
         kind = requested
     elif src.is_file():
-        kind = "openimages" if is_openimages_csv(src) else "manifest"
+        suffix = src.suffix.lower()
+        kind = {".tar": "webdataset", ".parquet": "parquet"}.get(suffix) or (
+            "openimages" if is_openimages_csv(src) else "manifest")
     else:
-        entries = list(os.scandir(src))
-        has_tars = any(e.is_file() and e.name.endswith(".tar") for e in entries)
-        has_dirs = any(e.is_dir() for e in entries)
-        kind = "tars" if has_tars and not has_dirs else "folder"
-    if kind == "manifest":
+        kind = _detect_folder(src)
+    if kind in PACKED_KINDS:
+        pass  # a folder, one file or a pattern: packed.list_files checks what it finds
+    elif kind == "manifest":
         if not src.is_file() or src.suffix.lower() not in MANIFEST_SUFFIXES:
             raise UserError(f"SRC {src}: a manifest must be a .csv or .jsonl file with 'path' and 'label'")
     elif kind == "openimages":
@@ -128,7 +175,20 @@ def _walk_class_folder(src: Path, folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _list_folder_url(src: str) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
+    """An ImageFolder tree under an object-store prefix: <prefix>/<class>/.../<image>, read whole per image."""
+    _base, files = walk_files(src)
+    rows = [(f.name, f.name.split("/", 1)[0] if "/" in f.name else None, f.location, -1, f.size, f.mtime)
+            for f in files]
+    classes = sorted({row[1] for row in rows if row[1] is not None})
+    if not classes:
+        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
+    return classes, rows
+
+
 def _list_folder(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
+    if is_url(src):
+        return _list_folder_url(src)
     classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
     if not classes:
         raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
@@ -145,84 +205,110 @@ def _list_folder(src: Path) -> tuple[list[str], list[tuple[str, str | None, str,
 
 
 def _list_tars(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
-    archives = sorted((e for e in os.scandir(src) if e.is_file() and e.name.endswith(".tar")), key=lambda e: e.name)
+    if is_url(src):  # object storage: the same walk over ranged GETs (packed.open_location)
+        archives = [(f.name, f.location) for f in list_files(src, ".tar")[1]]
+    else:
+        archives = sorted(((e.name, e.path) for e in os.scandir(src) if e.is_file() and e.name.endswith(".tar")))
     if not archives:
         raise UserError(f"SRC {src} has no <class>.tar archives")
-    classes = [e.name[: -len(".tar")] for e in archives]
+    classes = [name[: -len(".tar")] for name, _location in archives]
     rows = []
-    for entry, class_name in zip(archives, classes):
+    for (name, location), class_name in zip(archives, classes):
         try:
             # "r:" reads headers and seeks over the data: listing an archive costs one header read per member,
             # and nothing is ever extracted to disk.
-            with tarfile.open(entry.path, mode="r:") as archive:
+            with open_location(location) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
                 for member in archive:
                     if member.isfile():
-                        rows.append((f"{entry.name}/{member.name}", class_name, entry.path, member.offset_data,
+                        rows.append((f"{name}/{member.name}", class_name, location, member.offset_data,
                                      member.size, int(member.mtime)))
         except (tarfile.TarError, OSError) as err:
-            raise UserError(f"SRC archive {entry.path} cannot be read as an uncompressed tar ({err}); "
+            raise UserError(f"SRC archive {location} cannot be read as an uncompressed tar ({err}); "
                             f"repair or remove it") from None
     return classes, rows
 
 
-def _list_any(src: Path, kind: str, images: Path | None) -> tuple[list[str], list[tuple], bool]:
-    """(classes found, rows, multi_label) of any kind of SRC; rows carry a class name, or a label tuple."""
+def _single(rows: list[tuple]) -> list[tuple]:
+    """Label tuples -> one class name per row (single-label sources keep their rows and fingerprint)."""
+    return [(r[0], r[1][0], *r[2:]) for r in rows]
+
+
+def _list_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> Packed:
+    """Classes found, rows, multi_label (and the rejects a packed source judged itself) of any kind of SRC;
+    rows carry a class name, or a label tuple in multi-label sources."""
     if images is not None and kind != "openimages":
         raise UserError(f"--images {images} is only for an OpenImages annotation file "
                         f"(ImageID,Source,LabelName,Confidence); SRC {src} is a {kind} source")
+    if kind not in PACKED_KINDS and (label_field is not None or label_map is not None):
+        flag = "--label-field" if label_field is not None else "--label-map"
+        raise UserError(f"{flag} is for webdataset and parquet sources; SRC {src} is a {kind} source")
+    if kind in PACKED_KINDS:
+        found = (list_webdataset if kind == "webdataset" else list_parquet)(src, label_field, label_map)
+        if not found.multi_label:
+            found.rows = _single(found.rows)
+        return found
     if kind == "openimages":
-        return list_openimages(src, images)
+        return Packed(*list_openimages(src, images))
     if kind == "manifest":
         classes, rows, multi = list_manifest(src)
-        if not multi:  # single-label manifest: the same rows (and fingerprint) as before multi-label sources
-            rows = [(r[0], r[1][0], *r[2:]) for r in rows]
-        return classes, rows, multi
+        return Packed(classes, rows if multi else _single(rows), multi)
     classes, rows = (_list_folder if kind == "folder" else _list_tars)(src)
-    return classes, rows, False
+    return Packed(classes, rows, False)
 
 
-def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool):
+def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool, check_name: bool = True):
     """One listed row -> (InputFile, None, dropped labels) or (None, ListingReject, 0)."""
     file_id, label, path, offset, size, mtime = row
     multi = isinstance(label, tuple)
     first = (label[0] if label else None) if multi else label
     if label is None:
         return None, ListingReject(file_id, None, "no_class", "file is not inside a class folder"), 0
-    if not is_image_name(file_id):
+    if check_name and not is_image_name(file_id):
         return None, ListingReject(file_id, first, "non_image_file", "file name has no image extension"), 0
     if multi and not label:
         return None, ListingReject(file_id, None, "no_label", "no positive label (Confidence 1) for it"), 0
     kept = tuple(n for n in label if n in known) if multi else ((label,) if label in known else ())
     if not kept:
         names = f"labels {list(label)} are" if multi and len(label) > 1 else f"class {first!r} is"
-        return None, ListingReject(file_id, first, "unknown_class", f"{names} not in {classes_file}"), 0
+        where = classes_file if classes_file is not None else "the class list of SRC"
+        return None, ListingReject(file_id, first, "unknown_class", f"{names} not in {where}"), 0
     if from_manifest and size < 0 and not os.path.exists(path):
         return None, ListingReject(file_id, kept[0], "missing_file", f"no such file {path}"), 0
     item = InputFile(file_id, kept[0], path, offset, size, mtime, kept if multi else ())
     return item, None, (len(label) - len(kept)) if multi else 0
 
 
-def list_inputs(src: Path, kind: str, classes_file: Path | None, images: Path | None = None,
+def list_inputs(src: Path | str, kind: str, classes_file: Path | None, images: Path | None = None,
                 label_field: str | None = None, label_map: Path | None = None) -> Listing:
-    """All inputs of SRC, sorted by id, with the rejects that need no reading."""
+    """All inputs of SRC, sorted by id, with the rejects that need no reading.
+
+    SRC is a Path or a str; a str holding "://" is an fsspec URL (webdataset and parquet sources only).
+    """
     kind = detect_kind(src, kind)
-    found_classes, rows, multi = _list_any(src, kind, images)
-    classes = load_class_file(classes_file) if classes_file is not None else found_classes
+    found = _list_any(src, kind, images, label_field, label_map)
+    multi = found.multi_label
+    classes = load_class_file(classes_file) if classes_file is not None else found.classes
     known = set(classes)
-    inputs, rejects, dropped = [], [], 0
+    inputs, dropped = [], found.dropped
+    rejects = [ListingReject(*r) for r in found.rejects]
     digest = hashlib.sha256(json.dumps([kind, classes]).encode())
-    for row in sorted(rows, key=lambda r: r[0]):
+    for row in sorted(found.rows, key=lambda r: r[0]):
         file_id, label, _path, _offset, size, mtime = row
         digest.update(json.dumps([file_id, list(label) if multi else label, size, mtime]).encode())
-        item, reject, lost = _judge(row, known, classes_file, kind in ("manifest", "openimages"))
+        item, reject, lost = _judge(row, known, classes_file, kind in ("manifest", "openimages"),
+                                    check_name=kind not in PACKED_KINDS)
         dropped += lost
         if item is not None:
             inputs.append(item)
         else:
             rejects.append(reject)
     if not inputs:
+        if kind in PACKED_KINDS:
+            first = f"; first: {rejects[0].id}: {rejects[0].reason} ({rejects[0].detail})" if rejects else ""
+            raise UserError(f"SRC {src}: no usable samples ({len(rejects)} rejected{first})")
         raise UserError(f"SRC {src}: no image files found ({len(rejects)} other files); "
                         f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
-    return Listing(kind=kind, classes=classes, inputs=inputs, rejects=rejects,
-                   class_source=f"--classes {classes_file}" if classes_file else "SRC",
+    rejects.sort(key=lambda r: r.id)
+    class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
+    return Listing(kind=kind, classes=classes, inputs=inputs, rejects=rejects, class_source=class_source,
                    fingerprint=digest.hexdigest(), multi_label=multi, unknown_labels_dropped=dropped)
