@@ -6,8 +6,10 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
 
 1. List (driver, no image bytes read; ``sources.py``): every input gets a stable id -- its POSIX path
    relative to SRC, ``<class>.tar/<member>`` for archive members (read in place at their offset, never
-   extracted), the path as written in a CSV/JSONL manifest, or ``<ImageID>.jpg`` of an OpenImages annotation
-   file (``manifests.py``) -- and a class. Files with a non-image extension, outside any class folder, of a
+   extracted), the path as written in a CSV/JSONL manifest, ``<ImageID>.jpg`` of an OpenImages annotation
+   file (``manifests.py``), ``<shard>.tar/<image member>`` of a webdataset sample (read in place) or
+   ``<file>.parquet/<row>`` of a parquet row (read by row group; ``packed.py``) -- and a class. SRC may be an
+   fsspec URL (``s3://bucket/prefix``) for every kind but manifests. Files with a non-image extension, outside any class folder, of a
    class missing from ``--classes``, or named by a manifest but absent, are rejected here.
    Multi-label sources (manifest ``labels``, OpenImages) give each file a label list instead: unknown labels
    are dropped and counted, a file with none left is rejected. Whether a split is multi-label is a property
