@@ -6,7 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from core.errors import cli_main
+from core.errors import UserError, cli_main
+from core.storage import as_location
 
 _EPILOG = textwrap.dedent("""\
     examples:
@@ -29,6 +30,16 @@ def _bounded(kind, low, high=None, what: str = ""):
     return parse
 
 
+def _location(text: str):
+    """An argparse type: a local Path, or an object-store URL kept as text (type=Path would turn s3://b/p
+    into s3:/b/p)."""
+    try:
+        return as_location(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_location.__name__ = "location"
 _positive_int = _bounded(int, 1)
 _quality = _bounded(int, 1, 95, "JPEG quality ")
 
@@ -102,6 +113,7 @@ _COMMANDS = {
             example:
               python -m data_prep shard ~/imagenet21k ~/shards/in21k --split train --shard-size 1000 \\
                   --max-size 320 --quality 90 --dedup --seed 0 --ray-address auto
+              AWS_ENDPOINT_URL=http://minio:9000 python -m data_prep shard s3://raw/in1k-train s3://shards/in1k
             """)),
     "verify": (
         "re-read every shard of OUT and check it against _info.json",
@@ -138,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     shard, verify, demo = (sub.add_parser(name, help=help_, description=description, epilog=epilog,
                                           formatter_class=raw)
                            for name, (help_, description, epilog) in _COMMANDS.items())
-    shard.add_argument("src", type=Path, help="ImageFolder tree, folder of <class>.tar files, or .csv/.jsonl manifest")
-    shard.add_argument("out", type=Path, help="output folder (shared by every node on a cluster); several splits "
-                       "may share it, e.g. --split train then --split val")
+    shard.add_argument("src", type=_location, help="ImageFolder tree, folder of <class>.tar files, or .csv/.jsonl "
+                       "manifest; a local path or s3://bucket/prefix")
+    shard.add_argument("out", type=_location, help="output folder (shared by every node on a cluster), or "
+                       "s3://bucket/prefix (S3 or an S3-compatible store: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); "
+                       "several splits may share it, e.g. --split train then --split val")
     shard.add_argument("--split", default="train",
                        help="split name, used in shard names and _info.json (default: train)")
     shard.add_argument("--source", choices=["auto", "folder", "tars", "manifest", "openimages", "webdataset", "parquet"],
@@ -148,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kind of SRC; auto: a .csv with the header ImageID,Source,LabelName,Confidence is "
                             "OpenImages annotations, any other .csv/.jsonl file a manifest, a folder with .tar files "
                             "and no sub-folders per-class tars, any other folder an ImageFolder tree (default: auto)")
-    shard.add_argument("--images", type=Path, default=None, metavar="DIR",
+    shard.add_argument("--images", type=_location, default=None, metavar="DIR",
                        help="OpenImages only: the folder holding <ImageID>.jpg for the annotation file SRC")
-    shard.add_argument("--classes", type=Path, default=None, metavar="FILE",
+    shard.add_argument("--classes", type=_location, default=None, metavar="FILE",
                        help="fix the class order: a text file with one class name per line (e.g. the 1,000 "
                             "ImageNet-1K synsets) or a JSON list / {\"classes\": [...]} (e.g. another split's "
                             "_info.json); images of other classes are rejected as 'unknown_class' (multi-label: "
@@ -159,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--label-field", default=None, metavar="KEY",
                        help="webdataset/parquet sources: where the label(s) are: a JSON key of the sample's .json "
                             "member, a member extension (cls, txt), or a parquet column")
-    shard.add_argument("--label-map", type=Path, default=None, metavar="FILE",
+    shard.add_argument("--label-map", type=_location, default=None, metavar="FILE",
                        help="webdataset/parquet sources: a JSON object or two-column CSV mapping raw labels to class "
                             "names; labels it does not map are unknown")
     _add_options(shard, _SHARD_OPTIONS)
@@ -169,16 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "a private local Ray on 127.0.0.1 that ends with this command")
     _add_options(shard, _SHARD_FLAGS)
 
-    verify.add_argument("out", type=Path, help="shard folder holding _info.json")
+    verify.add_argument("out", type=_location, help="shard folder holding _info.json, or s3://bucket/prefix")
     verify.add_argument("--split", default=None, help="check only this split (default: every split)")
 
     demo.add_argument("out", type=Path, help="folder to create (must be new or empty, or pass --overwrite)")
     _add_options(demo, _DEMO_OPTIONS[:4])
-    demo.add_argument("--label-set", choices=["shapes", "shape-color", "multi"], default="shapes",
+    demo.add_argument("--label-set", choices=["shapes", "shape-color", "multi", "cells"], default="shapes",
                       help="'shapes': label = shape kind, colour random; 'shape-color': label = (shape, colour) "
                            "pair, folder names like circle-red; 'multi': 2-3 shapes per image, labels = the shapes "
                            "present, written as OUT/images/*.jpg + OUT/labels.jsonl (shard that file), "
-                           "--classes x --per-class images in all (default: shapes)")
+                           "--classes x --per-class images in all; 'cells': one shape per image drawn as in "
+                           "'multi' (a quarter of the image), as class folders: a single-label transfer task at "
+                           "the multi-label set's scale (default: shapes)")
     _add_options(demo, _DEMO_OPTIONS[4:])
     return parser
 
@@ -187,7 +203,7 @@ def _run_demo(args) -> int:
     import time
 
     from .demo_data import DemoDataConfig, generate
-    from .demo_multi import generate_multi
+    from .demo_multi import generate_cells, generate_multi
 
     start = time.perf_counter()
     cfg = DemoDataConfig(out=args.out, classes=args.classes, per_class=args.per_class, size=args.size,
@@ -199,7 +215,7 @@ def _run_demo(args) -> int:
               f"next: python -m data_prep shard {args.out / 'labels.jsonl'} OUT --classes "
               f"{args.out / 'classes.txt'}")
         return 0
-    counts = generate(cfg)
+    counts = generate_cells(cfg) if args.label_set == "cells" else generate(cfg)
     total = sum(counts.values())
     print(f"demo-data: wrote {total} images in {len(counts)} classes ({', '.join(counts)}) to {args.out} "
           f"in {time.perf_counter() - start:.2f}s")

@@ -3,7 +3,8 @@
 _info.json follows timm's webdataset reader (``splits.<split>.name/num_samples/filenames/shard_lengths``)
 and adds per-shard bytes/sha256, the class list, the options, the input fingerprint, counts and versions.
 Several splits share one OUT: writing a split replaces only its own entry and its own rejects lines, under
-a file lock so two jobs writing different splits do not lose each other's entries.
+a file lock (local OUT) or a compare-and-swap (object store) so two jobs writing different splits do not lose
+each other's entries.
 """
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import json
 import platform
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
+from core import storage
 from core.errors import UserError
-from core.files import atomic_write_json, atomic_write_text
+from core.files import atomic_write_bytes
+from core.storage import Location
 
-from .layout import INFO_NAME, REJECTS_NAME, STATE_DIR, read_json
+from .layout import INFO_NAME, REJECTS_NAME, STATE_DIR
 
 INFO_FORMAT = 1
 
@@ -40,12 +44,19 @@ def versions() -> dict[str, str]:
             "coatnet-pipeline": installed("coatnet-pipeline")}
 
 
-def load_info(out: Path) -> dict:
+def load_info(out: Location) -> dict:
     """The current _info.json ({} when absent); a damaged one is a user-visible error, never overwritten."""
-    path = out / INFO_NAME
-    if not path.exists():
+    return _parse_info(storage.join(out, INFO_NAME), None if not storage.exists(storage.join(out, INFO_NAME))
+                       else storage.read_bytes(storage.join(out, INFO_NAME)))
+
+
+def _parse_info(path: Location, data: bytes | None) -> dict:
+    if data is None:
         return {}
-    info = read_json(path)
+    try:
+        info = json.loads(data)
+    except ValueError:
+        info = None
     if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
         raise UserError(f"{path} is not a valid shard description; fix or delete it (other splits are listed there)")
     return info
@@ -63,48 +74,73 @@ def info_lock(out: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def merge_split(out: Path, split: str, entry: dict | None, rejects: list[dict]) -> None:
+def _update(out: Location, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+    """Replace OUT/name by change(its bytes or None); None leaves it as it is.
+
+    Several jobs (one per split) may do this at once. Local: under a file lock, written atomically. Object
+    store: a compare-and-swap on the object's ETag (core.storage.update_object) -- there is no lock file that
+    a killed job could leave behind, and a concurrent change is read again, never lost.
+    """
+    path = storage.join(out, name)
+    if storage.is_url(out):
+        def cas(old: bytes | None) -> bytes:
+            new = change(old)
+            return old if new is None else new  # rewriting the same bytes is harmless
+        storage.update_object(str(path), cas)
+        return
+    with info_lock(Path(out)):
+        new = change(path.read_bytes() if path.exists() else None)
+        if new is not None:
+            atomic_write_bytes(path, new)
+
+
+def _info_bytes(info: dict) -> bytes:
+    return (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _rejects_bytes(old: bytes | None, split: str, rejects: list[dict]) -> bytes:
+    """rejects.jsonl with this split's lines replaced by `rejects` (other splits' lines kept in order)."""
+    kept = [line for line in (old or b"").decode("utf-8").splitlines() if _split_of(line) not in (split, _BAD)]
+    lines = kept + [json.dumps({"split": split, **r}, ensure_ascii=False, sort_keys=True) for r in rejects]
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def merge_split(out: Location, split: str, entry: dict | None, rejects: list[dict]) -> None:
     """Put one split's entry into _info.json and its rejects into rejects.jsonl (other splits kept).
 
     entry None writes the rejects only (a job that found no usable image describes no split).
     """
-    with info_lock(out):
-        if entry is not None:
-            info = load_info(out)
-            splits = dict(info.get("splits", {}))
+    path = storage.join(out, INFO_NAME)
+    if entry is not None:
+        def put(old: bytes | None) -> bytes:
+            splits = dict(_parse_info(path, old).get("splits", {}))
             splits[split] = entry
-            info = {"splits": dict(sorted(splits.items())), "classes": entry["classes"], "versions": versions()}
-            atomic_write_json(out / INFO_NAME, info, indent=1)
-        kept = []
-        path = out / REJECTS_NAME
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("split") != split:
-                    kept.append(line)
-        lines = kept + [json.dumps({"split": split, **r}, ensure_ascii=False, sort_keys=True) for r in rejects]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
+            return _info_bytes({"splits": dict(sorted(splits.items())), "classes": entry["classes"],
+                                "versions": versions()})
+        _update(out, INFO_NAME, put)
+    _update(out, REJECTS_NAME, lambda old: _rejects_bytes(old, split, rejects))
 
 
-def drop_split(out: Path, split: str) -> None:
+def drop_split(out: Location, split: str) -> None:
     """Forget a split (--overwrite): its _info.json entry and rejects lines."""
-    with info_lock(out):
-        info = load_info(out)
-        if split in info.get("splits", {}):
-            info["splits"] = {k: v for k, v in info["splits"].items() if k != split}
-            atomic_write_json(out / INFO_NAME, info, indent=1)
-        path = out / REJECTS_NAME
-        if path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                     if _split_of(line) != split]
-            atomic_write_text(path, "".join(line + "\n" for line in lines))
+    path = storage.join(out, INFO_NAME)
+
+    def drop(old: bytes | None) -> bytes | None:
+        info = _parse_info(path, old)
+        if split not in info.get("splits", {}):
+            return None
+        info["splits"] = {k: v for k, v in info["splits"].items() if k != split}
+        return _info_bytes(info)
+
+    _update(out, INFO_NAME, drop)
+    _update(out, REJECTS_NAME, lambda old: None if old is None else _rejects_bytes(old, split, []))
+
+
+_BAD = object()  # the split of a line that is not JSON: such lines are dropped, as before
 
 
 def _split_of(line: str):
     try:
         return json.loads(line).get("split")
     except ValueError:
-        return None
+        return _BAD

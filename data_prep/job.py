@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import math
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -20,7 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from core import storage
 from core.errors import UserError
+from core.storage import Location
 
 from .images import ImageOptions, ScanResult
 from .info import drop_split, load_info, merge_split
@@ -35,10 +39,10 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 @dataclass(frozen=True)
 class ShardConfig:
-    src: Path
-    out: Path
+    src: Location                        # a Path, or an object-store URL string (core.storage.as_location)
+    out: Location
     split: str = "train"
-    source: str = "auto"                 # auto | folder | tars | manifest | openimages
+    source: str = "auto"                 # auto | folder | tars | manifest | openimages | webdataset | parquet
     classes_file: Path | None = None
     images: Path | None = None           # OpenImages: the folder holding <ImageID>.jpg
     label_field: str | None = None       # webdataset/parquet sources: JSON key, member extension or column
@@ -89,22 +93,32 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _inside(out: Location, src: Location) -> bool:
+    """OUT is SRC or below it (the shards would be listed as inputs)."""
+    if storage.is_url(out) != storage.is_url(src):
+        return False
+    if storage.is_url(out):
+        return str(out) == str(src) or str(out).startswith(str(src).rstrip("/") + "/")
+    src_path, out_path = Path(src).resolve(), Path(out).resolve()
+    return Path(src).is_dir() and (out_path == src_path or src_path in out_path.parents)
+
+
 def _check_paths(cfg: ShardConfig) -> None:
     if not _SPLIT_NAME.match(cfg.split):
         raise UserError(f"--split {cfg.split!r}: use letters, digits and '_' only (it names files and keys)")
-    if cfg.out.exists() and not cfg.out.is_dir():
+    if not storage.is_url(cfg.out) and cfg.out.exists() and not cfg.out.is_dir():
         raise UserError(f"OUT {cfg.out} is a file; give a folder for the shards")
-    src, out = cfg.src.resolve(), cfg.out.resolve()
-    if cfg.src.is_dir() and (out == src or src in out.parents):
+    storage.require_bucket(cfg.out)
+    if _inside(cfg.out, cfg.src):
         raise UserError(f"OUT {cfg.out} is inside SRC {cfg.src}; the shards would be read as inputs, choose "
                         f"another OUT")
 
 
-def _remove_split(out: Path, split: str) -> None:
+def _remove_split(out: Location, split: str) -> None:
     for path in split_shards(out, split):
-        path.unlink(missing_ok=True)
+        storage.remove(path)
     remove_stale_shard_temps(out, split)
-    shutil.rmtree(state_dir(out, split), ignore_errors=True)
+    storage.remove_tree(state_dir(out, split))
     drop_split(out, split)
 
 
@@ -113,20 +127,24 @@ def _changed(old: dict, new: dict) -> str:
     return ", ".join(diffs) if diffs else "the input files or the class list changed"
 
 
-def _verify_complete(out: Path, entry: dict) -> bool:
+def _verify_complete(out: Location, entry: dict) -> bool:
     for shard in entry.get("shards", []):
-        path = out / shard["filename"]
-        if not path.exists() or path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+        path = storage.join(out, shard["filename"])
+        try:
+            same = storage.size(path) == shard["bytes"] and file_sha256(path) == shard["sha256"]
+        except FileNotFoundError:
+            same = False
+        if not same:
             _log(f"shard {shard['filename']} is missing or damaged; rewriting what is needed")
             return False
     return True
 
 
 def _refuse_foreign_out(cfg: ShardConfig) -> None:
-    """Never write into a non-empty folder that is not a shard folder (unless told to)."""
+    """Never write into a non-empty folder (or prefix) that is not a shard folder (unless told to)."""
     out = cfg.out
-    had_files = out.is_dir() and any(out.iterdir())
-    ours = (out / INFO_NAME).exists() or (out / STATE_DIR).exists()
+    had_files = storage.has_entries(out)
+    ours = storage.exists(storage.join(out, INFO_NAME)) or storage.exists(storage.join(out, STATE_DIR))
     if had_files and not ours and not cfg.overwrite:
         raise UserError(f"OUT {out} is not empty and holds no shards of ours (no {INFO_NAME}); choose an empty "
                         f"folder, or pass --overwrite to write into it anyway")
@@ -137,7 +155,7 @@ def _prepare_out(cfg: ShardConfig, fingerprint: str, options: dict) -> bool:
     out, split = cfg.out, cfg.split
     info = load_info(out)
     entry = info.get("splits", {}).get(split)
-    saved = load_plan(plan_path(out, split))
+    saved = _load_plan(out, split)
     if cfg.overwrite:
         _remove_split(out, split)
         return False
@@ -155,9 +173,51 @@ def _prepare_out(cfg: ShardConfig, fingerprint: str, options: dict) -> bool:
     return entry is not None and saved is None and _verify_complete(out, entry)
 
 
+def _load_plan(out: Location, split: str) -> Plan | None:
+    path = plan_path(out, split)
+    if not storage.is_url(path):
+        return load_plan(path)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return None
+    return load_plan(io.BytesIO(data))  # gzip.open reads a file object as well as a path
+
+
+def _save_plan(plan: Plan, out: Location, split: str) -> None:
+    """Local: atomically into _state/. Object store: created only if absent (a conditional PUT): of two jobs
+    that scanned the same split at once, the second stops here instead of writing beside the first."""
+    path = plan_path(out, split)
+    if not storage.is_url(path):
+        Path(state_dir(out, split)).mkdir(parents=True, exist_ok=True)
+        save_plan(plan, path)
+        return
+    with tempfile.TemporaryDirectory(prefix="data_prep-plan-") as tmp:
+        local = Path(tmp) / "plan.json.gz"
+        save_plan(plan, local)
+        data = local.read_bytes()
+    try:
+        storage.write_bytes(path, data, exclusive=True)
+    except FileExistsError:
+        raise UserError(f"another data_prep job is writing split {split!r} into {out} (its plan {path} appeared "
+                        f"while this job scanned); wait for it to end. If no other job runs, delete "
+                        f"{state_dir(out, split)} and re-run") from None
+
+
 @contextmanager
-def _split_lock(out: Path, split: str):
-    path = out / STATE_DIR / f"{split}.lock"
+def _split_lock(out: Location, split: str):
+    """One job per split of a local OUT (flock: released by the kernel when a job dies).
+
+    An object store has no lock files, and a lock object left by a killed job would block its re-run. Its
+    guards instead: the plan object is created with a conditional PUT (`_save_plan`), so two jobs that start
+    a split at once do not both write it; two runs of the *same* command (same plan) write the same bytes
+    into whole objects and only waste work; and _info.json/rejects.jsonl are compare-and-swapped
+    (data_prep.info). Running two jobs on one split of an object store at once is the user's call.
+    """
+    if storage.is_url(out):
+        yield
+        return
+    path = Path(out) / STATE_DIR / f"{split}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         try:
@@ -249,7 +309,7 @@ def _write(plan: Plan, cfg: ShardConfig, in_flight: int) -> list[dict]:
     return receipts  # type: ignore[return-value]
 
 
-def _space_message(out: Path, cause: str, plan: Plan, receipts: list) -> str:
+def _space_message(out: Location, cause: str, plan: Plan, receipts: list) -> str:
     """One line: OUT is full, about how much more the shards not yet written need, and that a re-run resumes."""
     done = [i for i, r in enumerate(receipts) if r is not None]
     left = [i for i, r in enumerate(receipts) if r is None]
@@ -258,14 +318,19 @@ def _space_message(out: Path, cause: str, plan: Plan, receipts: list) -> str:
         per_sample = sum(receipts[i]["bytes"] for i in done) / samples_done
         need = per_sample * sum(len(plan.shards[i]) for i in left)
     else:  # nothing written yet: the inputs' size (re-encoded images are usually smaller)
-        need = sum(e.size for i in left for e in plan.shards[i])
+        need = sum(max(e.size, 0) for i in left for e in plan.shards[i])
+    if storage.is_url(out):  # the local temp folder where shards wait for their upload ran out of space
+        where = tempfile.gettempdir()
+        return (f"the temp folder {where} (TMPDIR), where each shard is written before its upload to OUT {out}, is "
+                f"full ({cause}); shards are about {need / max(1, len(left)) / 1e6:,.1f} MB each; point TMPDIR at "
+                f"a bigger disk and re-run the same command: the {len(done)} finished shards are kept")
     free = shutil.disk_usage(out).free
     return (f"OUT {out} is full ({cause}): about {need / 1e6:,.1f} MB more are needed for the {len(left)} shards "
             f"not yet written ({free / 1e6:,.1f} MB free now); free space there and re-run the same command: the "
             f"{len(done)} finished shards are kept")
 
 
-def _space_error(out: Path, err: OSError) -> UserError:
+def _space_error(out: Location, err: OSError) -> UserError:
     return UserError(f"OUT {out} is full ({err.strerror or err}{f': {err.filename}' if err.filename else ''}); "
                      f"free space there and re-run the same command: finished shards are kept")
 
@@ -315,14 +380,14 @@ def _split_entry(cfg: ShardConfig, listing: Listing, plan: Plan, receipts: list[
     return entry, rejects
 
 
-def _summary(result: JobResult, counts: dict, out: Path) -> str:
+def _summary(result: JobResult, counts: dict, out: Location) -> str:
     rejected = ", ".join(f"{k} {v}" for k, v in counts.get("rejected", {}).items()) or "none"
     nodes = ", ".join(f"{node[:8]}:{n}" for node, n in result.nodes.items()) or "-"
     return (f"shard {result.split}: wrote {result.num_samples} images in {result.num_shards} shards "
             f"({result.resumed_shards} kept from an earlier run), rejected {result.rejected} ({rejected}), "
             f"duplicates {result.duplicates}, {result.bytes / 1e6:.2f} MB, {result.seconds:.1f} s, "
             f"{result.images_per_s:.0f} images/s; shards written per node: {nodes}; "
-            f"see {out / INFO_NAME} and {out / REJECTS_NAME}")
+            f"see {storage.join(out, INFO_NAME)} and {storage.join(out, REJECTS_NAME)}")
 
 
 def _up_to_date(cfg: ShardConfig, start: float) -> JobResult:
@@ -339,7 +404,8 @@ def _up_to_date(cfg: ShardConfig, start: float) -> JobResult:
 def run_shard_job(cfg: ShardConfig) -> JobResult:
     """The whole job; a full OUT (the driver's own writes: plan, receipts' folder, _info.json) is one line too."""
     try:
-        return _run_shard_job(cfg)
+        with storage.user_errors(cfg.out, "use it as OUT"):
+            return _run_shard_job(cfg)
     except OSError as err:
         if err.errno in SPACE_ERRNOS:
             raise _space_error(cfg.out, err) from None
@@ -349,14 +415,15 @@ def run_shard_job(cfg: ShardConfig) -> JobResult:
 def _run_shard_job(cfg: ShardConfig) -> JobResult:
     start = time.perf_counter()
     _check_paths(cfg)
-    listing = list_inputs(cfg.src, cfg.source, cfg.classes_file, cfg.images,
-                          label_field=cfg.label_field, label_map=cfg.label_map)
+    with storage.user_errors(cfg.src, "list it as SRC"):
+        listing = list_inputs(cfg.src, cfg.source, cfg.classes_file, cfg.images,
+                              label_field=cfg.label_field, label_map=cfg.label_map)
     phases = {"list": round(time.perf_counter() - start, 3)}
     options = cfg.output_options(listing.kind)
     fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},
                                             sort_keys=True).encode()).hexdigest()
     _refuse_foreign_out(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(cfg.out)
     with _split_lock(cfg.out, cfg.split):
         if _prepare_out(cfg, fingerprint, options):
             return _up_to_date(cfg, start)
@@ -368,7 +435,7 @@ def _run_shard_job(cfg: ShardConfig) -> JobResult:
             phases["ray_start"] = round(time.perf_counter() - ray_start, 3)
             _log(f"shard {cfg.split}: {len(listing.inputs)} image files, {len(listing.classes)} classes; Ray ready "
                  f"in {time.perf_counter() - ray_start:.1f} s ({session.nodes} node(s), {session.cpus} CPUs)")
-            plan = load_plan(plan_path(cfg.out, cfg.split))
+            plan = _load_plan(cfg.out, cfg.split)
             if plan is None or plan.fingerprint != fingerprint:
                 scan_start = time.perf_counter()
                 scans = _scan(listing, cfg, session.in_flight)
@@ -377,14 +444,13 @@ def _run_shard_job(cfg: ShardConfig) -> JobResult:
                 _log(f"shard {cfg.split}: scanned {len(scans)} files in {time.perf_counter() - scan_start:.1f} s: "
                      f"{plan.num_samples} usable in {len(plan.shards)} shards, {len(plan.rejects)} rejected")
                 plan.counts["options"] = options
-                state_dir(cfg.out, cfg.split).mkdir(parents=True, exist_ok=True)
-                save_plan(plan, plan_path(cfg.out, cfg.split))
+                _save_plan(plan, cfg.out, cfg.split)
             else:
                 _log(f"shard {cfg.split}: resuming the saved plan ({len(plan.shards)} shards)")
             if plan.num_samples == 0:
                 merge_split(cfg.out, cfg.split, None, plan.rejects)
                 raise UserError(f"SRC {cfg.src}: none of the {len(listing.inputs)} image files is usable; "
-                                f"see {cfg.out / REJECTS_NAME}")
+                                f"see {storage.join(cfg.out, REJECTS_NAME)}")
             write_start = time.perf_counter()
             receipts = _write(plan, cfg, session.in_flight)
             phases["write"] = round(time.perf_counter() - write_start, 3)
@@ -392,7 +458,7 @@ def _run_shard_job(cfg: ShardConfig) -> JobResult:
         seconds = time.perf_counter() - start
         entry, rejects = _split_entry(cfg, listing, plan, receipts, options, seconds, phases)
         merge_split(cfg.out, cfg.split, entry, rejects)
-        plan_path(cfg.out, cfg.split).unlink(missing_ok=True)  # receipts stay: they make a re-run cheap
+        storage.remove(plan_path(cfg.out, cfg.split))  # receipts stay: they make a re-run cheap
     counts = entry["counts"]
     result = JobResult(cfg.split, entry["num_samples"], len(receipts), entry["run"]["resumed_shards"], len(rejects),
                        counts["duplicates"], sum(s["bytes"] for s in entry["shards"]), seconds, phases,

@@ -1,4 +1,5 @@
-"""Where things live in OUT. Writes go through core.files (temp beside the target, fsync, rename).
+"""Where things live in OUT. Writes go through core.storage: on a local OUT temp beside the target, fsync,
+rename (core.files); on an object store (``s3://bucket/prefix``) whole-object PUTs, so there are no temp names.
 
     OUT/{split}-000000.tar              shards (final names appear only once complete)
     OUT/.{split}-000000.tar.tmp.<pid>   a shard being written (removed on the next run if left behind)
@@ -9,10 +10,11 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from core import storage
 from core.files import stale_temps
+from core.storage import Location
 
 INFO_NAME = "_info.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -23,34 +25,37 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def split_shards(out: Path, split: str) -> list[Path]:
-    """The finished shards of a split on disk (temp files start with a dot and never match)."""
-    return sorted(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+def split_shards(out: Location, split: str) -> list[Location]:
+    """The finished shards of a split in OUT (temp files start with a dot and never match)."""
+    return [storage.join(out, name) for name in storage.listdir(out, f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")]
 
 
-def remove_stale_shard_temps(out: Path, split: str) -> None:
-    """Delete the temp files of shard writers that were killed (never a complete shard)."""
+def remove_stale_shard_temps(out: Location, split: str) -> None:
+    """Delete the temp files of shard writers that were killed (never a complete shard).
+
+    An object store has none: a shard object appears whole or not at all. A multipart upload cut short by a
+    kill stays invisible (and unbilled once the bucket's AbortIncompleteMultipartUpload lifecycle rule runs).
+    """
+    if storage.is_url(out):
+        return
+    out = Path(out)
     legacy = out.glob(f".{split}-*.tmp")  # the naming of data_prep before core.files
     for stale in [*stale_temps(out, f"{split}-*.tar"), *legacy]:
         stale.unlink(missing_ok=True)
 
 
-def state_dir(out: Path, split: str) -> Path:
-    return out / STATE_DIR / split
+def state_dir(out: Location, split: str) -> Location:
+    return storage.join(out, STATE_DIR, split)
 
 
-def plan_path(out: Path, split: str) -> Path:
-    return state_dir(out, split) / "plan.json.gz"
+def plan_path(out: Location, split: str) -> Location:
+    return storage.join(state_dir(out, split), "plan.json.gz")
 
 
-def receipt_path(out: Path, split: str, filename: str) -> Path:
-    return state_dir(out, split) / "receipts" / f"{Path(filename).stem}.json"
+def receipt_path(out: Location, split: str, filename: str) -> Location:
+    return storage.join(state_dir(out, split), "receipts", f"{Path(filename).stem}.json")
 
 
-def read_json(path: Path):
-    """Parsed JSON, or None when the file does not exist or is damaged."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
+def read_json(path: Location):
+    """Parsed JSON, or None when the file or object does not exist or is damaged."""
+    return storage.read_json(path)

@@ -11,8 +11,8 @@ multi-label splits -- in sorted order; mode 0444)
 and pin every field that would otherwise vary: mtime 0, uid/gid 0, fixed uname/gname. The result is
 byte-identical on every run and is read back by stock ``webdataset.WebDataset`` and
 ``ray.data.read_webdataset`` in the tests. We stream into our own file object (a temp file from
-``core.files.atomic_path``, fsynced and renamed only when complete) and hash the bytes as they are written
-instead of reading them back.
+``core.storage.local_file_for``: beside the shard, fsynced and renamed when complete; for an object-store OUT
+a local temp file uploaded whole) and hash the bytes as they are written instead of reading them back.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from core.files import atomic_path, atomic_write_json
+from core import storage
+from core.storage import Location
 
 from .errors import InputChanged, UserError
 from .images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
@@ -125,26 +126,23 @@ def sample_json(entry: Entry) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: Location) -> str:
+    """sha256 of a local file or an object (streamed)."""
+    return storage.sha256(path)
 
 
-def valid_receipt(out: Path, split: str, filename: str, plan_hash: str) -> dict | None:
-    """The receipt of a finished shard if it belongs to this plan and the tar on disk still matches it."""
+def valid_receipt(out: Location, split: str, filename: str, plan_hash: str) -> dict | None:
+    """The receipt of a finished shard if it belongs to this plan and the stored tar still matches it."""
     receipt = read_json(receipt_path(out, split, filename))
     if not isinstance(receipt, dict) or receipt.get("plan_hash") != plan_hash:
         return None
-    tar = out / filename
+    tar = storage.join(out, filename)
     try:
-        if tar.stat().st_size != receipt.get("bytes"):
+        if storage.size(tar) != receipt.get("bytes"):
             return None
+        return receipt if file_sha256(tar) == receipt.get("sha256") else None
     except OSError:
         return None
-    return receipt if file_sha256(tar) == receipt.get("sha256") else None
 
 
 def _sample_parts(entry: Entry, opts: ImageOptions, rejects: list[dict]) -> dict[str, bytes] | None:
@@ -175,13 +173,14 @@ def _sample_parts(entry: Entry, opts: ImageOptions, rejects: list[dict]) -> dict
 def write_shard(out: str, split: str, filename: str, plan_hash: str, rows: list[list], options: dict) -> dict:
     """Write one complete shard, or confirm the one already there; return its receipt.
 
-    Order of effects: temp file -> fsync -> rename to the final name -> receipt (atomic). A kill at any
-    point leaves either nothing, an ignored temp file, or a final tar without a receipt (rewritten, with
-    the same bytes, on the next run). Files whose full decode fails (the scan let them through) are left
+    Order of effects: temp file -> fsync -> rename to the final name -> receipt (atomic); on an object store
+    temp file -> whole-object upload -> receipt object. A kill at any point leaves either nothing, an ignored
+    temp file (an invisible unfinished upload), or a final tar without a receipt (rewritten, with the same
+    bytes, on the next run). Files whose full decode fails (the scan let them through) are left
     out and reported in the receipt, so the shard's content is still a pure function of its rows.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
-    out_dir = Path(out)
+    out_dir = storage.as_location(out)
     existing = valid_receipt(out_dir, split, filename, plan_hash)
     if existing is not None:
         return {**existing, "resumed": True, "node_id": _node_id(), "seconds": 0.0, "cpu_seconds": 0.0}
@@ -193,12 +192,12 @@ def write_shard(out: str, split: str, filename: str, plan_hash: str, rows: list[
         raise
 
 
-def _write_new_shard(out_dir: Path, split: str, filename: str, plan_hash: str, rows: list[list], options: dict,
+def _write_new_shard(out_dir: Location, split: str, filename: str, plan_hash: str, rows: list[list], options: dict,
                      start: float, cpu_start: float) -> dict:
     opts = ImageOptions(**options)
     entries = [Entry(*row) for row in rows]
     rejects, written = [], 0
-    with atomic_path(out_dir / filename) as tmp, open(tmp, "wb") as handle:  # fsync + rename on success
+    with storage.local_file_for(storage.join(out_dir, filename), ".tar") as tmp, open(tmp, "wb") as handle:
         stream = _HashingFile(handle)
         sink = ShardTarWriter(stream)
         for entry in entries:
@@ -212,6 +211,7 @@ def _write_new_shard(out_dir: Path, split: str, filename: str, plan_hash: str, r
                "seconds": round(time.perf_counter() - start, 3),
                "cpu_seconds": round(time.process_time() - cpu_start, 3)}
     path = receipt_path(out_dir, split, filename)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, receipt, indent=None)
+    if not storage.is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_json(path, receipt, indent=None)
     return {**receipt, "resumed": False}

@@ -7,6 +7,8 @@ Multi-label splits (``multi_label: true``): every sample also has ``.labels``, a
 labels within the class list whose first is ``cls``, equal to the json ``labels``, with json ``classes``
 their names.
 Per split: ``num_samples`` is the sum of the shard lengths and ``filenames`` matches the shard list.
+OUT may be an object-store URL (``s3://bucket/prefix``): shards are then streamed from the store
+(core.storage.open_read: ranged reads, each retried), never downloaded whole.
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
-
 from PIL import Image
 
+from core import storage
 from core.errors import UserError
+from core.storage import Location
 
 from .info import load_info
 from .layout import INFO_NAME
@@ -39,7 +41,7 @@ class VerifyReport:
         self.lines.append(f"FAIL {message}")
 
 
-def _read_samples(path: Path, digest) -> dict[str, dict[str, bytes]]:
+def _read_samples(path: Location, digest) -> dict[str, dict[str, bytes]]:
     """key -> {ext: bytes}, streaming the tar once (tar mode 'r|': no seeking, nothing written to disk)."""
 
     class _Hashing(io.RawIOBase):
@@ -57,7 +59,7 @@ def _read_samples(path: Path, digest) -> dict[str, dict[str, bytes]]:
 
     samples: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
-    with open(path, "rb") as handle:
+    with storage.open_read(path) as handle:
         stream = io.BufferedReader(_Hashing(handle), buffer_size=1 << 20)
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
@@ -90,16 +92,17 @@ def _label_list_problem(parts: dict[str, bytes], label: int, meta: dict, classes
     return None
 
 
-def _check_shard(out: Path, split: str, shard: dict, length: int, classes: list[str], multi: bool,
+def _check_shard(out: Location, split: str, shard: dict, length: int, classes: list[str], multi: bool,
                  report: VerifyReport) -> int:
     before = report.problems
     name = shard.get("filename", "?")
-    path = out / name
+    path = storage.join(out, name)
     where = f"{split}/{name}"
-    if not path.exists():
+    try:
+        size = storage.size(path)
+    except FileNotFoundError:
         report.bad(f"{where}: file missing")
         return 0
-    size = path.stat().st_size
     if size != shard.get("bytes"):
         report.bad(f"{where}: {size} bytes, _info.json says {shard.get('bytes')}")
     digest = hashlib.sha256()
@@ -107,6 +110,9 @@ def _check_shard(out: Path, split: str, shard: dict, length: int, classes: list[
         samples = _read_samples(path, digest)
     except (tarfile.TarError, OSError, EOFError) as err:
         report.bad(f"{where}: not a readable tar ({err})")
+        return 0
+    except Exception as err:  # noqa: BLE001 - a store's read error that outlived its retries (aiohttp, botocore)
+        report.bad(f"{where}: read failed ({type(err).__name__}: {err})")
         return 0
     if digest.hexdigest() != shard.get("sha256"):
         report.bad(f"{where}: sha256 {digest.hexdigest()[:16]}... differs from _info.json")
@@ -140,14 +146,21 @@ def _check_shard(out: Path, split: str, shard: dict, length: int, classes: list[
     return len(samples)
 
 
-def verify_out(out: Path, split: str | None = None) -> VerifyReport:
-    if not (out / INFO_NAME).exists():
-        raise UserError(f"{out / INFO_NAME} not found; is {out} a shard folder written by `data_prep shard`?")
+def verify_out(out: Location, split: str | None = None) -> VerifyReport:
+    out = storage.as_location(out)
+    with storage.user_errors(out, "read it"):
+        return _verify_out(out, split)
+
+
+def _verify_out(out: Location, split: str | None) -> VerifyReport:
+    info_path = storage.join(out, INFO_NAME)
+    if not storage.exists(info_path):
+        raise UserError(f"{info_path} not found; is {out} a shard folder written by `data_prep shard`?")
     info = load_info(out)
     splits = info.get("splits", {})
     if split is not None:
         if split not in splits:
-            raise UserError(f"--split {split!r} is not in {out / INFO_NAME} (splits: {', '.join(splits) or 'none'})")
+            raise UserError(f"--split {split!r} is not in {info_path} (splits: {', '.join(splits) or 'none'})")
         splits = {split: splits[split]}
     report = VerifyReport()
     total = 0

@@ -30,7 +30,11 @@ Design (why it resumes exactly and never hangs a collective)
   rank draws the same number of micro-batches from its infinite stream, so no rank runs dry before the
   others and no collective hangs at an epoch's end, whatever the shard sizes.
 * Corruption. Tar errors (truncated or unreadable shards) go through a webdataset handler that warns,
-  counts and continues; samples that fail to decode or lack `jpg`/`cls` are skipped the same way. The
+  counts and continues; samples that fail to decode or lack `jpg`/`cls` are skipped the same way.
+  Shards on an object store (`s3://...`, pipeline.shards registers the scheme with webdataset's gopen) are
+  read in ranged GETs that s3fs and botocore retry on transient errors; a read that still fails mid-shard
+  ends that shard here, counted (and its missing samples counted again by the length check) like a
+  truncated shard. The
   count travels with each batch (per worker) so rank 0 can log it; it is part of the saved position.
 * A changed layout (world size, workers, micro batch or seed) cannot continue the old streams; the loader
   then starts every stream at the pass after the furthest saved one, so it does not replay old data.

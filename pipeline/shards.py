@@ -11,6 +11,12 @@ A multi-label split (`_info.json`: `splits.<split>.multi_label`, issue 11) adds 
 sample ("3,7,12", distinct ints, the first is `.cls`); `ShardSet.multi_label` says so, and readers that
 want every label pass `multi_label=True` to the sample functions.
 
+A location may be a local folder or pattern, or an object-store URL (`s3://bucket/shards`, or a pattern
+`s3://bucket/shards/train-{000000..000099}.tar`), configured the standard AWS way (core.storage). Importing
+this module registers `s3://` with webdataset's gopen (below), so the training and evaluation loaders, in
+every DataLoader worker, stream shards from the store in ranged reads that are each retried on transient
+errors; a shard whose read still fails is skipped and counted like a corrupt one.
+
 A location that is not usable raises core.errors.UserError with one line saying what to do.
 """
 from __future__ import annotations
@@ -25,9 +31,11 @@ from typing import Optional, Union
 
 import torch
 from webdataset import gopen
+from webdataset.gopen import gopen_schemes  # the module (`webdataset.gopen` names the function)
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from core import storage
 from core.errors import UserError
 
 # torchvision 0.29 announces a move of its decoders to TorchCodec; they are still the fastest JPEG decode here.
@@ -47,6 +55,21 @@ class ShardSet:
 
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
+
+
+def _gopen_store(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
+    """webdataset gopen handler for object-store URLs: core.storage's streaming reader (fsspec/s3fs).
+
+    Why not webdataset's own `pipe:aws s3 cp ...` recipe: it needs the AWS CLI in every worker image, and a
+    connection cut mid-shard ends the pipe (the rest of the shard is lost) where s3fs retries the range.
+    """
+    if mode != "rb":
+        raise ValueError(f"{url}: shards are only read through gopen, not written (mode {mode!r})")
+    return storage.open_read(url)
+
+
+for _scheme in ("s3", "s3a"):
+    gopen_schemes.setdefault(_scheme, _gopen_store)
 
 
 def _scan_tar(url: str) -> tuple[int, bool]:
@@ -69,21 +92,51 @@ def _count_samples(url: str) -> int:
 
 
 def _read_info(folder: str) -> Optional[dict]:
-    path = os.path.join(folder, "_info.json")
-    if not os.path.isfile(path):
+    path = str(storage.join(storage.as_location(folder), "_info.json")) if storage.is_url(folder) else \
+        os.path.join(folder, "_info.json")
+    if storage.is_url(path):
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            return None
+    elif not os.path.isfile(path):
         return None
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UserError(f"{path} is not readable ({e}); re-run `python -m data_prep shard`") from None
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(data)
+    except ValueError as e:
         raise UserError(f"{path} is not readable JSON ({e}); re-run `python -m data_prep shard`") from None
+
+
+def _missing(urls: list[str]) -> list[str]:
+    """The shards that do not exist: local files one by one, objects by listing each prefix once (a split
+    of 30,000 shards would otherwise cost 30,000 requests before training starts)."""
+    local = [u for u in urls if _is_local(u)]
+    missing = [u for u in local if not os.path.isfile(u)]
+    remote = [u for u in urls if storage.is_url(u)]
+    listed: dict[str, set[str]] = {}
+    for url in remote:
+        prefix, _, name = url.rpartition("/")
+        if prefix not in listed:
+            listed[prefix] = set(storage.listdir(prefix, "*"))
+        if name not in listed[prefix]:
+            missing.append(url)
+    return missing
 
 
 def _open_folder(path: str, split: str) -> ShardSet:
     """A shard folder: the split's entry in `_info.json`, or without one its `{split}-*.tar` files, counted."""
     info = _read_info(path)
     if info is None:
-        urls = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*.tar")))
+        if storage.is_url(path):
+            urls = [f"{path}/{name}" for name in storage.listdir(path, f"{split}-*.tar")]
+        else:
+            urls = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*.tar")))
         if not urls:
             raise UserError(f"no shards for split {split!r} in {path} (no _info.json, no {split}-*.tar); "
                             f"make them with `python -m data_prep shard SRC {path} --split {split}`")
@@ -97,8 +150,8 @@ def _open_folder(path: str, split: str) -> ShardSet:
     entry = splits[split]
     names = entry.get("filenames") or [s["filename"] for s in entry.get("shards", [])]
     lengths = entry.get("shard_lengths") or [s["num_samples"] for s in entry.get("shards", [])]
-    urls = [os.path.join(path, n) for n in names]
-    missing = [u for u in urls if not os.path.isfile(u)]
+    urls = [f"{path}/{n}" if storage.is_url(path) else os.path.join(path, n) for n in names]
+    missing = _missing(urls)
     if missing:
         raise UserError(f"{len(missing)} shard(s) listed in {path}/_info.json are missing, e.g. {missing[0]}; "
                         f"re-run `python -m data_prep shard`")
@@ -114,16 +167,20 @@ def _open_pattern(pattern: str, split: str) -> ShardSet:
     path = os.path.expanduser(pattern)
     urls = expand_urls(path)
     local = [u for u in urls if _is_local(u)]
+    remote = [u for u in urls if storage.is_url(u)]
     if not urls or (len(local) == len(urls) and not any(os.path.isfile(u) for u in urls)):
         raise UserError(f"shard location {pattern!r} is neither a folder nor matches any shard file; "
                         f"check data.train / data.val")
-    missing = [u for u in local if not os.path.isfile(u)]
+    missing = _missing(local + remote)
+    if remote and len(missing) == len(remote) == len(urls):
+        raise UserError(f"shard location {pattern!r} is neither a prefix with _info.json nor matches any shard "
+                        f"object; check data.train / data.val (and AWS_ENDPOINT_URL for an S3-compatible store)")
     if missing:
         raise UserError(f"{len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]}")
     lengths: list[Optional[int]] = [None] * len(urls)
     classes, multi_label = None, None
-    folders = {os.path.dirname(u) for u in local}
-    if len(folders) == 1 and len(local) == len(urls):  # a pattern over data_prep's folder
+    folders = {os.path.dirname(u) for u in local} | {u.rpartition("/")[0] for u in remote}
+    if len(folders) == 1 and len(local) + len(remote) == len(urls):  # a pattern over data_prep's folder
         info = _read_info(folders.pop() or ".")
         if info:
             by_name, multi_by_name = {}, {}
@@ -151,6 +208,12 @@ def open_shards(path_or_pattern: str, split: str = "train") -> ShardSet:
     """
     if not path_or_pattern:
         raise UserError("no shard location given (data.train / data.val is empty)")
+    if storage.is_url(path_or_pattern):
+        url = str(storage.as_location(path_or_pattern))
+        with storage.user_errors(url, "read shards there"):
+            if "{" not in url and not url.endswith(".tar"):  # a prefix written by data_prep
+                return _open_folder(url, split)
+            return _open_pattern(url, split)
     path = os.path.expanduser(str(path_or_pattern))
     if os.path.isdir(path):
         return _open_folder(path, split)
