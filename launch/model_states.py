@@ -9,8 +9,10 @@ here return the numbers they print). Their mixed-precision accounting, per param
 (its GPU term is 18/N plus 4 bytes per parameter of the largest layer, gathered whole).
 
 DeepSpeed has no estimator for stages 0 and 1; they follow from the same per-parameter bytes:
-stage 0 keeps all 20 bytes on every GPU (the stage-2 formula with one GPU), stage 1 partitions only
-the 16 bytes of optimizer state (fp32 weights, fp32 gradients, moments): 4 + 16/N.
+stage 0 keeps all 20 bytes on every GPU (the stage-2 formula with one GPU). Stage 1 with 16-bit training and
+fp32 gradient accumulation (this trainer's default) is DeepSpeed's BF16_Optimizer: 16-bit weights, a full fp32
+gradient buffer, and the fp32 master weights and moments partitioned: 2 + 4 + 12/N (with 16-bit accumulation
+2 + 2 + 12/N).
 In fp32 training there are no 16-bit copies: 4 weights + 4 gradients + 8 moments = 16 bytes, split
 by stage the same way (0: nothing, 1: moments, 2: + gradients, 3: + weights).
 """
@@ -54,7 +56,8 @@ def candidate_settings() -> list[ZeroSetting]:
 
 
 def model_states_bytes(setting: ZeroSetting, total_params: int, largest_layer_params: int,
-                       nodes: int, gpus_per_node: int, precision: str = "bf16") -> tuple[int, int]:
+                       nodes: int, gpus_per_node: int, precision: str = "bf16",
+                       grad_accum: str = "fp32") -> tuple[int, int]:
     """(GPU bytes per GPU, CPU bytes per node) for the model states under `setting`."""
     gpus = nodes * gpus_per_node
     if precision == "fp32":
@@ -74,7 +77,10 @@ def model_states_bytes(setting: ZeroSetting, total_params: int, largest_layer_pa
     # non-offload term (model loading), for comparable columns.
     cpu = int(total_params * 4 * gpus_per_node * CPU_BUFFER_FACTOR)
     if setting.stage == 1:
-        return 4 * total_params + 16 * total_params // gpus, cpu
+        # 16-bit training with fp32 gradient accumulation (the trainer's default, pipeline.optim) runs DeepSpeed's
+        # BF16_Optimizer: a full fp32 gradient buffer on every rank instead of 16-bit gradients (2 + 4 + 12/N).
+        grads = 4 if grad_accum == "fp32" else 2
+        return (2 + grads) * total_params + 12 * total_params // gpus, cpu
     return 20 * total_params, cpu
 
 
@@ -110,11 +116,81 @@ def count_params(model) -> tuple[int, int]:
 def ema_bytes(setting: ZeroSetting, total_params: int, gpus: int, ema_decay: float) -> tuple[int, int]:
     """(GPU bytes per GPU, CPU bytes per GPU) of pipeline.ema.ShardedEMA's fp32 shadow.
 
-    ZeRO-1/2 ranks average only their fragment of every fp32 master weight (4 bytes x params / GPUs), on the
-    CPU when the optimizer is offloaded; ZeRO-0 and ZeRO-3 keep a full fp32 copy on every rank.
+    Every ZeRO rank averages only its fragment of every fp32 master weight (4 bytes x params / GPUs), on the
+    CPU when the optimizer is offloaded; ZeRO-0 keeps a full fp32 copy.
     """
     if ema_decay <= 0:
         return 0, 0
     full = 4 * total_params
-    shadow = full if setting.stage in (0, 3) else full // gpus
+    shadow = full if setting.stage == 0 else full // gpus
     return (0, shadow) if setting.offload_optimizer and setting.stage in (1, 2) else (shadow, 0)
+
+
+# DeepSpeed's bucket sizes (elements) when the config sets none: DeepSpeedZeroConfig's defaults, and the engine's
+# fixed all-reduce buffer for optimizers that do not reduce gradients themselves (BF16_Optimizer, ZeRO-0).
+DEFAULT_REDUCE_BUCKET = 500_000_000
+DEFAULT_ALLGATHER_BUCKET = 500_000_000
+DEFAULT_PREFETCH_BUCKET = 50_000_000
+ENGINE_ALLREDUCE_BUCKET = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE
+
+
+@dataclass(frozen=True)
+class RankTerms:
+    """What one rank holds, by name (bytes), for a bf16/fp16/fp32 DeepSpeed run of `params` parameters.
+
+    weights: the 16-bit (or fp32) module parameters (ZeRO-3: a partition + the largest layer gathered);
+    gradients: what the optimizer accumulates into: ZeRO-0 the module's own .grad, ZeRO-1 with 16-bit training
+      and fp32 accumulation (DeepSpeed's BF16_Optimizer) a full fp32 buffer, ZeRO-2/3 an fp32 partition;
+    master: fp32 master weights (partitioned from ZeRO-1 on); moments: Adam's two, allocated at the first step;
+    ema: pipeline.ema's per-rank fp32 fragment (a full copy without ZeRO);
+    buckets: DeepSpeed's communication buffers during backward (see `bucket_bytes`).
+    """
+    weights: int
+    gradients: int
+    master: int
+    moments: int
+    ema: int
+    buckets: int
+
+    @property
+    def states(self) -> int:
+        return self.weights + self.gradients + self.master + self.moments + self.ema
+
+
+def bucket_bytes(stage: int, params: int, precision: str, zero: dict, on_gpu: bool) -> int:
+    """DeepSpeed's communication buffers during backward, from the DeepSpeed config's `zero_optimization`.
+
+    ZeRO-0/1 (BF16_Optimizer, and the engine's fallback all-reduce): gradients flattened into buffers of
+    ENGINE_ALLREDUCE_BUCKET elements in the accumulation dtype (fp32). ZeRO-2: `reduce_bucket_size` 16-bit
+    staging buffers, two with `overlap_comm`. ZeRO-3: `reduce_bucket_size` + `stage3_prefetch_bucket_size`.
+    A CUDA buffer is allocated whole; on the CPU only the touched part (at most the model) becomes resident.
+    """
+    low = 2 if precision in ("bf16", "fp16") else 4
+    reduce = int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET))
+    if stage <= 1:
+        size, elem = ENGINE_ALLREDUCE_BUCKET, 4
+        return min(size, params) * elem
+    if stage == 2:
+        copies = 2 if zero.get("overlap_comm") else 1
+        return copies * (reduce if on_gpu else min(reduce, params)) * low
+    prefetch = int(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET))
+    return ((reduce + prefetch) if on_gpu else min(reduce + prefetch, params)) * low
+
+
+def rank_terms(stage: int, params: int, largest_layer: int, ranks: int, precision: str = "bf16",
+               grad_accum: str = "fp32", ema: bool = True, zero: dict | None = None,
+               on_gpu: bool = True) -> RankTerms:
+    """The named per-rank terms of a setting without offload (what the trainer runs by default)."""
+    low = 2 if precision in ("bf16", "fp16") else 4
+    parts = ranks if stage >= 1 else 1
+    weights = low * params if stage < 3 else low * params // ranks + low * largest_layer
+    if stage == 0:
+        gradients = low * params
+    elif stage == 1:
+        gradients = (4 if grad_accum == "fp32" else low) * params
+    else:
+        gradients = 4 * params // ranks
+    master = 4 * params // parts if precision != "fp32" else 0
+    return RankTerms(weights=weights, gradients=gradients, master=master, moments=8 * params // parts,
+                     ema=4 * params // parts if ema else 0,
+                     buckets=bucket_bytes(stage, params, precision, zero or {}, on_gpu))

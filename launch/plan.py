@@ -8,8 +8,11 @@ Per GPU it adds up
   offload choice, from DeepSpeed's estimators (launch/model_states.py);
 - activations kept for backward, measured per image on the meta device, with and without activation
   checkpointing (launch/activations.py), times 1.1 for allocator fragmentation;
-- a fixed reserve (--reserve-gb, default 4 GiB) for the CUDA context, NCCL and DeepSpeed's
-  communication buckets;
+- named fixed terms instead of one reserve: the CUDA context with NCCL (CUDA_CONTEXT_GIB, --cuda-context-gb),
+  DeepSpeed's communication buckets at the sizes its config gives them (launch/model_states.bucket_bytes), and
+  the in-run evaluation with EMA weights (the EMA swapped into the parameters: no second model; activations of
+  a no-grad forward at the evaluation batch, 2 x micro), which must fit beside the training states;
+  `--reserve-gb` still replaces the CUDA context term with a flat reserve;
 then searches micro-batch x gradient accumulation x ZeRO stage x offload x checkpointing for a setting
 that reaches the config's global batch exactly (global = micro x accumulation x GPUs) and fits.
 
@@ -44,6 +47,10 @@ from core.errors import UserError, cli_main
 from pipeline.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
 GIB = 2 ** 30
+# Per GPU, before any tensor: the CUDA context with cuBLAS/cuDNN workspaces (about 0.5 GiB with CUDA 12's lazy
+# module loading on H100/H200) and NCCL's communicators and channel buffers (a few hundred MiB at 8 GPUs per
+# node). Assumed, not measured here (no GPU); `--cuda-context-gb` overrides it.
+CUDA_CONTEXT_GIB = 0.75
 FRAGMENTATION = 1.10  # PyTorch's caching allocator rarely packs activations tighter than this
 MIN_MICRO_MACS = 128e9  # multiply-adds per micro-step below which a GPU idles between small kernels
 
@@ -109,8 +116,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: float | None = None,
-         mfu: float = 0.4, gpu_tflops: float = PEAK_BF16_TFLOPS[DEFAULT_GPU], reserve_gb: float = 4.0,
-         images_per_epoch: int | None = None) -> dict:
+         mfu: float = 0.4, gpu_tflops: float = PEAK_BF16_TFLOPS[DEFAULT_GPU], reserve_gb: float | None = None,
+         images_per_epoch: int | None = None, cuda_context_gb: float = CUDA_CONTEXT_GIB) -> dict:
     """Everything the CLI prints, as a dict (also the `--json` output)."""
     import torch
 
@@ -119,6 +126,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
     from model import count_macs, create_model
     from pipeline.model_args import run_model_kwargs
 
+    if reserve_gb is None:
+        reserve_gb = cuda_context_gb
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
@@ -175,13 +184,15 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
     for setting in candidate_settings():
         if setting.stage == 0 and gpus > 1:
             continue
-        states, cpu = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node, cfg.precision)
+        states, cpu = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node, cfg.precision,
+                                         _grad_accum(cfg))
         ema_gpu, ema_cpu = ema_bytes(setting, total_params, gpus, cfg.train.ema_decay)
         states, cpu = states + ema_gpu, cpu + ema_cpu * gpus_per_node
+        states += _buckets(cfg, setting.stage, total_params, gpus)
         cpu_ok = cpu_mem_gb is None or cpu <= cpu_mem_gb * GIB
         for ckpt in (False, True):
             def need(m):
-                return states + act.bytes(m, ckpt) * FRAGMENTATION
+                return states + max(act.bytes(m, ckpt), _eval_bytes(act, m)) * FRAGMENTATION
             fitting = [m for m in divisors if need(m) <= usable] if cpu_ok else []
             m = max(fitting) if fitting else 0
             options.append(Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
@@ -202,6 +213,79 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
                          f"{usable / GIB:.1f} GiB usable{why}; use more GPUs, bigger GPUs or a smaller image size")
     out.update(options=[asdict(o) for o in options], efficient_micro_batch=efficient_micro)
     return out
+
+
+def _grad_accum(cfg) -> str:
+    return "fp32" if cfg.precision == "fp32" else getattr(cfg.deepspeed, "grad_accum_dtype", "fp32")
+
+
+def _zero_config(cfg, stage: int, gpus: int, on_gpu: bool = True) -> dict:
+    """The `zero_optimization` block the trainer would hand DeepSpeed at `stage` (bucket sizes, overlap_comm)."""
+    from pipeline.optim import deepspeed_config
+
+    ds = dataclasses.replace(cfg.deepspeed, zero_stage=stage, offload_optimizer=False, offload_param=False)
+    return deepspeed_config(dataclasses.replace(cfg, deepspeed=ds), gpus, on_cpu=not on_gpu)["zero_optimization"]
+
+
+def _buckets(cfg, stage: int, params: int, gpus: int) -> int:
+    from launch.model_states import bucket_bytes
+    return bucket_bytes(stage, params, cfg.precision, _zero_config(cfg, stage, gpus), on_gpu=True)
+
+
+def _eval_bytes(act, micro_batch: int) -> int:
+    """Evaluation's activations: a no-grad forward at twice the micro-batch keeps nothing for backward; its
+    peak is a block's input, output and largest intermediate (about three of the largest saved tensor)."""
+    return 2 * micro_batch * 3 * act.largest_tensor_per_image + act.fixed
+
+
+def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_stage: int, device: str = "cuda",
+              num_classes: int = 1000, ema: bool = True, precision: str = "bf16", grad_accum: str = "fp32",
+              zero: dict | None = None, checkpointing: bool = False,
+              cuda_context_gb: float = CUDA_CONTEXT_GIB) -> dict:
+    """Per-rank peak bytes of each phase of a run at one setting (no offload), by named term.
+
+    The phases are those benchmarks/memory_scale.py measures: build (model, engine, EMA: the 16-bit weights
+    are copied once more while DeepSpeed flattens them), step (all states, buckets, activations), eval (states,
+    the EMA swapped into the parameters with a 16-bit backup of the live weights, eval activations), save
+    (states), resume (all states, the optimizer shard's file becoming the optimizer's state, plus the module file
+    read before it is copied into the parameters), finetune (a build
+    plus the consolidated fp32 pretrained weights, held by the rank that reads them). On "cpu" the figures
+    are what the model adds to a process (no CUDA context; buckets only as far as they are touched); on
+    "cuda" they include CUDA_CONTEXT_GIB. Returns {"terms": {...}, "phases": {...}, "peak": bytes, "phase": name}.
+    """
+    import torch
+
+    from launch.activations import measure
+    from launch.model_states import count_params, rank_terms
+    from model import create_model
+
+    kwargs = {"name": model, "num_classes": num_classes, "image_size": [image_size, image_size]}
+    with torch.device("meta"):
+        params, largest = count_params(create_model(**kwargs))
+    on_gpu = device != "cpu"
+    if zero is None:
+        zero = {"reduce_bucket_size": 500_000_000, "overlap_comm": on_gpu}
+    t = rank_terms(zero_stage, params, largest, ranks, precision, grad_accum, ema, zero, on_gpu)
+    act = measure(kwargs, precision)
+    frag = FRAGMENTATION if on_gpu else 1.0
+    train_act = int(act.bytes(micro_batch, checkpointing) * frag)
+    eval_act = int(_eval_bytes(act, micro_batch) * frag)
+    context = int(cuda_context_gb * GIB) if on_gpu else 0
+    low = 4 if precision == "fp32" else 2
+    consolidated = 4 * params
+    built = t.weights + t.gradients + t.master + t.ema
+    phases = {
+        "build": context + built + t.weights,
+        "step": context + t.states + t.buckets + train_act,
+        "eval": context + t.states + low * params + eval_act,
+        "save": context + t.states,
+        "resume": context + t.states + t.weights,
+        "finetune": context + built + t.weights + consolidated,
+    }
+    peak_phase = max(phases, key=phases.get)
+    terms = {"cuda_context": context, **dataclasses.asdict(t), "train_activations": train_act,
+             "eval_activations": eval_act, "parameters": params}
+    return {"terms": terms, "phases": phases, "peak": phases[peak_phase], "phase": peak_phase}
 
 
 def _time(cfg, macs: int, images: int, dataset_source: str, gpus: int, gpu_tflops: float, mfu: float, chosen: dict | None) -> dict:
@@ -229,9 +313,12 @@ def _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usa
     from launch.model_states import ZeroSetting, ema_bytes, model_states_bytes
     ds = cfg.deepspeed
     setting = ZeroSetting(ds.zero_stage, ds.offload_optimizer, ds.offload_param)
-    states, _ = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node, cfg.precision)
+    states, _ = model_states_bytes(setting, total_params, largest_layer, nodes, gpus_per_node, cfg.precision,
+                                   _grad_accum(cfg))
     states += ema_bytes(setting, total_params, nodes * gpus_per_node, cfg.train.ema_decay)[0]
-    total = states + act.bytes(cfg.train.micro_batch_size, cfg.model.activation_checkpointing) * FRAGMENTATION
+    states += _buckets(cfg, setting.stage, total_params, nodes * gpus_per_node)
+    micro = cfg.train.micro_batch_size
+    total = states + max(act.bytes(micro, cfg.model.activation_checkpointing), _eval_bytes(act, micro)) * FRAGMENTATION
     gpus = nodes * gpus_per_node
     per_rank, rest = divmod(cfg.train.global_batch_size, gpus * cfg.train.micro_batch_size)
     return {"setting": setting.describe(), "activation_checkpointing": cfg.model.activation_checkpointing,
@@ -258,7 +345,8 @@ def format_table(r: dict) -> str:
         f"{r['activation_gib_per_image_checkpointed']:.3f} GiB/image with activation checkpointing "
         f"(+{r['activation_gib_fixed']:.2f} GiB fixed)",
         f"  cluster        {r['nodes']} node(s) x {r['gpus_per_node']} GPU(s) = {r['gpus']} GPUs of "
-        f"{r['gpu_mem_gib']:g} GiB ({r['usable_gib']:.1f} GiB usable after a {r['reserve_gib']:g} GiB reserve)",
+        f"{r['gpu_mem_gib']:g} GiB ({r['usable_gib']:.1f} GiB usable after {r['reserve_gib']:g} GiB of CUDA context; "
+        f"states include DeepSpeed's buckets, activations the larger of a step and an evaluation)",
         f"  global batch   {r['global_batch_size']}",
         "",
     ]
@@ -324,8 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     peak = PEAK_BF16_TFLOPS[DEFAULT_GPU]
     p.add_argument("--gpu-tflops", type=float, default=peak,
                    help=f"peak 16-bit dense TFLOP/s per GPU ({DEFAULT_GPU} SXM: {peak:g})")
-    p.add_argument("--reserve-gb", type=float, default=4.0,
-                   help="GiB per GPU kept for the CUDA context, NCCL and DeepSpeed communication buckets")
+    p.add_argument("--reserve-gb", type=float, default=None,
+                   help="a flat GiB per GPU instead of the CUDA context term (buckets and evaluation are counted "
+                        "per setting either way)")
+    p.add_argument("--cuda-context-gb", type=float, default=CUDA_CONTEXT_GIB,
+                   help=f"GiB per GPU for the CUDA context and NCCL (default {CUDA_CONTEXT_GIB:g}, assumed)")
     p.add_argument("--images-per-epoch", type=int, default=None,
                    help="dataset size for the time estimate (default: data.train's _info.json or a known dataset)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -339,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides, defaults=args.mode)
     result = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.mfu,
-                  args.gpu_tflops, args.reserve_gb, args.images_per_epoch)
+                  args.gpu_tflops, args.reserve_gb, args.images_per_epoch, args.cuda_context_gb)
     result["config"] = args.config
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0 if result["fits"] else 1

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from core.units import precision_dtype
 from pipeline import distributed as D
 from pipeline.config import Config
 from pipeline.model_args import run_model_kwargs
@@ -16,20 +17,35 @@ log = logging.getLogger("pipeline.train")
 
 
 def build_model(cfg: Config, plan, info: D.DistInfo, from_pretrained: bool) -> torch.nn.Module:
-    """The same initialisation on every rank (or cfg.pretrained's weights), then per-rank RNG streams."""
-    from model import channels_last_default, create_model, prepare_for_speed, set_attention_impl
+    """The model on this rank's device in the training dtype: seeded per tensor name (model.init), so the same
+    on every rank and for every world size, or cfg.pretrained's weights; then per-rank RNG streams.
+
+    No full fp32 copy is made: the model is built on the meta device and materialised straight on
+    `info.device` in the precision's dtype (DeepSpeed's own cast to bf16/fp16 is then a no-op), so a rank's
+    peak is the 16-bit model plus one fp32 tensor. Under ZeRO-3 every rank still materialises the whole 16-bit
+    model (4.9 GB on the GPU for CoAtNet-7) before deepspeed.initialize partitions it: deepspeed.zero.Init would
+    cut that to a partition, but it runs the constructor with parameters already partitioned, so each
+    module's initialisation would need its own GatheredParameters all-gather; at 2 bytes per parameter on an
+    80 GB GPU the full 16-bit copy is the smaller cost (see README, "Memory").
+    """
+    from model import build_initialised, channels_last_default, prepare_for_speed, set_attention_impl
+    from pipeline.weights_adapt import HEAD_KEYS
 
     D.seed_everything(cfg.seed)
-    model = create_model(**run_model_kwargs(cfg, plan.num_classes))
+    pretrained = bool(cfg.pretrained and from_pretrained)
+    kwargs = run_model_kwargs(cfg, plan.num_classes)
+    # From pretrained weights, everything but the head is overwritten: only the head is drawn.
+    model = build_initialised(**kwargs, seed=cfg.seed, device=info.device, dtype=precision_dtype(cfg.precision),
+                              only=HEAD_KEYS if pretrained else None)
     set_attention_impl(cfg.train.attention)
     # Activations only: DeepSpeed flattens (and views as bytes) the parameters, which must stay contiguous.
     prepare_for_speed(model, channels_last_default(info.device.type, cfg.precision), weights=False)
-    if cfg.pretrained and from_pretrained:
+    if pretrained:
         from pipeline.pretrained import init_from_pretrained
         from pipeline.shared_weights import load_weights_once
 
-        # One rank consolidates a DeepSpeed checkpoint; the others read its safetensors copy (one fp32
-        # copy per rank instead of every rank unpickling every shard: ~25 GB per rank for CoAtNet-7).
+        # One rank consolidates a DeepSpeed checkpoint; the others memory-map its safetensors copy, and
+        # load_state_dict copies it tensor by tensor into the model (pages shared by the node's ranks).
         barrier = torch.distributed.barrier if info.world_size > 1 else None
         weights = load_weights_once(cfg.pretrained, info.is_main, barrier,
                                     os.path.join(cfg.run_dir, "pretrained.fp32.safetensors"),

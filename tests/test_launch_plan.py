@@ -4,14 +4,20 @@ The asserted ranges are derived here from first principles, not copied from the 
 
 Model states (mixed-precision AdamW, DeepSpeed's accounting): 2 bytes 16-bit weights + 2 bytes 16-bit
 gradients + 4 fp32 gradients + 4 fp32 master weights + 8 Adam moments = 20 bytes per parameter.
-- ZeRO-1 keeps weights and gradients whole and splits the 16 optimizer bytes: 4 + 16/N bytes/param;
+- ZeRO-1 with fp32 gradient accumulation (the trainer's default) is DeepSpeed's BF16_Optimizer: 16-bit weights
+  and a full fp32 gradient buffer on every rank, the 12 bytes of fp32 master weights and moments split:
+  2 + 4 + 12/N bytes/param;
 - ZeRO-2 splits everything but the 16-bit weights: 2 + 18/N;
 - ZeRO-3 splits all of it: 18/N (DeepSpeed counts the 16-bit weights inside its 18) + the largest layer
   gathered whole in fp32 (4 bytes per parameter of that layer);
 - one GPU without ZeRO: all 20 bytes.
-For CoAtNet-7 (2.44e9 parameters, N = 64): ZeRO-1 (4 + 0.25) * 2.44e9 = 10.4 GB = 9.7 GiB; ZeRO-2
+For CoAtNet-7 (2.44e9 parameters, N = 64): ZeRO-1 (6 + 0.19) * 2.44e9 = 15.1 GB = 14.1 GiB; ZeRO-2
 (2 + 0.28) * 2.44e9 = 5.6 GB = 5.2 GiB; ZeRO-3 0.28 * 2.44e9 = 0.69 GB plus a <= 40M-parameter largest
 layer (the 3072-wide Transformer MLP: 3072 x 12288 = 37.7M, 0.15 GB) = 0.84 GB = 0.78 GiB.
+Each adds the EMA's fp32 fragment (4 B x P / 64 = 0.14 GiB) and DeepSpeed's communication buffers at their
+default sizes: ZeRO-1 the engine's fp32 all-reduce buffer of 5e8 elements (1.86 GiB), ZeRO-2 two bf16 reduce
+buckets of 5e8 (overlap_comm on GPUs: 1.86 GiB), ZeRO-3 a bf16 reduce bucket of 5e8 and a prefetch bucket of
+5e7 (1.02 GiB).
 
 Activations (bf16, 2 bytes) follow Korthikanti et al.'s count for a Transformer layer with fused
 attention: 34 * s * h bytes per image (s tokens, h width). CoAtNet-7 at 512 px: S3 has 32 x 32 = 1024
@@ -60,11 +66,9 @@ def test_coatnet7_512_on_64_gpus_model_figures(c7):
     assert abs(c7["parameters"] - 2.44e9) / 2.44e9 < 0.01
     assert 2.4e12 < c7["macs_per_image"] < 2.75e12  # paper: 2586B multiply-adds at 512 px
     assert 20e6 < c7["largest_layer_parameters"] < 40e6
-    assert 9.2 < _row(c7, 1)["states_gib"] < 10.2
-    assert 4.9 < _row(c7, 2)["states_gib"] < 5.5
-    # ZeRO-3: DeepSpeed's estimate (~0.8 GiB) plus the EMA (this recipe: 0.9999), which keeps a full fp32 copy
-    # on every rank under ZeRO-3: 4 B x 2.44e9 = 9.1 GiB (ZeRO-1/2 above add only 4 B x P / 64 = 0.14 GiB).
-    assert 9.5 < _row(c7, 3)["states_gib"] < 10.3
+    assert 15.5 < _row(c7, 1)["states_gib"] < 16.6  # 14.1 + 0.14 + 1.86
+    assert 6.8 < _row(c7, 2)["states_gib"] < 7.6  # 5.2 + 0.14 + 1.86
+    assert 1.7 < _row(c7, 3)["states_gib"] < 2.2  # 0.78 + 0.14 + 1.02
     assert _row(c7, 2, offload=True)["states_gib"] < _row(c7, 2)["states_gib"]  # only the 16-bit weights stay
     assert 3.5 < c7["activation_gib_per_image"] < 5.5
     assert 0.25 < c7["activation_gib_per_image_checkpointed"] < c7["activation_gib_per_image"] / 4
@@ -73,7 +77,7 @@ def test_coatnet7_512_on_64_gpus_model_figures(c7):
 def test_coatnet7_512_on_64_gpus_plan(c7):
     assert c7["gpus"] == 64 and c7["fits"], c7["reason"]
     chosen = c7["chosen"]
-    # 512 images over 64 GPUs: 8 per GPU per step, no offload needed with ~76 GiB usable.
+    # 512 images over 64 GPUs: 8 per GPU per step, no offload needed with ~79 GiB usable.
     assert chosen["micro_batch_size"] * chosen["accumulation"] * 64 == 512
     assert not chosen["offload_optimizer"] and not chosen["offload_param"]
     assert chosen["total_gib"] <= c7["usable_gib"] < 80
@@ -101,12 +105,13 @@ def test_coatnet0_on_one_gpu():
     assert 4.0e9 < r["macs_per_image"] < 4.4e9  # paper: 4.2B
     assert 60 < r["activation_gib_per_image"] * 1024 < 120  # MiB per image, ~77 by hand
     zero0 = _row(r, 0)
-    assert zero0["states_gib"] * GIB == pytest.approx(20 * r["parameters"], rel=1e-6)
+    # 20 bytes of model states + the engine's fp32 all-reduce buffer (the whole model: 25M < 5e8 elements)
+    assert zero0["states_gib"] * GIB == pytest.approx(24 * r["parameters"], rel=1e-6)
     c = r["chosen"]
     # One GPU: no ZeRO, no offload, no checkpointing; 4096 images per step by accumulation.
     assert r["fits"] and (c["zero_stage"], c["offload_optimizer"], c["activation_checkpointing"]) == (0, False, False)
     assert c["micro_batch_size"] * c["accumulation"] == 4096
-    # 76 GiB usable / (~0.1 GiB per image x 1.1) fits ~700 images: the largest divisor of 4096 is 512.
+    # 79 GiB usable / (~0.1 GiB per image x 1.1) fits ~700 images: the largest divisor of 4096 is 512.
     assert 256 <= c["micro_batch_size"] <= 1024
     epoch_s = r["epoch_hours"] * 3600
     assert epoch_s == pytest.approx(IMAGENET_TRAIN * 6 * r["macs_per_image"] / (989e12 * 0.4), rel=1e-6)
@@ -156,3 +161,18 @@ def test_trainer_logs_mfu_of_model_flops_and_hfu_with_recompute():
     assert out["perf/mfu"] == pytest.approx(out["perf/tflops_per_device"] / 10.0)
     line = console_line(2, 10, 0.1, {"loss": 1.0, "lr": 1e-3, **out})
     assert "MFU " in line and "HFU " in line
+
+
+def test_rank_peak_names_every_term_and_counts_them_per_phase():
+    """CoAtNet-2 at the memory benchmark's setting (2 CPU ranks, ZeRO-1, bf16, 64 px, micro-batch 2)."""
+    from launch.plan import rank_peak
+
+    r = rank_peak("coatnet-2", 64, 2, 2, 1, device="cpu", num_classes=4)
+    t = r["terms"]
+    p = t["parameters"]
+    assert (t["weights"], t["gradients"], t["master"], t["moments"], t["ema"]) == (2 * p, 4 * p, 2 * p, 4 * p, 2 * p)
+    assert t["buckets"] == 4 * p and t["cuda_context"] == 0  # the whole fp32 gradient, flattened once
+    assert r["phase"] == "step" and r["peak"] == r["phases"]["step"] > r["phases"]["eval"] > r["phases"]["build"]
+    gpu = rank_peak("coatnet-2", 64, 2, 2, 2, device="cuda", num_classes=4)
+    # on a GPU the two bf16 reduce buckets are allocated whole (2 x 5e8 x 2 bytes) and the context is counted
+    assert gpu["terms"]["buckets"] == 2 * 500_000_000 * 2 and gpu["terms"]["cuda_context"] > 0

@@ -1,0 +1,314 @@
+"""Per-rank peak memory of each phase of a run, against coatnet-nano's same phase, next to the fp32 model size.
+
+    .venv/bin/python benchmarks/memory_scale.py                                   # coatnet-2, coatnet-3 (~15 min on 2 cores)
+    .venv/bin/python benchmarks/memory_scale.py --models coatnet-nano,coatnet-tiny --json   # the smoke test's setting
+
+For each model it launches 2 real CPU ranks (torchrun, bf16, ZeRO-1 by default) three times, on tiny generated
+shards, and each rank measures these phases with the pipeline's own building blocks, in the order
+pipeline.trainer.run uses them:
+  build     build_model + build_engine + build_ema (a fresh run: the model, DeepSpeed's optimizer, the EMA);
+  step      one optimizer step (pipeline.trainer.train_step, then the EMA update);
+  eval      the in-run evaluation with EMA weights (pipeline.periodic_eval.Evaluator);
+  save      Checkpointer.save;
+  resume    a new launch: build, then Checkpointer.restore of that checkpoint (the phase is the restore);
+  finetune  a new launch with `pretrained=` the first run (EMA weights): build_model from them + engine + EMA.
+A phase's peak is VmHWM (resident set high-water mark, Linux) after resetting it at the phase start
+(`echo 5 > /proc/self/clear_refs`), so it includes what is alive from earlier phases, as in a real run; on a
+GPU also torch.cuda.max_memory_allocated. Everything a model-independent process holds (Python, torch,
+DeepSpeed, the data loader) is removed by subtracting coatnet-nano's peak of the same phase: the rest is
+what the model's size costs. The target (issue 9): that rest <= 1.5 x fp32 model + the rank's optimizer shard
+(fp32 master + Adam moments: 12 bytes x params / ranks; under bf16 that is what ZeRO partitions).
+
+The planner (launch.plan.rank_peak) is evaluated at the same setting and printed beside the measurement.
+Not run in CI except the smoke setting (tests/test_memory_scale.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MIB = 2 ** 20
+PHASES = ("build", "step", "eval", "save", "resume", "finetune")
+STAGES = {"pretrain": ("build", "step", "eval", "save"), "resume": ("resume",), "finetune": ("finetune",)}
+BASELINE = "coatnet-nano"
+
+
+# ---------------------------------------------------------------- measuring (inside a rank)
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class Phases:
+    """Peak host (and device) memory of named phases of this rank, written as JSON when done."""
+
+    def __init__(self, info, out: Path):
+        self.info, self.out, self.rows = info, out, []
+
+    def measure(self, name: str):
+        import contextlib
+
+        import torch
+        import torch.distributed as dist
+
+        @contextlib.contextmanager
+        def phase():
+            if dist.is_initialized():
+                dist.barrier()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            cuda = self.info.device.type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start, t0 = _status_mib("VmRSS"), time.time()
+            yield
+            row = {"phase": name, "rank": self.info.rank, "start_mib": start, "peak_mib": _status_mib("VmHWM"),
+                   "seconds": time.time() - t0}
+            if cuda:
+                row["device_peak_mib"] = torch.cuda.max_memory_allocated() / MIB
+            self.rows.append(row)
+            if dist.is_initialized():
+                dist.barrier()
+        return phase()
+
+    def write(self) -> None:
+        self.out.write_text(json.dumps(self.rows))
+
+
+def _config(args):
+    from pipeline.config import load_config
+
+    run_dir = Path(args.work) / args.model / ("finetune" if args.stage == "finetune" else "pretrain")
+    micro = args.micro_batch
+    overrides = {
+        "run_dir": run_dir, "model.name": args.model, "model.num_classes": None, "data.train": args.shards,
+        "data.val": args.shards, "data.image_size": args.image_size, "data.num_workers": 1,
+        "data.shuffle_buffer": 16, "train.micro_batch_size": micro, "train.global_batch_size": micro * args.ranks,
+        "train.steps": 10, "train.eval_every": 0, "train.ema_decay": 0.9999, "deepspeed.zero_stage": args.zero,
+        "precision": "bf16", "checkpoint.every_steps": 0, "seed": 0,
+    }
+    if args.stage == "finetune":
+        overrides["pretrained"] = Path(args.work) / args.model / "pretrain"
+    mode = "finetune" if args.stage == "finetune" else "pretrain"
+    return load_config(REPO / "configs/demo/pretrain.yaml", [f"{k}={'null' if v is None else v}"
+                                                            for k, v in overrides.items()], defaults=mode), mode
+
+
+def worker(args) -> None:
+    """One rank of one stage (pretrain | resume | finetune): the trainer's building blocks, phase by phase."""
+    import torch
+
+    from pipeline import distributed as D
+    from pipeline.build import build_engine, build_model
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.ema import build_ema
+    from pipeline.step_guard import StepGuard
+    from pipeline.train_state import TrainState
+    from pipeline import trainer as T
+
+    cfg, mode = _config(args)
+    plan = T.plan_run(cfg)
+    info = D.setup(deterministic=False)
+    T.resolve_run_precision(cfg, info)
+    T.write_run_files(cfg, plan, info)
+    phases = Phases(info, Path(args.work) / f"{args.model}-{args.stage}-rank{info.rank}.json")
+    checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep, info,
+                                cfg.deepspeed.zero_stage)
+    resume = checkpointer.find_resume() if args.stage == "resume" else None
+    checkpointer.run_config = T.resolved_config(cfg, plan, resume, info)
+
+    def build():
+        model = build_model(cfg, plan, info, from_pretrained=resume is None)
+        engine = build_engine(cfg, plan, info, model, universal=False)
+        guard = StepGuard(cfg.train.max_bad_steps, cfg.train.spike_factor, rank=info.rank)
+        state = TrainState(cfg.seed, info, plan.global_batch, plan.steps_per_epoch, ema=build_ema(cfg, engine),
+                           run_meta={"model_config": engine.module.config.to_dict(), "classes": plan.classes,
+                                     "world_size": info.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+                                     "mode": mode}, guard=guard)
+        return engine, state, guard
+
+    if args.stage == "pretrain":
+        with phases.measure("build"):
+            engine, state, guard = build()
+    elif args.stage == "finetune":
+        with phases.measure("finetune"):
+            engine, state, guard = build()
+    else:
+        engine, state, guard = build()
+        with phases.measure("resume"):
+            checkpointer.restore(engine, state, resume)
+    if args.stage == "pretrain":
+        from pipeline.data import build_train_loader
+        from pipeline.loss import build_loss
+        from pipeline.metrics import MetricsLogger
+        from pipeline.periodic_eval import Evaluator
+
+        loader = build_train_loader(cfg, plan.shards, info.rank, info.world_size, plan.num_classes,
+                                    state=state.data_state, device=info.device)
+        state.attach_loader(loader)
+        criterion = build_loss(cfg)
+        engine.train()
+        with phases.measure("step"):
+            T.train_step(engine, loader, criterion, plan.accumulation, torch.bfloat16, guard, state.step + 1)
+            state.advance(applied=guard.applied)
+        logger = MetricsLogger(cfg.run_dir, info.is_main, resume_step=state.step)
+        evaluator = Evaluator(cfg, info, plan.num_classes, logger)
+        with phases.measure("eval"):
+            evaluator(engine, state)
+        engine.train()
+        with phases.measure("save"):
+            checkpointer.save(engine, state)
+        logger.close()
+        loader.close()
+    phases.write()
+
+
+# ---------------------------------------------------------------- driving (the parent process)
+
+def _run(cmd: list[str], timeout: float) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+
+
+def make_shards(root: Path, image_px: int) -> Path:
+    """Tiny shape-colour shards (train and val), as tests/conftest.py's demo_shards builds them."""
+    out = root / "shards"
+    if (out / "_info.json").exists():
+        return out
+    for split, per_class, seed in (("train", 8, 0), ("val", 4, 1)):
+        images = root / f"images-{split}"
+        _run([sys.executable, "-m", "data_prep", "demo-data", str(images), "--classes", "4", "--per-class",
+              str(per_class), "--size", str(image_px), "--seed", str(seed), "--label-set", "shape-color"], 300)
+        _run([sys.executable, "-m", "data_prep", "shard", str(images), str(out), "--split", split,
+              "--shard-size", "8", "--seed", "0", "--workers", "1"], 300)
+    return out
+
+
+def measure_model(args, model: str, shards: Path) -> list[dict]:
+    from pipeline.distributed import free_port
+
+    rows = []
+    for stage in args.stages.split(","):
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", stage,
+               "--model", model, "--work", str(args.work), "--shards", str(shards), "--image-size",
+               str(args.image_size), "--micro-batch", str(args.micro_batch), "--zero", str(args.zero),
+               "--ranks", str(args.ranks)]
+        t0 = time.time()
+        done = [Path(args.work) / f"{model}-{stage}-rank{rank}.json" for rank in range(args.ranks)]
+        if not (args.reuse and all(f.exists() for f in done)):
+            _run(cmd, args.timeout)
+        for rank in range(args.ranks):
+            for row in json.loads((Path(args.work) / f"{model}-{stage}-rank{rank}.json").read_text()):
+                rows.append({"model": model, **row})
+        print(f"  {model} {stage}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return rows
+
+
+def model_sizes(model: str, image_size: int, num_classes: int = 4) -> int:
+    from model import count_params
+    return count_params(model, image_size, num_classes=num_classes)
+
+
+def summarise(rows: list[dict], args) -> list[dict]:
+    """Per model, phase and rank: peak, minus the baseline's, fp32 size, optimizer shard, ratio to the target,
+    and the planner's figure for the same setting."""
+    from launch.plan import rank_peak
+
+    base = {(r["phase"], r["rank"]): r["peak_mib"] for r in rows if r["model"] == BASELINE}
+    planned: dict = {}
+    out = []
+    for r in rows:
+        params = model_sizes(r["model"], args.image_size)
+        fp32 = 4 * params / MIB
+        shard = 12 * params / args.ranks / MIB
+        above = r["peak_mib"] - base[(r["phase"], r["rank"])] if (r["phase"], r["rank"]) in base else None
+        if r["model"] not in planned:
+            planned[r["model"]] = rank_peak(r["model"], args.image_size, args.micro_batch, args.ranks, args.zero,
+                                            device="cpu", num_classes=4, ema=True)
+            planned[BASELINE] = planned.get(BASELINE) or rank_peak(
+                BASELINE, args.image_size, args.micro_batch, args.ranks, args.zero, device="cpu", num_classes=4,
+                ema=True)
+        plan_above = (planned[r["model"]]["phases"][r["phase"]] - planned[BASELINE]["phases"][r["phase"]]) / MIB
+        target = 1.5 * fp32 + shard
+        out.append({**r, "params": params, "fp32_mib": fp32, "optimizer_shard_mib": shard, "above_baseline_mib": above,
+                    "target_mib": target, "ratio_to_target": None if above is None else above / target,
+                    "planned_above_mib": plan_above,
+                    "planned_vs_measured": None if not above else plan_above / above})
+    return out
+
+
+def print_table(summary: list[dict]) -> None:
+    header = (f"{'model':<14}{'phase':<10}{'rank':>4}{'peak':>9}{'-nano':>9}{'fp32':>8}{'opt.shard':>10}"
+              f"{'target':>9}{'ratio':>7}{'planner':>9}{'plan/meas':>10}")
+    print(header)
+    print("-" * len(header))
+    for s in summary:
+        above = "-" if s["above_baseline_mib"] is None else f"{s['above_baseline_mib']:.0f}"
+        ratio = "-" if s["ratio_to_target"] is None else f"{s['ratio_to_target']:.2f}"
+        pvm = "-" if s["planned_vs_measured"] is None else f"{s['planned_vs_measured']:.2f}"
+        print(f"{s['model']:<14}{s['phase']:<10}{s['rank']:>4}{s['peak_mib']:>9.0f}{above:>9}{s['fp32_mib']:>8.0f}"
+              f"{s['optimizer_shard_mib']:>10.0f}{s['target_mib']:>9.0f}{ratio:>7}{s['planned_above_mib']:>9.0f}"
+              f"{pvm:>10}")
+    print("(MiB per rank; -nano: above coatnet-nano's same phase and rank; target: 1.5 x fp32 + optimizer shard; "
+          "ratio <= 1 meets it; planner: launch.plan.rank_peak above its own nano figure)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="coatnet-2,coatnet-3", help="comma-separated; coatnet-nano is always run")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--zero", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
+    p.add_argument("--stages", default=",".join(STAGES), help="launches to run (default all: pretrain,resume,finetune)")
+    p.add_argument("--reuse", action="store_true", help="keep the measurements already in --work (re-summarise)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    # internal: one rank of one stage
+    p.add_argument("--worker", choices=tuple(STAGES), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--shards", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.stage = args.worker
+        worker(args)
+        return 0
+    models = [BASELINE] + [m for m in args.models.split(",") if m and m != BASELINE]
+    with tempfile.TemporaryDirectory(prefix="memory-scale-") as tmp:
+        args.work = args.work or tmp
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        shards = make_shards(Path(args.work), max(40, args.image_size))
+        rows = []
+        for model in models:
+            rows += measure_model(args, model, shards)
+        summary = summarise(rows, args)
+    if args.json:
+        print(json.dumps({"setting": {"ranks": args.ranks, "zero_stage": args.zero, "image_size": args.image_size,
+                                      "micro_batch": args.micro_batch, "precision": "bf16"}, "rows": summary}))
+    else:
+        print_table(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
