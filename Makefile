@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ bench: setup
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/shard_speed.py
 	$(PY) benchmarks/loader_speed.py
+
+# Every GPU figure of issue 10 in one budgeted run (needs CUDA and timm; see the script's docstring for the
+# lent-device command); `$(PY) benchmarks/gpu_check.py --tiny` is the CPU smoke run CI does.
+gpu-check: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/gpu_check.py
 
 lint: setup
 	$(VENV)/bin/shellcheck launch/*.sh launch/slurm/*.sbatch .ci/run

@@ -72,10 +72,10 @@ def profile_step(name, model, optimizer, images, labels, dtype, device, rows: in
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48))
 
 
-def attention_shapes(batch: int, heads: int, dtype, device, repeats: int = 3) -> None:
-    """Per kernel and N: best-of-`repeats` forward + backward time and bytes saved for backward."""
+def attention_kernels(device) -> dict:
+    """name -> kernel(q, k, v, rel_pos): each of our implementations, plus PyTorch's SDPA fed a bias that needs a
+    gradient (the pre-issue-10 path). flex only on CUDA (PyTorch has no flex backward on CPU)."""
     from model import attention
-    from model.blocks import RelativePositionBias
 
     def torch_sdpa(q, k, v, rel_pos):  # the old path: on CPU PyTorch's math fallback, the bias needs a gradient
         return F.scaled_dot_product_attention(q, k, v, attn_mask=rel_pos().to(q.dtype).unsqueeze(0))
@@ -84,32 +84,64 @@ def attention_shapes(batch: int, heads: int, dtype, device, repeats: int = 3) ->
     for impl in ["sdpa", "math"] + (["flex"] if device.type == "cuda" else []):
         kernels[impl] = lambda q, k, v, r, impl=impl: (attention.set_attention_impl(impl),
                                                      attention.relative_attention(q, k, v, r))[1]
+    return kernels
+
+
+def time_attention(kernel, batch: int, heads: int, side: int, dtype, device, repeats: int = 3,
+                   head_dim: int = 32) -> tuple[float, int]:
+    """(best-of-`repeats` seconds of forward + backward, bytes autograd keeps for backward) of relative attention
+    over a side x side feature map (gradients to q, k, v and the table)."""
+    from model.blocks import RelativePositionBias
+
+    rel_pos = RelativePositionBias(heads, (side, side)).to(device)
+    qkv = [torch.randn(batch, heads, side * side, head_dim, device=device, dtype=dtype, requires_grad=True)
+           for _ in range(3)]
+    saved, times = {}, []
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for _ in range(repeats):
+        saved.clear()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = kernel(*qkv, rel_pos)
+        out.float().square().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times), sum(saved.values())
+
+
+def attention_shapes(batch: int, heads: int, dtype, device, repeats: int = 3) -> None:
+    """Per kernel and N: best-of-`repeats` forward + backward time and bytes saved for backward."""
+    from model import attention
+
+    kernels = attention_kernels(device)
     for side in (14, 24, 32):
-        rel_pos = RelativePositionBias(heads, (side, side)).to(device)
         for name, kernel in kernels.items():
-            qkv = [torch.randn(batch, heads, side * side, 32, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3)]
-            saved, times = {}, []
-
-            def pack(t):
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
-            for _ in range(repeats):
-                saved.clear()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    out = kernel(*qkv, rel_pos)
-                out.float().square().sum().backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+            seconds, saved = time_attention(kernel, batch, heads, side, dtype, device, repeats)
             print(f"N={side * side:5d} heads={heads} batch={batch} {str(dtype)[6:]:8s} {name:16s} "
-                  f"fwd+bwd {min(times) * 1e3:9.1f} ms  saved for backward {sum(saved.values()) / 2**20:8.1f} MiB",
-                  flush=True)
+                  f"fwd+bwd {seconds * 1e3:9.1f} ms  saved for backward {saved / 2**20:8.1f} MiB", flush=True)
     attention.set_attention_impl("auto")
+
+
+def side_by_side(models: dict, images, labels, steps: int, rounds: int, dtype, device) -> dict:
+    """name -> median images/s of training steps, the models alternating round by round (after one warm-up
+    step each) so that other load and clock drift hit all alike. Each model gets torch's AdamW (fused on CUDA)."""
+    runs = {}
+    for name, model in models.items():
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, fused=device.type == "cuda" or None)
+        train_steps(model, optimizer, images, labels, 1, dtype, device)  # warm-up: allocator, kernels
+        runs[name] = (model, optimizer, [])
+    for _ in range(rounds):
+        for model, optimizer, seconds in runs.values():
+            seconds.append(train_steps(model, optimizer, images, labels, steps, dtype, device))
+    return {name: images.shape[0] * steps / statistics.median(seconds) for name, (_, _, seconds) in runs.items()}
 
 
 def main() -> None:

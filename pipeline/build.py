@@ -56,8 +56,6 @@ def build_model(cfg: Config, plan, info: D.DistInfo, from_pretrained: bool) -> t
             log.info("initialised from %s: head %s, %d head rows copied, %d tables resized", cfg.pretrained,
                      report.get("head"), report.get("head_rows_copied", 0), len(report.get("resized_tables", {})))
     seed_rank_streams(cfg.seed, info.rank)  # stochastic depth differs per rank
-    if cfg.model.compile:
-        model.compile()  # in place: state-dict keys (and so checkpoints) stay those of the plain model
     return model
 
 

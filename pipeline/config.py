@@ -58,7 +58,11 @@ class ModelConfig:
     stride_on: str = _f("pointwise", "MBConv downsampling stride on the first 1x1 conv (paper) or the depthwise conv",
                         ("pointwise", "depthwise"))
     activation_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
-    compile: bool = _f(False, "torch.compile the model")
+    compile: bool = _f(False, "torch.compile the model through DeepSpeed (engine.compile, after deepspeed.initialize; "
+                              "checkpoint keys stay the plain model's)")
+    compile_backend: str = _f("inductor", "torch.compile backend when model.compile is true: inductor (GPU speed), "
+                                          "aot_eager or eager (debug a capture problem; no code generation)",
+                              ("inductor", "aot_eager", "eager"))
 
 
 @dataclass
@@ -111,6 +115,9 @@ class TrainConfig:
                                        "non-zero so the launcher ends the job; also the collective timeout (+60 s)")
     sigterm_grace_s: float = _f(25.0, "on SIGTERM: save if the last save took less than this (SLURM KillWait 30 s), "
                                       "else stop at once; every rank exits within it")
+    stop_check_s: float = _f(5.0, "the ranks agree whether to stop (SIGTERM, run_dir/.save_now) about this often: every "
+                                  "K steps, K re-measured from the step time (and at every log step); keep it well "
+                                  "under sigterm_grace_s, since a SIGTERM can wait this long to be noticed")
 
 
 @dataclass
@@ -142,6 +149,10 @@ class DeepSpeedConfig:
                                ("fp32", "bf16", "fp16"))
     communication_dtype: str = _f("fp32", "dtype of the gradient reduce-scatter/all-reduce (DeepSpeed "
                                   "communication_data_type)", ("fp32", "bf16", "fp16"))
+    optimizer: str = _f("torch", "AdamW implementation: torch (torch.optim.AdamW, its fused CUDA kernel on GPUs; nothing "
+                                 "to build) or deepspeed (DeepSpeed's FusedAdam: a CUDA extension JIT-built on first use "
+                                 "unless DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1). offload_optimizer always "
+                                 "uses DeepSpeedCPUAdam (JIT-built C++ unless DS_BUILD_CPU_ADAM=1)", ("torch", "deepspeed"))
     extra: dict = _f({}, "merged last into the generated DeepSpeed config (expert knobs)")
 
 
@@ -302,7 +313,8 @@ _RANGES += [("data.randaugment_magnitude", lambda v: 0 <= v <= 30, "in 0..30")]
 _RANGES += [("train.spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1")]
 _RANGES += [(key, lambda v: 0 < v <= 1, "in (0, 1]") for key in ("data.min_crop_scale", "data.crop_ratio")]
 _RANGES += [("model.num_classes", lambda v: v is None or v >= 1, ">= 1 or null")]
-_RANGES += [("train.hang_timeout_s", lambda v: v > 0, "> 0"), ("train.sigterm_grace_s", lambda v: v >= 0, ">= 0")]
+_RANGES += [("train.hang_timeout_s", lambda v: v > 0, "> 0"), ("train.sigterm_grace_s", lambda v: v >= 0, ">= 0"),
+            ("train.stop_check_s", lambda v: v > 0, "> 0")]
 
 
 def _get(cfg: Config, dotted: str):

@@ -10,6 +10,7 @@ import logging
 import os
 import resource
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -79,23 +80,51 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Images/s, TFLOP/s, MFU, HFU and ETA over the last logging window (FLOPs as pipeline.flops counts them)."""
+    """Images/s, TFLOP/s, MFU, HFU and ETA over the last logging window (FLOPs as pipeline.flops counts them).
+
+    The window counts training steps only: time spent inside `paused()` (evaluation, checkpoint saves, the
+    guard's readout and rollbacks) is left out of images/s and MFU, so MFU measures the training step and
+    does not fall every time a save or an evaluation lands in the window. The ETA counts all of it (that is
+    what the remaining run will take). On a GPU, entering and leaving a pause waits for the device, so
+    queued training work is timed as training and an evaluation's queued work not; the trainer pauses only
+    at its sync points, where the host waits anyway.
+    """
 
     def __init__(self, global_batch: int, macs_per_image: Optional[int], device: torch.device,
-                 recompute: bool = False):
-        self.global_batch = global_batch
+                 recompute: bool = False, clock=time.perf_counter):
+        self.global_batch, self.device, self.clock = global_batch, device, clock
         self.flops = train_flops_per_image(macs_per_image, recompute) if macs_per_image else None
         self.peak = device_peak_tflops(device)
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock()
         self.start = self.t0
         self.steps = 0
+        self.excluded = 0.0  # seconds paused since t0
+
+    @contextmanager
+    def paused(self):
+        """Leave the time of the block out of the training window."""
+        self._sync()
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.excluded += self.clock() - began
+
+    def restart(self, steps_done: int) -> None:
+        """A new window from now at `steps_done` (after a rollback moved the step back)."""
+        self.t0, self.steps, self.excluded = self.clock(), steps_done, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def window(self, steps_done: int, total_steps: int, start_step: int) -> dict:
-        now = time.perf_counter()
-        dt = max(1e-9, now - self.t0)
+        now = self.clock()
+        dt = max(1e-9, now - self.t0 - self.excluded)
         n = steps_done - self.steps
-        self.t0, self.steps = now, steps_done
+        self.t0, self.steps, self.excluded = now, steps_done, 0.0
         ips = n * self.global_batch / dt
         out = {"perf/images_per_s": ips, "perf/step_time_s": dt / max(1, n)}
         if self.flops:

@@ -1,8 +1,13 @@
 """AdamW, the LR schedule and the DeepSpeed config generated from the pipeline config.
 
-The optimizer is DeepSpeed's own (config "optimizer": AdamW): FusedAdam on GPUs, DeepSpeedCPUAdam when
-ZeRO-Offload puts the optimizer on the CPU, torch.optim.AdamW on the CPU accelerator. Parameter groups come
-from model.param_groups (no weight decay on biases, norms and relative-position tables).
+The optimizer is built by DeepSpeed from its config ("optimizer": AdamW), so ZeRO 1/2/3 partition it as
+usual. By default (deepspeed.optimizer=torch) it is torch.optim.AdamW, with torch's fused CUDA kernel on
+GPUs: nothing is compiled on compute nodes. deepspeed.optimizer=deepspeed selects DeepSpeed's FusedAdam, a
+CUDA extension DeepSpeed JIT-builds on first use (nvcc + ninja on the node, minutes, per cold cache) unless
+it was pre-built at install (DS_BUILD_FUSED_ADAM=1). ZeRO-Offload (deepspeed.offload_optimizer) always runs
+DeepSpeedCPUAdam, also a JIT build (DS_BUILD_CPU_ADAM=1 pre-builds it): torch's AdamW on CPU-resident
+fp32 states is several times slower. Parameter groups come from model.param_groups (no weight decay on
+biases, norms and relative-position tables).
 
 LR schedule: warm-up, then cosine / linear decay to min_lr, or constant (the paper's Table 10). It is a
 torch LambdaLR handed to deepspeed.initialize (DeepSpeed steps it with the optimizer and checkpoints it)
@@ -116,6 +121,27 @@ def _deep_update(base: dict, extra: dict) -> dict:
     return base
 
 
+def optimizer_choice(ds, on_cpu: bool) -> dict:
+    """The DeepSpeed "optimizer.params" entries that pick the AdamW implementation (see the module doc).
+
+    DeepSpeed 0.19.8 builds, for "type": "AdamW": with "torch_adam": true, torch.optim.AdamW (it passes every
+    other param through, so "fused": true reaches torch); with ZeRO-Offload, DeepSpeedCPUAdam; otherwise its
+    FusedAdam. FusedAdam and DeepSpeedCPUAdam are extensions DeepSpeed compiles with ninja on first use
+    (minutes, on every compute node whose cache is cold, needing nvcc there) unless it was installed with
+    DS_BUILD_FUSED_ADAM=1 / DS_BUILD_CPU_ADAM=1; torch's fused AdamW is a precompiled kernel in every torch
+    wheel, one launch per parameter group per step like FusedAdam's multi-tensor apply.
+    """
+    if ds.offload_optimizer:
+        return {}  # DeepSpeedCPUAdam: nothing else runs an optimizer step fast on CPU-resident fp32 states
+    if ds.optimizer == "deepspeed":
+        if on_cpu:
+            raise UserError("deepspeed.optimizer=deepspeed needs a GPU (DeepSpeed's FusedAdam is a CUDA kernel); "
+                            "use deepspeed.optimizer=torch")
+        return {}
+    # fused on GPUs; on CPU torch's default (foreach), which the CPU tests' expected numbers were taken with
+    return {"torch_adam": True, **({} if on_cpu else {"fused": True})}
+
+
 def precision_config(cfg) -> dict:
     """DeepSpeed's gradient accumulation and reduction dtypes (`data_types.grad_accum_dtype`,
     `communication_data_type`) from `deepspeed.grad_accum_dtype` / `deepspeed.communication_dtype`.
@@ -161,8 +187,7 @@ def deepspeed_config(cfg, world_size: int, on_cpu: bool, load_universal: bool = 
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False)
     params = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
               "weight_decay": cfg.optim.weight_decay}
-    if on_cpu and not ds.offload_optimizer:
-        params["torch_adam"] = True  # FusedAdam is a CUDA kernel
+    params.update(optimizer_choice(ds, on_cpu))
     config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -34,7 +34,7 @@ from pipeline.build import build_engine, build_model
 from pipeline.ema import build_ema
 from pipeline.periodic_eval import Evaluator
 from pipeline.step_guard import StepGuard
-from pipeline.watchdog import EXIT_TERMINATED, Watchdog, collective_timeout_s, start as start_watchdog
+from pipeline.watchdog import EXIT_TERMINATED, StopPoll, collective_timeout_s, start as start_watchdog
 from pipeline.train_state import TrainState, check_config_change
 
 log = logging.getLogger("pipeline.train")
@@ -132,9 +132,13 @@ def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
 
 def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype, guard: StepGuard,
                step: int) -> tuple[float, torch.Tensor]:
-    """Optimizer step `step` (1-based) over `accumulation` micro-batches: (the LR it applied, its mean loss on
-    this rank). A bad step (pipeline.step_guard) is not applied: the guard's verdict, taken before the last
-    backward, makes its gradients NaN and DeepSpeed's overflow check skips the update."""
+    """Optimizer step `step` (1-based) over `accumulation` micro-batches: (the LR it applied, its loss averaged
+    over ranks, a device scalar). A bad step (pipeline.step_guard) is not applied: the guard's verdict, taken
+    before the last backward, makes its gradients NaN and DeepSpeed's overflow check skips the update.
+
+    Nothing here waits for the device (issue 10): the loss stays on it until a log step reads it, the guard's
+    verdict too (`guard.readout` at the trainer's sync points). Only the plain torch optimizer (fp32 ZeRO-0,
+    which has no overflow check) needs the verdict on the host at once."""
     lr_used = float(engine.optimizer.param_groups[0]["lr"])  # DeepSpeed steps the schedule after this step
     guard.snapshot_buffers(engine.module)
     losses = []
@@ -146,18 +150,21 @@ def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype,
         if micro == accumulation - 1:
             loss, mean, bad = guard.verdict(loss, losses)
         engine.backward(loss)
-        if micro == accumulation - 1 and not hasattr(engine.optimizer, "overflow") and bool(bad):
+        plain = not hasattr(engine.optimizer, "overflow")
+        if micro == accumulation - 1 and plain and bool(bad):  # a host sync, for this optimizer only
             engine.zero_grad()  # a plain torch optimizer (fp32, ZeRO-0) skips parameters without gradients
         engine.step()
-    applied = engine.was_step_applied()
+    applied = engine.was_step_applied()  # DeepSpeed's host-side overflow flag: a bad step's NaN gradients
+    if plain and applied:
+        applied = not bool(bad)  # read above already; no further sync
     if not applied and engine.lr_scheduler is not None:
         # fp16 overflow or a bad step: DeepSpeed skipped the update and the schedule step, but this step counts,
         # so the schedule advances too and the LR stays Schedule.lr_at(step) (resume recomputes it that way).
         engine.lr_scheduler.step()
-    guard.record(step, float(mean), bool(bad), applied)
-    if not guard.applied:
+    guard.note(step, mean, bad, applied)
+    if not applied:
         guard.restore_buffers()  # BatchNorm statistics as before the step
-    return lr_used, torch.stack(losses).mean().double().cpu()
+    return lr_used, mean
 
 
 def skip_step(engine, loader, accumulation: int, samples: int, guard: StepGuard,
@@ -206,16 +213,16 @@ class StepLog:
         return step % self.cfg.train.log_every == 0 or step == self.plan.total_steps
 
     def __call__(self, engine, state: TrainState, lr: float, loss: torch.Tensor) -> None:
+        """`loss`: the step's loss already averaged over ranks (the guard's all-reduce), read here."""
         from pipeline.metrics import console_line, memory_gb
 
-        corrupt = torch.tensor(float(state.loader.corrupt_count), dtype=torch.float64)
-        reduced = D.all_reduce_sum(torch.stack([loss, corrupt]))
+        corrupt = D.all_reduce_sum(torch.tensor([float(state.loader.corrupt_count)], dtype=torch.float64))
         grad_norm = engine.get_global_grad_norm()
         scale = getattr(engine.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
-        scalars = {"loss": float(reduced[0]) / self.info.world_size, "lr": lr,
+        scalars = {"loss": float(loss), "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "loss_scale": float(scale) if scale is not None else None,
-                   "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(reduced[1]),
+                   "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(corrupt[0]),
                    "bad_steps": state.guard.bad_total if state.guard is not None else 0}
         scalars.update(self.throughput.window(state.step, self.plan.total_steps, self.start_step))
         scalars.update(memory_gb(self.info.device))
@@ -223,17 +230,24 @@ class StepLog:
                         console=console_line(state.step, self.plan.total_steps, state.epoch, scalars))
 
 
-def stop_requested(cfg: Config, info: D.DistInfo, watchdog: Watchdog, checkpointer: Checkpointer) -> Optional[str]:
-    """None, "request" (run_dir/.save_now: rank 0 looks), "sigterm-save" or "sigterm-exit": alike on every rank
-    from the step's one small all-reduce. After a SIGTERM on any rank, save only if every signalled rank has
-    more grace left than the last save took (no save yet in this run: no estimate, exit at once)."""
-    requested = info.is_main and os.path.exists(os.path.join(cfg.run_dir, SAVE_REQUEST))
-    took = checkpointer.last_save_s
-    no_time = watchdog.signalled and (took is None or took >= watchdog.grace_left())
-    flags = D.all_reduce_sum(torch.tensor([requested, watchdog.signalled, no_time], dtype=torch.float64))
-    if flags[1] > 0:
-        return "sigterm-exit" if flags[2] > 0 else "sigterm-save"
-    return "request" if flags[0] > 0 else None
+def settle_guard(cfg: Config, plan: RunPlan, info: D.DistInfo, checkpointer: Checkpointer, engine, state: TrainState,
+                 logger) -> bool:
+    """At a sync point: read the guard's queued verdicts; True when that rolled the run back."""
+    while state.guard.readout():
+        if roll_back(cfg, plan, info, checkpointer, engine, state, logger):
+            return True
+    return False
+
+
+def compile_engine(engine, cfg: Config) -> None:
+    """torch.compile through DeepSpeed's own route, after deepspeed.initialize: `engine.compile` compiles the
+    module in place (nn.Module.compile), so the state-dict keys, and so checkpoints, stay the plain model's,
+    and DeepSpeed knows it is compiled (it keeps its hooks out of the graph: nvtx ranges off, its
+    DeepCompile passes where configured). `model.compile_backend`: inductor on GPUs; aot_eager or eager to
+    debug a capture problem (and in the CPU tests: inductor's C++ code generation fails on some CPUs)."""
+    if engine.global_rank == 0:
+        log.info("compiling the model through DeepSpeed (engine.compile, backend %s)", cfg.model.compile_backend)
+    engine.compile(backend=cfg.model.compile_backend)
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -266,7 +280,10 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     # ---- build: model, engine, EMA, training state; restore; then the data from the restored positions
     model = build_model(cfg, plan, info, from_pretrained=resume is None)
     engine = build_engine(cfg, plan, info, model, universal=resume is not None and resume.universal)
-    guard = StepGuard(cfg.train.max_bad_steps, cfg.train.spike_factor, fp16=cfg.precision == "fp16", rank=info.rank)
+    if cfg.model.compile:
+        compile_engine(engine, cfg)
+    guard = StepGuard(cfg.train.max_bad_steps, cfg.train.spike_factor, fp16=cfg.precision == "fp16", rank=info.rank,
+                      device=info.device)
     state = TrainState(cfg.seed, info, plan.global_batch, plan.steps_per_epoch, ema=build_ema(cfg, engine),
                        run_meta={"model_config": engine.module.config.to_dict(), "classes": plan.classes,
                                  "world_size": info.world_size, "zero_stage": cfg.deepspeed.zero_stage, "mode": mode},
@@ -282,29 +299,42 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     evaluate = Evaluator(cfg, info, plan.num_classes, logger) if cfg.data.val else None
     _announce(cfg, plan, info)
 
-    # ---- the loop: step, log, evaluate, maybe save; a save request saves and stops
+    # ---- the loop: step, then at sync points only: read the guard, log, evaluate, save, poll for a stop.
+    # A step that is none of these makes no host sync of ours (tests/test_no_sync.py counts them).
     dtype, total = precision_dtype(cfg.precision), plan.total_steps
+    poll = StopPoll(cfg.train.stop_check_s, os.path.join(cfg.run_dir, SAVE_REQUEST), info.is_main, watchdog)
+    poll.restart(state.step)
+    pause = log_step.throughput.paused  # evaluation, saves and rollbacks are not training time (MFU)
     last_eval: dict = {}
     stopped_on_request = False
     engine.train()
     while state.step < total:
         watchdog.beat(step=state.step)
-        if guard.skip(state.step + 1):  # a rollback skips the batches of the bad steps
-            lr, loss = skip_step(engine, loader, plan.accumulation, plan.global_batch, guard, state.step + 1)
+        step = state.step + 1
+        if guard.skip(step):  # a rollback skips the batches of the bad steps
+            lr, loss = skip_step(engine, loader, plan.accumulation, plan.global_batch, guard, step)
         else:
-            lr, loss = train_step(engine, loader, criterion, plan.accumulation, dtype, guard, state.step + 1)
+            lr, loss = train_step(engine, loader, criterion, plan.accumulation, dtype, guard, step)
         state.advance(applied=guard.applied)
-        if guard.rollback_reason and roll_back(cfg, plan, info, checkpointer, engine, state, logger):
-            loader = state.loader
-            continue
-        if log_step.due(state.step):
+        save_due = _due(step, cfg.checkpoint.every_steps, total)
+        polls = step < total and (log_step.due(step) or poll.due(step))
+        if log_step.due(step) or save_due or polls or step == total:
+            with pause():
+                rolled_back = settle_guard(cfg, plan, info, checkpointer, engine, state, logger)
+            if rolled_back:
+                loader = state.loader
+                poll.restart(state.step)
+                log_step.throughput.restart(state.step)
+                continue
+        if log_step.due(step):
             log_step(engine, state, lr, loss)
-        if evaluate is not None and _due(state.step, cfg.train.eval_every, total):
-            with watchdog.phase("evaluation"):
+        if evaluate is not None and _due(step, cfg.train.eval_every, total):
+            with watchdog.phase("evaluation"), pause():
                 last_eval = evaluate(engine, state)
-        if _due(state.step, cfg.checkpoint.every_steps, total):
-            checkpointer.save(engine, state)
-        stop = stop_requested(cfg, info, watchdog, checkpointer) if state.step < total else None
+        if save_due:
+            with pause():
+                checkpointer.save(engine, state)
+        stop = poll(step, checkpointer.last_save_s) if polls else None
         if stop is not None:
             stopped_on_request = True
             _stop(stop, cfg, info, checkpointer, engine, state)  # after SIGTERM the process exits 143 here

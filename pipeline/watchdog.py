@@ -193,3 +193,50 @@ def launched_by_launcher() -> bool:
     """Whether a launcher (torchrun, deepspeed, srun) started this rank: only then is a new parent an orphan
     (a bare `python -m pipeline.pretrain` under nohup must outlive its shell)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class StopPoll:
+    """When the ranks agree whether to stop (a SIGTERM on any rank, a save request): every K steps, not every
+    step, since agreeing is a collective whose result the host must read (a device->host sync that stalls
+    the GPU's queue of launched work).
+
+    K follows the step time so that a poll comes about every `every_s` seconds (train.stop_check_s): what a
+    SIGTERM can lose of its grace (SLURM's KillWait is typically 30 s, torchrun's and Kubernetes' 30 s or
+    more) before the ranks notice it. It is measured between polls, averaged over ranks inside the poll's
+    own all-reduce, so every rank computes the same next poll step: ranks must agree on WHEN they poll, hence
+    a step number and not a clock. The first two steps poll (the first includes compilation and warm-up);
+    the trainer also polls at every log step, where it synchronises anyway.
+    """
+
+    def __init__(self, every_s: float, request_path: str, is_main: bool, watchdog: "Watchdog"):
+        self.every_s, self.request_path, self.is_main, self.watchdog = every_s, request_path, is_main, watchdog
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        """Poll at the next step and measure afresh (start, rollback)."""
+        self.next_step, self._since, self._t0 = step + 1, step, None
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def __call__(self, step: int, last_save_s: Optional[float]) -> Optional[str]:
+        """None, "request" (the request file exists: rank 0 looks), "sigterm-save" or "sigterm-exit": alike on
+        every rank. After a SIGTERM on any rank, save only if every signalled rank has more grace left than the
+        last save took (no save yet in this run: no estimate, exit at once)."""
+        import torch
+
+        from pipeline import distributed as D
+
+        requested = self.is_main and os.path.exists(self.request_path)
+        wd = self.watchdog
+        no_time = wd.signalled and (last_save_s is None or last_save_s >= wd.grace_left())
+        now = time.monotonic()
+        per_step = (now - self._t0) / max(1, step - self._since) if self._t0 is not None else 0.0
+        flags = D.all_reduce_sum(torch.tensor([requested, wd.signalled, no_time, per_step], dtype=torch.float64))
+        requested_n, signalled_n, no_time_n, per_step_sum = flags.tolist()
+        per_step = per_step_sum / (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+        self.next_step = step + (max(1, int(self.every_s / per_step)) if per_step > 0 else 1)
+        self._since, self._t0 = step, time.monotonic()
+        if signalled_n > 0:
+            return "sigterm-exit" if no_time_n > 0 else "sigterm-save"
+        return "request" if requested_n > 0 else None
