@@ -23,12 +23,13 @@ from PIL import Image
 from core.errors import UserError
 from core.files import atomic_write_text
 
-from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask, paint, prepare_out
+from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask, _looks_like_demo_tree, paint, prepare_out
 
 MANIFEST_NAME = "labels.jsonl"
 CLASSES_NAME = "classes.txt"
 IMAGES_DIR = "images"
 _SET_ID = 2          # after demo_data.LABEL_SETS ("shapes" 0, "shape-color" 1): a seed stream of its own
+_CELLS_SET_ID = 3    # the single-object 'cells' set
 _CELLS = 2           # a 2x2 grid: at most 4 objects, one per cell
 
 
@@ -83,3 +84,24 @@ def generate_multi(cfg: DemoDataConfig) -> tuple[int, dict[str, int]]:
     atomic_write_text(out / CLASSES_NAME, "".join(f"{name}\n" for name in classes))
     atomic_write_text(out / MANIFEST_NAME, "".join(f"{line}\n" for line in lines))  # last: marks it complete
     return len(lines), counts
+
+
+def generate_cells(cfg: DemoDataConfig) -> dict[str, int]:
+    """Single-label images drawn exactly as the multi-label ones, with one object: OUT/<shape>/cells_<i>.jpg.
+
+    Why: a transfer task at the scale pretraining saw (an object fills one cell of the 2x2 grid) isolates what
+    the multi-label pretraining learned; the `shapes` set draws one large object per image, a different task.
+    """
+    if not 1 <= cfg.classes <= len(SHAPES):
+        raise UserError(f"--classes {cfg.classes}: the 'cells' label set has 1..{len(SHAPES)} classes")
+    out = prepare_out(cfg, 16, _looks_like_demo_tree, "demo-data --label-set cells (4 cells of 8 px)")
+    counts = {}
+    for c, shape in enumerate(SHAPES[:cfg.classes]):
+        folder = out / shape
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(cfg.per_class):
+            rng = np.random.default_rng([cfg.seed, _CELLS_SET_ID, c, i])
+            render_multi([shape], cfg.size, rng).save(folder / f"cells_{i:05d}.jpg", format="JPEG",
+                                                      quality=cfg.quality)
+        counts[shape] = cfg.per_class
+    return counts

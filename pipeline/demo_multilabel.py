@@ -4,8 +4,10 @@
 
 Stages, each the same command a user runs (printed before it runs):
  1. demo data: `multi` images (2-3 shapes each, labels = the shapes present) for pretraining and a held-out
-    multi-label split; `shapes` images (one shape each, single-label, one shape class never seen in
-    pretraining) for the transfer task, few per class, with a held-out split;
+    multi-label split; `cells` images (one shape each, drawn as in `multi`, single-label, one shape class
+    never seen in pretraining) for the transfer task, few per class, with a held-out split. The transfer set
+    is drawn at the pretraining scale: with `shapes` (one large shape per image) fine-tuning from the
+    multi-label pretraining beat scratch by only 1.7 points (32.8% vs 31.1%), a different task;
  2. Ray shards: data_prep writes a multi-label split (`.labels` members) and single-label splits;
  3. pretraining: sigmoid BCE on multi-hot targets, 2 CPU ranks under the deepspeed launcher, ZeRO-2, bf16;
  4. mAP on the held-out multi-label images: the pretrained model against the untrained model it started
@@ -38,21 +40,23 @@ def pretrain_overrides(run_dir: Path, shards: Path, steps: int) -> list[str]:
 
 
 def write_untrained(out: Path, run_dir: Path) -> None:
-    """The pretraining run's starting point, as an export: its model config, seeded as the trainer seeds it."""
+    """The pretraining run's starting point, as an export: its model config, initialised as the trainer does."""
+    import torch
     from safetensors.torch import save_file
 
-    from model import create_model
+    from core.units import precision_dtype
+    from model import build_initialised
     from pipeline.config import load_config
-    from pipeline.distributed import seed_everything
     from pipeline.model_args import run_model_kwargs
 
     cfg = load_config(str(run_dir / "config.yaml"))
     classes = json.loads((run_dir / "classes.json").read_text())["classes"]
-    seed_everything(cfg.seed)
     kwargs = run_model_kwargs(cfg, len(classes))
-    net = create_model(**kwargs)
+    # The dtype the run trained in: its initial weights are these draws rounded to it (pipeline.build).
+    net = build_initialised(**kwargs, seed=cfg.seed, device=torch.device("cpu"), dtype=precision_dtype(cfg.precision))
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors"))
+    weights = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in net.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps({"model": dict(kwargs, grad_checkpointing=False),
                                                  "classes": classes, "center_crop": False, "step": 0}))
 
@@ -68,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--finetune-classes", type=int, default=6,
                         help="single-label shape classes of the transfer task (one more than pretraining: a new one)")
-    parser.add_argument("--finetune-per-class", type=int, default=10, help="fine-tuning images per class")
+    parser.add_argument("--finetune-per-class", type=int, default=20, help="fine-tuning images per class")
     parser.add_argument("--finetune-steps", type=int, default=100, help="0: stop after the mAP comparison")
     return parser
 
@@ -120,23 +124,23 @@ def main(argv: list[str] | None = None) -> None:
 def _transfer(args, out: Path, images: Path, shards: Path, pretrain_dir: Path, stages: Stages) -> dict:
     py = sys.executable
     for split, seed, per_class in (("train", 2, args.finetune_per_class), ("val", 3, 30)):
-        stages.run("demo data", [py, "-m", "data_prep", "demo-data", str(images / "shapes" / split), "--label-set",
-                                 "shapes", "--classes", str(args.finetune_classes), "--per-class", str(per_class),
-                                 "--size", "96", "--seed", str(seed)])
-        stages.run("ray shards", [py, "-m", "data_prep", "shard", str(images / "shapes" / split),
-                                  str(shards / "shapes"), "--split", split, "--shard-size", "128", "--max-size", "96",
-                                  "--seed", "0", "--workers", "2"])
+        stages.run("demo data", [py, "-m", "data_prep", "demo-data", str(images / "cells" / split), "--label-set",
+                                 "cells", "--classes", str(args.finetune_classes), "--per-class", str(per_class),
+                                 "--size", str(PRETRAIN_SIZE), "--seed", str(seed)])
+        stages.run("ray shards", [py, "-m", "data_prep", "shard", str(images / "cells" / split),
+                                  str(shards / "cells"), "--split", split, "--shard-size", "128", "--max-size",
+                                  str(PRETRAIN_SIZE), "--seed", "0", "--workers", "2"])
     results = {}
     for name, pretrained in (("fine-tuned from pretraining", str(pretrain_dir)), ("from scratch", "null")):
         run_dir = out / ("finetune" if pretrained != "null" else "scratch")
         stages.run(f"finetune ({name})", launcher(args.ranks) + [
             "pipeline.finetune", "--config", "configs/demo/finetune.yaml", f"run_dir={run_dir}",
-            f"pretrained={pretrained}", "model.name=coatnet-nano", f"data.train={shards / 'shapes'}",
-            f"data.val={shards / 'shapes'}", f"train.steps={args.finetune_steps}",
-            f"checkpoint.every_steps={args.finetune_steps}"])
+            f"pretrained={pretrained}", "model.name=coatnet-nano", f"data.train={shards / 'cells'}",
+            f"data.val={shards / 'cells'}", f"data.image_size={PRETRAIN_SIZE}", "data.min_crop_scale=1.0",
+            f"train.steps={args.finetune_steps}", f"checkpoint.every_steps={args.finetune_steps}"])
         report = run_dir / "eval.json"
         stages.run("evaluate", [py, "-m", "pipeline.evaluate", "--weights", str(run_dir), "--data",
-                                str(shards / "shapes"), "--split", "val", "--no-center-crop", "--out", str(report)])
+                                str(shards / "cells"), "--split", "val", "--no-center-crop", "--out", str(report)])
         results[name] = json.loads(report.read_text())
     return results
 
