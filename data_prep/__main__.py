@@ -14,14 +14,26 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    Multi-label sources (manifest ``labels``, OpenImages) give each file a label list instead: unknown labels
    are dropped and counted, a file with none left is rejected. Whether a split is multi-label is a property
    of its source, so a split never mixes sample layouts and single-label shards keep their exact bytes.
-2. Scan (Ray tasks over chunks of the sorted list; ``images.scan``): read each file, sha1 it, open the
+   The driver never holds the listing: each row goes, as it is listed, to one of 256 spill files (a local temp
+   folder) chosen by the top byte of its order key sha256(seed, id); then one partition at a time is sorted by
+   key, checked (a manifest path listed twice) and judged into ``inputs-PPP.jsonl``. Local ImageFolder trees
+   and manifests stream; tars, webdataset, parquet and OpenImages listers still build their rows first.
+2. Scan (Ray tasks over whole partitions, about 1/(4*in_flight) of the inputs each; ``images.scan``): read
+   each file, sha1 it, open the
    header with Pillow (not an image, empty, more than ``--max-pixels``) and check completeness (PNG chunk
    walk with CRCs; JPEG end marker, with a 1/8-scale decode only when the marker is missing; other
    formats are fully decoded). A pure function of the bytes: it can run anywhere, any number of times.
-3. Plan (driver; ``plan.py``): ``--dedup`` keeps the first copy of equal sha1s in id order; the usable
-   inputs are ordered by sha256(seed, id) -- a shuffle that depends only on the input list and the seed,
-   not on an RNG's version -- and cut into shards of ``--shard-size``. The plan is saved atomically to
-   ``OUT/_state/<split>/plan.json.gz`` so a resumed job neither rescans nor re-plans.
+   Each partition's results go to ``OUT/_state/<split>/scan/PPP.jsonl.gz`` plus a receipt: a killed job
+   rescans only partitions without a receipt of this fingerprint.
+3. Plan (driver; ``plan.py``): the usable inputs are ordered by sha256(seed, id) -- a shuffle that depends
+   only on the input list and the seed, not on an RNG's version -- and cut into shards of ``--shard-size``.
+   Since partitions are consecutive key ranges, that order is partition 0 sorted, partition 1 sorted, ...;
+   so the plan is the per-partition usable counts: shard i covers global positions [i*S, (i+1)*S), known
+   ranges of known partitions (``plan.shard_ranges``), and its write task reads its entries from the scan
+   files itself. The driver holds O(partitions + shards) numbers. ``--dedup`` keeps the first copy of equal
+   sha1s in id order; it needs all sha1s at once, so it holds one id per distinct sha1 (only with --dedup).
+   The plan (counts, duplicates) is saved atomically to ``OUT/_state/<split>/plan.json.gz`` so a resumed job
+   neither rescans nor re-plans.
 4. Write (one Ray task per shard; ``tasks.write_shard``): read the shard's inputs, check each sha1
    against the scan, decode/resize/encode, stream the samples into a dot-named temp file beside the
    shard (``core.files.atomic_path``) with ``tarfile`` (every header field pinned; members ``cls``, ``jpg``,
@@ -48,8 +60,9 @@ file that passes the scan but fails the full decode (corrupt data inside a compl
 file is left out and reported, so the shard is one shorter -- again a pure function of its inputs, so a
 resumed or repeated job writes the same bytes. ``_info.json`` records the exact ``shard_lengths``.
 
-Refusal. ``_info.json`` and the saved plan carry a fingerprint of the input listing (ids, classes,
-sizes, mtimes) and of every option that changes the bytes; a different command against an existing
+Refusal. ``_info.json`` and the saved plan carry a fingerprint of the input listing (kind, classes, the row
+count and the sum mod 2**256 of sha256(id, label, size, mtime) over all rows: independent of listing order and
+partitioning, changed by any changed row) and of every option that changes the bytes; a different command against an existing
 split is refused with one line naming what changed, unless ``--overwrite``.
 """
 import sys

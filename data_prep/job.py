@@ -6,8 +6,8 @@ never decodes an image itself, it decides what every task does and records what 
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
-import io
 import json
 import math
 import re
@@ -28,11 +28,13 @@ from core.storage import Location
 
 from .images import ImageOptions, ScanResult
 from .info import drop_split, load_info, merge_split
-from .layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale_shard_temps, shard_name,
-                     split_shards, state_dir)
-from .plan import Plan, build_plan, load_plan, save_plan, shard_hash
-from .sources import Listing, list_inputs
-from .tasks import SPACE_ERRNOS, OutOfSpace, file_sha256
+from .layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale_shard_temps, scan_receipt_path,
+                     shard_name, split_shards, state_dir)
+from .plan import PARTITIONS, order_key, read_spill, shard_ranges
+from .sources import PartitionedListing, list_partitioned, read_inputs
+from .tasks import SPACE_ERRNOS, OutOfSpace, file_sha256, read_scanned
+
+PLAN_FORMAT = 2   # plan.json.gz: per-partition counts and the --dedup duplicates, never the entries
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -163,9 +165,9 @@ def _prepare_out(cfg: ShardConfig, fingerprint: str, options: dict) -> bool:
     if entry is not None and entry.get("fingerprint") != fingerprint:
         raise UserError(f"{what} made from other inputs or options ({_changed(entry.get('options', {}), options)}); "
                         f"pass --overwrite to replace it, or choose another OUT or --split")
-    if saved is not None and saved.fingerprint != fingerprint:
+    if saved is not None and saved["fingerprint"] != fingerprint:
         raise UserError(f"{what} from an unfinished job with other inputs or options "
-                        f"({_changed(saved.counts.get('options', {}), options)}); re-run that command to finish "
+                        f"({_changed(saved.get('options', {}), options)}); re-run that command to finish "
                         f"it, or pass --overwrite to replace it")
     if entry is None and saved is None and split_shards(out, split):
         raise UserError(f"{what} as {split}-*.tar files that {INFO_NAME} does not describe; pass --overwrite "
@@ -173,29 +175,25 @@ def _prepare_out(cfg: ShardConfig, fingerprint: str, options: dict) -> bool:
     return entry is not None and saved is None and _verify_complete(out, entry)
 
 
-def _load_plan(out: Location, split: str) -> Plan | None:
-    path = plan_path(out, split)
-    if not storage.is_url(path):
-        return load_plan(path)
+def _load_plan(out: Location, split: str) -> dict | None:
+    """The saved plan (a dict of O(partitions) numbers), or None when missing, unreadable or of another format."""
     try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
+        data = storage.read_bytes(plan_path(out, split))
+        plan = json.loads(gzip.decompress(data))
+    except (FileNotFoundError, OSError, ValueError, EOFError):
         return None
-    return load_plan(io.BytesIO(data))  # gzip.open reads a file object as well as a path
+    return plan if isinstance(plan, dict) and plan.get("format") == PLAN_FORMAT else None
 
 
-def _save_plan(plan: Plan, out: Location, split: str) -> None:
+def _save_plan(plan: dict, out: Location, split: str) -> None:
     """Local: atomically into _state/. Object store: created only if absent (a conditional PUT): of two jobs
     that scanned the same split at once, the second stops here instead of writing beside the first."""
     path = plan_path(out, split)
+    data = gzip.compress(json.dumps(plan).encode("utf-8"), mtime=0)
     if not storage.is_url(path):
         Path(state_dir(out, split)).mkdir(parents=True, exist_ok=True)
-        save_plan(plan, path)
+        storage.write_bytes(path, data)
         return
-    with tempfile.TemporaryDirectory(prefix="data_prep-plan-") as tmp:
-        local = Path(tmp) / "plan.json.gz"
-        save_plan(plan, local)
-        data = local.read_bytes()
     try:
         storage.write_bytes(path, data, exclusive=True)
     except FileExistsError:
@@ -235,90 +233,165 @@ def _unwrap_task_error(err: Exception) -> Exception:
     return cause if isinstance(cause, UserError) else err
 
 
-def _run_tasks(remote, calls: list[tuple], in_flight: int, on_result) -> None:
-    """Submit calls keeping at most `in_flight` outstanding; hand each result to on_result(index, result)."""
+def _run_tasks(remote, calls, in_flight: int, on_result) -> None:
+    """Submit calls (a list or any iterable, consumed lazily: the driver builds a call only when there is
+    room for it) keeping at most `in_flight` outstanding; hand each result to on_result(index, result)."""
     import ray
 
-    pending, next_call = {}, 0
-    while pending or next_call < len(calls):
-        while next_call < len(calls) and len(pending) < in_flight:
-            ref = remote.options(scheduling_strategy="SPREAD").remote(*calls[next_call])
-            pending[ref] = next_call
-            next_call += 1
+    pending, calls, index = {}, iter(calls), 0
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < in_flight:
+            call = next(calls, None)
+            if call is None:
+                exhausted = True
+                break
+            ref = remote.options(scheduling_strategy="SPREAD").remote(*call)
+            pending[ref] = index
+            index += 1
+        if not pending:
+            return
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            index = pending.pop(ref)
+            number = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayTaskError as err:
                 raise _unwrap_task_error(err) from None
-            on_result(index, result)
+            on_result(number, result)
 
 
-def _run_with_bar(fn, calls: list[tuple], in_flight: int, on_result, bar: tqdm) -> None:
-    """`fn` as Ray tasks (one CPU each, retried if a worker dies) while `bar` shows progress; bar closed after."""
+def _run_remote(fn, calls, in_flight: int, on_result) -> None:
+    """`fn` as Ray tasks (one CPU each, retried if a worker dies)."""
     import ray
 
+    _run_tasks(ray.remote(num_cpus=1, max_retries=3)(fn), calls, in_flight, on_result)
+
+
+def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_flight: int, bar: tqdm,
+          synthetic: bool = False) -> list[dict]:
+    """Scan every partition not scanned yet for this fingerprint (a resumed job keeps the others); return the
+    scan receipts of all partitions. The driver reads one partition's inputs at a time to pass them to a task."""
+    from .tasks import scan_partitions
+
+    receipts: list[dict | None] = [None] * PARTITIONS
+    todo = []
+    for part in range(PARTITIONS):
+        if not listing.counts[part]:
+            receipts[part] = {"partition": part, "inputs": 0, "usable": 0, "usable_bytes": 0, "rejects": []}
+            continue
+        saved = storage.read_json(scan_receipt_path(cfg.out, cfg.split, part))
+        if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint:
+            receipts[part] = saved
+            bar.update(saved["inputs"])
+        else:
+            todo.append(part)
+    left = sum(listing.counts[p] for p in todo)
+    chunk = max(16, math.ceil(left / (4 * in_flight)))  # whole partitions per task, about this many rows
+
+    def calls():
+        group, rows = [], 0
+        for part in todo:
+            group.append((part, read_inputs(listing.inputs_path(part))))
+            rows += listing.counts[part]
+            if rows >= chunk:
+                yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
+                group, rows = [], 0
+        if group:
+            yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
+
+    def collect(_index, done):
+        for receipt in done:
+            receipts[receipt["partition"]] = receipt
+            bar.update(receipt["inputs"])
+
     try:
-        _run_tasks(ray.remote(num_cpus=1, max_retries=3)(fn), calls, in_flight, on_result)
-    finally:
-        bar.close()
+        _run_remote(scan_partitions, calls(), in_flight, collect)
+    except OutOfSpace as err:
+        need = listing.input_bytes * (1 + sum(r is None for r in receipts) / max(1, PARTITIONS))
+        where = f"the temp folder {tempfile.gettempdir()} (TMPDIR) or OUT" if storage.is_url(cfg.out) else "OUT"
+        raise UserError(f"{where} {cfg.out} is full ({err}) while scanning: about {need / 1e6:,.1f} MB more are "
+                        f"needed for the scan state and the shards (about the inputs' size); free space there and "
+                        f"re-run the same command: the partitions already scanned are kept") from None
+    return receipts  # type: ignore[return-value]
 
 
-def _scan(listing: Listing, cfg: ShardConfig, in_flight: int) -> dict[str, ScanResult]:
-    from .tasks import scan_chunk
+def _dedup(cfg: ShardConfig) -> dict[str, str]:
+    """--dedup: {id of a later copy: id of the kept copy} (the first copy of equal sha1s in id order).
 
-    items = [(i.id, i.path, i.offset, i.size) for i in listing.inputs]
-    chunk = max(16, min(1000, math.ceil(len(items) / (4 * in_flight))))
-    calls = [(items[i:i + chunk], cfg.max_pixels) for i in range(0, len(items), chunk)]
-    results: dict[str, ScanResult] = {}
-    bar = tqdm(total=len(items), desc=f"scan {cfg.split}", unit="file", disable=not cfg.progress, leave=False)
+    Not partitioned: equal bytes can sit in any two order partitions, so this holds one id per distinct sha1
+    of the usable inputs (O(images) driver memory, only with --dedup)."""
+    first: dict[str, str] = {}
+    for part in range(PARTITIONS):
+        for row in read_scanned(cfg.out, cfg.split, part):
+            if row[7] is None:
+                file_id, sha1 = row[1], row[11]
+                if sha1 not in first or file_id < first[sha1]:
+                    first[sha1] = file_id
+    duplicates = {}
+    for part in range(PARTITIONS):
+        for row in read_scanned(cfg.out, cfg.split, part):
+            if row[7] is None and first[row[11]] != row[1]:
+                duplicates[row[1]] = first[row[11]]
+    return duplicates
 
-    def collect(_index, rows):
-        for file_id, reason, detail, width, height, sha1 in rows:
-            results[file_id] = ScanResult(reason, detail, width, height, sha1)
-        bar.update(len(rows))
 
-    _run_with_bar(scan_chunk, calls, in_flight, collect, bar)
-    return results
+def plan_job(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, options: dict, in_flight: int,
+             bar: tqdm, synthetic: bool = False) -> dict:
+    """Scan (resumable per partition) and plan: the per-partition usable counts, the duplicates, the shards'
+    ranges follow from them (``plan.shard_ranges``). ``synthetic``: no image is read (benchmarks)."""
+    scans = _scan(listing, cfg, fingerprint, in_flight, bar, synthetic)
+    duplicates = _dedup(cfg) if cfg.dedup else {}
+    usable = [r["usable"] for r in scans]
+    for file_id in duplicates:
+        usable[order_key(file_id, cfg.seed)[0]] -= 1
+    return {"format": PLAN_FORMAT, "fingerprint": fingerprint, "options": options, "usable": usable,
+            "usable_bytes": sum(r.get("usable_bytes", 0) for r in scans), "duplicates": duplicates}
 
 
-def _write(plan: Plan, cfg: ShardConfig, in_flight: int) -> list[dict]:
-    from .tasks import write_shard
+def _write(plan: dict, shards: list, classes: list[str], cfg: ShardConfig, in_flight: int, bar: tqdm) -> list[dict]:
+    from .tasks import write_planned_shard
 
     options = asdict(cfg.image_options())
-    calls = [(str(cfg.out), cfg.split, shard_name(cfg.split, i), shard_hash(entries),
-              [e.to_list() for e in entries], options) for i, entries in enumerate(plan.shards)]
-    receipts: list[dict | None] = [None] * len(calls)
-    bar = tqdm(total=plan.num_samples, desc=f"shard {cfg.split}", unit="img", disable=not cfg.progress,
-               dynamic_ncols=True, smoothing=0.1)
+    parts_dups: dict[int, dict[str, str]] = {}
+    for file_id, kept in plan["duplicates"].items():
+        parts_dups.setdefault(order_key(file_id, cfg.seed)[0], {})[file_id] = kept
+    calls = ((str(cfg.out), cfg.split, shard_name(cfg.split, i), ranges, classes,
+              {k: v for p, _a, _b in ranges for k, v in parts_dups.get(p, {}).items()}, options)
+             for i, ranges in enumerate(shards))
+    receipts: list[dict | None] = [None] * len(shards)
     resumed = 0
 
     def collect(index, receipt):
         nonlocal resumed
         receipts[index] = receipt
         resumed += bool(receipt.get("resumed"))
-        bar.update(len(plan.shards[index]))
-        bar.set_postfix(shards=f"{sum(r is not None for r in receipts)}/{len(calls)}", resumed=resumed,
+        bar.update(receipt["planned"])
+        bar.set_postfix(shards=f"{sum(r is not None for r in receipts)}/{len(shards)}", resumed=resumed,
                         refresh=False)
 
     try:
-        _run_with_bar(write_shard, calls, in_flight, collect, bar)
+        _run_remote(write_planned_shard, calls, in_flight, collect)
     except OutOfSpace as err:
-        raise UserError(_space_message(cfg.out, str(err), plan, receipts)) from None
+        raise UserError(_space_message(cfg.out, str(err), plan, shards, receipts)) from None
     return receipts  # type: ignore[return-value]
 
 
-def _space_message(out: Location, cause: str, plan: Plan, receipts: list) -> str:
+def _shard_len(ranges) -> int:
+    return sum(b - a for _p, a, b in ranges)
+
+
+def _space_message(out: Location, cause: str, plan: dict, shards: list, receipts: list) -> str:
     """One line: OUT is full, about how much more the shards not yet written need, and that a re-run resumes."""
     done = [i for i, r in enumerate(receipts) if r is not None]
     left = [i for i, r in enumerate(receipts) if r is None]
-    samples_done = sum(len(plan.shards[i]) for i in done)
+    samples_done = sum(_shard_len(shards[i]) for i in done)
+    samples_left = sum(_shard_len(shards[i]) for i in left)
     if samples_done and sum(receipts[i]["bytes"] for i in done):
         per_sample = sum(receipts[i]["bytes"] for i in done) / samples_done
-        need = per_sample * sum(len(plan.shards[i]) for i in left)
-    else:  # nothing written yet: the inputs' size (re-encoded images are usually smaller)
-        need = sum(max(e.size, 0) for i in left for e in plan.shards[i])
+    else:  # nothing written yet: the inputs' mean size (re-encoded images are usually smaller)
+        per_sample = plan.get("usable_bytes", 0) / max(1, sum(plan["usable"]))
+    need = per_sample * samples_left
     if storage.is_url(out):  # the local temp folder where shards wait for their upload ran out of space
         where = tempfile.gettempdir()
         return (f"the temp folder {where} (TMPDIR), where each shard is written before its upload to OUT {out}, is "
@@ -335,26 +408,45 @@ def _space_error(out: Location, err: OSError) -> UserError:
                      f"free space there and re-run the same command: finished shards are kept")
 
 
-def _label_counts(plan: Plan, late_ids: set[str]) -> tuple[Counter, dict]:
-    """Images per class (an image counts once for each of its labels) and labels per image, of written samples."""
-    written = [e for shard in plan.shards for e in shard if e.id not in late_ids]
-    names = [e.label_names if e.labels is not None else [e.class_name] for e in written]
-    per_class = Counter(n for image in names for n in image)
-    sizes = [len(image) for image in names]
-    return per_class, {"mean": round(sum(sizes) / len(sizes), 4) if sizes else 0.0, "max": max(sizes, default=0)}
+def _all_rejects(cfg: ShardConfig, listing: PartitionedListing, plan: dict, late: list[dict]) -> list[dict]:
+    """Every reject of the split, sorted by source (listing, scan, --dedup duplicates, full decode). Held in
+    memory: rejects are few next to the inputs (a source that is mostly rejects is a mistake to fix first)."""
+    rejects = list(read_spill(listing.rejects_path))
+    for part in range(PARTITIONS):
+        if listing.counts[part]:
+            rejects += storage.read_json(scan_receipt_path(cfg.out, cfg.split, part))["rejects"]
+    if plan["duplicates"]:
+        classes = {}
+        for part in range(PARTITIONS):
+            for row in read_scanned(cfg.out, cfg.split, part):
+                if row[1] in plan["duplicates"]:
+                    classes[row[1]] = row[2]
+        rejects += [{"source": i, "class": classes.get(i), "reason": "duplicate", "detail": f"same bytes as {kept}"}
+                    for i, kept in plan["duplicates"].items()]
+    return sorted(rejects + late, key=lambda r: r["source"])
 
 
-def _split_entry(cfg: ShardConfig, listing: Listing, plan: Plan, receipts: list[dict], options: dict,
+def _split_entry(cfg: ShardConfig, listing: PartitionedListing, plan: dict, receipts: list[dict], options: dict,
                  seconds: float, phases: dict) -> tuple[dict, list[dict]]:
     late = [r for receipt in receipts for r in receipt["rejects"]]
-    rejects = sorted(plan.rejects + late, key=lambda r: r["source"])
-    per_class, per_image = _label_counts(plan, {r["source"] for r in late})
-    counts = {key: value for key, value in plan.counts.items() if key != "options"}
-    counts.update(
-        written=sum(r["num_samples"] for r in receipts),
-        rejected=dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        per_class={name: per_class.get(name, 0) for name in plan.classes},
-    )
+    rejects = _all_rejects(cfg, listing, plan, late)
+    per_class = Counter()
+    for receipt in receipts:
+        per_class.update(receipt["per_class"])
+    written = sum(r["num_samples"] for r in receipts)
+    label_total = sum(r["labels_per_image"][0] for r in receipts)
+    per_image = {"mean": round(label_total / written, 4) if written else 0.0,
+                 "max": max((r["labels_per_image"][1] for r in receipts), default=0)}
+    counts = {
+        "listed": listing.listed,
+        "planned": sum(plan["usable"]),
+        "duplicates": len(plan["duplicates"]),
+        "non_image_files": listing.non_image_files,
+        "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "unknown_labels_dropped": listing.unknown_labels_dropped,
+        "written": written,
+        "per_class": {name: per_class.get(name, 0) for name in listing.classes},
+    }
     nodes = Counter(r["node_id"] for r in receipts if not r.get("resumed"))  # who wrote what, this run
     cpu_seconds = sum(r.get("cpu_seconds", 0.0) for r in receipts if not r.get("resumed"))
     shards = [{"filename": r["filename"], "num_samples": r["num_samples"], "bytes": r["bytes"],
@@ -365,11 +457,11 @@ def _split_entry(cfg: ShardConfig, listing: Listing, plan: Plan, receipts: list[
         "filenames": [s["filename"] for s in shards],
         "shard_lengths": [s["num_samples"] for s in shards],
         "shards": shards,
-        "classes": plan.classes,
-        "multi_label": plan.multi_label,
+        "classes": listing.classes,
+        "multi_label": listing.multi_label,
         "labels_per_image": per_image,
         "options": options,
-        "fingerprint": plan.fingerprint,
+        "fingerprint": plan["fingerprint"],
         "source": {"path": str(cfg.src), "kind": listing.kind, "classes_from": listing.class_source,
                    **({"images": str(cfg.images)} if cfg.images is not None else {})},
         "counts": counts,
@@ -413,11 +505,23 @@ def run_shard_job(cfg: ShardConfig) -> JobResult:
 
 
 def _run_shard_job(cfg: ShardConfig) -> JobResult:
-    start = time.perf_counter()
     _check_paths(cfg)
-    with storage.user_errors(cfg.src, "list it as SRC"):
-        listing = list_inputs(cfg.src, cfg.source, cfg.classes_file, cfg.images,
-                              label_field=cfg.label_field, label_map=cfg.label_map)
+    # The listing is spilled to a local temp folder: OUT may not exist yet (or not be ours), and it is
+    # re-listed on every run anyway (that is how a changed input is noticed).
+    with tempfile.TemporaryDirectory(prefix="data_prep-list-") as spill:
+        return _run_listed(cfg, Path(spill))
+
+
+def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
+    start = time.perf_counter()
+    listed = tqdm(desc=f"list {cfg.split}", unit="row", disable=not cfg.progress, leave=False, mininterval=1.0,
+                  delay=2.0)  # shown only when listing takes a while: a quick error stays one line
+    try:
+        with storage.user_errors(cfg.src, "list it as SRC"):
+            listing = list_partitioned(cfg.src, cfg.source, cfg.classes_file, cfg.seed, spill, images=cfg.images,
+                                       label_field=cfg.label_field, label_map=cfg.label_map, progress=listed)
+    finally:
+        listed.close()
     phases = {"list": round(time.perf_counter() - start, 3)}
     options = cfg.output_options(listing.kind)
     fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},
@@ -433,32 +537,43 @@ def _run_shard_job(cfg: ShardConfig) -> JobResult:
         ray_start = time.perf_counter()
         with ray_session(cfg.ray_address, cfg.workers) as session:
             phases["ray_start"] = round(time.perf_counter() - ray_start, 3)
-            _log(f"shard {cfg.split}: {len(listing.inputs)} image files, {len(listing.classes)} classes; Ray ready "
+            _log(f"shard {cfg.split}: {listing.num_inputs} image files, {len(listing.classes)} classes; Ray ready "
                  f"in {time.perf_counter() - ray_start:.1f} s ({session.nodes} node(s), {session.cpus} CPUs)")
-            plan = _load_plan(cfg.out, cfg.split)
-            if plan is None or plan.fingerprint != fingerprint:
-                scan_start = time.perf_counter()
-                scans = _scan(listing, cfg, session.in_flight)
-                plan = build_plan(listing, scans, fingerprint, cfg.shard_size, cfg.seed, cfg.dedup)
-                phases["scan"] = round(time.perf_counter() - scan_start, 3)
-                _log(f"shard {cfg.split}: scanned {len(scans)} files in {time.perf_counter() - scan_start:.1f} s: "
-                     f"{plan.num_samples} usable in {len(plan.shards)} shards, {len(plan.rejects)} rejected")
-                plan.counts["options"] = options
-                _save_plan(plan, cfg.out, cfg.split)
-            else:
-                _log(f"shard {cfg.split}: resuming the saved plan ({len(plan.shards)} shards)")
-            if plan.num_samples == 0:
-                merge_split(cfg.out, cfg.split, None, plan.rejects)
-                raise UserError(f"SRC {cfg.src}: none of the {len(listing.inputs)} image files is usable; "
-                                f"see {storage.join(cfg.out, REJECTS_NAME)}")
-            write_start = time.perf_counter()
-            receipts = _write(plan, cfg, session.in_flight)
-            phases["write"] = round(time.perf_counter() - write_start, 3)
+            # One bar for the whole job: scan (one unit per input) then write (one per planned image); its rate
+            # and ETA cover both phases. The write total is the input count until the scan says how many passed.
+            bar = tqdm(total=2 * listing.num_inputs, desc=f"shard {cfg.split} [scan]", unit="img",
+                       disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
+            try:
+                plan = _load_plan(cfg.out, cfg.split)
+                if plan is None or plan["fingerprint"] != fingerprint:
+                    scan_start = time.perf_counter()
+                    plan = plan_job(listing, cfg, fingerprint, options, session.in_flight, bar)
+                    _save_plan(plan, cfg.out, cfg.split)
+                    phases["scan"] = round(time.perf_counter() - scan_start, 3)
+                    _log(f"shard {cfg.split}: scanned {listing.num_inputs} files in "
+                         f"{time.perf_counter() - scan_start:.1f} s: {sum(plan['usable'])} usable")
+                else:
+                    bar.update(listing.num_inputs)
+                    _log(f"shard {cfg.split}: resuming the saved plan ({sum(plan['usable'])} images)")
+                usable = sum(plan["usable"])
+                if usable == 0:
+                    merge_split(cfg.out, cfg.split, None, _all_rejects(cfg, listing, plan, []))
+                    raise UserError(f"SRC {cfg.src}: none of the {listing.num_inputs} image files is usable; "
+                                    f"see {storage.join(cfg.out, REJECTS_NAME)}")
+                shards = shard_ranges(plan["usable"], cfg.shard_size)
+                bar.total = bar.n + usable
+                bar.set_description(f"shard {cfg.split} [write]")
+                write_start = time.perf_counter()
+                receipts = _write(plan, shards, listing.classes, cfg, session.in_flight, bar)
+                phases["write"] = round(time.perf_counter() - write_start, 3)
+            finally:
+                bar.close()
         remove_stale_shard_temps(cfg.out, cfg.split)  # temp files of workers killed mid-shard (retried)
         seconds = time.perf_counter() - start
         entry, rejects = _split_entry(cfg, listing, plan, receipts, options, seconds, phases)
         merge_split(cfg.out, cfg.split, entry, rejects)
         storage.remove(plan_path(cfg.out, cfg.split))  # receipts stay: they make a re-run cheap
+        storage.remove_tree(storage.join(state_dir(cfg.out, cfg.split), "scan"))  # only a resumed plan reads them
     counts = entry["counts"]
     result = JobResult(cfg.split, entry["num_samples"], len(receipts), entry["run"]["resumed_shards"], len(rejects),
                        counts["duplicates"], sum(s["bytes"] for s in entry["shards"]), seconds, phases,

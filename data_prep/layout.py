@@ -7,6 +7,11 @@ rename (core.files); on an object store (``s3://bucket/prefix``) whole-object PU
     OUT/rejects.jsonl                   one line per skipped file, every split
     OUT/_state/{split}/plan.json.gz     the plan of a running job (deleted when the split is complete)
     OUT/_state/{split}/receipts/{split}-000000.json   written after its shard was renamed into place
+    OUT/_state/{split}/scan/PPP.jsonl.gz   scan results of order partition PPP (sorted by order key)
+    OUT/_state/{split}/scan/PPP.json       its receipt (fingerprint, counts, scan rejects), written after it
+
+The listing itself is spilled to a local temp folder (TMPDIR, ``data_prep-list-*``) while the job runs; the
+scan tasks get its rows as arguments, partition by partition.
 """
 from __future__ import annotations
 
@@ -50,6 +55,14 @@ def state_dir(out: Location, split: str) -> Location:
 
 def plan_path(out: Location, split: str) -> Location:
     return storage.join(state_dir(out, split), "plan.json.gz")
+
+
+def scan_path(out: Location, split: str, part: int) -> Location:
+    return storage.join(state_dir(out, split), "scan", f"{part:03d}.jsonl.gz")
+
+
+def scan_receipt_path(out: Location, split: str, part: int) -> Location:
+    return storage.join(state_dir(out, split), "scan", f"{part:03d}.json")
 
 
 def receipt_path(out: Location, split: str, filename: str) -> Location:

@@ -122,28 +122,46 @@ def _row_labels(row: dict, where: str, is_csv: bool) -> tuple[str, ...]:
     return _unique(_label_text(v, where) for v in value)
 
 
-def list_manifest(src: Path) -> tuple[list[str], list[Row], bool]:
-    """Rows of a CSV/JSONL manifest; paths are relative to the manifest's folder."""
+def iter_manifest(src: Path, seen: dict):
+    """Stream the rows of a CSV/JSONL manifest as ``(row, line number)``; paths are relative to the manifest's
+    folder. Keeps nothing per row: ``seen`` gets the label names (``"names"``), whether any row used
+    ``labels`` (``"multi"``) and the row count. A path listed twice is found later, per partition
+    (``sources.list_partitioned``), or by ``list_manifest``."""
     base = src.parent
-    rows, first_line, multi = [], {}, False
     is_csv = src.suffix.lower() == ".csv"
+    names, multi, count = seen.setdefault("names", set()), False, 0
     for lineno, row, multi_row in _manifest_rows(src):
         where = f"{src}:{lineno}"
         raw_path = row.get("path")
         if not isinstance(raw_path, str) or not raw_path.strip():
             raise UserError(f"manifest {where}: missing or empty 'path'")
         labels = _row_labels(row, where, is_csv)
+        names.update(labels)
         multi = multi or multi_row
+        seen["multi"] = multi
+        count += 1
         file_id = Path(raw_path.strip()).as_posix()
-        if file_id in first_line:
-            raise UserError(f"manifest {where}: path {file_id!r} is already listed on line "
-                            f"{first_line[file_id]}; list each file once")
-        first_line[file_id] = lineno
         full = str(base / file_id)
-        rows.append((file_id, labels, full, -1, *stat(full)))
-    if not rows:
+        yield (file_id, labels, full, -1, *stat(full)), lineno
+    if not count:
         raise UserError(f"manifest {src} has no rows")
-    return sorted_classes(n for r in rows for n in r[1]), rows, multi
+
+
+def duplicate_path(src: Path, file_id: str, first: int, again: int) -> UserError:
+    return UserError(f"manifest {src}:{again}: path {file_id!r} is already listed on line {first}; list each "
+                     f"file once")
+
+
+def list_manifest(src: Path) -> tuple[list[str], list[Row], bool]:
+    """Rows of a CSV/JSONL manifest, all in memory (``sources.list_inputs``)."""
+    seen: dict = {}
+    rows, first_line = [], {}
+    for row, lineno in iter_manifest(src, seen):
+        if row[0] in first_line:
+            raise duplicate_path(src, row[0], first_line[row[0]], lineno)
+        first_line[row[0]] = lineno
+        rows.append(row)
+    return sorted_classes(seen["names"]), rows, bool(seen.get("multi"))
 
 
 def _confidence(text: str, where: str) -> float:

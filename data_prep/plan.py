@@ -144,3 +144,80 @@ def load_plan(path: Path) -> Plan | None:
                     bool(payload.get("multi_label", False)))
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
+
+
+# --- Partitioned planning (the driver never holds the listing or the plan) -------------------------------
+#
+# Every input is put into partition ``order_key[0]`` (the top 8 bits of sha256(seed, id)), so the partitions
+# are consecutive ranges of the order: the global order (the old ``shuffle_ids``) is partition 0 sorted by
+# key, then partition 1 sorted by key, ... . PARTITIONS therefore never changes the output; it only sets how
+# much of the listing one step holds at a time (1/256 of it). Shard i covers the global positions
+# [i*S, (i+1)*S) of the usable inputs: known ranges of known partitions, found from per-partition counts.
+
+PARTITIONS = 256
+
+
+def order_key(file_id: str, seed: int) -> bytes:
+    """The sort key of ``shuffle_ids``; its first byte is the partition."""
+    return hashlib.sha256(f"{seed}\0{file_id}".encode("utf-8")).digest()
+
+
+def shard_ranges(usable: list[int], shard_size: int) -> list[list[tuple[int, int, int]]]:
+    """Per shard, the (partition, first, stop) ranges -- positions among that partition's usable inputs in
+    key order -- that make up global positions [i*S, (i+1)*S). O(partitions + shards) numbers."""
+    shards: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = shard_size
+    for part, count in enumerate(usable):
+        start = 0
+        while start < count:
+            take = min(room, count - start)
+            current.append((part, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                shards.append(current)
+                current, room = [], shard_size
+    if current:
+        shards.append(current)
+    return shards
+
+
+class SpillWriter:
+    """Appends JSON rows to one file per partition (``<prefix>-PPP.jsonl``) without keeping them.
+
+    One buffered handle per partition (256 file descriptors, 8 KiB of buffer each): memory stays flat however
+    many rows pass through.
+    """
+
+    def __init__(self, directory: Path, prefix: str, partitions: int = PARTITIONS):
+        self.directory, self.prefix = Path(directory), prefix
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.handles: dict[int, object] = {}
+        self.counts = [0] * partitions
+
+    def path(self, part: int) -> Path:
+        return self.directory / f"{self.prefix}-{part:03d}.jsonl"
+
+    def add(self, part: int, row) -> None:
+        handle = self.handles.get(part)
+        if handle is None:
+            handle = self.handles[part] = open(self.path(part), "w", encoding="utf-8")
+        handle.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self.counts[part] += 1
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+def read_spill(path: Path):
+    """The rows of one spill file (none when the partition got no row)."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return
+    with handle:
+        for line in handle:
+            yield json.loads(line)

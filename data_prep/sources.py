@@ -20,7 +20,8 @@ from pathlib import Path
 
 from core.errors import UserError
 
-from .manifests import is_openimages_csv, list_manifest, list_openimages, stat as _stat
+from .manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest, list_openimages,
+                        sorted_classes, stat as _stat)
 from .packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, list_parquet,
                      list_webdataset, open_location, peek_tar, walk_files)
 
@@ -186,22 +187,30 @@ def _list_folder_url(src: str) -> tuple[list[str], list[tuple[str, str | None, s
     return classes, rows
 
 
-def _list_folder(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
-    if is_url(src):
-        return _list_folder_url(src)
-    classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
-    if not classes:
-        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
-    rows = []
+def _iter_folder(src: Path, classes: list[str]):
+    """Rows of a local ImageFolder tree, streamed (files directly in SRC first, then class by class)."""
     for e in sorted(os.scandir(src), key=lambda e: e.name):
         if e.is_file():  # torchvision ignores these; we report them
             size, mtime = _stat(e.path)
-            rows.append((e.name, None, e.path, -1, size, mtime))
+            yield (e.name, None, e.path, -1, size, mtime)
     for name in classes:
         for file_id, full in _walk_class_folder(src, src / name):
             size, mtime = _stat(full)
-            rows.append((file_id, name, full, -1, size, mtime))
-    return classes, rows
+            yield (file_id, name, full, -1, size, mtime)
+
+
+def _folder_classes(src: Path) -> list[str]:
+    classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
+    if not classes:
+        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
+    return classes
+
+
+def _list_folder(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
+    if is_url(src):
+        return _list_folder_url(src)
+    classes = _folder_classes(src)
+    return classes, list(_iter_folder(src, classes))
 
 
 def _list_tars(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
@@ -233,15 +242,19 @@ def _single(rows: list[tuple]) -> list[tuple]:
     return [(r[0], r[1][0], *r[2:]) for r in rows]
 
 
-def _list_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> Packed:
-    """Classes found, rows, multi_label (and the rejects a packed source judged itself) of any kind of SRC;
-    rows carry a class name, or a label tuple in multi-label sources."""
+def _check_flags(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> None:
     if images is not None and kind != "openimages":
         raise UserError(f"--images {images} is only for an OpenImages annotation file "
                         f"(ImageID,Source,LabelName,Confidence); SRC {src} is a {kind} source")
     if kind not in PACKED_KINDS and (label_field is not None or label_map is not None):
         flag = "--label-field" if label_field is not None else "--label-map"
         raise UserError(f"{flag} is for webdataset and parquet sources; SRC {src} is a {kind} source")
+
+
+def _list_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> Packed:
+    """Classes found, rows, multi_label (and the rejects a packed source judged itself) of any kind of SRC;
+    rows carry a class name, or a label tuple in multi-label sources."""
+    _check_flags(src, kind, images, label_field, label_map)
     if kind in PACKED_KINDS:
         found = (list_webdataset if kind == "webdataset" else list_parquet)(src, label_field, label_map)
         if not found.multi_label:
@@ -312,3 +325,147 @@ def list_inputs(src: Path | str, kind: str, classes_file: Path | None, images: P
     class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
     return Listing(kind=kind, classes=classes, inputs=inputs, rejects=rejects, class_source=class_source,
                    fingerprint=digest.hexdigest(), multi_label=multi, unknown_labels_dropped=dropped)
+
+
+@dataclass
+class PartitionedListing:
+    """The summary of a listing whose rows went to partition files (``list_partitioned``): O(partitions)."""
+
+    kind: str
+    classes: list[str]
+    class_source: str
+    fingerprint: str               # see list_partitioned
+    multi_label: bool
+    unknown_labels_dropped: int
+    counts: list[int]              # inputs per partition
+    listed: int                    # rows listed (inputs + rejects)
+    input_bytes: int               # the inputs' sizes (what is known of them: parquet rows count 0)
+    rejected: int
+    non_image_files: int
+    directory: Path                # inputs-PPP.jsonl (each sorted by order key) and rejects.jsonl
+
+    @property
+    def num_inputs(self) -> int:
+        return sum(self.counts)
+
+    def inputs_path(self, part: int) -> Path:
+        return self.directory / f"inputs-{part:03d}.jsonl"
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.directory / "rejects.jsonl"
+
+
+def _stream_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None,
+                seen: dict):
+    """(rows iterator of (row, line or None), Packed without rows); the Packed's classes and multi_label are
+    final once the rows are exhausted. Local folders and manifests stream; the other listers build their rows
+    first (tar headers, parquet label columns, OpenImages' per-image label groups)."""
+    _check_flags(src, kind, images, label_field, label_map)
+    if kind == "manifest":
+        found = Packed([], [], False)
+        return ((row, line) for row, line in iter_manifest(Path(src), seen)), found
+    if kind == "folder" and not is_url(src):
+        classes = _folder_classes(Path(src))
+        return ((row, None) for row in _iter_folder(Path(src), classes)), Packed(classes, [], False)
+    found = _list_any(src, kind, images, label_field, label_map)
+    rows, found.rows = found.rows, []
+    return ((row, None) for row in rows), found
+
+
+def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed: int, directory: Path,
+                     images: Path | None = None, label_field: str | None = None, label_map: Path | None = None,
+                     progress=None) -> PartitionedListing:
+    """``list_inputs`` without holding the listing: rows stream into ``plan.PARTITIONS`` spill files by their
+    order key; then each partition alone is sorted, checked and judged into ``inputs-PPP.jsonl``.
+
+    Fingerprint: sha256 of (kind, class list, row count, the sum mod 2**256 of sha256(id, label, size, mtime)
+    over all rows). The sum does not depend on the order the rows were listed in or on the partitioning, and
+    any changed, added or removed row changes it (up to a 2**-256 chance). It differs from ``list_inputs``'
+    running hash (the listing is never in one order in one place), so an OUT written before partitioned
+    planning is seen as made from other inputs: re-run with --overwrite.
+    """
+    from .plan import PARTITIONS, SpillWriter, order_key, read_spill
+
+    kind = detect_kind(src, kind)
+    directory = Path(directory)
+    seen: dict = {}
+    rows, found = _stream_any(src, kind, images, label_field, label_map, seen)
+    raw = SpillWriter(directory, "raw")
+    try:
+        for row, line in rows:
+            key = order_key(row[0], seed)
+            label = list(row[1]) if isinstance(row[1], tuple) else row[1]
+            raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
+            if progress is not None:
+                progress.update(1)
+    finally:
+        raw.close()
+    if kind == "manifest":
+        found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
+    multi = found.multi_label
+    classes = load_class_file(classes_file) if classes_file is not None else found.classes
+    known = set(classes)
+    check_name = kind not in PACKED_KINDS
+    from_manifest = kind in ("manifest", "openimages")
+    total, dropped, rejected, non_image, input_bytes = 0, found.dropped, 0, 0, 0
+    listed = len(found.rejects)
+    first_reject = min((tuple(r) for r in found.rejects), default=None)
+    inputs_out = SpillWriter(directory, "inputs")
+    with open(directory / "rejects.jsonl", "w", encoding="utf-8") as rejects_out:
+        def reject(r: ListingReject) -> None:
+            nonlocal rejected, non_image, first_reject
+            rejected += 1
+            non_image += r.reason == "non_image_file"
+            if first_reject is None or r.id < first_reject[0]:
+                first_reject = (r.id, r.class_name, r.reason, r.detail)
+            rejects_out.write(json.dumps({"source": r.id, "class": r.class_name, "reason": r.reason,
+                                          "detail": r.detail}, ensure_ascii=False) + "\n")
+
+        for r in found.rejects:
+            reject(ListingReject(*r))
+        try:
+            for part in range(PARTITIONS):
+                part_rows = list(read_spill(raw.path(part)))
+                part_rows.sort(key=lambda r: (r[0], r[1] or 0))  # order key; a repeated path: by line
+                previous = None
+                for key_hex, line, file_id, label, path, offset, size, mtime in part_rows:
+                    if previous is not None and previous[0] == file_id:
+                        raise duplicate_path(Path(src), file_id, previous[1], line)
+                    previous = (file_id, line)
+                    if isinstance(label, list):
+                        label = tuple(label) if multi else label[0]
+                    digest = hashlib.sha256(json.dumps([file_id, list(label) if multi else label, size, mtime])
+                                            .encode()).digest()
+                    total = (total + int.from_bytes(digest, "big")) % (1 << 256)
+                    listed += 1
+                    item, bad, lost = _judge((file_id, label, path, offset, size, mtime), known, classes_file,
+                                             from_manifest, check_name=check_name)
+                    dropped += lost
+                    if item is None:
+                        reject(bad)
+                        continue
+                    input_bytes += max(item.size, 0)
+                    inputs_out.add(part, [key_hex, item.id, item.class_name, item.path, item.offset, item.size,
+                                          list(item.labels) if multi else None])
+                raw.path(part).unlink(missing_ok=True)
+        finally:
+            inputs_out.close()
+    fingerprint = hashlib.sha256(json.dumps([kind, classes, listed - len(found.rejects), f"{total:064x}"])
+                                 .encode()).hexdigest()
+    if not sum(inputs_out.counts):
+        if kind in PACKED_KINDS:
+            first = f"; first: {first_reject[0]}: {first_reject[2]} ({first_reject[3]})" if first_reject else ""
+            raise UserError(f"SRC {src}: no usable samples ({rejected} rejected{first})")
+        raise UserError(f"SRC {src}: no image files found ({rejected} other files); "
+                        f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
+    class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
+    return PartitionedListing(kind, classes, class_source, fingerprint, multi, dropped, inputs_out.counts, listed,
+                              input_bytes, rejected, non_image, directory)
+
+
+def read_inputs(path: Path) -> list[list]:
+    """One partition's inputs, sorted by order key: [key hex, id, class, path, offset, size, labels or None]."""
+    from .plan import read_spill
+
+    return list(read_spill(path))

@@ -17,6 +17,7 @@ a local temp file uploaded whole) and hash the bytes as they are written instead
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import io
 import json
@@ -29,8 +30,8 @@ from core.storage import Location
 
 from .errors import InputChanged, UserError
 from .images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
-from .layout import read_json, receipt_path
-from .plan import Entry
+from .layout import read_json, receipt_path, scan_path, scan_receipt_path
+from .plan import Entry, sample_key, shard_hash
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
 
@@ -66,6 +67,105 @@ def scan_chunk(items: list[tuple[str, str, int, int]], max_pixels: int) -> list[
         result = scan(data, max_pixels)
         out.append((file_id, result.reason, result.detail, result.width, result.height, result.sha1))
     return out
+
+
+def _synthetic_scan(items: list[tuple[str, str, int, int]], _max_pixels: int) -> list[tuple]:
+    """benchmarks/plan_scale.py: every input usable, sha1 of its id; no file is read (planning alone)."""
+    return [(file_id, None, "", 64, 48, hashlib.sha1(file_id.encode()).hexdigest()) for file_id, *_ in items]
+
+
+def scan_partitions(out: str, split: str, fingerprint: str, parts: list[tuple[int, list[list]]], max_pixels: int,
+                    synthetic: bool = False) -> list[dict]:
+    """Scan whole order partitions: rows [key, id, class, path, offset, size, labels] (sorted by key) ->
+    ``scan/PPP.jsonl.gz`` (the rows plus reason, detail, width, height, sha1), then its receipt ``scan/PPP.json``
+    (fingerprint, counts, the scan's rejects). A kill leaves a partition without receipt: it is scanned again."""
+    try:
+        return _scan_partitions(out, split, fingerprint, parts, max_pixels, synthetic)
+    except OSError as err:
+        if err.errno in SPACE_ERRNOS:
+            raise OutOfSpace(f"{err.strerror or err} writing the scan results") from None
+        raise
+
+
+def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, max_pixels: int,
+                     synthetic: bool) -> list[dict]:
+    out_dir = storage.as_location(out)
+    scan = _synthetic_scan if synthetic else scan_chunk
+    receipts = []
+    for part, rows in parts:
+        results = scan([(r[1], r[3], r[4], r[5]) for r in rows], max_pixels)
+        lines, rejects, usable, usable_bytes = [], [], 0, 0
+        for row, (_id, reason, detail, width, height, sha1) in zip(rows, results):
+            lines.append(json.dumps([*row, reason, detail, width, height, sha1], ensure_ascii=False,
+                                    separators=(",", ":")))
+            if reason is None:
+                usable += 1
+                usable_bytes += max(row[5], 0)
+            else:
+                rejects.append({"source": row[1], "class": row[2], "reason": reason, "detail": detail})
+        data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=1, mtime=0)
+        path = scan_path(out_dir, split, part)
+        if not storage.is_url(path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        storage.write_bytes(path, data)
+        receipt = {"fingerprint": fingerprint, "partition": part, "inputs": len(rows), "usable": usable,
+                   "usable_bytes": usable_bytes, "rejects": rejects, "sha256": hashlib.sha256(data).hexdigest()}
+        storage.write_json(scan_receipt_path(out_dir, split, part), receipt, indent=None)
+        receipts.append(receipt)
+    return receipts
+
+
+def read_scanned(out: Location, split: str, part: int):
+    """The scan rows of one partition, in order-key order (none for an empty partition)."""
+    try:
+        data = storage.read_bytes(scan_path(out, split, part))
+    except FileNotFoundError:
+        return
+    for line in gzip.decompress(data).decode("utf-8").splitlines():
+        yield json.loads(line)
+
+
+def plan_entries(out: Location, split: str, ranges: list[tuple[int, int, int]], classes: list[str],
+                 duplicates: dict[str, str]) -> list[Entry]:
+    """The entries of one shard: positions [first, stop) of each partition's usable inputs (scan passed, not a
+    --dedup duplicate), in order-key order -- read from the scan files, never passed by the driver."""
+    label_of = {name: i for i, name in enumerate(classes)}
+    entries = []
+    for part, first, stop in ranges:
+        position = 0
+        for key, file_id, name, path, offset, size, labels, reason, _detail, width, height, sha1 in \
+                read_scanned(out, split, part):
+            if reason is not None or file_id in duplicates:
+                continue
+            if first <= position < stop:
+                multi = [label_of[n] for n in labels] if labels is not None else None
+                entries.append(Entry(sample_key(file_id), file_id, path, offset, size, label_of[name], name, sha1,
+                                     width, height, multi, list(labels) if labels is not None else None))
+            position += 1
+            if position >= stop:
+                break
+    return entries
+
+
+def write_planned_shard(out: str, split: str, filename: str, ranges: list, classes: list[str],
+                        duplicates: dict[str, str], options: dict) -> dict:
+    """`write_shard` for the shard that covers `ranges` of the partitioned plan; the receipt gains the labels
+    written (per class, and labels per image) so the driver never needs the entries."""
+    out_dir = storage.as_location(out)
+    entries = plan_entries(out_dir, split, [tuple(r) for r in ranges], classes, duplicates)
+    receipt = write_shard(out, split, filename, shard_hash(entries), [e.to_list() for e in entries], options)
+    late = {r["source"] for r in receipt["rejects"]}
+    per_class: dict[str, int] = {}
+    sizes = []
+    for e in entries:
+        if e.id in late:
+            continue
+        names = e.label_names if e.labels is not None else [e.class_name]
+        for n in names:
+            per_class[n] = per_class.get(n, 0) + 1
+        sizes.append(len(names))
+    return {**receipt, "planned": len(entries), "per_class": per_class,
+            "labels_per_image": [sum(sizes), max(sizes, default=0)]}
 
 
 class OutOfSpace(UserError):

@@ -213,7 +213,8 @@ def test_worker_sigkill_mid_shard_is_retried_and_output_unchanged(local_ray, tmp
         while not stop.is_set() and not killed:
             for proc in me.children(recursive=True):
                 try:
-                    if proc.name().startswith("ray::write_shard") or "ray::write_shard" in " ".join(proc.cmdline()):
+                    title = f"{proc.name()} {' '.join(proc.cmdline())}"  # the task: write_planned_shard
+                    if "ray::write_planned_shard" in title or "ray::write_shard" in title:
                         proc.send_signal(signal.SIGKILL)
                         killed.append(proc.pid)
                         break

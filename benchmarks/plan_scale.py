@@ -1,0 +1,160 @@
+"""Driver memory and time of listing + planning as the number of inputs grows (issue 12).
+
+    python benchmarks/plan_scale.py                        # quick: 50k, 200k, 800k entries
+    python benchmarks/plan_scale.py --sizes 1M,4M,16M      # the acceptance run
+    python benchmarks/plan_scale.py --baseline /tmp/before # also the old in-memory planner, side by side
+
+Input: a generated JSONL manifest of N rows over 1000 classes; the paths do not exist and are never read.
+The image scan is SKIPPED (synthetic: every entry usable, sha1 of its id) -- this measures listing, the
+per-partition judge/sort, the scan bookkeeping (partition files and receipts on OUT/_state) and the shard
+ranges, not Pillow. (The manifest lister stats every path: a missing file costs one failed stat, and the
+rows are then rejected as missing_file; so the benchmark passes --assume-present, see below.)
+
+Each (mode, N) runs in its own subprocess, which reports its own peak RSS (VmHWM) and wall time.
+Modes: ``new`` (data_prep.sources.list_partitioned + tasks.scan_partitions + plan.shard_ranges, in-process,
+no Ray) and ``old`` (list_inputs + build_plan of a checkout of the code before partitioned planning, e.g.
+``git worktree add /tmp/before HEAD``). Printed: a table, the ratios largest/smallest N of peak memory and of
+time per entry, and a linear extrapolation to 13M and 1B entries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def make_manifest(path: Path, n: int, classes: int = 1000) -> None:
+    with open(path, "w") as handle:
+        for start in range(0, n, 100_000):
+            handle.write("".join(f'{{"path":"img/{i % 997:03d}/im{i:09d}.jpg","label":"c{i % classes:04d}"}}\n'
+                                 for i in range(start, min(n, start + 100_000))))
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _present(monkey_module) -> None:
+    """Every manifest path "exists" (size 1000, mtime 0): the benchmark has no image files, and a stat that
+    fails would reject every row as missing_file before planning."""
+    monkey_module.stat = lambda path: (1000, 0)
+
+
+def child_new(manifest: Path, work: Path, shard_size: int) -> dict:
+    from data_prep import manifests, plan, sources, tasks
+
+    _present(manifests)
+    start = time.perf_counter()
+    listing = sources.list_partitioned(manifest, "manifest", None, 0, work / "spill")
+    listed = time.perf_counter() - start
+    out = work / "out"
+    usable = [0] * plan.PARTITIONS
+    for part in range(plan.PARTITIONS):  # the driver's loop of job._scan, run in-process (no Ray)
+        if listing.counts[part]:
+            rows = sources.read_inputs(listing.inputs_path(part))
+            (receipt,) = tasks.scan_partitions(str(out), "train", "f", [(part, rows)], 0, synthetic=True)
+            usable[part] = receipt["usable"]
+    shards = plan.shard_ranges(usable, shard_size)
+    first = tasks.plan_entries(out, "train", shards[0], listing.classes, {})  # a write task's read of shard 0
+    assert len(first) == min(shard_size, sum(usable))
+    return {"entries": listing.listed, "shards": len(shards), "list_s": listed,
+            "seconds": time.perf_counter() - start, "peak_mb": _peak_rss_mb()}
+
+
+def child_old(manifest: Path, shard_size: int) -> dict:
+    from data_prep import manifests, plan, sources
+    from data_prep.images import ScanResult
+
+    _present(manifests)
+    start = time.perf_counter()
+    listing = sources.list_inputs(manifest, "manifest", None)
+    listed = time.perf_counter() - start
+    import hashlib
+
+    scans = {i.id: ScanResult(None, "", 64, 48, hashlib.sha1(i.id.encode()).hexdigest()) for i in listing.inputs}
+    built = plan.build_plan(listing, scans, "f", shard_size, 0, False)
+    return {"entries": len(listing.inputs) + len(listing.rejects), "shards": len(built.shards), "list_s": listed,
+            "seconds": time.perf_counter() - start, "peak_mb": _peak_rss_mb()}
+
+
+def run_child(mode: str, manifest: Path, shard_size: int, code: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="plan_scale-", dir=manifest.parent) as work:
+        cmd = [sys.executable, __file__, "--child", mode, "--manifest", str(manifest), "--work", work,
+               "--shard-size", str(shard_size)]
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"{mode} child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="50k,200k,800k", help="comma-separated entry counts (1M, 4M, 16M, ...)")
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--baseline", type=Path, help="a checkout of the old code to run side by side")
+    parser.add_argument("--dir", type=Path, help="where the manifests go (default: a temp folder)")
+    parser.add_argument("--child", choices=["new", "old"], help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        result = (child_new(args.manifest, args.work, args.shard_size) if args.child == "new"
+                  else child_old(args.manifest, args.shard_size))
+        print(json.dumps(result))
+        return 0
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    modes = [("new", ROOT)] + ([("old", args.baseline.resolve())] if args.baseline else [])
+    results: dict[str, list[dict]] = {m: [] for m, _ in modes}
+    with tempfile.TemporaryDirectory(prefix="plan_scale-", dir=args.dir) as tmp:
+        for n in sizes:
+            manifest = Path(tmp) / f"manifest-{n}.jsonl"
+            make_manifest(manifest, n)
+            for mode, code in modes:
+                r = run_child(mode, manifest, args.shard_size, code)
+                results[mode].append(r)
+                print(f"{mode:>4} {n:>12,} entries: peak {r['peak_mb']:9.1f} MB, {r['seconds']:8.1f} s "
+                      f"(list {r['list_s']:.1f} s), {1e6 * r['seconds'] / n:6.2f} us/entry, {r['shards']} shards",
+                      flush=True)
+            manifest.unlink()
+    print("\nmode      entries    peak MB   seconds  us/entry")
+    for mode, _ in modes:
+        for n, r in zip(sizes, results[mode]):
+            print(f"{mode:>4} {n:>12,} {r['peak_mb']:10.1f} {r['seconds']:9.1f} {1e6 * r['seconds'] / n:9.2f}")
+    for mode, _ in modes:
+        rs = results[mode]
+        if len(rs) < 2:
+            continue
+        small, big = rs[0], rs[-1]
+        mem_ratio = big["peak_mb"] / small["peak_mb"]
+        time_ratio = (big["seconds"] / sizes[-1]) / (small["seconds"] / sizes[0])
+        print(f"{mode}: {sizes[-1]:,} vs {sizes[0]:,}: peak memory x{mem_ratio:.2f}, time per entry x{time_ratio:.2f}")
+        # linear fit through the two ends: memory = a + b*n, time = c + d*n
+        b = (big["peak_mb"] - small["peak_mb"]) / (sizes[-1] - sizes[0])
+        d = (big["seconds"] - small["seconds"]) / (sizes[-1] - sizes[0])
+        for n in (13_000_000, 1_000_000_000):
+            mem = small["peak_mb"] + b * (n - sizes[0])
+            sec = small["seconds"] + d * (n - sizes[0])
+            print(f"{mode}: extrapolated to {n:,}: peak {mem:,.0f} MB, {sec / 3600:,.2f} h single-process")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

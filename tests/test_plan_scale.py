@@ -1,0 +1,82 @@
+"""Partitioned planning (issue 12): the same order and shards as sorting everything at once; the benchmark runs."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from data_prep.plan import PARTITIONS, SpillWriter, order_key, read_spill, shard_ranges, shuffle_ids
+from data_prep.sources import list_inputs, list_partitioned
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _partitioned_order(ids: list[str], seed: int, tmp: Path) -> list[str]:
+    """Spill by the key's top byte, sort each partition alone, concatenate: what the job does."""
+    spill = SpillWriter(tmp, "t")
+    for i in ids:
+        key = order_key(i, seed)
+        spill.add(key[0], [key.hex(), i])
+    spill.close()
+    order = []
+    for part in range(PARTITIONS):
+        order += [i for _k, i in sorted(read_spill(spill.path(part)))]
+    return order
+
+
+def test_partitioned_order_and_shards_equal_one_global_sort(tmp_path):
+    rng = random.Random(7)
+    ids = [f"c{rng.randrange(50)}/img{n:05d}.jpg" for n in range(3000)]
+    rng.shuffle(ids)  # listing order must not matter
+    for seed in (0, 3):
+        whole = shuffle_ids(ids, seed)
+        assert _partitioned_order(ids, seed, tmp_path / str(seed)) == whole
+        # usable inputs per partition -> shard ranges: shard i is exactly whole[i*S:(i+1)*S]
+        usable = [0] * PARTITIONS
+        by_part: list[list[str]] = [[] for _ in range(PARTITIONS)]
+        for i in whole:
+            usable[order_key(i, seed)[0]] += 1
+            by_part[order_key(i, seed)[0]].append(i)
+        for size in (1, 7, 1000, 5000):
+            shards = shard_ranges(usable, size)
+            got = [[i for p, a, b in ranges for i in by_part[p][a:b]] for ranges in shards]
+            assert got == [whole[k:k + size] for k in range(0, len(whole), size)]
+
+
+def test_partitioned_listing_matches_the_in_memory_one(tmp_path):
+    root = tmp_path / "src"
+    for n in range(60):
+        path = root / f"c{n % 3}" / f"im{n:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * n)
+    (root / "c1" / "notes.txt").write_text("no image")
+    whole = list_inputs(root, "auto", None)
+    parts = list_partitioned(root, "auto", None, 5, tmp_path / "spill")
+    ids = [row[1] for p in range(PARTITIONS) for row in read_spill(parts.inputs_path(p))]
+    assert ids == shuffle_ids([i.id for i in whole.inputs], 5)
+    assert parts.classes == whole.classes and parts.listed == 61 and parts.non_image_files == 1
+    # the fingerprint depends on the inputs, not on the order they were listed in or the seed
+    again = list_partitioned(root, "auto", None, 9, tmp_path / "spill2")
+    assert again.fingerprint == parts.fingerprint
+    (root / "c0" / "im000.jpg").write_bytes(b"changed")
+    assert list_partitioned(root, "auto", None, 5, tmp_path / "spill3").fingerprint != parts.fingerprint
+
+
+def test_manifest_path_listed_twice_is_one_line_with_both_lines(tmp_path):
+    import pytest
+
+    from core.errors import UserError
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "a.jpg", "label": "x"}\n{"path": "b.jpg", "label": "y"}\n'
+                        '{"path": "a.jpg", "label": "y"}\n')
+    with pytest.raises(UserError, match=r"m.jsonl:3: path 'a.jpg' is already listed on line 1"):
+        list_partitioned(manifest, "auto", None, 0, tmp_path / "spill")
+
+
+def test_benchmark_smoke_memory_is_reported(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/plan_scale.py", "--sizes", "5k,20k", "--dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "peak memory x" in proc.stdout and "extrapolated to 1,000,000,000" in proc.stdout, proc.stdout
