@@ -96,6 +96,9 @@ def teardown() -> None:
     rank) aborts in the collective library's threads at interpreter exit instead of exiting 2."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    from pipeline.cpu_shm import release_own_buffer
+
+    release_own_buffer()  # DeepSpeed's CPU all-reduce segment: it never unlinks it (pipeline/cpu_shm.py)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
