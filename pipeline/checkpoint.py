@@ -9,9 +9,14 @@
   files it wrote; resume checks them, newest first, and a damaged checkpoint loses its marker (kept as
   `complete.json.damaged`, with the reason) in favour of the previous one. A save that cannot be written
   (disk full, quota, permission) ends the run with one line and never touches older checkpoints.
+* Each rank's EMA fragments (pipeline.ema) are written into the tag folder as `ema_rank<r>.safetensors` after
+  DeepSpeed's files and before the marker, and are checksummed like them.
 * A different world size (or ZeRO stage) cannot load ZeRO partitions saved by another layout: the newest
-  checkpoint is converted once with DeepSpeed's `ds_to_universal` into `checkpoints/universal/<tag>/` and
-  loaded with the engine's `checkpoint.load_universal` option.
+  checkpoint is converted once with DeepSpeed's `ds_to_universal` (its parallel extract and merge workers) into
+  `checkpoints/universal/<tag>/` and loaded with the engine's `checkpoint.load_universal` option; the EMA is
+  re-sliced from the source tag's fragment files. The other ranks wait for the conversion by polling its marker
+  and rank 0's heartbeat file, not in a collective with a timeout.
+* A restore keeps nothing it loaded referenced (the client state's EMA entry is dropped, garbage collected).
 
 The trainer uses one `Checkpointer`:
 
@@ -38,7 +43,11 @@ from core.files import atomic_write_json
 log = logging.getLogger("pipeline.checkpoint")
 
 MARKER = "complete.json"
-CONVERSION_ALLOWANCE = 4  # x train.hang_timeout_s: the wait while rank 0 converts to a universal checkpoint
+CONVERSION_ALLOWANCE = 4  # x train.hang_timeout_s: rank 0's allowance for a universal conversion, plus
+CONVERSION_BYTES_PER_S = 20e6  # ... its checkpoint's bytes at this (slow) rate: read, regrouped, written again
+MAX_CONVERSION_WORKERS = 8  # ds_to_universal's extract / merge processes (each extract worker: one rank's file)
+HEARTBEAT_S = 10.0  # rank 0 touches <universal tag>.converting this often while converting
+DEFAULT_HANG_S = 1800.0  # without a watchdog: how long a silent conversion is waited for
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -125,9 +134,10 @@ def unmark(tag_dir: str, reason: Optional[str] = None) -> None:
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: dict,
-         stats: Optional[dict] = None) -> str:
-    """engine.save_checkpoint on every rank, each recording its files' sizes and checksums; then the completion
-    marker holding them all, and pruning, on rank 0. A write that fails (disk full, quota, permission) ends the
+         stats: Optional[dict] = None, ema=None) -> str:
+    """engine.save_checkpoint on every rank, then each rank's EMA fragment file (`ema`: a pipeline.ema.ShardedEMA),
+    each rank recording its files' sizes and checksums; then the completion marker holding them all, and
+    pruning, on rank 0. A write that fails (disk full, quota, permission) ends the
     run with one line (checkpoint_integrity.exit_save_failed): the marker is never written, older ones stay."""
     import torch.distributed as dist
 
@@ -143,6 +153,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: 
     try:
         with record_writes(engine) as written:
             engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)  # ends with a barrier
+        if ema is not None:  # before the marker: a checkpoint marked complete has every rank's fragment
+            written.append(os.path.abspath(ema.save_fragments(tag_dir)))
         files = describe_files(tag_dir, written, rank)
     except (OSError, RuntimeError) as err:
         if not is_write_failure(err):
@@ -168,23 +180,121 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: 
     return tag
 
 
+def conversion_workers(files: int) -> tuple[int, int]:
+    """(extract, merge) worker processes for ds_to_universal: one per CPU this process may use, at most
+    MAX_CONVERSION_WORKERS (each extract worker holds one rank's optimizer file in memory), and no more extract
+    workers than there are rank files."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(MAX_CONVERSION_WORKERS, cpus))
+    return max(1, min(workers, files)), workers
+
+
+def _universal_dir(info: CheckpointInfo) -> str:
+    return os.path.join(info.dir, "universal", info.tag)
+
+
+@contextlib.contextmanager
+def _heartbeat(path: str, every_s: float = HEARTBEAT_S):
+    """Touch `path` every `every_s` while the block runs (the ranks waiting for it see rank 0 is alive)."""
+    import threading
+
+    def touch():
+        with open(path, "a"):
+            os.utime(path)
+
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):
+            with contextlib.suppress(OSError):
+                touch()
+
+    touch()
+    thread = threading.Thread(target=beat, name="universal-conversion-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 def to_universal(info: CheckpointInfo) -> CheckpointInfo:
-    """Convert a ZeRO checkpoint into a DeepSpeed universal checkpoint (once; reused if already there)."""
+    """Convert a ZeRO checkpoint into a DeepSpeed universal checkpoint (once; reused if already there), with
+    DeepSpeed's parallel extract and merge workers. While it runs, `<out>.converting` is touched every
+    HEARTBEAT_S; a failure leaves its reason in `<out>.failed` (the waiting ranks read both)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    out_root = os.path.join(info.dir, "universal")
-    out = os.path.join(out_root, info.tag)
+    from pipeline.checkpoint_integrity import is_write_failure
+
+    out = _universal_dir(info)
     if read_marker(out) is None:
         shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out_root, exist_ok=True)
-        args = argparse.Namespace(input_folder=info.path, output_folder=out, num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        optimizer_files = len([n for n in os.listdir(info.path) if n.endswith("optim_states.pt")])
+        extract, merge = conversion_workers(optimizer_files)
+        args = argparse.Namespace(input_folder=info.path, output_folder=out, num_extract_workers=extract,
+                                  num_merge_workers=merge, keep_temp_folder=False, strict=True,
                                   inject_missing_state=True)
-        log.warning("converting %s (world size %d) to a universal checkpoint in %s", info.path, info.world_size, out)
-        ds_to_universal.main(args)
-        kept = {k: v for k, v in info.meta.items() if k != "files"}  # the source's file list, not this folder's
-        write_marker(out, {**kept, "universal_of": info.path})
-    return CheckpointInfo(out_root, info.tag, info.step, info.world_size, info.zero_stage, read_marker(out) or {})
+        log.warning("converting %s (world size %d) to a universal checkpoint in %s (%d extract, %d merge workers)",
+                    info.path, info.world_size, out, extract, merge)
+        try:
+            with _heartbeat(out + ".converting"):
+                ds_to_universal.main(args)
+                kept = {k: v for k, v in info.meta.items() if k != "files"}  # the source's file list, not this one's
+                write_marker(out, {**kept, "universal_of": info.path})
+        except BaseException as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            with contextlib.suppress(OSError):
+                atomic_write_json(out + ".failed", {"reason": reason, "write_failure": is_write_failure(err)})
+            raise
+    return CheckpointInfo(os.path.dirname(out), info.tag, info.step, info.world_size, info.zero_stage,
+                          read_marker(out) or {})
+
+
+def wait_for_universal(info: CheckpointInfo, stale_after_s: float, watchdog=None, poll_s: float = 1.0) -> None:
+    """On the ranks other than 0: wait until rank 0's conversion of `info` is marked complete, for as long as it
+    takes, polling the marker instead of waiting in a collective with a timeout. Its heartbeat file must stay
+    fresher than `stale_after_s` (else rank 0 died or hung: RuntimeError); `watchdog` is kept alive meanwhile."""
+    out = _universal_dir(info)
+    started = time.monotonic()
+    while read_marker(out) is None:
+        failed = _read_json(out + ".failed")
+        if failed is not None:
+            raise RuntimeError(f"rank 0 could not convert {info.path} to a universal checkpoint "
+                               f"({failed.get('reason')}); see its log")
+        try:
+            age = time.time() - os.path.getmtime(out + ".converting")
+        except OSError:  # not started yet (or just finished: the marker is read again first)
+            age = time.monotonic() - started
+        if age > stale_after_s:
+            raise RuntimeError(f"rank 0's conversion of {info.path} to a universal checkpoint shows no sign of life "
+                               f"for {age:.0f} s ({out}.converting); relaunch to resume")
+        if watchdog is not None:
+            watchdog.beat("waiting for rank 0's universal conversion")
+        time.sleep(poll_s)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _release_loaded() -> None:
+    """After a restore: what DeepSpeed and the client state loaded is garbage now; hand it back at once (the
+    accelerator's cache too) instead of carrying it into the first training steps."""
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().empty_cache()
 
 
 @dataclass
@@ -206,25 +316,39 @@ class Checkpointer:
         self.run_config: Optional[dict] = None  # the resolved config, kept in each marker (config changes on resume)
 
     def find_resume(self) -> Optional[ResumePoint]:
-        """The newest complete checkpoint whose files check out; rank 0 converts a changed layout; all ranks get it."""
+        """The newest complete checkpoint whose files check out; rank 0 converts a changed layout; all ranks get it.
+
+        The conversion takes as long as the model needs (CoAtNet-7: tens of minutes): rank 0 gets an allowance
+        that grows with the checkpoint's size; the other ranks poll its marker and heartbeat
+        (`wait_for_universal`) instead of waiting in a collective whose timeout a large model could exceed."""
+        import torch.distributed as dist
+
         from pipeline import distributed as D
 
         with self._watch("checkpoint verification"):
             found = self._newest_intact()
-        resume = None
-        if self.info.is_main and found is not None:
-            resume = ResumePoint(found, False)
-            if self._layout_changed(found):
-                log.warning("checkpoint %s was written by %d ranks with ZeRO-%d; now %d ranks with ZeRO-%d: resuming "
-                            "through a universal checkpoint", found.tag, found.world_size, found.zero_stage,
-                            self.info.world_size, self.zero_stage)
-                resume = ResumePoint(to_universal(found), True)
         if found is None or not self._layout_changed(found):
-            return D.broadcast_object(resume)
-        # The others wait while rank 0 converts (CoAtNet-7: longer than a hang timeout): their own allowance.
-        allowance = CONVERSION_ALLOWANCE * (self.watchdog.timeout_s if self.watchdog else 1800.0)
-        with self._watch("universal conversion", allowance):
-            return D.broadcast_object(resume, timeout_s=allowance + 60.0)
+            return D.broadcast_object(ResumePoint(found, False) if found is not None else None)
+        out = _universal_dir(found)
+        if self.info.is_main:
+            log.warning("checkpoint %s was written by %d ranks with ZeRO-%d; now %d ranks with ZeRO-%d: resuming "
+                        "through a universal checkpoint", found.tag, found.world_size, found.zero_stage,
+                        self.info.world_size, self.zero_stage)
+            for stale in (out + ".failed", out + ".converting"):  # a previous launch's
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # nobody reads a previous launch's .failed
+        timeout = self.watchdog.timeout_s if self.watchdog else DEFAULT_HANG_S
+        if self.info.is_main:
+            allowance = CONVERSION_ALLOWANCE * timeout + float(found.meta.get("bytes") or 0) / CONVERSION_BYTES_PER_S
+            with self._watch("universal conversion", allowance):
+                resume = ResumePoint(to_universal(found), True)
+        else:
+            with self._watch("waiting for rank 0's universal conversion"):
+                wait_for_universal(found, stale_after_s=timeout, watchdog=self.watchdog)
+            resume = None
+        return D.broadcast_object(resume)
 
     def _newest_intact(self) -> Optional[CheckpointInfo]:
         """Newest first, each rank checks its share of a complete checkpoint's recorded sizes and checksums; a
@@ -252,13 +376,17 @@ class Checkpointer:
         return changed and found.zero_stage >= 1
 
     def restore(self, engine, state, resume: ResumePoint) -> dict:
-        """Load model, optimizer and schedule into `engine` and the client state into `state`; returns it."""
+        """Load model, optimizer and schedule into `engine`, the client state and EMA into `state`; returns the client
+        state (without its EMA entry: nothing loaded stays referenced after this)."""
         found = resume.checkpoint
+        # The EMA fragments are beside DeepSpeed's files of the tag (a universal conversion has none: its source's).
+        ema_folder = os.path.join(os.path.dirname(found.dir), found.tag) if resume.universal else found.path
         with self._watch("checkpoint load"):
             load_path, client = engine.load_checkpoint(found.dir, tag=found.tag, load_module_strict=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {found.path}")
-        state.load_state_dict(client)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {found.path}")
+            state.load_state_dict(client, ema_folder=ema_folder)  # drops the client state's EMA entry
+        _release_loaded()
         # The LR follows THIS launch's schedule from the restored step (pipeline.optim.ScheduleLR), also after a
         # universal load; a plain LambdaLR keeps the restored one.
         if hasattr(engine.lr_scheduler, "restart_at"):
@@ -285,7 +413,7 @@ class Checkpointer:
             D.sync_batchnorm_stats(engine.module)  # every rank's BatchNorm statistics agree in the checkpoint
             tag = save(engine, self.ckpt_dir, state.step, state.state_dict(), self.keep,
                        {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "config": self.run_config},
-                       stats=stats)
+                       stats=stats, ema=state.ema)
         self.saved_step = state.step
         self.last_save_s, self.last_bytes = stats["seconds"], stats["bytes"]
         if self.info.is_main:

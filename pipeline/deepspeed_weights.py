@@ -7,7 +7,9 @@
   from its fp32 partitions (`_load_bf16_optimizer`); ZeRO-0 reads the fp32 master copies from the
   model-states file, else the module weights;
 * a universal checkpoint folder (`zero/<param>/fp32.pt`, as ds_to_universal writes it).
-EMA weights (the trainer keeps them in the client state) win when present and asked for. These files are
+EMA weights win when present and asked for: assembled from the trainer's per-rank fragment files
+(`ema_rank*.safetensors` in the tag folder, pipeline.ema), or the full copy older checkpoints kept in the client
+state. These files are
 pickles: `read_tag` refuses a tag this tool did not write unless the user says they trust it. DeepSpeed is
 imported only to consolidate ZeRO partitions.
 """
@@ -337,6 +339,38 @@ def _stage0_master_weights(states: dict) -> Optional[dict]:
     return out if not remaining else None
 
 
+def _ema_folder(tag_dir: str) -> str:
+    """Where a tag's EMA fragment files are: the tag itself, or for a universal conversion
+    (`checkpoints/universal/<tag>`) the tag it was converted from (ds_to_universal copies only DeepSpeed's files)."""
+    from pipeline.weights_io import ema_fragment_files
+
+    tag_dir = os.path.abspath(tag_dir)
+    parent = os.path.dirname(tag_dir)
+    source = os.path.join(os.path.dirname(parent), os.path.basename(tag_dir))
+    if os.path.basename(parent) == "universal" and not ema_fragment_files(tag_dir) and os.path.isdir(source):
+        return source
+    return tag_dir
+
+
+def _read_ema(tag_dir: str, states: Optional[dict]) -> Optional[dict]:
+    """The checkpoint's full EMA, or None without one: assembled from the per-rank fragment files
+    (pipeline.ema), or, from checkpoints written before them, the full copy in the client state."""
+    from pipeline.ema import FORMAT
+    from pipeline.weights_io import read_ema_fragments
+
+    recorded = (states or {}).get("ema")
+    folder = _ema_folder(tag_dir)
+    state = read_ema_fragments(folder)
+    if state:
+        return state
+    if isinstance(recorded, dict) and recorded.get("format") == FORMAT:
+        raise PretrainedError(f"{folder} has no EMA fragment files (ema_rank*.safetensors) although its client state "
+                              f"records an EMA; the checkpoint is incomplete: use an earlier one or pass --no-ema")
+    if isinstance(recorded, dict) and recorded and all(torch.is_tensor(v) for v in recorded.values()):
+        return recorded  # written before the fragment files: a full fp32 copy in the client state
+    return None
+
+
 def read_tag(tag_dir: str, ema: bool, trust_pickle: bool = False) -> tuple[dict, dict]:
     _require_trust(tag_dir, trust_pickle)
     universal = _is_universal(tag_dir)
@@ -352,9 +386,9 @@ def read_tag(tag_dir: str, ema: bool, trust_pickle: bool = False) -> tuple[dict,
         if states.get("classes"):
             meta["classes"] = list(states["classes"])
         meta["zero_stage"] = ((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
-    state = None
-    if ema and states and isinstance(states.get("ema"), dict) and states["ema"]:
-        state, meta["ema"] = states["ema"], True
+    state = _read_ema(tag_dir, states) if ema else None
+    if state:
+        meta["ema"] = True
     elif universal:
         state = _load_universal_params(tag_dir, states)
     else:

@@ -1,4 +1,5 @@
-"""Evaluation inside a training run: data.val with the live model and, when enabled, the EMA weights."""
+"""Evaluation inside a training run: data.val with the live model and, when enabled, the EMA weights (swapped
+into the engine's own parameters and back: no second model per GPU)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -7,7 +8,6 @@ import torch
 
 from pipeline import distributed as D
 from pipeline.config import Config
-from pipeline.model_args import model_kwargs
 from pipeline.train_state import TrainState
 
 
@@ -30,7 +30,6 @@ class Evaluator:
             cfg.data.val, cfg.data.val_split, cfg.image_hw, batch_size=cfg.train.micro_batch_size * 2,
             num_workers=min(cfg.data.num_workers, 2), rank=info.rank, world_size=info.world_size,
             center_crop=cfg.data.center_crop, crop_ratio=cfg.data.crop_ratio)
-        self.ema_model = None
 
     def _evaluate(self, module: torch.nn.Module) -> dict:
         from pipeline.evaluation import evaluate
@@ -38,24 +37,20 @@ class Evaluator:
         return evaluate(module, self.loader, self.num_classes, self.info.device, multi_label=self.shards.multi_label)
 
     def __call__(self, engine, state: TrainState) -> dict:
-        from model import create_model
+        """Evaluate the live weights, then the EMA swapped into the same engine (pipeline.ema.ShardedEMA.swapped_in:
+        no second model on any GPU); every rank calls it."""
         from pipeline.evaluation import LOGGED_KEYS, headline
 
         D.sync_batchnorm_stats(engine.module)
-        ema_state = state.ema_weights()
         with _rng_untouched(self.info.device):
             res = self._evaluate(engine.module)
             out = {f"eval/{k}": v for k, v in res.items() if k in LOGGED_KEYS}
             console = f"eval step {state.step}: {headline(res)} ({res['count']} images)"
-            if ema_state is not None:
-                if self.ema_model is None:
-                    saved = engine.module.config.to_dict()
-                    self.ema_model = create_model(**model_kwargs(saved)).to(self.info.device)
-                self.ema_model.load_state_dict(ema_state, strict=True)
-                res = self._evaluate(self.ema_model)
+            if state.ema is not None:
+                with state.ema.swapped_in() as module:
+                    res = self._evaluate(module)
                 out.update({f"eval_ema/{k}": v for k, v in res.items()
                             if k in LOGGED_KEYS and not k.startswith("per_")})
                 console += f" | EMA {headline(res)}"
         self.logger.log(state.step, out, console=console)
         return out
-

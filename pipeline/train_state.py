@@ -1,15 +1,17 @@
 """The training state a checkpoint carries besides DeepSpeed's model and optimizer: one owner, one format.
 
     state = TrainState(cfg.seed, info, global_batch, steps_per_epoch, ema=ema, run_meta={...})
-    state.load_state_dict(client)            # after engine.load_checkpoint; then build the loader from
+    state.load_state_dict(client, ema_folder)  # after engine.load_checkpoint; then build the loader from
     loader = build_train_loader(..., state=state.data_state); state.attach_loader(loader)   # every rank's states
-    client = state.state_dict()              # collective: every rank's RNG and data position, the full EMA
+    client = state.state_dict()              # collective: every rank's RNG and data position
+    state.ema.save_fragments(tag_dir)        # every rank its own EMA fragments (pipeline.checkpoint.save does)
 
 The client state (`engine.save_checkpoint(client_state=...)`) has exactly the keys of CLIENT_KEYS:
 
     step, epoch, samples_seen     progress (samples_seen = step x global batch)
     rng, data_state               {"<rank>": ...}: every rank's RNG streams and data-loader positions
-    ema, ema_updates              the full fp32 EMA weights (None without EMA) and its update count
+    ema, ema_updates              what the EMA's files hold (pipeline.ema.ShardedEMA.describe; None without EMA:
+                                  the values are in each rank's <tag>/ema_rank<r>.safetensors) and its update count
     model_config, classes, world_size, zero_stage, mode     what wrote it (run_meta)
     step_guard                    bad steps counted, steps whose batches a rollback skips (pipeline.step_guard)
 
@@ -70,10 +72,6 @@ class TrainState:
         if self.ema is not None and applied:
             self.ema.update()
 
-    def ema_weights(self) -> Optional[dict]:
-        """The full EMA weights (collective: call on every rank), or None without EMA."""
-        return self.ema.state_dict() if self.ema is not None else None
-
     def state_dict(self) -> dict:
         """The checkpoint's client state. Collective: every rank must call it."""
         rngs = D.all_gather_object(D.rng_state())
@@ -81,22 +79,35 @@ class TrainState:
         out = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
                "data_state": {str(r): s for r, s in enumerate(datas)},
                "rng": {str(r): s for r, s in enumerate(rngs)},
-               "ema": self.ema_weights(), "ema_updates": self.ema.updates if self.ema is not None else 0,
+               "ema": self.ema.describe() if self.ema is not None else None,
+               "ema_updates": self.ema.updates if self.ema is not None else 0,
                **{k: self.run_meta.get(k) for k in RUN_META_KEYS},
                "step_guard": self.guard.state_dict() if self.guard is not None else None}
         assert tuple(out) == CLIENT_KEYS
         return out
 
-    def load_state_dict(self, client: dict) -> None:
-        """Restore from a checkpoint's client state (before the loader is built from `data_state`)."""
+    def load_state_dict(self, client: dict, ema_folder: Optional[str] = None) -> None:
+        """Restore from a checkpoint's client state (before the loader is built from `data_state`); the EMA from
+        the fragment files in `ema_folder` (the checkpoint's tag folder), or from an older checkpoint's full copy
+        in the client state. The client state's EMA entry is dropped once loaded (resume keeps no copy)."""
         self.step = int(client["step"])
         if int(client.get("world_size", -1)) == self.info.world_size:
             D.set_rng_state(client["rng"][str(self.info.rank)])
         else:  # a new world: per-rank RNG streams cannot be continued; derive fresh ones from the step
             seed_rank_streams(self.seed, self.info.rank, self.step)
         self.data_state = client["data_state"]  # every rank's; the loader picks or regroups its own
-        if self.ema is not None and client.get("ema") is not None:
-            self.ema.load_state_dict(client["ema"], int(client.get("ema_updates", self.step)))
+        recorded = client.get("ema")
+        if self.ema is not None and recorded is not None:
+            updates = int(client.get("ema_updates", self.step))
+            if isinstance(recorded, dict) and "format" in recorded:
+                if ema_folder is None:
+                    raise ValueError("the checkpoint's EMA is in fragment files: pass their folder")
+                self.ema.load_fragments(ema_folder, updates)
+            else:  # written before the fragment files: a full fp32 copy
+                self.ema.load_full(recorded, updates)
+        elif self.ema is not None:  # EMA switched on at this resume: it starts from the restored weights
+            self.ema.restart()
+        client["ema"] = None
         if self.guard is not None:
             self.guard.load_state_dict(client.get("step_guard"))
 

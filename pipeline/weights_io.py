@@ -3,7 +3,8 @@
 Readers (pipeline.deepspeed_weights for DeepSpeed/universal checkpoints, `read_safetensors` here for exports)
 all return `(state, meta)` with `state` in one form: fp32 floating tensors on CPU, contiguous, no shared
 storage, no wrapper prefixes; so an export, a strict load and a head transfer never see a bf16 copy or a
-`module.` key.
+`module.` key. The trainer's EMA is kept as one fragment file per rank (pipeline.ema); `read_ema_fragments`
+assembles it here, the only place besides a resume that reads those files.
 """
 from __future__ import annotations
 
@@ -96,3 +97,62 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
         meta["step"] = config.get("step")
         meta.update({k: config[k] for k in ("center_crop", "crop_ratio") if k in config})
     return to_fp32_cpu(state), meta
+
+
+# ------------------------------------------------------------------------------ EMA fragment files
+EMA_FRAGMENTS = "ema_rank*.safetensors"  # pipeline.ema.ShardedEMA.save_fragments, one per rank of the run
+
+
+def ema_fragment_files(folder: str) -> list[dict]:
+    """The EMA fragment files of a checkpoint tag folder, rank order: {path, rank, world_size, updates, index}
+    with index [[parameter, start, numel, shape, offset], ...]; [] when there are none. Headers only."""
+    import glob
+
+    from safetensors import SafetensorError, safe_open
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), EMA_FRAGMENTS))):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+            out.append({"path": path, "rank": int(meta["rank"]), "world_size": int(meta["world_size"]),
+                        "updates": int(meta["updates"]), "index": json.loads(meta["index"])})
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise PretrainedError(f"{path} is not a readable EMA fragment file ({first_line(e)}); the checkpoint "
+                                  f"is damaged: use an earlier one or export with --no-ema") from None
+    worlds = {f["world_size"] for f in out}
+    if out and (len(worlds) != 1 or sorted(f["rank"] for f in out) != list(range(worlds.pop()))):
+        raise PretrainedError(f"{folder} holds EMA fragment files of ranks {[f['rank'] for f in out]} but they "
+                              f"were written by {out[0]['world_size']} ranks; the checkpoint is incomplete")
+    return out
+
+
+def read_ema_fragments(folder: str) -> dict:
+    """The full EMA (fp32 CPU state dict) assembled from every rank's fragment file in `folder`: parameters
+    from their fragments (each value exactly once), float buffers averaged over ranks, integer ones rank 0's."""
+    from safetensors import safe_open
+
+    params: dict = {}   # name -> (flat fp32 values, shape, values filled)
+    buffers: dict = {}  # name -> every rank's values
+    out: dict = {}
+    for file in ema_fragment_files(folder):
+        with safe_open(file["path"], framework="pt", device="cpu") as f:
+            flat = f.get_tensor("fragments")
+            for name, start, numel, shape, offset in file["index"]:
+                if name not in params:
+                    params[name] = [torch.zeros(torch.Size(shape).numel(), dtype=torch.float32), shape, 0]
+                params[name][0].narrow(0, start, numel).copy_(flat.narrow(0, offset, numel))
+                params[name][2] += numel
+            for key in f.keys():
+                if key.startswith("buffer/"):
+                    buffers.setdefault(key[len("buffer/"):], []).append(f.get_tensor(key).float())
+                elif key.startswith("int/"):
+                    out[key[len("int/"):]] = f.get_tensor(key)
+    for name, (values, shape, filled) in params.items():
+        if filled != values.numel():
+            raise PretrainedError(f"{folder}: the EMA fragment files hold {filled} values of {name}, which has "
+                                  f"{values.numel()}; the checkpoint is incomplete or mixes runs")
+        out[name] = values.view(shape)
+    for name, values in buffers.items():
+        out[name] = torch.stack(values).mean(0)
+    return out

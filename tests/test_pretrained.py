@@ -25,8 +25,10 @@ CLASSES = ["circle", "square", "triangle"]
 #          checkpoints zero_to_fp32 refuses (pipeline.deepspeed_weights reads its fp32 partitions itself)
 #   zero2: ZeRO-2, bf16 (the fp32 master weights live in the optimizer partitions only)
 #   zero3: ZeRO-3, fp32
-# Each holds two steps; step 2's client state carries an "ema" (the initial weights, so it differs from the
-# trained ones). reference.pt is what the engine trained: the full fp32 master weights and the buffers.
+# Each holds two steps; step 2's client state carries an "ema" as checkpoints did before the trainer wrote per-rank
+# EMA fragment files (a full copy: reading it stays supported; tests/test_ema_sharded.py covers the fragments),
+# holding the initial weights, so it differs from the trained ones. reference.pt is what the engine trained: the
+# full fp32 master weights and the buffers.
 DEEPSPEED_RUNS = textwrap.dedent('''
     import argparse, json, os, socket, sys
     import torch
