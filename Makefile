@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/shard_speed.py
 	$(PY) benchmarks/loader_speed.py
+	$(PY) benchmarks/ema_speed.py
 
 # Every GPU figure of issue 10 in one budgeted run (needs CUDA and timm; see the script's docstring for the
 # lent-device command); `$(PY) benchmarks/gpu_check.py --tiny` is the CPU smoke run CI does.

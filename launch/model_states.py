@@ -123,7 +123,7 @@ def ema_bytes(setting: ZeroSetting, total_params: int, gpus: int, ema_decay: flo
         return 0, 0
     full = 4 * total_params
     shadow = full if setting.stage == 0 else full // gpus
-    return (0, shadow) if setting.offload_optimizer and setting.stage in (1, 2) else (shadow, 0)
+    return (0, shadow) if setting.offload_optimizer and setting.stage >= 1 else (shadow, 0)
 
 
 # DeepSpeed's bucket sizes (elements) when the config sets none: DeepSpeedZeroConfig's defaults, and the engine's

@@ -76,8 +76,8 @@ def setup(deterministic: bool = True, timeout_s: Optional[float] = None) -> Dist
         torch.backends.cudnn.conv.fp32_precision = "tf32"
     if not torch.distributed.is_initialized():
         # A collective that waits longer than this is a hang (a frozen or dead peer). The one legitimately long
-        # wait, the others waiting while rank 0 converts a checkpoint to a universal one, uses its own group
-        # (broadcast_object's timeout_s).
+        # wait, the others waiting while rank 0 converts a checkpoint to a universal one, polls the conversion's
+        # marker and heartbeat instead (pipeline.checkpoint.wait_for_universal).
         if "DEEPSPEED_TIMEOUT" in os.environ or timeout_s is None:
             timeout = timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 60)))
         else:
@@ -127,18 +127,12 @@ def all_gather_object(obj):
     return out
 
 
-def broadcast_object(obj, src: int = 0, timeout_s: Optional[float] = None):
-    """`obj` from rank `src` on every rank; `timeout_s`: through a temporary gloo group with that timeout (a
-    wait known to be longer than the process group's hang timeout)."""
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return obj
     box = [obj]
-    group = None
-    if timeout_s is not None:
-        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    torch.distributed.broadcast_object_list(box, src=src, group=group)
-    if group is not None:
-        torch.distributed.destroy_process_group(group)
+    torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
 
 

@@ -97,8 +97,9 @@ def _process_group() -> Iterator[None]:
     try:
         yield
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        from pipeline.distributed import teardown
+
+        teardown()
         for key in saved:
             os.environ.pop(key, None)
         os.environ.update({k: v for k, v in saved.items() if v is not None})
