@@ -13,11 +13,11 @@ import json
 import platform
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from core import storage
 from core.errors import UserError
-from core.files import atomic_write_bytes
+from core.files import atomic_path, atomic_write_bytes
 from core.storage import Location
 
 from .layout import INFO_NAME, REJECTS_NAME, STATE_DIR
@@ -105,7 +105,7 @@ def _rejects_bytes(old: bytes | None, split: str, rejects: list[dict]) -> bytes:
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
-def merge_split(out: Location, split: str, entry: dict | None, rejects: list[dict]) -> None:
+def merge_split(out: Location, split: str, entry: dict | None, rejects: Iterable[dict]) -> None:
     """Put one split's entry into _info.json and its rejects into rejects.jsonl (other splits kept).
 
     entry None writes the rejects only (a job that found no usable image describes no split).
@@ -118,7 +118,27 @@ def merge_split(out: Location, split: str, entry: dict | None, rejects: list[dic
             return _info_bytes({"splits": dict(sorted(splits.items())), "classes": entry["classes"],
                                 "versions": versions()})
         _update(out, INFO_NAME, put)
-    _update(out, REJECTS_NAME, lambda old: _rejects_bytes(old, split, rejects))
+    if storage.is_url(out):  # a compare-and-swap may call change() again: the rejects must be re-iterable
+        rejects = rejects if isinstance(rejects, list) else list(rejects)
+        _update(out, REJECTS_NAME, lambda old: _rejects_bytes(old, split, rejects))
+        return
+    with info_lock(Path(out)):
+        _stream_rejects(Path(out) / REJECTS_NAME, split, rejects)
+
+
+def _stream_rejects(path: Path, split: str, rejects: Iterable[dict]) -> None:
+    """`_rejects_bytes` for a local OUT, line by line into a temp file renamed over rejects.jsonl: neither the
+    other splits' lines nor this split's rejects are held (a split may have millions)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        if path.exists():
+            with open(path, "rb") as old:
+                for raw in old:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if _split_of(line) not in (split, _BAD):
+                        handle.write((line + "\n").encode("utf-8"))
+        for r in rejects:
+            handle.write((json.dumps({"split": split, **r}, ensure_ascii=False, sort_keys=True) + "\n")
+                         .encode("utf-8"))
 
 
 def drop_split(out: Location, split: str) -> None:

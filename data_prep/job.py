@@ -24,16 +24,19 @@ from tqdm import tqdm
 
 from core import storage
 from core.errors import UserError
+from core.files import atomic_path
 from core.storage import Location
 
-from .images import ImageOptions, ScanResult
+from .images import ImageOptions
 from .info import drop_split, load_info, merge_split
 from .layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale_shard_temps, scan_receipt_path,
                      shard_name, split_shards, state_dir)
-from .plan import PARTITIONS, order_key, read_spill, shard_ranges
-from .sources import PartitionedListing, list_partitioned, read_inputs
+from .layout import inputs_path as layout_inputs_path
+from .plan import PARTITIONS, external_sort, order_key, read_spill, shard_ranges
+from .sources import PartitionedListing, list_partitioned
 from .tasks import SPACE_ERRNOS, OutOfSpace, file_sha256, read_scanned
 
+SCAN_TASK_ROWS = 100_000  # at most about this many inputs per scan task (unless one partition holds more)
 PLAN_FORMAT = 2   # plan.json.gz: per-partition counts and the --dedup duplicates, never the entries
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -271,7 +274,9 @@ def _run_remote(fn, calls, in_flight: int, on_result) -> None:
 def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_flight: int, bar: tqdm,
           synthetic: bool = False) -> list[dict]:
     """Scan every partition not scanned yet for this fingerprint (a resumed job keeps the others); return the
-    scan receipts of all partitions. The driver reads one partition's inputs at a time to pass them to a task."""
+    scan receipts of all partitions. The driver copies a partition's inputs file (streamed) to
+    OUT/_state/<split>/inputs/ just before its task is submitted, and a task gets only partition numbers (up
+    to about SCAN_TASK_ROWS rows of them): neither the driver nor Ray's object store holds the inputs."""
     from .tasks import scan_partitions
 
     receipts: list[dict | None] = [None] * PARTITIONS
@@ -287,12 +292,13 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
         else:
             todo.append(part)
     left = sum(listing.counts[p] for p in todo)
-    chunk = max(16, math.ceil(left / (4 * in_flight)))  # whole partitions per task, about this many rows
+    chunk = max(16, min(SCAN_TASK_ROWS, math.ceil(left / (4 * in_flight))))  # whole partitions, about this many rows
 
     def calls():
         group, rows = [], 0
         for part in todo:
-            group.append((part, read_inputs(listing.inputs_path(part))))
+            _publish_inputs(listing, cfg, part)
+            group.append((part, None))
             rows += listing.counts[part]
             if rows >= chunk:
                 yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
@@ -314,6 +320,17 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
                         f"needed for the scan state and the shards (about the inputs' size); free space there and "
                         f"re-run the same command: the partitions already scanned are kept") from None
     return receipts  # type: ignore[return-value]
+
+
+def _publish_inputs(listing: PartitionedListing, cfg: ShardConfig, part: int) -> None:
+    """The local spill of one partition -> OUT/_state/<split>/inputs/PPP.jsonl, where its scan task reads it."""
+    target = layout_inputs_path(cfg.out, cfg.split, part)
+    if storage.is_url(target):
+        storage.upload(listing.inputs_path(part), str(target))
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target, durable=False) as tmp:  # rewritten by every run that scans it: no fsync needed
+        shutil.copyfile(listing.inputs_path(part), tmp)
 
 
 def _dedup(cfg: ShardConfig) -> dict[str, str]:
@@ -408,28 +425,44 @@ def _space_error(out: Location, err: OSError) -> UserError:
                      f"free space there and re-run the same command: finished shards are kept")
 
 
-def _all_rejects(cfg: ShardConfig, listing: PartitionedListing, plan: dict, late: list[dict]) -> list[dict]:
-    """Every reject of the split, sorted by source (listing, scan, --dedup duplicates, full decode). Held in
-    memory: rejects are few next to the inputs (a source that is mostly rejects is a mistake to fix first)."""
-    rejects = list(read_spill(listing.rejects_path))
-    for part in range(PARTITIONS):
-        if listing.counts[part]:
-            rejects += storage.read_json(scan_receipt_path(cfg.out, cfg.split, part))["rejects"]
-    if plan["duplicates"]:
-        classes = {}
+class _Rejects:
+    """Every reject of the split (listing, scan, --dedup duplicates, full decode), iterable any number of times.
+
+    ``iter()`` gives them sorted by source, through ``plan.external_sort`` (runs spilled to the listing's temp
+    folder), so rejects.jsonl is written without holding them all; ``reasons()`` counts them unsorted."""
+
+    def __init__(self, cfg: ShardConfig, listing: PartitionedListing, plan: dict, late: list[dict]):
+        self.cfg, self.listing, self.plan, self.late = cfg, listing, plan, late
+
+    def unsorted(self):
+        cfg, listing = self.cfg, self.listing
+        yield from read_spill(listing.rejects_path)
         for part in range(PARTITIONS):
-            for row in read_scanned(cfg.out, cfg.split, part):
-                if row[1] in plan["duplicates"]:
-                    classes[row[1]] = row[2]
-        rejects += [{"source": i, "class": classes.get(i), "reason": "duplicate", "detail": f"same bytes as {kept}"}
-                    for i, kept in plan["duplicates"].items()]
-    return sorted(rejects + late, key=lambda r: r["source"])
+            if listing.counts[part]:
+                yield from storage.read_json(scan_receipt_path(cfg.out, cfg.split, part))["rejects"]
+        duplicates = self.plan["duplicates"]
+        if duplicates:  # the class of each duplicate (as many as --dedup already holds)
+            classes = {}
+            for part in range(PARTITIONS):
+                for row in read_scanned(cfg.out, cfg.split, part):
+                    if row[1] in duplicates:
+                        classes[row[1]] = row[2]
+            for i, kept in duplicates.items():
+                yield {"source": i, "class": classes.get(i), "reason": "duplicate", "detail": f"same bytes as {kept}"}
+        yield from self.late
+
+    def reasons(self) -> Counter:
+        return Counter(r["reason"] for r in self.unsorted())
+
+    def __iter__(self):
+        return external_sort(self.unsorted(), lambda r: r["source"], self.listing.directory)
 
 
 def _split_entry(cfg: ShardConfig, listing: PartitionedListing, plan: dict, receipts: list[dict], options: dict,
-                 seconds: float, phases: dict) -> tuple[dict, list[dict]]:
+                 seconds: float, phases: dict) -> tuple[dict, _Rejects]:
     late = [r for receipt in receipts for r in receipt["rejects"]]
-    rejects = _all_rejects(cfg, listing, plan, late)
+    rejects = _Rejects(cfg, listing, plan, late)
+    reasons = rejects.reasons()
     per_class = Counter()
     for receipt in receipts:
         per_class.update(receipt["per_class"])
@@ -442,7 +475,7 @@ def _split_entry(cfg: ShardConfig, listing: PartitionedListing, plan: dict, rece
         "planned": sum(plan["usable"]),
         "duplicates": len(plan["duplicates"]),
         "non_image_files": listing.non_image_files,
-        "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "rejected": dict(sorted(reasons.items())),
         "unknown_labels_dropped": listing.unknown_labels_dropped,
         "written": written,
         "per_class": {name: per_class.get(name, 0) for name in listing.classes},
@@ -557,7 +590,7 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
                     _log(f"shard {cfg.split}: resuming the saved plan ({sum(plan['usable'])} images)")
                 usable = sum(plan["usable"])
                 if usable == 0:
-                    merge_split(cfg.out, cfg.split, None, _all_rejects(cfg, listing, plan, []))
+                    merge_split(cfg.out, cfg.split, None, _Rejects(cfg, listing, plan, []))
                     raise UserError(f"SRC {cfg.src}: none of the {listing.num_inputs} image files is usable; "
                                     f"see {storage.join(cfg.out, REJECTS_NAME)}")
                 shards = shard_ranges(plan["usable"], cfg.shard_size)
@@ -574,8 +607,10 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
         merge_split(cfg.out, cfg.split, entry, rejects)
         storage.remove(plan_path(cfg.out, cfg.split))  # receipts stay: they make a re-run cheap
         storage.remove_tree(storage.join(state_dir(cfg.out, cfg.split), "scan"))  # only a resumed plan reads them
+        storage.remove_tree(storage.join(state_dir(cfg.out, cfg.split), "inputs"))
     counts = entry["counts"]
-    result = JobResult(cfg.split, entry["num_samples"], len(receipts), entry["run"]["resumed_shards"], len(rejects),
+    result = JobResult(cfg.split, entry["num_samples"], len(receipts), entry["run"]["resumed_shards"],
+                       sum(counts["rejected"].values()),
                        counts["duplicates"], sum(s["bytes"] for s in entry["shards"]), seconds, phases,
                        entry["run"]["nodes"], entry["run"]["task_cpu_seconds"])
     print(_summary(result, counts, cfg.out))

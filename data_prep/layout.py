@@ -9,9 +9,11 @@ rename (core.files); on an object store (``s3://bucket/prefix``) whole-object PU
     OUT/_state/{split}/receipts/{split}-000000.json   written after its shard was renamed into place
     OUT/_state/{split}/scan/PPP.jsonl.gz   scan results of order partition PPP (sorted by order key)
     OUT/_state/{split}/scan/PPP.json       its receipt (fingerprint, counts, scan rejects), written after it
+    OUT/_state/{split}/inputs/PPP.jsonl    the listed inputs of partition PPP, read by its scan task
 
-The listing itself is spilled to a local temp folder (TMPDIR, ``data_prep-list-*``) while the job runs; the
-scan tasks get its rows as arguments, partition by partition.
+The listing itself is spilled to a local temp folder (TMPDIR, ``data_prep-list-*``) while the job runs; each
+partition still to scan is copied to OUT/_state/<split>/inputs/ (streamed, so the driver holds none of it) and
+its scan task reads it from there. inputs/ and scan/ are deleted when the split is complete.
 """
 from __future__ import annotations
 
@@ -59,6 +61,10 @@ def plan_path(out: Location, split: str) -> Location:
 
 def scan_path(out: Location, split: str, part: int) -> Location:
     return storage.join(state_dir(out, split), "scan", f"{part:03d}.jsonl.gz")
+
+
+def inputs_path(out: Location, split: str, part: int) -> Location:
+    return storage.join(state_dir(out, split), "inputs", f"{part:03d}.jsonl")
 
 
 def scan_receipt_path(out: Location, split: str, part: int) -> Location:

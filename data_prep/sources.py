@@ -375,9 +375,11 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
 
 def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed: int, directory: Path,
                      images: Path | None = None, label_field: str | None = None, label_map: Path | None = None,
-                     progress=None) -> PartitionedListing:
+                     progress=None, sort_rows: int | None = None) -> PartitionedListing:
     """``list_inputs`` without holding the listing: rows stream into ``plan.PARTITIONS`` spill files by their
-    order key; then each partition alone is sorted, checked and judged into ``inputs-PPP.jsonl``.
+    order key; then each partition alone is sorted, checked and judged into ``inputs-PPP.jsonl``. No sort
+    holds more than ``sort_rows`` rows (``plan.SORT_ROWS``; a bigger partition is split by the key's next byte,
+    ``plan.sorted_spill``), so the driver's memory does not grow with the listing.
 
     Fingerprint: sha256 of (kind, class list, row count, the sum mod 2**256 of sha256(id, label, size, mtime)
     over all rows). The sum does not depend on the order the rows were listed in or on the partitioning, and
@@ -385,7 +387,7 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     running hash (the listing is never in one order in one place), so an OUT written before partitioned
     planning is seen as made from other inputs: re-run with --overwrite.
     """
-    from .plan import PARTITIONS, SpillWriter, order_key, read_spill
+    from .plan import PARTITIONS, SpillWriter, order_key, sorted_spill
 
     kind = detect_kind(src, kind)
     directory = Path(directory)
@@ -426,8 +428,9 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
             reject(ListingReject(*r))
         try:
             for part in range(PARTITIONS):
-                part_rows = list(read_spill(raw.path(part)))
-                part_rows.sort(key=lambda r: (r[0], r[1] or 0))  # order key; a repeated path: by line
+                part_rows = sorted_spill(raw.path(part), raw.counts[part],
+                                         lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
+                                         sort_rows)
                 previous = None
                 for key_hex, line, file_id, label, path, offset, size, mtime in part_rows:
                     if previous is not None and previous[0] == file_id:

@@ -30,7 +30,7 @@ from core.storage import Location
 
 from .errors import InputChanged, UserError
 from .images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
-from .layout import read_json, receipt_path, scan_path, scan_receipt_path
+from .layout import inputs_path, read_json, receipt_path, scan_path, scan_receipt_path
 from .plan import Entry, sample_key, shard_hash
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
@@ -74,11 +74,18 @@ def _synthetic_scan(items: list[tuple[str, str, int, int]], _max_pixels: int) ->
     return [(file_id, None, "", 64, 48, hashlib.sha1(file_id.encode()).hexdigest()) for file_id, *_ in items]
 
 
-def scan_partitions(out: str, split: str, fingerprint: str, parts: list[tuple[int, list[list]]], max_pixels: int,
+SCAN_BATCH = 1024  # rows scanned and written per step: a task holds this many results, not its partitions
+
+
+def scan_partitions(out: str, split: str, fingerprint: str, parts: list[tuple[int, object]], max_pixels: int,
                     synthetic: bool = False) -> list[dict]:
     """Scan whole order partitions: rows [key, id, class, path, offset, size, labels] (sorted by key) ->
     ``scan/PPP.jsonl.gz`` (the rows plus reason, detail, width, height, sha1), then its receipt ``scan/PPP.json``
-    (fingerprint, counts, the scan's rejects). A kill leaves a partition without receipt: it is scanned again."""
+    (fingerprint, counts, the scan's rejects). A kill leaves a partition without receipt: it is scanned again.
+
+    A partition's rows come as None -- read, streamed, from ``OUT/_state/<split>/inputs/PPP.jsonl``, where the
+    job copied them (so neither the driver nor Ray's object store holds a partition) -- or as a list, the
+    bytes of a ``inputs-PPP.jsonl`` or any iterable of rows."""
     try:
         return _scan_partitions(out, split, fingerprint, parts, max_pixels, synthetic)
     except OSError as err:
@@ -87,28 +94,62 @@ def scan_partitions(out: str, split: str, fingerprint: str, parts: list[tuple[in
         raise
 
 
+def _rows_of(rows, out_dir: Location, split: str, part: int):
+    if rows is None:
+        with storage.open_read(inputs_path(out_dir, split, part)) as handle:
+            for line in handle:
+                yield json.loads(line)
+    elif isinstance(rows, (bytes, bytearray)):
+        start = 0
+        while start < len(rows):  # line by line without copying the whole buffer (io.BytesIO would)
+            end = rows.find(b"\n", start)
+            end = len(rows) if end < 0 else end
+            if end > start:
+                yield json.loads(rows[start:end])
+            start = end + 1
+    else:
+        yield from rows
+
+
+def _batches(rows, size: int):
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, max_pixels: int,
                      synthetic: bool) -> list[dict]:
     out_dir = storage.as_location(out)
     scan = _synthetic_scan if synthetic else scan_chunk
     receipts = []
     for part, rows in parts:
-        results = scan([(r[1], r[3], r[4], r[5]) for r in rows], max_pixels)
-        lines, rejects, usable, usable_bytes = [], [], 0, 0
-        for row, (_id, reason, detail, width, height, sha1) in zip(rows, results):
-            lines.append(json.dumps([*row, reason, detail, width, height, sha1], ensure_ascii=False,
-                                    separators=(",", ":")))
-            if reason is None:
-                usable += 1
-                usable_bytes += max(row[5], 0)
-            else:
-                rejects.append({"source": row[1], "class": row[2], "reason": reason, "detail": detail})
-        data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=1, mtime=0)
+        rejects, inputs, usable, usable_bytes = [], 0, 0, 0
+        buffer = io.BytesIO()  # the compressed results (a few % of the rows); written whole below
+        with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as packed:
+            for batch in _batches(_rows_of(rows, out_dir, split, part), SCAN_BATCH):
+                results = scan([(r[1], r[3], r[4], r[5]) for r in batch], max_pixels)
+                lines = []
+                for row, (_id, reason, detail, width, height, sha1) in zip(batch, results):
+                    lines.append(json.dumps([*row, reason, detail, width, height, sha1], ensure_ascii=False,
+                                            separators=(",", ":")) + "\n")
+                    if reason is None:
+                        usable += 1
+                        usable_bytes += max(row[5], 0)
+                    else:
+                        rejects.append({"source": row[1], "class": row[2], "reason": reason, "detail": detail})
+                packed.write("".join(lines).encode("utf-8"))
+                inputs += len(batch)
+        data = buffer.getvalue()
         path = scan_path(out_dir, split, part)
         if not storage.is_url(path):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         storage.write_bytes(path, data)
-        receipt = {"fingerprint": fingerprint, "partition": part, "inputs": len(rows), "usable": usable,
+        receipt = {"fingerprint": fingerprint, "partition": part, "inputs": inputs, "usable": usable,
                    "usable_bytes": usable_bytes, "rejects": rejects, "sha256": hashlib.sha256(data).hexdigest()}
         storage.write_json(scan_receipt_path(out_dir, split, part), receipt, indent=None)
         receipts.append(receipt)
@@ -116,13 +157,15 @@ def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, max_pi
 
 
 def read_scanned(out: Location, split: str, part: int):
-    """The scan rows of one partition, in order-key order (none for an empty partition)."""
+    """The scan rows of one partition, in order-key order (none for an empty partition); decompressed as they
+    are read, so a reader that stops early (a shard's last range) never holds the whole partition."""
     try:
         data = storage.read_bytes(scan_path(out, split, part))
     except FileNotFoundError:
         return
-    for line in gzip.decompress(data).decode("utf-8").splitlines():
-        yield json.loads(line)
+    with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as handle:
+        for line in handle:
+            yield json.loads(line)
 
 
 def plan_entries(out: Location, split: str, ranges: list[tuple[int, int, int]], classes: list[str],

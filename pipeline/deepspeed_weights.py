@@ -375,7 +375,8 @@ def read_tag(tag_dir: str, ema: bool, trust_pickle: bool = False) -> tuple[dict,
     _require_trust(tag_dir, trust_pickle)
     universal = _is_universal(tag_dir)
     files = _model_state_files(tag_dir)
-    states = _trusted_load(files[0]) if files else None
+    # Mapped: only the tensors a reader takes are paged in (the module, or nothing when the EMA files are read).
+    states = _trusted_load(files[0], mmap=True) if files else None
     if files and not isinstance(states, dict):
         raise PretrainedError(f"{files[0]} is not a DeepSpeed model-states file; {WHAT_TO_PASS}")
     meta: dict = {"format": "universal" if universal else "deepspeed", "checkpoint": tag_dir, "ema": False}

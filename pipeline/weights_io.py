@@ -41,13 +41,25 @@ def strip_prefixes(state_dict: dict) -> dict:
 
 
 def to_fp32_cpu(state_dict: dict) -> dict:
-    """Floating tensors to fp32, everything on CPU, no shared storage (safetensors and strict loads want that)."""
-    out = {}
+    """Floating tensors to fp32, everything on CPU, no shared storage (safetensors and strict loads want that).
+
+    A tensor that already is fp32 (or integer), on the CPU, contiguous and the only user of its storage is
+    kept as it is, not copied: a mapped safetensors file or checkpoint stays in the page cache, shared by the
+    node's ranks, instead of every reader holding a second full fp32 copy.
+    """
+    out, seen = {}, set()
     for key, value in state_dict.items():
         if not torch.is_tensor(value):
             continue
         value = value.detach().to("cpu")
-        out[key] = (value.float() if value.is_floating_point() else value).clone().contiguous()
+        if value.is_floating_point() and value.dtype != torch.float32:
+            value = value.float()  # a new tensor of its own
+        storage = value.untyped_storage().data_ptr()
+        whole = value.storage_offset() == 0 and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        if not value.is_contiguous() or storage in seen or not whole:
+            value = value.clone(memory_format=torch.contiguous_format)
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
     return strip_prefixes(out)
 
 

@@ -6,14 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_prep.plan import PARTITIONS, SpillWriter, order_key, read_spill, shard_ranges, shuffle_ids
+from data_prep.plan import (PARTITIONS, SpillWriter, order_key, read_spill, shard_ranges, shuffle_ids,
+                            sorted_spill)
 from data_prep.sources import list_inputs, list_partitioned
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _partitioned_order(ids: list[str], seed: int, tmp: Path) -> list[str]:
-    """Spill by the key's top byte, sort each partition alone, concatenate: what the job does."""
+def _partitioned_order(ids: list[str], seed: int, tmp: Path, limit: int | None = None) -> list[str]:
+    """Spill by the key's top byte, sort each partition alone (split further by the next key bytes when it
+    holds more than `limit` rows), concatenate: what the job does."""
     spill = SpillWriter(tmp, "t")
     for i in ids:
         key = order_key(i, seed)
@@ -21,7 +23,12 @@ def _partitioned_order(ids: list[str], seed: int, tmp: Path) -> list[str]:
     spill.close()
     order = []
     for part in range(PARTITIONS):
-        order += [i for _k, i in sorted(read_spill(spill.path(part)))]
+        if limit is None:
+            order += [i for _k, i in sorted(read_spill(spill.path(part)))]
+        else:
+            order += [i for _k, i in sorted_spill(spill.path(part), spill.counts[part], lambda r: r, limit)]
+    assert sorted(p.name for p in Path(tmp).iterdir()) == sorted(  # every sub-spill was cleaned up
+        spill.path(part).name for part in range(PARTITIONS) if spill.counts[part])
     return order
 
 
@@ -32,6 +39,9 @@ def test_partitioned_order_and_shards_equal_one_global_sort(tmp_path):
     for seed in (0, 3):
         whole = shuffle_ids(ids, seed)
         assert _partitioned_order(ids, seed, tmp_path / str(seed)) == whole
+        # partitions bigger than the sort limit are split by the next key bytes: still the one global order
+        for limit in (1, 4):
+            assert _partitioned_order(ids, seed, tmp_path / f"{seed}-{limit}", limit) == whole
         # usable inputs per partition -> shard ranges: shard i is exactly whole[i*S:(i+1)*S]
         usable = [0] * PARTITIONS
         by_part: list[list[str]] = [[] for _ in range(PARTITIONS)]
@@ -59,6 +69,11 @@ def test_partitioned_listing_matches_the_in_memory_one(tmp_path):
     # the fingerprint depends on the inputs, not on the order they were listed in or the seed
     again = list_partitioned(root, "auto", None, 9, tmp_path / "spill2")
     assert again.fingerprint == parts.fingerprint
+    # a tiny sort limit (every partition split by the next key byte) changes nothing but the memory
+    split = list_partitioned(root, "auto", None, 5, tmp_path / "spill4", sort_rows=1)
+    assert [row for p in range(PARTITIONS) for row in read_spill(split.inputs_path(p))] == \
+        [row for p in range(PARTITIONS) for row in read_spill(parts.inputs_path(p))]
+    assert (split.fingerprint, split.counts, split.listed) == (parts.fingerprint, parts.counts, parts.listed)
     (root / "c0" / "im000.jpg").write_bytes(b"changed")
     assert list_partitioned(root, "auto", None, 5, tmp_path / "spill3").fingerprint != parts.fingerprint
 
@@ -73,6 +88,11 @@ def test_manifest_path_listed_twice_is_one_line_with_both_lines(tmp_path):
                         '{"path": "a.jpg", "label": "y"}\n')
     with pytest.raises(UserError, match=r"m.jsonl:3: path 'a.jpg' is already listed on line 1"):
         list_partitioned(manifest, "auto", None, 0, tmp_path / "spill")
+    # also when the partition is split (equal keys go down to the last key byte together)
+    manifest.write_text('{"path": "a.jpg", "label": "x"}\n{"path": "b.jpg", "label": "y"}\n'
+                        '{"path": "a.jpg", "label": "y"}\n{"path": "a.jpg", "label": "x"}\n')
+    with pytest.raises(UserError, match=r"m.jsonl:3: path 'a.jpg' is already listed on line 1"):
+        list_partitioned(manifest, "auto", None, 0, tmp_path / "spill2", sort_rows=1)
 
 
 def test_benchmark_smoke_memory_is_reported(tmp_path):
@@ -80,3 +100,15 @@ def test_benchmark_smoke_memory_is_reported(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "peak memory x" in proc.stdout and "extrapolated to 1,000,000,000" in proc.stdout, proc.stdout
+
+
+def test_external_sort_equals_sorted_and_is_stable(tmp_path):
+    from data_prep.plan import external_sort
+
+    rng = random.Random(3)
+    rows = [{"source": f"s{rng.randrange(40):02d}", "n": n} for n in range(500)]  # many equal keys
+    for limit in (1, 7, 499, 500, 10_000):
+        got = list(external_sort(iter(rows), lambda r: r["source"], tmp_path, limit))
+        assert got == sorted(rows, key=lambda r: r["source"])
+    assert list(external_sort([], lambda r: r, tmp_path, 1)) == []
+    assert not list(tmp_path.iterdir())  # the runs are gone
