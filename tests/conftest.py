@@ -55,6 +55,22 @@ def demo_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray on 127.0.0.1 for a module's in-process data_prep jobs (one started by another module is reused)."""
+    import ray
+
+    from data_prep.cluster import init_local_ray
+
+    if ray.is_initialized():  # another module left its Ray running: use it, leave it to its owner
+        yield ray
+        return
+    init_local_ray(num_cpus=2)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    yield ray
+    ray.shutdown()
+
+
 def data_prep_error(capsys, argv: list[str]) -> str:
     """`python -m data_prep ARGV` in process must fail as a user error: exit 2, one stderr line, no traceback."""
     from data_prep.cli import main

@@ -291,20 +291,6 @@ def test_packed_source_mistakes_are_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------- whole jobs on Ray
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from data_prep.cluster import init_local_ray
-
-    if ray.is_initialized():  # another module left its Ray running: use it, leave it to its owner
-        yield ray
-        return
-    init_local_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
-
-
 def _info(out: Path) -> dict:
     return json.loads((out / "_info.json").read_text(encoding="utf-8"))
 

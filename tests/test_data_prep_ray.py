@@ -26,21 +26,6 @@ from tests.test_data_prep_helpers import make_jpeg_tree, make_tricky_tree
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from data_prep.cluster import init_local_ray
-
-    if ray.is_initialized():  # another module left its Ray running: use it, leave it to its owner
-        yield ray
-        return
-    init_local_ray(num_cpus=2)
-    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-    yield ray
-    ray.shutdown()
-
-
 def _info(out: Path) -> dict:
     return json.loads((out / "_info.json").read_text(encoding="utf-8"))
 
