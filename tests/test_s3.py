@@ -184,8 +184,6 @@ def test_shard_image_folder_from_s3_into_s3(s3, images, s3_shards):  # noqa: F81
     fs.put(str(images) + "/", "raw/images/", recursive=True)
     out = f"{s3.bucket('shards')}/folder-from-s3"
     res = _data_prep("shard", src, out, *SHARD_ARGS, check=False)
-    if res.returncode == 2 and f"error: SRC {src}" in res.stderr:
-        pytest.xfail(f"an ImageFolder tree on s3:// is not listed (yet): {res.stderr.strip().splitlines()[-1][:200]}")
     assert res.returncode == 0, res.stderr[-4000:]
     assert "OK; 1 split(s), 16 shards, 96 samples" in _data_prep("verify", out).stdout
     assert _tar_hashes(fs, out) == _tar_hashes(fs, s3_shards) or _jpg_hashes(fs, out) == _jpg_hashes(fs, s3_shards)
