@@ -26,7 +26,7 @@ def build_model(cfg: Config, plan, info: D.DistInfo, from_pretrained: bool) -> t
     model (4.9 GB on the GPU for CoAtNet-7) before deepspeed.initialize partitions it: deepspeed.zero.Init would
     cut that to a partition, but it runs the constructor with parameters already partitioned, so each
     module's initialisation would need its own GatheredParameters all-gather; at 2 bytes per parameter on an
-    80 GB GPU the full 16-bit copy is the smaller cost (see README, "Memory").
+    80 GB GPU the full 16-bit copy is the smaller cost (see README, "Memory per rank, measured").
     """
     from model import build_initialised, channels_last_default, prepare_for_speed, set_attention_impl
     from pipeline.weights_adapt import HEAD_KEYS
