@@ -65,11 +65,14 @@ def shards_for_rank(urls: Sequence[str], rank: int, world_size: int) -> list[str
 def build_eval_loader(path: str, split: str, image_size, batch_size: int, num_workers: int, rank: int,
                       world_size: int, center_crop: bool = True, crop_ratio: float = 0.875,
                       return_keys: bool = False, pin_memory: bool = False,
-                      multi_label: Optional[bool] = None) -> tuple[DataLoader, ShardSet]:
+                      multi_label: Optional[bool] = None, in_training: bool = False) -> tuple[DataLoader, ShardSet]:
     """A sequential (unshuffled) loader over this rank's share of `split`, and the whole split's ShardSet.
 
     Yields (images float32 NCHW normalised, labels int64), plus the sample keys when `return_keys`.
     `multi_label` (default: the split's `shards.multi_label`): labels are (B, L) label lists padded with -1.
+    `in_training`: the loader of evaluations inside a training run. Its workers come from a forkserver and stay
+    alive between evaluations: forking the trainer itself (watchdog, TensorBoard, DataLoader feeder threads,
+    and on GPUs NCCL's) deadlocked a child in CPython's after-fork thread clean-up (seen twice on 2 CPU ranks).
     Over all ranks every sample is yielded exactly once. A corrupt sample or shard is skipped with a
     warning (webdataset's warn_and_continue); `evaluate`'s count then falls short of `shards.num_samples`,
     which the CLI reports.
@@ -90,6 +93,8 @@ def build_eval_loader(path: str, split: str, image_size, batch_size: int, num_wo
     else:
         dataset = _NoSamples()  # more ranks than shards: this rank only keeps the others company
     kwargs = dict(num_workers=workers, worker_init_fn=worker_init, prefetch_factor=2) if workers else {}
+    if workers and in_training:
+        kwargs.update(multiprocessing_context="forkserver", persistent_workers=True)
     if multi_label:
         kwargs["collate_fn"] = collate_multi_label
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, pin_memory=pin_memory,

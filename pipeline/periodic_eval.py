@@ -29,7 +29,7 @@ class Evaluator:
         self.loader, self.shards = build_eval_loader(
             cfg.data.val, cfg.data.val_split, cfg.image_hw, batch_size=cfg.train.micro_batch_size * 2,
             num_workers=min(cfg.data.num_workers, 2), rank=info.rank, world_size=info.world_size,
-            center_crop=cfg.data.center_crop, crop_ratio=cfg.data.crop_ratio)
+            center_crop=cfg.data.center_crop, crop_ratio=cfg.data.crop_ratio, in_training=True)
 
     def _evaluate(self, module: torch.nn.Module) -> dict:
         from pipeline.evaluation import evaluate
