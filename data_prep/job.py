@@ -297,7 +297,12 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
     def calls():
         group, rows = [], 0
         for part in todo:
-            _publish_inputs(listing, cfg, part)
+            try:
+                _publish_inputs(listing, cfg, part)
+            except OSError as err:  # OUT filled up while the scan state is written: the scan's one line
+                if err.errno in SPACE_ERRNOS:
+                    raise OutOfSpace(f"{err.strerror or err} writing the scan inputs") from None
+                raise
             group.append((part, None))
             rows += listing.counts[part]
             if rows >= chunk:
