@@ -9,10 +9,10 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# DeepSpeed compiles its CPU shared-memory collective op on first use (~1.5 min, then cached in
 	# ~/.cache/torch_extensions); build it here so the first training run or test does not pay for it.
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | tail -1
@@ -29,7 +29,7 @@ demo: setup
 	$(PY) -m pipeline.demo --out runs/demo
 
 bench: setup
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/shard_speed.py
 	$(PY) benchmarks/loader_speed.py
@@ -38,7 +38,7 @@ bench: setup
 # Every GPU figure of issue 10 in one budgeted run (needs CUDA and timm; see the script's docstring for the
 # lent-device command); `$(PY) benchmarks/gpu_check.py --tiny` is the CPU smoke run CI does.
 gpu-check: setup
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/gpu_check.py
 
 lint: setup
