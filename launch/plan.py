@@ -264,7 +264,9 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
         params, largest = count_params(create_model(**kwargs))
     on_gpu = device != "cpu"
     if zero is None:
-        zero = {"reduce_bucket_size": 500_000_000, "overlap_comm": on_gpu}
+        from pipeline.config import DeepSpeedConfig
+        bucket = DeepSpeedConfig().bucket_elements  # the trainer's default (pipeline.optim)
+        zero = {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket, "overlap_comm": on_gpu}
     t = rank_terms(zero_stage, params, largest, ranks, precision, grad_accum, ema, zero, on_gpu)
     act = measure(kwargs, precision)
     frag = FRAGMENTATION if on_gpu else 1.0

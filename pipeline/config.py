@@ -153,6 +153,10 @@ class DeepSpeedConfig:
                                  "to build) or deepspeed (DeepSpeed's FusedAdam: a CUDA extension JIT-built on first use "
                                  "unless DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1). offload_optimizer always "
                                  "uses DeepSpeedCPUAdam (JIT-built C++ unless DS_BUILD_CPU_ADAM=1)", ("torch", "deepspeed"))
+    bucket_elements: int = _f(50_000_000, "elements per gradient reduce / parameter all-gather bucket (DeepSpeed "
+                              "reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size). A GPU holds "
+                              "these buffers whole: DeepSpeed's 5e8 default costs 1-3 GB per GPU in bf16/fp32; 5e7 "
+                              "(Megatron-LM uses 4e7) still sends 100-200 MB messages, enough to saturate NCCL")
     extra: dict = _f({}, "merged last into the generated DeepSpeed config (expert knobs)")
 
 
@@ -306,7 +310,7 @@ _RANGES += [(key, lambda v: v >= 0, ">= 0") for key in (
     "data.randaugment_layers", "optim.warmup_steps", "optim.warmup_epochs", "checkpoint.every_steps", "optim.lr",
     "optim.min_lr", "train.grad_clip", "data.mixup_alpha", "data.cutmix_alpha")]
 _RANGES += [(key, lambda v: v >= 1, ">= 1") for key in ("checkpoint.keep", "data.prefetch_factor",
-                                                      "train.max_bad_steps")]
+                                                      "train.max_bad_steps", "deepspeed.bucket_elements")]
 _RANGES += [(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in ("train.ema_decay", "loss.label_smoothing",
                                                                   "model.drop_path_rate")]
 _RANGES += [("data.randaugment_magnitude", lambda v: 0 <= v <= 30, "in 0..30")]

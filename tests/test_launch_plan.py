@@ -14,10 +14,10 @@ gradients + 4 fp32 gradients + 4 fp32 master weights + 8 Adam moments = 20 bytes
 For CoAtNet-7 (2.44e9 parameters, N = 64): ZeRO-1 (6 + 0.19) * 2.44e9 = 15.1 GB = 14.1 GiB; ZeRO-2
 (2 + 0.28) * 2.44e9 = 5.6 GB = 5.2 GiB; ZeRO-3 0.28 * 2.44e9 = 0.69 GB plus a <= 40M-parameter largest
 layer (the 3072-wide Transformer MLP: 3072 x 12288 = 37.7M, 0.15 GB) = 0.84 GB = 0.78 GiB.
-Each adds the EMA's fp32 fragment (4 B x P / 64 = 0.14 GiB) and DeepSpeed's communication buffers at their
-default sizes: ZeRO-1 the engine's fp32 all-reduce buffer of 5e8 elements (1.86 GiB), ZeRO-2 two bf16 reduce
-buckets of 5e8 (overlap_comm on GPUs: 1.86 GiB), ZeRO-3 a bf16 reduce bucket of 5e8 and a prefetch bucket of
-5e7 (1.02 GiB).
+Each adds the EMA's fp32 fragment (4 B x P / 64 = 0.14 GiB) and DeepSpeed's communication buffers: ZeRO-1
+the engine's fp32 all-reduce buffer of 5e8 elements (fixed in DeepSpeed: 1.86 GiB); ZeRO-2 two bf16 reduce
+buckets of the trainer's deepspeed.bucket_elements = 5e7 (overlap_comm on GPUs: 0.19 GiB); ZeRO-3 a bf16
+reduce bucket and a prefetch bucket of 5e7 each (0.19 GiB).
 
 Activations (bf16, 2 bytes) follow Korthikanti et al.'s count for a Transformer layer with fused
 attention: 34 * s * h bytes per image (s tokens, h width). CoAtNet-7 at 512 px: S3 has 32 x 32 = 1024
@@ -67,8 +67,8 @@ def test_coatnet7_512_on_64_gpus_model_figures(c7):
     assert 2.4e12 < c7["macs_per_image"] < 2.75e12  # paper: 2586B multiply-adds at 512 px
     assert 20e6 < c7["largest_layer_parameters"] < 40e6
     assert 15.5 < _row(c7, 1)["states_gib"] < 16.6  # 14.1 + 0.14 + 1.86
-    assert 6.8 < _row(c7, 2)["states_gib"] < 7.6  # 5.2 + 0.14 + 1.86
-    assert 1.7 < _row(c7, 3)["states_gib"] < 2.2  # 0.78 + 0.14 + 1.02
+    assert 5.3 < _row(c7, 2)["states_gib"] < 5.8  # 5.2 + 0.14 + 0.19
+    assert 0.95 < _row(c7, 3)["states_gib"] < 1.25  # 0.78 + 0.14 + 0.19
     assert _row(c7, 2, offload=True)["states_gib"] < _row(c7, 2)["states_gib"]  # only the 16-bit weights stay
     assert 3.5 < c7["activation_gib_per_image"] < 5.5
     assert 0.25 < c7["activation_gib_per_image_checkpointed"] < c7["activation_gib_per_image"] / 4
@@ -174,5 +174,6 @@ def test_rank_peak_names_every_term_and_counts_them_per_phase():
     assert t["buckets"] == 4 * p and t["cuda_context"] == 0  # the whole fp32 gradient, flattened once
     assert r["phase"] == "step" and r["peak"] == r["phases"]["step"] > r["phases"]["eval"] > r["phases"]["build"]
     gpu = rank_peak("coatnet-2", 64, 2, 2, 2, device="cuda", num_classes=4)
-    # on a GPU the two bf16 reduce buckets are allocated whole (2 x 5e8 x 2 bytes) and the context is counted
-    assert gpu["terms"]["buckets"] == 2 * 500_000_000 * 2 and gpu["terms"]["cuda_context"] > 0
+    # on a GPU the two bf16 reduce buckets (deepspeed.bucket_elements = 5e7) are allocated whole, and the context
+    # is counted
+    assert gpu["terms"]["buckets"] == 2 * 50_000_000 * 2 and gpu["terms"]["cuda_context"] > 0
