@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/memory_scale.py                                   # coatnet-2, coatnet-3 (~15 min on 2 cores)
     .venv/bin/python benchmarks/memory_scale.py --models coatnet-nano,coatnet-tiny --json   # the smoke test's setting
 
-For each model it launches 2 real CPU ranks (torchrun, bf16, ZeRO-1 by default) three times, on tiny generated
+For each model it launches 2 real CPU ranks (torchrun, bf16, ZeRO-2 by default, as the trainer) three times, on tiny generated
 shards, and each rank measures these phases with the pipeline's own building blocks, in the order
 pipeline.trainer.run uses them:
   build     build_model + build_engine + build_ema (a fresh run: the model, DeepSpeed's optimizer, the EMA);
@@ -105,7 +105,8 @@ def _config(args):
         overrides["pretrained"] = Path(args.work) / args.model / "pretrain"
     mode = "finetune" if args.stage == "finetune" else "pretrain"
     return load_config(REPO / "configs/demo/pretrain.yaml", [f"{k}={'null' if v is None else v}"
-                                                            for k, v in overrides.items()], defaults=mode), mode
+                                                            for k, v in overrides.items()] + list(args.set),
+                       defaults=mode), mode
 
 
 def worker(args) -> None:
@@ -180,7 +181,11 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- driving (the parent process)
 
 def _run(cmd: list[str], timeout: float) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    # MALLOC_MMAP_THRESHOLD_: every allocation over 128 KiB is its own mapping, returned to the OS when freed. By
+    # default glibc raises that threshold as big blocks are freed and keeps freed heap resident, so a phase's
+    # VmHWM would include what earlier phases freed; with it, RSS is what is live, as max_memory_allocated on a GPU.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
+           "MALLOC_MMAP_THRESHOLD_": "131072"}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -211,7 +216,7 @@ def measure_model(args, model: str, shards: Path) -> list[dict]:
                "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", stage,
                "--model", model, "--work", str(args.work), "--shards", str(shards), "--image-size",
                str(args.image_size), "--micro-batch", str(args.micro_batch), "--zero", str(args.zero),
-               "--ranks", str(args.ranks)]
+               "--ranks", str(args.ranks), *(f"--set={kv}" for kv in args.set)]
         t0 = time.time()
         done = [Path(args.work) / f"{model}-{stage}-rank{rank}.json" for rank in range(args.ranks)]
         if not (args.reuse and all(f.exists() for f in done)):
@@ -278,12 +283,14 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--zero", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage (default 2, the trainer's)")
     p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     p.add_argument("--stages", default=",".join(STAGES), help="launches to run (default all: pretrain,resume,finetune)")
     p.add_argument("--reuse", action="store_true", help="keep the measurements already in --work (re-summarise)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every launch (e.g. deepspeed.bucket_elements=500000000), repeatable")
     # internal: one rank of one stage
     p.add_argument("--worker", choices=tuple(STAGES), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
