@@ -116,6 +116,22 @@ def test_precision_config_choices():
         precision_config(_cfg(precision="fp32", **{"deepspeed.communication_dtype": "bf16"}))
 
 
+def test_bucket_size_and_fused_adamw_reach_deepspeed():
+    """deepspeed.bucket_elements sizes every ZeRO bucket (DeepSpeed's 5e8 default is allocated whole on a GPU);
+    AdamW is torch's fused kernel on CPUs too (foreach keeps temporaries the size of the rank's shard)."""
+    for stage, keys in ((2, ("reduce_bucket_size", "allgather_bucket_size")),
+                        (3, ("reduce_bucket_size", "stage3_prefetch_bucket_size"))):
+        zero = deepspeed_config(_cfg(**{"deepspeed.zero_stage": stage}), world_size=2, on_cpu=True)["zero_optimization"]
+        assert all(zero[k] == 50_000_000 for k in keys), zero
+        zero = deepspeed_config(_cfg(**{"deepspeed.zero_stage": stage, "deepspeed.bucket_elements": 1000}),
+                                world_size=2, on_cpu=True)["zero_optimization"]
+        assert all(zero[k] == 1000 for k in keys), zero
+    params = deepspeed_config(_cfg(), world_size=1, on_cpu=True)["optimizer"]["params"]
+    assert params["torch_adam"] and params["fused"]
+    with pytest.raises(UserError, match="deepspeed.bucket_elements"):
+        _cfg(**{"deepspeed.bucket_elements": 0})
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("numerics")
