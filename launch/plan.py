@@ -229,7 +229,8 @@ def _zero_config(cfg, stage: int, gpus: int, on_gpu: bool = True) -> dict:
 
 def _buckets(cfg, stage: int, params: int, gpus: int) -> int:
     from launch.model_states import bucket_bytes
-    return bucket_bytes(stage, params, cfg.precision, _zero_config(cfg, stage, gpus), on_gpu=True)
+    return bucket_bytes(stage, params, cfg.precision, _zero_config(cfg, stage, gpus), on_gpu=True,
+                        grad_accum=_grad_accum(cfg))
 
 
 def _eval_bytes(act, micro_batch: int) -> int:

@@ -16,8 +16,8 @@ For CoAtNet-7 (2.44e9 parameters, N = 64): ZeRO-1 (6 + 0.19) * 2.44e9 = 15.1 GB 
 layer (the 3072-wide Transformer MLP: 3072 x 12288 = 37.7M, 0.15 GB) = 0.84 GB = 0.78 GiB.
 Each adds the EMA's fp32 fragment (4 B x P / 64 = 0.14 GiB) and DeepSpeed's communication buffers: ZeRO-1
 the engine's fp32 all-reduce buffer of 5e8 elements (fixed in DeepSpeed: 1.86 GiB); ZeRO-2 two bf16 reduce
-buckets of the trainer's deepspeed.bucket_elements = 5e7 (overlap_comm on GPUs: 0.19 GiB); ZeRO-3 a bf16
-reduce bucket and a prefetch bucket of 5e7 each (0.19 GiB).
+buckets of the trainer's deepspeed.bucket_elements = 5e7 (overlap_comm on GPUs: 0.19 GiB); ZeRO-3 a reduce
+bucket of 5e7 in the fp32 accumulation dtype (0.19 GiB) and a bf16 prefetch bucket of 5e7 (0.09 GiB).
 
 Activations (bf16, 2 bytes) follow Korthikanti et al.'s count for a Transformer layer with fused
 attention: 34 * s * h bytes per image (s tokens, h width). CoAtNet-7 at 512 px: S3 has 32 x 32 = 1024
@@ -68,7 +68,7 @@ def test_coatnet7_512_on_64_gpus_model_figures(c7):
     assert 20e6 < c7["largest_layer_parameters"] < 40e6
     assert 15.5 < _row(c7, 1)["states_gib"] < 16.6  # 14.1 + 0.14 + 1.86
     assert 5.3 < _row(c7, 2)["states_gib"] < 5.8  # 5.2 + 0.14 + 0.19
-    assert 0.95 < _row(c7, 3)["states_gib"] < 1.25  # 0.78 + 0.14 + 0.19
+    assert 1.05 < _row(c7, 3)["states_gib"] < 1.35  # 0.78 + 0.14 + 0.28
     assert _row(c7, 2, offload=True)["states_gib"] < _row(c7, 2)["states_gib"]  # only the 16-bit weights stay
     assert 3.5 < c7["activation_gib_per_image"] < 5.5
     assert 0.25 < c7["activation_gib_per_image_checkpointed"] < c7["activation_gib_per_image"] / 4
