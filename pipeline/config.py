@@ -73,6 +73,10 @@ class DataConfig:
     val_split: str = _f("val", "split name inside the val shard folder")
     image_size: Union[int, list] = _f(64, "training resolution: int or [H, W], each divisible by 32")
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process)")
+    worker_start: str = _f("auto", "how the training loader's workers start: forkserver (from a clean single-threaded "
+                                   "process, ~2 s once per launch), fork (a copy of the trainer, threads and all: a "
+                                   "child can deadlock in CPython's after-fork clean-up), or auto: forkserver on "
+                                   "GPUs, fork on CPUs", ("auto", "fork", "forkserver"))
     prefetch_factor: int = _f(4, "batches each worker keeps ready; shared memory per rank is about (num_workers x "
                                  "prefetch_factor + 2) x micro_batch_size x 3 x H x W bytes (uint8 images)")
     decode: str = _f("cpu", "where JPEGs are decoded and augmented: cpu (in the workers) or gpu (workers ship JPEG "

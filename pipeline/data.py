@@ -276,7 +276,7 @@ class TrainLoader:
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: Optional[int] = None,
                  shuffle_buffer: int = 1000, state: Optional[dict] = None, pin_memory: bool = False,
                  prefetch_factor: int = 4, device: Optional[torch.device] = None, decode: str = "cpu",
-                 multi_label: bool = False):
+                 multi_label: bool = False, worker_start: str = "fork"):
         from pipeline.device_augment import device_train_transform
         from pipeline.transforms import MultiHotMix, batch_mix_transform, train_transform
 
@@ -309,7 +309,7 @@ class TrainLoader:
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = dict(num_workers=num_workers, worker_init_fn=worker_init, prefetch_factor=prefetch_factor,
-                          persistent_workers=False)
+                          persistent_workers=False, multiprocessing_context=worker_start)
         if decode == "cpu" and rank == 0:
             log.info("input pipeline: uint8 batches, at most %.2f GB of shared memory per rank (%d workers x "
                      "prefetch %d + 2 batches of %d images)", shared_memory_bytes(
@@ -406,8 +406,12 @@ def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_cl
     split under softmax without data.first_label_only (`multi_hot_targets`).
     """
     d = cfg.data
-    check_decode(d.decode, device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    check_decode(d.decode, device)
     multi_label = multi_hot_targets(cfg, shards)
+    # The workers start once per launch (the stream runs over every pass), after NCCL, the watchdog and the
+    # TensorBoard writer have started their threads: on GPUs from a forkserver (see DataConfig.worker_start).
+    worker_start = d.worker_start if d.worker_start != "auto" else "forkserver" if device.type == "cuda" else "fork"
     return TrainLoader(shards, seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
                        micro_batch_size=cfg.train.micro_batch_size, image_size=cfg.image_hw,
                        randaugment_layers=d.randaugment_layers, randaugment_magnitude=d.randaugment_magnitude,
@@ -415,4 +419,4 @@ def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_cl
                        num_classes=num_classes, shuffle_buffer=d.shuffle_buffer,
                        state=None if state is None else loader_state_for_rank(state, rank, world_size),
                        pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, device=device, decode=d.decode,
-                       multi_label=multi_label)
+                       multi_label=multi_label, worker_start=worker_start)

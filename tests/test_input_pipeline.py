@@ -52,10 +52,10 @@ def shards(tmp_path_factory) -> ShardSet:
     return ShardSet(urls, [PER_SHARD] * SHARDS, SHARDS * PER_SHARD, [f"c{k}" for k in range(CLASSES)])
 
 
-def _loader(shards, state=None, workers=0, mix=0.8, randaugment=2, decode="cpu"):
+def _loader(shards, state=None, workers=0, mix=0.8, randaugment=2, decode="cpu", worker_start="fork"):
     return TrainLoader(shards, seed=5, rank=0, world_size=1, num_workers=workers, micro_batch_size=6,
                        image_size=32, randaugment_layers=randaugment, num_classes=CLASSES, shuffle_buffer=10,
-                       mixup_alpha=mix, cutmix_alpha=mix, state=state, decode=decode)
+                       mixup_alpha=mix, cutmix_alpha=mix, state=state, decode=decode, worker_start=worker_start)
 
 
 def _old_float_batches(shards, n, mix, randaugment):
@@ -115,6 +115,20 @@ def test_mix_on_device_is_deterministic_and_resume_exact(shards, decode, workers
         rx, ry = next(resumed)
         assert torch.equal(rx, x) and torch.equal(ry, y)
     assert full.corrupt_count >= 1  # the damaged JPEG, skipped and counted (once per pass) in both paths
+
+
+def test_forkserver_workers_give_the_forked_workers_batches(shards):
+    """data.worker_start=forkserver (auto on GPUs): workers from a clean process, same batches as forked ones."""
+    forked = _loader(shards, workers=2)
+    served = _loader(shards, workers=2, worker_start="forkserver")
+    for _ in range(10):  # > one pass
+        (x, y), (sx, sy) = next(forked), next(served)
+        assert torch.equal(x, sx) and torch.equal(y, sy)
+    assert served.loader.multiprocessing_context.get_start_method() == "forkserver"
+    cfg = load_config(None, ["data.num_workers=2"])
+    assert build_train_loader(cfg, shards, 0, 1, CLASSES).loader.multiprocessing_context.get_start_method() == "fork"
+    with pytest.raises(ConfigError, match="data.worker_start"):
+        load_config(None, ["data.worker_start=spawn"])
 
 
 def test_device_batch_leaves_the_trainers_rng_alone_and_seeds_per_batch(shards):
