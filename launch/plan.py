@@ -245,12 +245,15 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
               cuda_context_gb: float = CUDA_CONTEXT_GIB) -> dict:
     """Per-rank peak bytes of each phase of a run at one setting (no offload), by named term.
 
-    The phases are those benchmarks/memory_scale.py measures: build (model, engine, EMA: the 16-bit weights
-    are copied once more while DeepSpeed flattens them), step (all states, buckets, activations), eval (states,
-    the EMA swapped into the parameters with a 16-bit backup of the live weights, eval activations), save
-    (states), resume (all states, the optimizer shard's file becoming the optimizer's state, plus the module file
-    read before it is copied into the parameters), finetune (a build
-    plus the consolidated fp32 pretrained weights, held by the rank that reads them). On "cpu" the figures
+    The phases are those benchmarks/memory_scale.py measures: build (model, engine, EMA: the whole 16-bit model
+    as built, beside ZeRO-3's partition of it; the fp32 master and EMA fragments; gradients only where
+    DeepSpeed allocates them at start-up, the BF16_Optimizer of ZeRO-0/1; ZeRO-2/3 allocate theirs in the first
+    backward), step (all states, buckets, activations), eval (states, the 16-bit model once more: the weights
+    rebuilt from the EMA go through an all-gather, which gloo stages in a copy and ZeRO-3 keeps gathered, plus
+    eval activations), save (states), resume (all states, the optimizer shard's file becoming the optimizer's
+    state, plus the module file read before it is copied into the parameters), finetune (a build plus the
+    consolidated fp32 pretrained weights: an upper bound, what a rank consolidating a DeepSpeed checkpoint
+    holds; the EMA fragment route streams). On "cpu" the figures
     are what the model adds to a process (no CUDA context; buckets only as far as they are touched); on
     "cuda" they include CUDA_CONTEXT_GIB. Returns {"terms": {...}, "phases": {...}, "peak": bytes, "phase": name}.
     """
@@ -276,14 +279,15 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
     context = int(cuda_context_gb * GIB) if on_gpu else 0
     low = 4 if precision == "fp32" else 2
     consolidated = 4 * params
-    built = t.weights + t.gradients + t.master + t.ema
+    built = low * params + (t.weights if zero_stage == 3 else 0) + (t.gradients if zero_stage <= 1 else 0) \
+        + t.master + t.ema
     phases = {
-        "build": context + built + t.weights,
+        "build": context + built,
         "step": context + t.states + t.buckets + train_act,
         "eval": context + t.states + low * params + eval_act,
         "save": context + t.states,
         "resume": context + t.states + t.weights,
-        "finetune": context + built + t.weights + consolidated,
+        "finetune": context + built + consolidated,
     }
     peak_phase = max(phases, key=phases.get)
     terms = {"cuda_context": context, **dataclasses.asdict(t), "train_activations": train_act,
