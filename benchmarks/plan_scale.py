@@ -3,6 +3,7 @@
     python benchmarks/plan_scale.py                        # quick: 50k, 200k, 800k entries
     python benchmarks/plan_scale.py --sizes 1M,4M,16M      # the acceptance run
     python benchmarks/plan_scale.py --baseline /tmp/before # also the old in-memory planner, side by side
+    python benchmarks/plan_scale.py --sizes 1M,4M --dedup --baseline-dedup /tmp/before   # --dedup, new vs a checkout
 
 Input: a generated JSONL manifest of N rows over 1000 classes; the paths do not exist and are never read.
 The image scan is SKIPPED (synthetic: every entry usable, sha1 of its id) -- this measures listing, the
@@ -59,8 +60,10 @@ def _present(monkey_module) -> None:
     monkey_module.stat = lambda path: (1000, 0)
 
 
-def child_new(manifest: Path, work: Path, shard_size: int) -> dict:
-    from data_prep import layout, manifests, plan, sources, tasks
+def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False) -> dict:
+    from types import SimpleNamespace
+
+    from data_prep import job, layout, manifests, plan, sources, tasks
 
     _present(manifests)
     start = time.perf_counter()
@@ -75,6 +78,8 @@ def child_new(manifest: Path, work: Path, shard_size: int) -> dict:
             shutil.copyfile(listing.inputs_path(part), target)
             (receipt,) = tasks.scan_partitions(str(out), "train", "f", [(part, None)], 0, synthetic=True)
             usable[part] = receipt["usable"]
+    duplicates = job._dedup(SimpleNamespace(out=str(out), split="train")) if dedup else {}  # what plan_job does
+    assert not duplicates  # synthetic sha1s are all distinct: this measures the bookkeeping of every pair
     shards = plan.shard_ranges(usable, shard_size)
     first = tasks.plan_entries(out, "train", shards[0], listing.classes, {})  # a write task's read of shard 0
     assert len(first) == min(shard_size, sum(usable))
@@ -98,10 +103,10 @@ def child_old(manifest: Path, shard_size: int) -> dict:
             "seconds": time.perf_counter() - start, "peak_mb": _peak_rss_mb()}
 
 
-def run_child(mode: str, manifest: Path, shard_size: int, code: Path) -> dict:
+def run_child(mode: str, manifest: Path, shard_size: int, code: Path, dedup: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="plan_scale-", dir=manifest.parent) as work:
         cmd = [sys.executable, __file__, "--child", mode, "--manifest", str(manifest), "--work", work,
-               "--shard-size", str(shard_size)]
+               "--shard-size", str(shard_size), *(["--dedup"] if dedup else [])]
         env = {**os.environ, "PYTHONPATH": str(code)}
         proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -115,24 +120,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--baseline", type=Path, help="a checkout of the old code to run side by side")
     parser.add_argument("--dir", type=Path, help="where the manifests go (default: a temp folder)")
+    parser.add_argument("--dedup", action="store_true", help="also plan --dedup (new mode; with --baseline-dedup "
+                                                                "CODE, the same run under another checkout's code)")
+    parser.add_argument("--baseline-dedup", type=Path,
+                        help="a checkout whose --dedup planning runs side by side (the new mode, under its code)")
     parser.add_argument("--child", choices=["new", "old"], help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = (child_new(args.manifest, args.work, args.shard_size) if args.child == "new"
+        result = (child_new(args.manifest, args.work, args.shard_size, args.dedup) if args.child == "new"
                   else child_old(args.manifest, args.shard_size))
         print(json.dumps(result))
         return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     modes = [("new", ROOT)] + ([("old", args.baseline.resolve())] if args.baseline else [])
+    if args.baseline_dedup:
+        modes.append(("before", args.baseline_dedup.resolve()))  # "new" mode under that checkout's modules
     results: dict[str, list[dict]] = {m: [] for m, _ in modes}
     with tempfile.TemporaryDirectory(prefix="plan_scale-", dir=args.dir) as tmp:
         for n in sizes:
             manifest = Path(tmp) / f"manifest-{n}.jsonl"
             make_manifest(manifest, n)
             for mode, code in modes:
-                r = run_child(mode, manifest, args.shard_size, code)
+                r = run_child("new" if mode == "before" else mode, manifest, args.shard_size, code,
+                              args.dedup and mode != "old")
                 results[mode].append(r)
                 print(f"{mode:>4} {n:>12,} entries: peak {r['peak_mb']:9.1f} MB, {r['seconds']:8.1f} s "
                       f"(list {r['list_s']:.1f} s), {1e6 * r['seconds'] / n:6.2f} us/entry, {r['shards']} shards",

@@ -36,7 +36,8 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    so the plan is the per-partition usable counts: shard i covers global positions [i*S, (i+1)*S), known
    ranges of known partitions (``plan.shard_ranges``), and its write task reads its entries from the scan
    files itself. The driver holds O(partitions + shards) numbers. ``--dedup`` keeps the first copy of equal
-   sha1s in id order; it needs all sha1s at once, so it holds one id per distinct sha1 (only with --dedup).
+   sha1s in id order: the usable (sha1, id) pairs are spilled to 256 local files by sha1 and resolved one
+   file at a time, so the driver holds 1/256 of them plus the duplicates found (only with --dedup).
    The plan (counts, duplicates) is saved atomically to ``OUT/_state/<split>/plan.json.gz`` so a resumed job
    neither rescans nor re-plans.
 4. Write (one Ray task per shard; ``tasks.write_shard``): read the shard's inputs, check each sha1
