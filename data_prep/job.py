@@ -32,7 +32,7 @@ from .info import drop_split, load_info, merge_split
 from .layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale_shard_temps, scan_receipt_path,
                      shard_name, split_shards, state_dir)
 from .layout import inputs_path as layout_inputs_path
-from .plan import PARTITIONS, external_sort, order_key, read_spill, shard_ranges
+from .plan import PARTITIONS, SpillWriter, external_sort, order_key, read_spill, shard_ranges
 from .sources import PartitionedListing, list_partitioned
 from .tasks import SPACE_ERRNOS, OutOfSpace, file_sha256, read_scanned
 
@@ -303,7 +303,7 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
                 if err.errno in SPACE_ERRNOS:
                     raise OutOfSpace(f"{err.strerror or err} writing the scan inputs") from None
                 raise
-            group.append((part, None))
+            group.append(part)
             rows += listing.counts[part]
             if rows >= chunk:
                 yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
@@ -338,36 +338,33 @@ def _publish_inputs(listing: PartitionedListing, cfg: ShardConfig, part: int) ->
         shutil.copyfile(listing.inputs_path(part), tmp)
 
 
-DEDUP_BUCKETS = 256  # --dedup spills (sha1, id) by the sha1's first byte: equal bytes meet in one bucket
-
-
 def _dedup(cfg: ShardConfig) -> dict[str, str]:
     """--dedup: {id of a later copy: id of the kept copy} (the first copy of equal sha1s in id order).
 
     Equal bytes can sit in any two order partitions, so the usable inputs' (sha1, id) pairs are spilled once
-    to local files by the sha1's first byte; each bucket is then resolved alone. The driver holds one bucket
-    (1/256 of the usable inputs: ~4M pairs at 1B images) plus the duplicates found, instead of one id per
-    distinct sha1 of the whole split."""
+    to local files by the sha1's first byte (``plan.SpillWriter``); each bucket is then resolved alone. The
+    driver holds one bucket (1/256 of the usable inputs: ~4M pairs at 1B images) plus the duplicates found,
+    instead of one id per distinct sha1 of the whole split."""
     duplicates: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="coatnet-dedup-") as tmp:
-        paths = [Path(tmp) / f"{b:03d}.jsonl" for b in range(DEDUP_BUCKETS)]
-        files = [p.open("w", encoding="utf-8") for p in paths]
+        buckets = SpillWriter(Path(tmp), "sha1")
         try:
             for part in range(PARTITIONS):
                 for row in read_scanned(cfg.out, cfg.split, part):
                     if row[7] is None:  # usable: row[1] the id, row[11] the sha1 (hex) of its bytes
-                        files[int(row[11][:2], 16) % DEDUP_BUCKETS].write(json.dumps([row[11], row[1]]) + "\n")
+                        buckets.add(int(row[11][:2], 16), [row[11], row[1]])
         finally:
-            for f in files:
-                f.close()
-        for path in paths:
-            pairs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            buckets.close()
+        for bucket, count in enumerate(buckets.counts):
+            if not count:
+                continue
+            pairs = list(read_spill(buckets.path(bucket)))
             first: dict[str, str] = {}
             for sha1, file_id in pairs:
                 if sha1 not in first or file_id < first[sha1]:
                     first[sha1] = file_id
             duplicates.update((file_id, first[sha1]) for sha1, file_id in pairs if first[sha1] != file_id)
-            path.unlink()
+            buckets.path(bucket).unlink()
     return dict(sorted(duplicates.items()))
 
 
