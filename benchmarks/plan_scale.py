@@ -76,7 +76,7 @@ def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False) 
             target = layout.inputs_path(out, "train", part)  # what job._publish_inputs does
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(listing.inputs_path(part), target)
-            (receipt,) = tasks.scan_partitions(str(out), "train", "f", [(part, None)], 0, synthetic=True)
+            (receipt,) = tasks.scan_partitions(str(out), "train", "f", [part], 0, synthetic=True)
             usable[part] = receipt["usable"]
     duplicates = job._dedup(SimpleNamespace(out=str(out), split="train")) if dedup else {}  # what plan_job does
     assert not duplicates  # synthetic sha1s are all distinct: this measures the bookkeeping of every pair

@@ -466,9 +466,3 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     return PartitionedListing(kind, classes, class_source, fingerprint, multi, dropped, inputs_out.counts, listed,
                               input_bytes, rejected, non_image, directory)
 
-
-def read_inputs(path: Path) -> list[list]:
-    """One partition's inputs, sorted by order key: [key hex, id, class, path, offset, size, labels or None]."""
-    from .plan import read_spill
-
-    return list(read_spill(path))

@@ -77,15 +77,14 @@ def _synthetic_scan(items: list[tuple[str, str, int, int]], _max_pixels: int) ->
 SCAN_BATCH = 1024  # rows scanned and written per step: a task holds this many results, not its partitions
 
 
-def scan_partitions(out: str, split: str, fingerprint: str, parts: list[tuple[int, object]], max_pixels: int,
+def scan_partitions(out: str, split: str, fingerprint: str, parts: list[int], max_pixels: int,
                     synthetic: bool = False) -> list[dict]:
     """Scan whole order partitions: rows [key, id, class, path, offset, size, labels] (sorted by key) ->
     ``scan/PPP.jsonl.gz`` (the rows plus reason, detail, width, height, sha1), then its receipt ``scan/PPP.json``
     (fingerprint, counts, the scan's rejects). A kill leaves a partition without receipt: it is scanned again.
 
-    A partition's rows come as None -- read, streamed, from ``OUT/_state/<split>/inputs/PPP.jsonl``, where the
-    job copied them (so neither the driver nor Ray's object store holds a partition) -- or as a list, the
-    bytes of a ``inputs-PPP.jsonl`` or any iterable of rows."""
+    A partition's rows are streamed from ``OUT/_state/<split>/inputs/PPP.jsonl``, where the job copied them,
+    so neither the driver nor Ray's object store holds a partition."""
     try:
         return _scan_partitions(out, split, fingerprint, parts, max_pixels, synthetic)
     except OSError as err:
@@ -94,21 +93,10 @@ def scan_partitions(out: str, split: str, fingerprint: str, parts: list[tuple[in
         raise
 
 
-def _rows_of(rows, out_dir: Location, split: str, part: int):
-    if rows is None:
-        with storage.open_read(inputs_path(out_dir, split, part)) as handle:
-            for line in handle:
-                yield json.loads(line)
-    elif isinstance(rows, (bytes, bytearray)):
-        start = 0
-        while start < len(rows):  # line by line without copying the whole buffer (io.BytesIO would)
-            end = rows.find(b"\n", start)
-            end = len(rows) if end < 0 else end
-            if end > start:
-                yield json.loads(rows[start:end])
-            start = end + 1
-    else:
-        yield from rows
+def _published_rows(out_dir: Location, split: str, part: int):
+    with storage.open_read(inputs_path(out_dir, split, part)) as handle:
+        for line in handle:
+            yield json.loads(line)
 
 
 def _batches(rows, size: int):
@@ -127,11 +115,11 @@ def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, max_pi
     out_dir = storage.as_location(out)
     scan = _synthetic_scan if synthetic else scan_chunk
     receipts = []
-    for part, rows in parts:
+    for part in parts:
         rejects, inputs, usable, usable_bytes = [], 0, 0, 0
         buffer = io.BytesIO()  # the compressed results (a few % of the rows); written whole below
         with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as packed:
-            for batch in _batches(_rows_of(rows, out_dir, split, part), SCAN_BATCH):
+            for batch in _batches(_published_rows(out_dir, split, part), SCAN_BATCH):
                 results = scan([(r[1], r[3], r[4], r[5]) for r in batch], max_pixels)
                 lines = []
                 for row, (_id, reason, detail, width, height, sha1) in zip(batch, results):
