@@ -267,10 +267,9 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
     with torch.device("meta"):
         params, largest = count_params(create_model(**kwargs))
     on_gpu = device != "cpu"
-    if zero is None:
-        from pipeline.config import DeepSpeedConfig
-        bucket = DeepSpeedConfig().bucket_elements  # the trainer's default (pipeline.optim)
-        zero = {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket, "overlap_comm": on_gpu}
+    if zero is None:  # the trainer's zero_optimization block with every default (pipeline.optim)
+        from pipeline.config import load_config
+        zero = _zero_config(load_config(None, []), zero_stage, ranks, on_gpu)
     t = rank_terms(zero_stage, params, largest, ranks, precision, grad_accum, ema, zero, on_gpu)
     act = measure(kwargs, precision)
     frag = FRAGMENTATION if on_gpu else 1.0
