@@ -116,7 +116,7 @@ def test_precision_config_choices():
         precision_config(_cfg(precision="fp32", **{"deepspeed.communication_dtype": "bf16"}))
 
 
-def test_bucket_size_and_fused_adamw_reach_deepspeed():
+def test_bucket_size_and_fused_adamw_are_in_the_deepspeed_config():
     """deepspeed.bucket_elements sizes every ZeRO bucket (DeepSpeed's 5e8 default is allocated whole on a GPU);
     AdamW is torch's fused kernel on CPUs too (foreach keeps temporaries the size of the rank's shard)."""
     for stage, keys in ((2, ("reduce_bucket_size", "allgather_bucket_size")),
