@@ -117,12 +117,15 @@ def test_precision_config_choices():
 
 
 def test_bucket_size_and_fused_adamw_are_in_the_deepspeed_config():
-    """deepspeed.bucket_elements sizes every ZeRO bucket (DeepSpeed's 5e8 default is allocated whole on a GPU);
-    AdamW is torch's fused kernel on CPUs too (foreach keeps temporaries the size of the rank's shard)."""
+    """deepspeed.bucket_elements sizes every ZeRO bucket (DeepSpeed's 5e8 default is allocated whole on a GPU;
+    null picks 5e7 on GPUs, 1e7 on CPUs); AdamW is torch's fused kernel on CPUs too (foreach keeps temporaries
+    the size of the rank's shard)."""
     for stage, keys in ((2, ("reduce_bucket_size", "allgather_bucket_size")),
                         (3, ("reduce_bucket_size", "stage3_prefetch_bucket_size"))):
-        zero = deepspeed_config(_cfg(**{"deepspeed.zero_stage": stage}), world_size=2, on_cpu=True)["zero_optimization"]
-        assert all(zero[k] == 50_000_000 for k in keys), zero
+        for on_cpu, default in ((True, 10_000_000), (False, 50_000_000)):
+            zero = deepspeed_config(_cfg(**{"deepspeed.zero_stage": stage}), world_size=2,
+                                    on_cpu=on_cpu)["zero_optimization"]
+            assert all(zero[k] == default for k in keys), zero
         zero = deepspeed_config(_cfg(**{"deepspeed.zero_stage": stage, "deepspeed.bucket_elements": 1000}),
                                 world_size=2, on_cpu=True)["zero_optimization"]
         assert all(zero[k] == 1000 for k in keys), zero
