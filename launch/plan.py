@@ -242,20 +242,24 @@ def _eval_bytes(act, micro_batch: int) -> int:
 def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_stage: int, device: str = "cuda",
               num_classes: int = 1000, ema: bool = True, precision: str = "bf16", grad_accum: str = "fp32",
               zero: dict | None = None, checkpointing: bool = False,
-              cuda_context_gb: float = CUDA_CONTEXT_GIB) -> dict:
+              cuda_context_gb: float = CUDA_CONTEXT_GIB, overrides: tuple = ()) -> dict:
     """Per-rank peak bytes of each phase of a run at one setting (no offload), by named term.
 
     The phases are those benchmarks/memory_scale.py measures: build (model, engine, EMA: the whole 16-bit model
     as built, beside ZeRO-3's partition of it; the fp32 master and EMA fragments; gradients only where
     DeepSpeed allocates them at start-up, the BF16_Optimizer of ZeRO-0/1; ZeRO-2/3 allocate theirs in the first
-    backward), step (all states, buckets, activations), eval (states, the 16-bit model once more: the weights
-    rebuilt from the EMA go through an all-gather, which gloo stages in a copy and ZeRO-3 keeps gathered, plus
-    eval activations), save (states), resume (all states, the optimizer shard's file becoming the optimizer's
-    state, plus the module file read before it is copied into the parameters), finetune (a build plus the
-    consolidated fp32 pretrained weights: an upper bound, what a rank consolidating a DeepSpeed checkpoint
-    holds; the EMA fragment route streams). On "cpu" the figures
+    backward), step (all states, buckets, activations), eval (the states held between steps, which under ZeRO-2
+    lack the gradient partition freed by the step; the 16-bit model once more: the weights rebuilt from the EMA
+    go through an all-gather, which gloo stages in a copy and ZeRO-3 keeps gathered; eval activations), save
+    (the states held between steps), resume (those, the optimizer shard's file becoming the optimizer's
+    state, plus the module file read before it is copied into the parameters), finetune (the larger of a build
+    and the main rank consolidating the pretrained run before the engine exists: the 16-bit model, the full
+    fp32 weights assembled from the EMA fragments and the fragment file being read, 4 bytes x params / ranks
+    when the pretraining ran on as many; the other ranks memory-map the result). On "cpu" the figures
     are what the model adds to a process (no CUDA context; buckets only as far as they are touched); on
-    "cuda" they include CUDA_CONTEXT_GIB. Returns {"terms": {...}, "phases": {...}, "peak": bytes, "phase": name}.
+    "cuda" they include CUDA_CONTEXT_GIB. `overrides` (KEY=VALUE, as on the trainer's command line) render the
+    trainer's `zero_optimization` block when `zero` is not given (deepspeed.bucket_elements, for one).
+    Returns {"terms": {...}, "phases": {...}, "peak": bytes, "phase": name}.
     """
     import torch
 
@@ -267,9 +271,9 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
     with torch.device("meta"):
         params, largest = count_params(create_model(**kwargs))
     on_gpu = device != "cpu"
-    if zero is None:  # the trainer's zero_optimization block with every default (pipeline.optim)
+    if zero is None:  # the trainer's zero_optimization block with its defaults and `overrides` (pipeline.optim)
         from pipeline.config import load_config
-        zero = _zero_config(load_config(None, []), zero_stage, ranks, on_gpu)
+        zero = _zero_config(load_config(None, list(overrides)), zero_stage, ranks, on_gpu)
     t = rank_terms(zero_stage, params, largest, ranks, precision, grad_accum, ema, zero, on_gpu)
     act = measure(kwargs, precision)
     frag = FRAGMENTATION if on_gpu else 1.0
@@ -280,13 +284,16 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
     consolidated = 4 * params
     built = low * params + (t.weights if zero_stage == 3 else 0) + (t.gradients if zero_stage <= 1 else 0) \
         + t.master + t.ema
+    # ZeRO-2 frees its fp32 gradient partition at the end of each step (averaged_gradients, the master's .grad):
+    # between steps a rank holds the rest. The BF16_Optimizer (ZeRO-0/1) and ZeRO-3 keep theirs allocated.
+    between_steps = t.states - (t.gradients if zero_stage == 2 else 0)
     phases = {
         "build": context + built,
         "step": context + t.states + t.buckets + train_act,
-        "eval": context + t.states + low * params + eval_act,
-        "save": context + t.states,
-        "resume": context + t.states + t.weights,
-        "finetune": context + built + consolidated,
+        "eval": context + between_steps + low * params + eval_act,
+        "save": context + between_steps,
+        "resume": context + between_steps + t.weights,
+        "finetune": context + max(built, low * params + consolidated + 4 * params // ranks),
     }
     peak_phase = max(phases, key=phases.get)
     terms = {"cuda_context": context, **dataclasses.asdict(t), "train_activations": train_act,

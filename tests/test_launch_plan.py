@@ -177,3 +177,12 @@ def test_rank_peak_names_every_term_and_counts_them_per_phase():
     # on a GPU the two bf16 reduce buckets (deepspeed.bucket_elements = 5e7) are allocated whole, and the context
     # is counted
     assert gpu["terms"]["buckets"] == 2 * 50_000_000 * 2 and gpu["terms"]["cuda_context"] > 0
+    z2 = rank_peak("coatnet-2", 64, 2, 2, 2, device="cpu", num_classes=4)
+    t2 = z2["terms"]
+    # ZeRO-2 frees its fp32 gradient partition at the end of each step: a save does not hold it
+    assert z2["phases"]["save"] == t2["weights"] + t2["master"] + t2["moments"] + t2["ema"]
+    assert z2["phases"]["step"] - z2["phases"]["save"] >= t2["gradients"] == 4 * p // 2
+    assert t2["buckets"] == 10_000_000 * 2  # a CPU's default bucket, one bf16 copy (no overlap_comm)
+    small = rank_peak("coatnet-2", 64, 2, 2, 2, device="cpu", num_classes=4,
+                      overrides=("deepspeed.bucket_elements=1000",))
+    assert small["terms"]["buckets"] == 1000 * 2
