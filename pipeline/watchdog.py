@@ -222,14 +222,17 @@ class StopPoll:
     def __call__(self, step: int, last_save_s: Optional[float]) -> Optional[str]:
         """None, "request" (the request file exists: rank 0 looks), "sigterm-save" or "sigterm-exit": alike on
         every rank. After a SIGTERM on any rank, save only if every signalled rank has more grace left than the
-        last save took (no save yet in this run: no estimate, exit at once)."""
+        last save took. With no save yet in this run (nor in the checkpoint it resumed) there is no estimate:
+        try one while grace is left, since everything since the start is otherwise lost and a save cut off by
+        the SIGKILL is never marked complete."""
         import torch
 
         from pipeline import distributed as D
 
         requested = self.is_main and os.path.exists(self.request_path)
         wd = self.watchdog
-        no_time = wd.signalled and (last_save_s is None or last_save_s >= wd.grace_left())
+        left = wd.grace_left() if wd.signalled else 0.0
+        no_time = wd.signalled and (left <= 0 or (last_save_s is not None and last_save_s >= left))
         now = time.monotonic()
         per_step = (now - self._t0) / max(1, step - self._since) if self._t0 is not None else 0.0
         flags = D.all_reduce_sum(torch.tensor([requested, wd.signalled, no_time, per_step], dtype=torch.float64))

@@ -215,42 +215,64 @@ def test_pretrain_sbatch_usr1_asks_for_a_save_and_waits_before_requeueing(slurm,
 
 
 @pytest.mark.slow
-def test_pretrain_sbatch_usr1_real_trainer_saves_exits_0_then_requeue(slurm, tmp_path, demo_shards):
-    """The whole preemption path with the real torchrun + trainer (one node, one CPU rank, fake SLURM):
-    USR1 mid-run -> a complete checkpoint, the trainer exits 0, and only then `scontrol requeue`;
-    the relaunched command resumes from that checkpoint."""
+@pytest.mark.parametrize("signum,grace", [(signal.SIGUSR1, 25), (signal.SIGTERM, 25), (signal.SIGTERM, 0)],
+                         ids=["usr1", "sigterm", "sigterm-no-grace"])
+def test_pretrain_sbatch_real_trainer_preempted_saves_and_the_requeued_job_resumes(slurm, tmp_path, demo_shards,
+                                                                                    signum, grace):
+    """The whole preemption path with the real torchrun + trainer (one node, one CPU rank, fake SLURM).
+    USR1 (`--signal=B:USR1@120`, to the batch shell) mid-run -> a complete checkpoint, the trainer exits 0,
+    and only then `scontrol requeue`. SIGTERM (the job's end: slurmstepd signals every process of the job at
+    once, here the whole process group) -> the trainer saves when a save fits its grace (a run that has not
+    saved yet tries one), else exits at once (grace 0: the checkpoint of step 2 stays the newest), and no
+    checkpoint is marked complete that is not. Either way the requeued command resumes from the newest."""
+    from tests.test_faults import assert_intact
+
     env, log, _ = slurm
     run_dir = tmp_path / "run"
     env = {**env, "FAKE_SRUN": "real", "FAKE_NODES": "127.0.0.1", "SLURM_JOB_NODELIST": "127.0.0.1",
            "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "1", "MASTER_ADDR": "127.0.0.1"}
     args = ["bash", "launch/slurm/pretrain.sbatch", "--config", DEMO, "--port", str(free_port()),
             f"run_dir={run_dir}", f"data.train={demo_shards}", "train.steps=100000", "train.log_every=1",
-            "checkpoint.every_steps=0", "train.micro_batch_size=32", "data.num_workers=0"]
+            f"checkpoint.every_steps={0 if grace else 2}", "checkpoint.keep=100", f"train.sigterm_grace_s={grace}",
+            "train.micro_batch_size=32", "data.num_workers=0"]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 240
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+                   and (grace or (run_dir / "checkpoints/step_00000002/complete.json").exists())):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
             time.sleep(0.2)
-        proc.send_signal(signal.SIGUSR1)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        if signum == signal.SIGUSR1:
+            proc.send_signal(signum)
+        else:
+            os.killpg(proc.pid, signum)
         out, _ = proc.communicate(timeout=240)
+        _, alive = psutil.wait_procs(job, timeout=120)  # the trainer outlives the batch shell SIGTERM ends
+        assert not alive, f"still running: {[p.cmdline() for p in alive]}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 0, out[-3000:]
     events = [line for line in log.read_text().splitlines() if line.startswith(("srun exited", "scontrol requeue"))]
-    assert events == ["srun exited 0", "scontrol requeue 777"], events
+    if signum == signal.SIGUSR1:
+        assert proc.returncode == 0, out[-3000:]
+        assert events == ["srun exited 0", "scontrol requeue 777"], events
+    else:  # SLURM requeues a preempted job itself; the script must not
+        assert not any(e.startswith("scontrol requeue") for e in events), events
+        # the trainer still writes to the job's output; without grace it exits from wherever it is
+        assert "exiting 143" in out and ("SIGTERM: saved step" in out) == bool(grace), out[-3000:]
+    assert_intact(run_dir)
     marked = sorted((run_dir / "checkpoints").glob("step_*/complete.json"))
-    assert len(marked) == 1, marked
-    step = json.loads(marked[0].read_text())["step"]
-    assert 3 <= step < 100000
+    assert (len(marked) == 1) if grace else (len(marked) >= 1), marked  # no grace: periodic saves only
+    step = json.loads(marked[-1].read_text())["step"]
+    assert (3 if grace else 2) <= step < 100000
     # The requeued job runs the same command: it resumes from that checkpoint (dry run prints the resume).
     again = subprocess.run([*args, "--dry-run"], cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"},
                            capture_output=True, text=True, timeout=120)
-    assert f"resume: {run_dir}/checkpoints -> {marked[0].parent.name}" in again.stdout, again.stdout + again.stderr
+    assert f"resume: {run_dir}/checkpoints -> {marked[-1].parent.name}" in again.stdout, again.stdout + again.stderr
 
 
 def test_shard_sbatch_dry_run_places_head_and_workers(slurm, tmp_path):
