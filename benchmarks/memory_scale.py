@@ -1,6 +1,6 @@
 """Per-rank peak memory of each phase of a run, against coatnet-nano's same phase, next to the fp32 model size.
 
-    .venv/bin/python benchmarks/memory_scale.py                                   # coatnet-2, coatnet-3 (~15 min on 2 cores)
+    .venv/bin/python benchmarks/memory_scale.py                                   # coatnet-2, coatnet-3 (~3 min on 2 cores)
     .venv/bin/python benchmarks/memory_scale.py --models coatnet-nano,coatnet-tiny --json   # the smoke test's setting
 
 For each model it launches 2 real CPU ranks (torchrun, bf16, ZeRO-2 by default, as the trainer) three times, on tiny generated
@@ -16,8 +16,12 @@ A phase's peak is VmHWM (resident set high-water mark, Linux) after resetting it
 (`echo 5 > /proc/self/clear_refs`), so it includes what is alive from earlier phases, as in a real run; on a
 GPU also torch.cuda.max_memory_allocated. Everything a model-independent process holds (Python, torch,
 DeepSpeed, the data loader) is removed by subtracting coatnet-nano's peak of the same phase: the rest is
-what the model's size costs. The target (issue 9): that rest <= 1.5 x fp32 model + the rank's optimizer shard
-(fp32 master + Adam moments: 12 bytes x params / ranks; under bf16 that is what ZeRO partitions).
+what the model's size costs. The target (issue 9): that rest <= 1.5 x fp32 model + the rank's optimizer shard.
+The optimizer shard is what DeepSpeed's estimators count as the optimizer's part of a rank and move to the CPU
+with offload_optimizer (estimate_zero2/3_model_states_mem_needs: 16 bytes x params / ranks from ZeRO-2 on: fp32
+master 4, Adam moments 8, the fp32 gradient partition the step consumes 4); ZeRO-1 partitions no gradients, so
+its shard is the 12 bytes of master and moments. The 1.5 x fp32 (6 bytes) then holds the 16-bit model (2), the
+EMA fragment (4 / ranks), DeepSpeed's buckets, activations and the gloo all-gather's staging copy (2).
 
 The planner (launch.plan.rank_peak) is evaluated at the same setting and printed beside the measurement.
 Not run in CI except the smoke setting (tests/test_memory_scale.py).
@@ -233,6 +237,12 @@ def model_sizes(model: str, image_size: int, num_classes: int = 4) -> int:
     return count_params(model, image_size, num_classes=num_classes)
 
 
+def optimizer_shard_bytes(zero_stage: int, params: int, ranks: int) -> float:
+    """A rank's optimizer shard as DeepSpeed's estimators count it: fp32 master + Adam moments (12 bytes per
+    parameter), and from ZeRO-2 on the fp32 gradient partition (4 more), split over the ranks."""
+    return (12 if zero_stage <= 1 else 16) * params / ranks
+
+
 def summarise(rows: list[dict], args) -> list[dict]:
     """Per model, phase and rank: peak, minus the baseline's, fp32 size, optimizer shard, ratio to the target,
     and the planner's figure for the same setting."""
@@ -244,14 +254,14 @@ def summarise(rows: list[dict], args) -> list[dict]:
     for r in rows:
         params = model_sizes(r["model"], args.image_size)
         fp32 = 4 * params / MIB
-        shard = 12 * params / args.ranks / MIB
+        shard = optimizer_shard_bytes(args.zero, params, args.ranks) / MIB
         above = r["peak_mib"] - base[(r["phase"], r["rank"])] if (r["phase"], r["rank"]) in base else None
         if r["model"] not in planned:
             planned[r["model"]] = rank_peak(r["model"], args.image_size, args.micro_batch, args.ranks, args.zero,
-                                            device="cpu", num_classes=4, ema=True)
+                                            device="cpu", num_classes=4, ema=True, overrides=tuple(args.set))
             planned[BASELINE] = planned.get(BASELINE) or rank_peak(
                 BASELINE, args.image_size, args.micro_batch, args.ranks, args.zero, device="cpu", num_classes=4,
-                ema=True)
+                ema=True, overrides=tuple(args.set))
         plan_above = (planned[r["model"]]["phases"][r["phase"]] - planned[BASELINE]["phases"][r["phase"]]) / MIB
         target = 1.5 * fp32 + shard
         out.append({**r, "params": params, "fp32_mib": fp32, "optimizer_shard_mib": shard, "above_baseline_mib": above,
