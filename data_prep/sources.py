@@ -213,28 +213,38 @@ def _list_folder(src: Path) -> tuple[list[str], list[tuple[str, str | None, str,
     return classes, list(_iter_folder(src, classes))
 
 
-def _list_tars(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
+def _tar_archives(src) -> tuple[list[str], list[tuple[str, str]]]:
+    """Classes and (file name, location) of SRC's <class>.tar archives, local or under an object-store prefix."""
     if is_url(src):  # object storage: the same walk over ranged GETs (packed.open_location)
         archives = [(f.name, f.location) for f in list_files(src, ".tar")[1]]
     else:
         archives = sorted(((e.name, e.path) for e in os.scandir(src) if e.is_file() and e.name.endswith(".tar")))
     if not archives:
         raise UserError(f"SRC {src} has no <class>.tar archives")
-    classes = [name[: -len(".tar")] for name, _location in archives]
-    rows = []
+    return [name[: -len(".tar")] for name, _location in archives], archives
+
+
+def _iter_tars(archives: list[tuple[str, str]], classes: list[str]):
+    """Rows of every member of the archives, streamed archive by archive (ImageNet-21K: 14M members)."""
     for (name, location), class_name in zip(archives, classes):
         try:
             # "r:" reads headers and seeks over the data: listing an archive costs one header read per member,
-            # and nothing is ever extracted to disk.
+            # and nothing is ever extracted to disk. The members are yielded as read, not kept (TarFile keeps
+            # every TarInfo it has read unless told otherwise: `archive.members` is cleared per member).
             with open_location(location) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
                 for member in archive:
                     if member.isfile():
-                        rows.append((f"{name}/{member.name}", class_name, location, member.offset_data,
-                                     member.size, int(member.mtime)))
+                        yield (f"{name}/{member.name}", class_name, location, member.offset_data, member.size,
+                               int(member.mtime))
+                    archive.members = []
         except (tarfile.TarError, OSError) as err:
             raise UserError(f"SRC archive {location} cannot be read as an uncompressed tar ({err}); "
                             f"repair or remove it") from None
-    return classes, rows
+
+
+def _list_tars(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
+    classes, archives = _tar_archives(src)
+    return classes, list(_iter_tars(archives, classes))
 
 
 def _single(rows: list[tuple]) -> list[tuple]:
@@ -359,8 +369,8 @@ class PartitionedListing:
 def _stream_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None,
                 seen: dict):
     """(rows iterator of (row, line or None), Packed without rows); the Packed's classes and multi_label are
-    final once the rows are exhausted. Local folders and manifests stream; the other listers build their rows
-    first (tar headers, parquet label columns, OpenImages' per-image label groups)."""
+    final once the rows are exhausted. Local folders, class tars and manifests stream; the other listers build
+    their rows first (parquet label columns, OpenImages' per-image label groups, object-store folder walks)."""
     _check_flags(src, kind, images, label_field, label_map)
     if kind == "manifest":
         found = Packed([], [], False)
@@ -368,6 +378,9 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
     if kind == "folder" and not is_url(src):
         classes = _folder_classes(Path(src))
         return ((row, None) for row in _iter_folder(Path(src), classes)), Packed(classes, [], False)
+    if kind == "tars":
+        classes, archives = _tar_archives(src)
+        return ((row, None) for row in _iter_tars(archives, classes)), Packed(classes, [], False)
     found = _list_any(src, kind, images, label_field, label_map)
     rows, found.rows = found.rows, []
     return ((row, None) for row in rows), found

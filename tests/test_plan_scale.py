@@ -78,6 +78,30 @@ def test_partitioned_listing_matches_the_in_memory_one(tmp_path):
     assert list_partitioned(root, "auto", None, 5, tmp_path / "spill3").fingerprint != parts.fingerprint
 
 
+def test_partitioned_listing_of_class_tars_streams_the_same_inputs(tmp_path):
+    """One tar per class (ImageNet-21K's layout) is listed archive by archive into the spill files, member by
+    member, with the same inputs (ids, offsets, sizes) as the in-memory listing."""
+    import tarfile
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for c in range(3):
+        with tarfile.open(tars / f"n{c:08d}.tar", "w") as archive:
+            for n in range(20):
+                data = tmp_path / "member"
+                data.write_bytes(b"y" * (n + 10 * c))
+                archive.add(data, arcname=f"n{c:08d}_{n}.JPEG")
+            archive.add(data, arcname="README.txt")
+    whole = list_inputs(tars, "auto", None)
+    parts = list_partitioned(tars, "auto", None, 5, tmp_path / "spill")
+    rows = [row for p in range(PARTITIONS) for row in read_spill(parts.inputs_path(p))]
+    assert [r[1] for r in rows] == shuffle_ids([i.id for i in whole.inputs], 5)
+    by_id = {i.id: (i.class_name, i.path, i.offset, i.size) for i in whole.inputs}
+    assert all(by_id[r[1]] == tuple(r[2:6]) for r in rows) and len(rows) == 60
+    assert parts.classes == whole.classes == [f"n{c:08d}" for c in range(3)]
+    assert parts.listed == 63 and parts.non_image_files == 3
+
+
 def test_manifest_path_listed_twice_is_one_line_with_both_lines(tmp_path):
     import pytest
 
