@@ -22,10 +22,11 @@ usable label are returned as rejects (they reach rejects.jsonl), never dropped s
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import re
 import tarfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,32 +311,51 @@ class _LabelResolver:
         return tuple(kept), len(unknown), None
 
 
-def _packed_result(samples: list[tuple], resolver: _LabelResolver, names: list[str] | None, names_from: str,
-                   early: list[tuple]) -> Packed:
-    """samples: (id, raw label, location, offset, size, mtime, hf) -> Packed (rows, rejects, class list)."""
-    multi = any(isinstance(s[1], list) for s in samples)
-    out = Packed(classes=[], multi_label=multi, rejects=list(early), class_source=names_from)
+def _resolved(samples, resolver: _LabelResolver, names: list[str] | None, names_from: str, out: Packed,
+              early: list[tuple]):
+    """Rows (id, class names tuple, location, offset, size, mtime) of `samples` (id, raw label, location,
+    offset, size, mtime, hf), yielded as they come. Once they are exhausted `out` holds multi_label, dropped,
+    the class list and the rejects: `early` (what the lister judged itself, complete by then) first, then the
+    labels that resolve to no class."""
+    late, found = [], set()
     for sample_id, raw, location, offset, size, mtime, hf in samples:
+        out.multi_label |= isinstance(raw, list)
         kept, dropped, problem = resolver.names(raw, names, names_from, hf)
         if problem is not None:
-            out.rejects.append((sample_id, None, *problem))
+            late.append((sample_id, None, *problem))
             continue
         out.dropped += dropped
-        out.rows.append((sample_id, kept, location, offset, size, mtime))
-    found = {n for row in out.rows for n in row[1]}
+        found.update(kept)
+        yield (sample_id, kept, location, offset, size, mtime)
+    out.rejects = [*early, *late]
     if names is not None and resolver.map is None:
         out.classes = list(names)  # the source's own order and complete list: class indices stay as they were
     else:
         out.classes = sorted_classes(found)
+
+
+def _collect(stream) -> Packed:
+    """A streamed listing (rows, Packed) as one Packed holding its rows."""
+    rows, out = stream
+    out.rows = list(rows)
     return out
 
 
-def _map_files(fn, files: list[PackedFile], url: bool) -> list:
-    """fn(file) for every file, in order; concurrently for object stores, where each one waits on the network."""
+def _iter_files(fn, files: list[PackedFile], url: bool):
+    """fn(file) for every file, in order, as they finish. Object stores: _LIST_THREADS at once (each waits on
+    the network), never more than 2 x _LIST_THREADS results held (a listing of 100,000 files streams)."""
     if not url or len(files) < 2:
-        return [fn(f) for f in files]
+        yield from map(fn, files)
+        return
     with ThreadPoolExecutor(max_workers=min(_LIST_THREADS, len(files))) as pool:
-        return list(pool.map(fn, files))
+        queue = iter(files)
+        ahead = deque(pool.submit(fn, f) for f in itertools.islice(queue, 2 * _LIST_THREADS))
+        while ahead:
+            result = ahead.popleft().result()
+            following = next(queue, None)
+            if following is not None:
+                ahead.append(pool.submit(fn, following))
+            yield result
 
 
 # ----------------------------------------------------------------------------------------------- webdataset
@@ -506,23 +526,36 @@ def _tar_samples(tar: PackedFile, field: str | None, seen: dict) -> tuple[list[t
     return samples, rejects
 
 
-def list_webdataset(src, label_field: str | None, label_map: Path | None) -> Packed:
+def stream_webdataset(src, label_field: str | None, label_map: Path | None):
+    """(rows, Packed): rows as each tar's headers and label members are read; the Packed's classes, rejects
+    and multi_label are final once the rows are exhausted."""
     base, tars = list_files(src, ".tar")
     if not tars:
         raise UserError(f"SRC {src} has no .tar files")
     resolver = _LabelResolver(label_map)
     names, names_from = _info_classes(base, tars)
+    out = Packed(classes=[], class_source=names_from or "SRC")
     seen: dict = {}
-    results = _map_files(lambda t: _tar_samples(t, label_field, seen), tars, is_url(str(src)))
-    samples = [s for found, _r in results for s in found]
-    early = [r for _s, rejects in results for r in rejects]
-    if not samples and any(r[2] == "no_label" for r in early):
-        members = ", ".join(sorted(seen.get("members", ()))) or "none"
-        keys = ", ".join(sorted(seen.get("json", ()))) or "none"
-        what = f"--label-field {label_field}" if label_field else "a .cls member or data_prep's .json"
-        raise UserError(f"SRC {src}: no sample has a label ({what}); members seen: {members}; json keys seen: "
-                        f"{keys}; name the label with --label-field KEY")
-    return _packed_result(samples, resolver, names, names_from or "SRC", early)
+    early: list[tuple] = []
+
+    def samples():
+        count = 0
+        for found, rejects in _iter_files(lambda t: _tar_samples(t, label_field, seen), tars, is_url(str(src))):
+            early.extend(rejects)
+            count += len(found)
+            yield from found
+        if not count and any(r[2] == "no_label" for r in early):
+            members = ", ".join(sorted(seen.get("members", ()))) or "none"
+            keys = ", ".join(sorted(seen.get("json", ()))) or "none"
+            what = f"--label-field {label_field}" if label_field else "a .cls member or data_prep's .json"
+            raise UserError(f"SRC {src}: no sample has a label ({what}); members seen: {members}; json keys seen: "
+                            f"{keys}; name the label with --label-field KEY")
+
+    return _resolved(samples(), resolver, names, out.class_source, out, early), out
+
+
+def list_webdataset(src, label_field: str | None, label_map: Path | None) -> Packed:
+    return _collect(stream_webdataset(src, label_field, label_map))
 
 
 # ----------------------------------------------------------------------------------------------- parquet
@@ -586,24 +619,33 @@ def _parquet_samples(part: PackedFile, label_field: str | None) -> tuple[list[tu
     return samples, class_names
 
 
-def list_parquet(src, label_field: str | None, label_map: Path | None) -> Packed:
+def stream_parquet(src, label_field: str | None, label_map: Path | None):
+    """(rows, Packed) as stream_webdataset, one file's label column at a time. Every file must name the same
+    ClassLabel list (or none): the first file's is used, and a file naming another stops the listing."""
     _base, parts = list_files(src, ".parquet")
     if not parts:
         raise UserError(f"SRC {src} has no .parquet files")
     resolver = _LabelResolver(label_map)
-    results = _map_files(lambda p: _parquet_samples(p, label_field), parts, is_url(str(src)))
-    named = {tuple(n) if n is not None else None for _s, n in results}
-    if len(named) > 1:
-        raise UserError(f"SRC {src}: the parquet files name different ClassLabel lists in their metadata; "
-                        f"shard them separately or give a common --label-map")
-    names = next(iter(named))
-    samples, early = [], []
-    for found, _n in results:
-        for sample in found:
-            if sample[1] is None:
-                early.append((sample[0], None, "no_label", "label is null"))
-            else:
-                samples.append(sample)
-    if names is None:
-        return _packed_result(samples, resolver, None, "SRC", early)
-    return _packed_result(samples, resolver, list(names), "the parquet metadata (Hugging Face ClassLabel)", early)
+    results = _iter_files(lambda p: _parquet_samples(p, label_field), parts, is_url(str(src)))
+    first = next(results)
+    names = first[1]
+    names_from = "SRC" if names is None else "the parquet metadata (Hugging Face ClassLabel)"
+    out = Packed(classes=[], class_source=names_from)
+    early: list[tuple] = []
+
+    def samples():
+        for found, named in itertools.chain([first], results):
+            if named != names:
+                raise UserError(f"SRC {src}: the parquet files name different ClassLabel lists in their metadata; "
+                                f"shard them separately or give a common --label-map")
+            for sample in found:
+                if sample[1] is None:
+                    early.append((sample[0], None, "no_label", "label is null"))
+                else:
+                    yield sample
+
+    return _resolved(samples(), resolver, names, names_from, out, early), out
+
+
+def list_parquet(src, label_field: str | None, label_map: Path | None) -> Packed:
+    return _collect(stream_parquet(src, label_field, label_map))

@@ -23,7 +23,7 @@ from core.errors import UserError
 from .manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest, list_openimages,
                         sorted_classes, stat as _stat)
 from .packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, list_parquet,
-                     list_webdataset, open_location, peek_tar, walk_files)
+                     list_webdataset, open_location, peek_tar, stream_parquet, stream_webdataset, walk_files)
 
 URL_KINDS = (*PACKED_KINDS, "folder", "tars")  # what an object-store SRC can be (manifests name local paths)
 
@@ -369,8 +369,8 @@ class PartitionedListing:
 def _stream_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None,
                 seen: dict):
     """(rows iterator of (row, line or None), Packed without rows); the Packed's classes and multi_label are
-    final once the rows are exhausted. Local folders, class tars and manifests stream; the other listers build
-    their rows first (parquet label columns, OpenImages' per-image label groups, object-store folder walks)."""
+    final once the rows are exhausted. Local folders, class tars, webdataset tars, parquet files and manifests
+    stream; OpenImages' per-image label groups and object-store folder walks are built first."""
     _check_flags(src, kind, images, label_field, label_map)
     if kind == "manifest":
         found = Packed([], [], False)
@@ -381,6 +381,9 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
     if kind == "tars":
         classes, archives = _tar_archives(src)
         return ((row, None) for row in _iter_tars(archives, classes)), Packed(classes, [], False)
+    if kind in PACKED_KINDS:  # rows carry label tuples: list_partitioned takes the first when single-label
+        rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map)
+        return ((row, None) for row in rows), found
     found = _list_any(src, kind, images, label_field, label_map)
     rows, found.rows = found.rows, []
     return ((row, None) for row in rows), found

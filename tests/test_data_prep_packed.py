@@ -265,6 +265,40 @@ def test_fsspec_urls_list_and_read(tmp_path):
         fs.rm("/bucket", recursive=True)
 
 
+def test_partitioned_listing_streams_packed_sources_to_the_same_inputs_and_rejects(tmp_path):
+    """The job's listing (list_partitioned: rows stream from each tar or parquet file into spill files) finds
+    what the in-memory listing finds: the same inputs, labels, classes and rejects, locally and through
+    fsspec (memory://, where files are listed on threads as on s3://)."""
+    import fsspec
+
+    from data_prep.plan import PARTITIONS, read_spill
+    from data_prep.sources import list_partitioned
+
+    listing_reasons = ("no_image", "no_label", "unknown_class")  # the others are found by the scan
+    wds_rejects, hf_rejects = (
+        sorted((i, r) for i, r in source(tmp_path / name)[1].items() if r in listing_reasons)
+        for source, name in ((_webdataset_source, "wds"), (_parquet_source, "hf")))
+    fs = fsspec.filesystem("memory")
+    for folder in ("wds", "hf"):
+        for path in sorted((tmp_path / folder).iterdir()):
+            fs.pipe_file(f"/stream/{folder}/{path.name}", path.read_bytes())
+    labels = {"label_field": "label", "label_map": tmp_path / "wds/labels.json"}
+    cases = [(tmp_path / "wds", labels, wds_rejects), ("memory://stream/wds", labels, wds_rejects),
+             (tmp_path / "hf", {}, hf_rejects), ("memory://stream/hf/train-*.parquet", {}, hf_rejects)]
+    try:
+        for n, (src, kwargs, rejects) in enumerate(cases):
+            whole = list_inputs(src, "auto", None, **kwargs)
+            parts = list_partitioned(src, "auto", None, 3, tmp_path / f"spill{n}", **kwargs)
+            rows = sorted(tuple(r[1:6]) for p in range(PARTITIONS) for r in read_spill(parts.inputs_path(p)))
+            assert rows == sorted((i.id, i.class_name, i.path, i.offset, i.size) for i in whole.inputs), src
+            assert parts.classes == whole.classes and parts.num_inputs == len(whole.inputs) > 0, src
+            lines = parts.rejects_path.read_text(encoding="utf-8").splitlines()
+            assert sorted((r["source"], r["reason"]) for r in map(json.loads, lines)) == \
+                sorted((r.id, r.reason) for r in whole.rejects) == rejects, src
+    finally:
+        fs.rm("/stream", recursive=True)
+
+
 def test_packed_source_mistakes_are_one_line(tmp_path, capsys):
     tree = tmp_path / "tree"
     (tree / "cat").mkdir(parents=True)
