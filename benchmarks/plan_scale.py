@@ -3,9 +3,12 @@
     python benchmarks/plan_scale.py                        # quick: 50k, 200k, 800k entries
     python benchmarks/plan_scale.py --sizes 1M,4M,16M      # the acceptance run
     python benchmarks/plan_scale.py --baseline /tmp/before # also the old in-memory planner, side by side
-    python benchmarks/plan_scale.py --sizes 1M,4M --dedup --baseline-dedup /tmp/before   # --dedup, new vs a checkout
+    python benchmarks/plan_scale.py --sizes 1M,4M --dedup --before /tmp/before   # --dedup, new vs a checkout
+    python benchmarks/plan_scale.py --source webdataset --sizes 100k,400k --before /tmp/before   # packed listing
 
-Input: a generated JSONL manifest of N rows over 1000 classes; the paths do not exist and are never read.
+Input (--source): a generated JSONL manifest of N rows over 1000 classes, whose paths do not exist and are never
+read (default); N webdataset samples (a 16-byte .jpg and a .cls member each) in tars of 10,000; or N members
+over 1000 per-class tars (ImageNet-21K's layout, 16-byte members).
 The image scan is SKIPPED (synthetic: every entry usable, sha1 of its id) -- this measures listing, the
 per-partition judge/sort, the scan bookkeeping (partition files and receipts on OUT/_state) and the shard
 ranges, not Pillow. The scan tasks and the read of shard 0's entries (a write task's work) run in the measured
@@ -46,6 +49,36 @@ def make_manifest(path: Path, n: int, classes: int = 1000) -> None:
                                  for i in range(start, min(n, start + 100_000))))
 
 
+def make_webdataset(folder: Path, n: int, classes: int = 1000, per_tar: int = 10_000) -> None:
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True)
+    for start in range(0, n, per_tar):
+        with tarfile.open(folder / f"{start // per_tar:06d}.tar", "w") as archive:
+            for i in range(start, min(n, start + per_tar)):
+                for ext, data in (("jpg", b"\xff\xd8" + i.to_bytes(14, "big")), ("cls", b"%d" % (i % classes))):
+                    info = tarfile.TarInfo(f"s{i:09d}.{ext}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+
+
+def make_class_tars(folder: Path, n: int, classes: int = 1000) -> None:
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True)
+    for c in range(classes):
+        with tarfile.open(folder / f"n{c:08d}.tar", "w") as archive:
+            for i in range(c, n, classes):
+                info = tarfile.TarInfo(f"n{c:08d}_{i}.JPEG")
+                info.size = 16
+                archive.addfile(info, io.BytesIO(b"\xff\xd8" + i.to_bytes(14, "big")))
+
+
+SOURCES = {"manifest": lambda path, n: make_manifest(path, n), "webdataset": make_webdataset, "tars": make_class_tars}
+
+
 def _peak_rss_mb() -> float:
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -60,14 +93,14 @@ def _present(monkey_module) -> None:
     monkey_module.stat = lambda path: (1000, 0)
 
 
-def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False) -> dict:
+def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False, kind: str = "manifest") -> dict:
     from types import SimpleNamespace
 
     from data_prep import job, layout, manifests, plan, sources, tasks
 
     _present(manifests)
     start = time.perf_counter()
-    listing = sources.list_partitioned(manifest, "manifest", None, 0, work / "spill")
+    listing = sources.list_partitioned(manifest, kind, None, 0, work / "spill")
     listed = time.perf_counter() - start
     out = work / "out"
     usable = [0] * plan.PARTITIONS
@@ -87,13 +120,13 @@ def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False) 
             "seconds": time.perf_counter() - start, "peak_mb": _peak_rss_mb()}
 
 
-def child_old(manifest: Path, shard_size: int) -> dict:
+def child_old(manifest: Path, shard_size: int, kind: str = "manifest") -> dict:
     from data_prep import manifests, plan, sources
     from data_prep.images import ScanResult
 
     _present(manifests)
     start = time.perf_counter()
-    listing = sources.list_inputs(manifest, "manifest", None)
+    listing = sources.list_inputs(manifest, kind, None)
     listed = time.perf_counter() - start
     import hashlib
 
@@ -103,10 +136,11 @@ def child_old(manifest: Path, shard_size: int) -> dict:
             "seconds": time.perf_counter() - start, "peak_mb": _peak_rss_mb()}
 
 
-def run_child(mode: str, manifest: Path, shard_size: int, code: Path, dedup: bool = False) -> dict:
+def run_child(mode: str, manifest: Path, shard_size: int, code: Path, dedup: bool = False,
+              kind: str = "manifest") -> dict:
     with tempfile.TemporaryDirectory(prefix="plan_scale-", dir=manifest.parent) as work:
         cmd = [sys.executable, __file__, "--child", mode, "--manifest", str(manifest), "--work", work,
-               "--shard-size", str(shard_size), *(["--dedup"] if dedup else [])]
+               "--shard-size", str(shard_size), "--source", kind, *(["--dedup"] if dedup else [])]
         env = {**os.environ, "PYTHONPATH": str(code)}
         proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -120,36 +154,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--baseline", type=Path, help="a checkout of the old code to run side by side")
     parser.add_argument("--dir", type=Path, help="where the manifests go (default: a temp folder)")
-    parser.add_argument("--dedup", action="store_true", help="also plan --dedup (new mode; with --baseline-dedup "
-                                                                "CODE, the same run under another checkout's code)")
-    parser.add_argument("--baseline-dedup", type=Path,
-                        help="a checkout whose --dedup planning runs side by side (the new mode, under its code)")
+    parser.add_argument("--dedup", action="store_true", help="also plan --dedup (new mode; with --before CODE, "
+                                                                "the same run under another checkout's code)")
+    parser.add_argument("--source", choices=tuple(SOURCES), default="manifest",
+                        help="what to generate and list (default manifest; see above)")
+    parser.add_argument("--before", "--baseline-dedup", dest="before", type=Path,
+                        help="a checkout whose listing and planning run side by side (the new mode under its "
+                             "code: what a change did)")
     parser.add_argument("--child", choices=["new", "old"], help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = (child_new(args.manifest, args.work, args.shard_size, args.dedup) if args.child == "new"
-                  else child_old(args.manifest, args.shard_size))
+        result = (child_new(args.manifest, args.work, args.shard_size, args.dedup, args.source)
+                  if args.child == "new" else child_old(args.manifest, args.shard_size, args.source))
         print(json.dumps(result))
         return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     modes = [("new", ROOT)] + ([("old", args.baseline.resolve())] if args.baseline else [])
-    if args.baseline_dedup:
-        modes.append(("before", args.baseline_dedup.resolve()))  # "new" mode under that checkout's modules
+    if args.before:
+        modes.append(("before", args.before.resolve()))  # "new" mode under that checkout's modules
     results: dict[str, list[dict]] = {m: [] for m, _ in modes}
     with tempfile.TemporaryDirectory(prefix="plan_scale-", dir=args.dir) as tmp:
         for n in sizes:
-            manifest = Path(tmp) / f"manifest-{n}.jsonl"
-            make_manifest(manifest, n)
+            manifest = Path(tmp) / (f"manifest-{n}.jsonl" if args.source == "manifest" else f"{args.source}-{n}")
+            SOURCES[args.source](manifest, n)
             for mode, code in modes:
                 r = run_child("new" if mode == "before" else mode, manifest, args.shard_size, code,
-                              args.dedup and mode != "old")
+                              args.dedup and mode != "old", args.source)
                 results[mode].append(r)
                 print(f"{mode:>4} {n:>12,} entries: peak {r['peak_mb']:9.1f} MB, {r['seconds']:8.1f} s "
                       f"(list {r['list_s']:.1f} s), {1e6 * r['seconds'] / n:6.2f} us/entry, {r['shards']} shards",
                       flush=True)
-            manifest.unlink()
+            shutil.rmtree(manifest) if manifest.is_dir() else manifest.unlink()
     print("\nmode      entries    peak MB   seconds  us/entry")
     for mode, _ in modes:
         for n, r in zip(sizes, results[mode]):
