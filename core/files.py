@@ -75,3 +75,45 @@ def stale_temps(directory: PathLike, name_glob: str = "*") -> list[Path]:
     this function instead of spelling the pattern itself.
     """
     return sorted(Path(directory).glob(f".{name_glob}.tmp.*"))
+
+
+_OWNER = "owner.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def owned_temp_dir(prefix: str, on_removed=None) -> Iterator[Path]:
+    """tempfile.TemporaryDirectory(prefix=prefix) that also cleans up after the killed.
+
+    A process killed by SIGKILL (or on a node that was lost and came back) cannot remove its temp folder,
+    and a listing spill of a billion rows is hundreds of GB of local disk. So each folder records its host
+    and pid, and entering this removes the `prefix` folders of this host whose process is gone first;
+    on_removed(path) is told of each. A folder without the record (being created, or older code) is kept.
+    """
+    import shutil
+    import socket
+    import tempfile
+
+    host = socket.gethostname()
+    for folder in sorted(Path(tempfile.gettempdir()).glob(f"{prefix}*")):
+        try:
+            owner = json.loads((folder / _OWNER).read_text())
+            if owner["host"] != host or _alive(int(owner["pid"])):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if on_removed is not None:
+            on_removed(folder)
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        (Path(name) / _OWNER).write_text(json.dumps({"host": host, "pid": os.getpid()}))
+        yield Path(name)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from core import storage
 from core.errors import UserError
-from core.files import atomic_path
+from core.files import atomic_path, owned_temp_dir
 from core.storage import Location
 
 from .images import ImageOptions
@@ -346,8 +346,9 @@ def _dedup(cfg: ShardConfig) -> dict[str, str]:
     driver holds one bucket (1/256 of the usable inputs: ~4M pairs at 1B images) plus the duplicates found,
     instead of one id per distinct sha1 of the whole split."""
     duplicates: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="coatnet-dedup-") as tmp:
-        buckets = SpillWriter(Path(tmp), "sha1")
+    with owned_temp_dir("data_prep-dedup-", on_removed=lambda p: _log(f"removed {p}: the --dedup spill of a "
+                                                                      f"killed job")) as tmp:
+        buckets = SpillWriter(tmp, "sha1")
         try:
             for part in range(PARTITIONS):
                 for row in read_scanned(cfg.out, cfg.split, part):
@@ -555,9 +556,10 @@ def run_shard_job(cfg: ShardConfig) -> JobResult:
 def _run_shard_job(cfg: ShardConfig) -> JobResult:
     _check_paths(cfg)
     # The listing is spilled to a local temp folder: OUT may not exist yet (or not be ours), and it is
-    # re-listed on every run anyway (that is how a changed input is noticed).
-    with tempfile.TemporaryDirectory(prefix="data_prep-list-") as spill:
-        return _run_listed(cfg, Path(spill))
+    # re-listed on every run anyway (that is how a changed input is noticed). Spills of killed jobs go first.
+    with owned_temp_dir("data_prep-list-", on_removed=lambda p: _log(f"removed {p}: the listing spill of a "
+                                                                     f"killed job")) as spill:
+        return _run_listed(cfg, spill)
 
 
 def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:

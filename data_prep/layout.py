@@ -11,9 +11,11 @@ rename (core.files); on an object store (``s3://bucket/prefix``) whole-object PU
     OUT/_state/{split}/scan/PPP.json       its receipt (fingerprint, counts, scan rejects), written after it
     OUT/_state/{split}/inputs/PPP.jsonl    the listed inputs of partition PPP, read by its scan task
 
-The listing itself is spilled to a local temp folder (TMPDIR, ``data_prep-list-*``) while the job runs; each
-partition still to scan is copied to OUT/_state/<split>/inputs/ (streamed, so the driver holds none of it) and
-its scan task reads it from there. inputs/ and scan/ are deleted when the split is complete.
+The listing itself is spilled to a local temp folder (TMPDIR, ``data_prep-list-*``; --dedup's pairs to
+``data_prep-dedup-*``) while the job runs, and the next job on the host removes those of killed jobs
+(core.files.owned_temp_dir); each partition still to scan is copied to OUT/_state/<split>/inputs/ (streamed,
+so the driver holds none of it) and its scan task reads it from there. inputs/ and scan/ are deleted when the
+split is complete.
 """
 from __future__ import annotations
 

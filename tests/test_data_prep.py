@@ -257,6 +257,36 @@ def test_write_shard_is_byte_identical_atomic_and_resumable(tmp_path):
     assert not redone["resumed"] and (outs[0] / "train-000000.tar").read_bytes() == first
 
 
+def test_spill_folders_of_killed_jobs_are_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A job killed by SIGKILL cannot remove its listing spill (hundreds of GB at a billion rows): the next
+    job on the host removes the folders whose recorded process is gone, and only those."""
+    import os
+    import socket
+    import subprocess
+    import tempfile
+
+    from core.files import owned_temp_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    owners = {"dead": (host, gone.pid), "alive": (host, os.getpid()), "elsewhere": ("another-host", gone.pid)}
+    for name, (owner_host, pid) in owners.items():
+        folder = tmp_path / f"data_prep-list-{name}"
+        folder.mkdir()
+        (folder / "owner.json").write_text(json.dumps({"host": owner_host, "pid": pid}))
+        (folder / "inputs-000.jsonl").write_text("[]\n")
+    (tmp_path / "data_prep-list-unrecorded").mkdir()
+    removed = []
+    with owned_temp_dir("data_prep-list-", on_removed=removed.append) as spill:
+        assert json.loads((spill / "owner.json").read_text()) == {"host": host, "pid": os.getpid()}
+        assert removed == [tmp_path / "data_prep-list-dead"]
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"data_prep-list-alive", "data_prep-list-elsewhere", "data_prep-list-unrecorded", spill.name}
+    assert not spill.exists()
+
+
 def test_write_shard_drops_files_that_fail_the_full_decode(tmp_path):
     rows = _rows(tmp_path, 3)
     bad = tmp_path / "in_1.jpg"
