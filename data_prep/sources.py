@@ -23,7 +23,7 @@ from core.errors import UserError
 from .manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest, list_openimages,
                         sorted_classes, stat as _stat)
 from .packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, list_parquet,
-                     list_webdataset, open_location, peek_tar, stream_parquet, stream_webdataset, walk_files)
+                     list_webdataset, open_location, peek_tar, stream_parquet, stream_webdataset, walk_class_folders)
 
 URL_KINDS = (*PACKED_KINDS, "folder", "tars")  # what an object-store SRC can be (manifests name local paths)
 
@@ -176,15 +176,24 @@ def _walk_class_folder(src: Path, folder: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _list_folder_url(src: str) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
-    """An ImageFolder tree under an object-store prefix: <prefix>/<class>/.../<image>, read whole per image."""
-    _base, files = walk_files(src)
-    rows = [(f.name, f.name.split("/", 1)[0] if "/" in f.name else None, f.location, -1, f.size, f.mtime)
-            for f in files]
-    classes = sorted({row[1] for row in rows if row[1] is not None})
+def _iter_folder_url(src: str, found: Packed):
+    """Rows of an ImageFolder tree under an object-store prefix (<prefix>/<class>/.../<image>, read whole per
+    image), one class folder at a time; found.classes (the folders holding files) is set once they are done."""
+    classes = []
+    for folder, files in walk_class_folders(src):
+        if folder is not None and files:
+            classes.append(folder)
+        for f in files:
+            yield (f.name, folder, f.location, -1, f.size, f.mtime)
     if not classes:
         raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
-    return classes, rows
+    found.classes = classes
+
+
+def _list_folder_url(src: str) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
+    found = Packed([], [], False)
+    rows = sorted(_iter_folder_url(src, found), key=lambda row: row[0])
+    return found.classes, rows
 
 
 def _iter_folder(src: Path, classes: list[str]):
@@ -369,8 +378,8 @@ class PartitionedListing:
 def _stream_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None,
                 seen: dict):
     """(rows iterator of (row, line or None), Packed without rows); the Packed's classes and multi_label are
-    final once the rows are exhausted. Local folders, class tars, webdataset tars, parquet files and manifests
-    stream; OpenImages' per-image label groups and object-store folder walks are built first."""
+    final once the rows are exhausted. Every kind streams but OpenImages (its per-image label groups are
+    built first)."""
     _check_flags(src, kind, images, label_field, label_map)
     if kind == "manifest":
         found = Packed([], [], False)
@@ -378,6 +387,9 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
     if kind == "folder" and not is_url(src):
         classes = _folder_classes(Path(src))
         return ((row, None) for row in _iter_folder(Path(src), classes)), Packed(classes, [], False)
+    if kind == "folder":
+        found = Packed([], [], False)
+        return ((row, None) for row in _iter_folder_url(src, found)), found
     if kind == "tars":
         classes, archives = _tar_archives(src)
         return ((row, None) for row in _iter_tars(archives, classes)), Packed(classes, [], False)

@@ -257,6 +257,14 @@ def test_fsspec_urls_list_and_read(tmp_path):
         assert archives.kind == "tars" and archives.classes == ["cat", "dog"]
         assert {i.id: read_bytes(i.path, i.offset, i.size) for i in archives.inputs} == \
             {"cat.tar/a.jpg": tree["cat/a.jpg"], "dog.tar/c.jpg": tree["dog/c.jpg"]}
+        # the job's listing streams both, one class folder or archive at a time, to the same inputs
+        from data_prep.plan import PARTITIONS, read_spill
+        from data_prep.sources import list_partitioned
+        for n, (src, whole) in enumerate((("memory://bucket/tree", folder), ("memory://bucket/pc", archives))):
+            parts = list_partitioned(src, "auto", None, 3, tmp_path / f"spill{n}")
+            rows = sorted(tuple(r[1:6]) for p in range(PARTITIONS) for r in read_spill(parts.inputs_path(p)))
+            assert rows == sorted((i.id, i.class_name, i.path, i.offset, i.size) for i in whole.inputs), src
+            assert parts.classes == ["cat", "dog"] and parts.rejected == len(whole.rejects), src
         with pytest.raises(UserError, match="does not exist"):
             list_inputs("memory://bucket/nothing", "webdataset", None)
         with pytest.raises(UserError, match="reads a local path"):
