@@ -80,14 +80,20 @@ def stale_temps(directory: PathLike, name_glob: str = "*") -> list[Path]:
 _OWNER = "owner.json"
 
 
-def _alive(pid: int) -> bool:
+def _owner_gone(folder: Path, host: str) -> bool:
+    """Whether the process that made `folder` (owned_temp_dir) is gone: its record names this host and its
+    lock on the record can be taken. The kernel drops a lock when its holder dies, SIGKILL included, and a
+    lock works across PID namespaces (containers sharing a hostname and /tmp), where a pid would not."""
+    import fcntl
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(folder / _OWNER, "rb") as handle:
+            if json.loads(handle.read() or b"{}").get("host") != host:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except (OSError, ValueError, AttributeError):  # no record (being made; older code), or held: alive
         return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -95,25 +101,24 @@ def owned_temp_dir(prefix: str, on_removed=None) -> Iterator[Path]:
     """tempfile.TemporaryDirectory(prefix=prefix) that also cleans up after the killed.
 
     A process killed by SIGKILL (or on a node that was lost and came back) cannot remove its temp folder,
-    and a listing spill of a billion rows is hundreds of GB of local disk. So each folder records its host
-    and pid, and entering this removes the `prefix` folders of this host whose process is gone first;
-    on_removed(path) is told of each. A folder without the record (being created, or older code) is kept.
+    and a listing spill of a billion rows is hundreds of GB of local disk. So each folder holds a record of
+    its host and pid, locked while the folder is in use, and entering this first removes the `prefix`
+    folders of this host whose lock is free; on_removed(path) is told of each folder removed.
     """
+    import fcntl
     import shutil
     import socket
     import tempfile
 
     host = socket.gethostname()
     for folder in sorted(Path(tempfile.gettempdir()).glob(f"{prefix}*")):
-        try:
-            owner = json.loads((folder / _OWNER).read_text())
-            if owner["host"] != host or _alive(int(owner["pid"])):
-                continue
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        if on_removed is not None:
-            on_removed(folder)
+        if _owner_gone(folder, host):
+            shutil.rmtree(folder, ignore_errors=True)
+            if on_removed is not None and not folder.exists():
+                on_removed(folder)
     with tempfile.TemporaryDirectory(prefix=prefix) as name:
-        (Path(name) / _OWNER).write_text(json.dumps({"host": host, "pid": os.getpid()}))
-        yield Path(name)
+        with open(Path(name) / _OWNER, "wb") as record:
+            fcntl.flock(record, fcntl.LOCK_EX)  # held until the folder is removed (or the process dies)
+            record.write(json.dumps({"host": host, "pid": os.getpid()}).encode())
+            record.flush()
+            yield Path(name)

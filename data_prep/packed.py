@@ -62,7 +62,9 @@ def _fs(location: str):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(location)
+        # No listing cache: s3fs keeps every listing it made (dircache, unbounded, for the process's life), so
+        # walking a 14M-object tree folder by folder would still end up holding all 14M entries.
+        return fsspec.core.url_to_fs(location, use_listings_cache=False)
     except ImportError as err:
         raise UserError(f"SRC {location}: reading this URL needs a package that is not installed ({err})") from None
     except ValueError as err:
@@ -365,11 +367,12 @@ def _collect(stream) -> Packed:
 
 def _iter_files(fn, files: list[PackedFile], url: bool):
     """fn(file) for every file, in order, as they finish. Object stores: _LIST_THREADS at once (each waits on
-    the network), never more than 2 x _LIST_THREADS results held (a listing of 100,000 files streams)."""
+    the network), at most 2 x _LIST_THREADS files ahead of the consumer (a listing of 100,000 files streams)."""
     if not url or len(files) < 2:
         yield from map(fn, files)
         return
-    with ThreadPoolExecutor(max_workers=min(_LIST_THREADS, len(files))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(_LIST_THREADS, len(files)))
+    try:
         queue = iter(files)
         ahead = deque(pool.submit(fn, f) for f in itertools.islice(queue, 2 * _LIST_THREADS))
         while ahead:
@@ -378,6 +381,8 @@ def _iter_files(fn, files: list[PackedFile], url: bool):
             if following is not None:
                 ahead.append(pool.submit(fn, following))
             yield result
+    finally:  # an error or an abandoned listing: drop the queued files, do not wait for them
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------- webdataset

@@ -430,6 +430,7 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
             if progress is not None:
                 progress.update(1)
     finally:
+        rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
         raw.close()
     if kind == "manifest":
         found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))

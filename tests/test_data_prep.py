@@ -259,32 +259,44 @@ def test_write_shard_is_byte_identical_atomic_and_resumable(tmp_path):
 
 def test_spill_folders_of_killed_jobs_are_removed_by_the_next_one(tmp_path, monkeypatch):
     """A job killed by SIGKILL cannot remove its listing spill (hundreds of GB at a billion rows): the next
-    job on the host removes the folders whose recorded process is gone, and only those."""
+    job on the host removes the folders whose owner is gone (its lock on the record is free), and only those:
+    a killed job's is removed; a running job's (lock held, here by another process), another host's and one
+    without a record are kept."""
+    import fcntl
     import os
     import socket
     import subprocess
+    import sys
     import tempfile
 
     from core.files import owned_temp_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.Popen(["true"])
-    gone.wait()
     host = socket.gethostname()
-    owners = {"dead": (host, gone.pid), "alive": (host, os.getpid()), "elsewhere": ("another-host", gone.pid)}
-    for name, (owner_host, pid) in owners.items():
+    for name, owner_host in (("killed", host), ("running", host), ("elsewhere", "another-host")):
         folder = tmp_path / f"data_prep-list-{name}"
         folder.mkdir()
-        (folder / "owner.json").write_text(json.dumps({"host": owner_host, "pid": pid}))
+        (folder / "owner.json").write_text(json.dumps({"host": owner_host, "pid": 1}))
         (folder / "inputs-000.jsonl").write_text("[]\n")
     (tmp_path / "data_prep-list-unrecorded").mkdir()
-    removed = []
-    with owned_temp_dir("data_prep-list-", on_removed=removed.append) as spill:
-        assert json.loads((spill / "owner.json").read_text()) == {"host": host, "pid": os.getpid()}
-        assert removed == [tmp_path / "data_prep-list-dead"]
-        left = {p.name for p in tmp_path.iterdir()}
-        assert left == {"data_prep-list-alive", "data_prep-list-elsewhere", "data_prep-list-unrecorded", spill.name}
-    assert not spill.exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "data_prep-list-running/owner.json")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        removed = []
+        with owned_temp_dir("data_prep-list-", on_removed=removed.append) as spill:
+            assert json.loads((spill / "owner.json").read_text()) == {"host": host, "pid": os.getpid()}
+            assert removed == [tmp_path / "data_prep-list-killed"]
+            assert {p.name for p in tmp_path.iterdir()} == {"data_prep-list-running", "data_prep-list-elsewhere",
+                                                             "data_prep-list-unrecorded", spill.name}
+            with open(spill / "owner.json", "rb") as record:  # our own spill is locked while in use
+                with pytest.raises(OSError):
+                    fcntl.flock(record, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not spill.exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_write_shard_drops_files_that_fail_the_full_decode(tmp_path):
