@@ -7,7 +7,8 @@ For each model it launches 2 real CPU ranks (torchrun, bf16, ZeRO-2 by default, 
 shards, and each rank measures these phases with the pipeline's own building blocks, in the order
 pipeline.trainer.run uses them:
   build     build_model + build_engine + build_ema (a fresh run: the model, DeepSpeed's optimizer, the EMA);
-  step      one optimizer step (pipeline.trainer.train_step, then the EMA update);
+  step      the first two optimizer steps (pipeline.trainer.train_step, then the EMA update): the second is
+            every later step's peak, with Adam's moments (allocated in the first step) held through its backward;
   eval      the in-run evaluation with EMA weights (pipeline.periodic_eval.Evaluator);
   save      Checkpointer.save;
   resume    a new launch: build, then Checkpointer.restore of that checkpoint (the phase is the restore);
@@ -167,9 +168,10 @@ def worker(args) -> None:
         state.attach_loader(loader)
         criterion = build_loss(cfg)
         engine.train()
-        with phases.measure("step"):
-            T.train_step(engine, loader, criterion, plan.accumulation, torch.bfloat16, guard, state.step + 1)
-            state.advance(applied=guard.applied)
+        with phases.measure("step"):  # two: from the second on, Adam's moments exist through the backward
+            for _ in range(2):
+                T.train_step(engine, loader, criterion, plan.accumulation, torch.bfloat16, guard, state.step + 1)
+                state.advance(applied=guard.applied)
         logger = MetricsLogger(cfg.run_dir, info.is_main, resume_step=state.step)
         evaluator = Evaluator(cfg, info, plan.num_classes, logger)
         with phases.measure("eval"):

@@ -157,12 +157,14 @@ class RankTerms:
         return self.weights + self.gradients + self.master + self.moments + self.ema
 
 
-def bucket_bytes(stage: int, params: int, precision: str, zero: dict, on_gpu: bool, grad_accum: str = "fp32") -> int:
+def bucket_bytes(stage: int, params: int, precision: str, zero: dict, on_gpu: bool, grad_accum: str = "fp32",
+                 communication: str = "fp32") -> int:
     """DeepSpeed's communication buffers during backward, from the DeepSpeed config's `zero_optimization`.
 
     ZeRO-0/1 (BF16_Optimizer, and the engine's fallback all-reduce): gradients flattened into buffers of
     ENGINE_ALLREDUCE_BUCKET elements in the accumulation dtype (fp32). ZeRO-2: `reduce_bucket_size` 16-bit
-    staging buffers, two with `overlap_comm`. ZeRO-3: a `reduce_bucket_size` bucket in the accumulation dtype
+    staging buffers, two with `overlap_comm`, and with a wider `communication` dtype (fp32, the default) the
+    bucket's cast to it for the reduction. ZeRO-3: a `reduce_bucket_size` bucket in the accumulation dtype
     (allocated and zeroed whole, on the CPU too) + a 16-bit `stage3_prefetch_bucket_size`.
     A CUDA buffer is allocated whole; on the CPU only the touched part (at most the model) becomes resident.
     """
@@ -173,7 +175,9 @@ def bucket_bytes(stage: int, params: int, precision: str, zero: dict, on_gpu: bo
         return min(size, params) * elem
     if stage == 2:
         copies = 2 if zero.get("overlap_comm") else 1
-        return copies * (reduce if on_gpu else min(reduce, params)) * low
+        elements = reduce if on_gpu else min(reduce, params)
+        cast = 4 if communication == "fp32" and low < 4 else 0
+        return (copies * low + cast) * elements
     prefetch = int(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET))
     accum = 4 if grad_accum == "fp32" else low
     return reduce * accum + (prefetch if on_gpu else min(prefetch, params)) * low
@@ -181,7 +185,7 @@ def bucket_bytes(stage: int, params: int, precision: str, zero: dict, on_gpu: bo
 
 def rank_terms(stage: int, params: int, largest_layer: int, ranks: int, precision: str = "bf16",
                grad_accum: str = "fp32", ema: bool = True, zero: dict | None = None,
-               on_gpu: bool = True) -> RankTerms:
+               on_gpu: bool = True, communication: str = "fp32") -> RankTerms:
     """The named per-rank terms of a setting without offload (what the trainer runs by default)."""
     low = 2 if precision in ("bf16", "fp16") else 4
     parts = ranks if stage >= 1 else 1
@@ -195,4 +199,4 @@ def rank_terms(stage: int, params: int, largest_layer: int, ranks: int, precisio
     master = 4 * params // parts if precision != "fp32" else 0
     return RankTerms(weights=weights, gradients=gradients, master=master, moments=8 * params // parts,
                      ema=4 * params // parts if ema else 0,
-                     buckets=bucket_bytes(stage, params, precision, zero or {}, on_gpu, grad_accum))
+                     buckets=bucket_bytes(stage, params, precision, zero or {}, on_gpu, grad_accum, communication))

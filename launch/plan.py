@@ -230,7 +230,7 @@ def _zero_config(cfg, stage: int, gpus: int, on_gpu: bool = True) -> dict:
 def _buckets(cfg, stage: int, params: int, gpus: int) -> int:
     from launch.model_states import bucket_bytes
     return bucket_bytes(stage, params, cfg.precision, _zero_config(cfg, stage, gpus), on_gpu=True,
-                        grad_accum=_grad_accum(cfg))
+                        grad_accum=_grad_accum(cfg), communication=cfg.deepspeed.communication_dtype)
 
 
 def _eval_bytes(act, micro_batch: int) -> int:
@@ -271,10 +271,12 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
     with torch.device("meta"):
         params, largest = count_params(create_model(**kwargs))
     on_gpu = device != "cpu"
-    if zero is None:  # the trainer's zero_optimization block with its defaults and `overrides` (pipeline.optim)
-        from pipeline.config import load_config
-        zero = _zero_config(load_config(None, list(overrides)), zero_stage, ranks, on_gpu)
-    t = rank_terms(zero_stage, params, largest, ranks, precision, grad_accum, ema, zero, on_gpu)
+    from pipeline.config import load_config
+    cfg = load_config(None, list(overrides))  # the trainer's defaults, and `overrides`
+    if zero is None:  # the trainer's zero_optimization block (pipeline.optim)
+        zero = _zero_config(cfg, zero_stage, ranks, on_gpu)
+    t = rank_terms(zero_stage, params, largest, ranks, precision, grad_accum, ema, zero, on_gpu,
+                   communication=cfg.deepspeed.communication_dtype)
     act = measure(kwargs, precision)
     frag = FRAGMENTATION if on_gpu else 1.0
     train_act = int(act.bytes(micro_batch, checkpointing) * frag)

@@ -16,7 +16,8 @@ For CoAtNet-7 (2.44e9 parameters, N = 64): ZeRO-1 (6 + 0.19) * 2.44e9 = 15.1 GB 
 layer (the 3072-wide Transformer MLP: 3072 x 12288 = 37.7M, 0.15 GB) = 0.84 GB = 0.78 GiB.
 Each adds the EMA's fp32 fragment (4 B x P / 64 = 0.14 GiB) and DeepSpeed's communication buffers: ZeRO-1
 the engine's fp32 all-reduce buffer of 5e8 elements (fixed in DeepSpeed: 1.86 GiB); ZeRO-2 two bf16 reduce
-buckets of the trainer's deepspeed.bucket_elements = 5e7 (overlap_comm on GPUs: 0.19 GiB); ZeRO-3 a reduce
+buckets of the trainer's deepspeed.bucket_elements = 5e7 (overlap_comm on GPUs) and one bucket's fp32 cast
+for the fp32 reduction (0.37 GiB); ZeRO-3 a reduce
 bucket of 5e7 in the fp32 accumulation dtype (0.19 GiB) and a bf16 prefetch bucket of 5e7 (0.09 GiB).
 
 Activations (bf16, 2 bytes) follow Korthikanti et al.'s count for a Transformer layer with fused
@@ -67,7 +68,7 @@ def test_coatnet7_512_on_64_gpus_model_figures(c7):
     assert 2.4e12 < c7["macs_per_image"] < 2.75e12  # paper: 2586B multiply-adds at 512 px
     assert 20e6 < c7["largest_layer_parameters"] < 40e6
     assert 15.5 < _row(c7, 1)["states_gib"] < 16.6  # 14.1 + 0.14 + 1.86
-    assert 5.3 < _row(c7, 2)["states_gib"] < 5.8  # 5.2 + 0.14 + 0.19
+    assert 5.3 < _row(c7, 2)["states_gib"] < 5.8  # 5.2 + 0.14 + 0.37
     assert 1.05 < _row(c7, 3)["states_gib"] < 1.35  # 0.78 + 0.14 + 0.28
     assert _row(c7, 2, offload=True)["states_gib"] < _row(c7, 2)["states_gib"]  # only the 16-bit weights stay
     assert 3.5 < c7["activation_gib_per_image"] < 5.5
@@ -174,15 +175,16 @@ def test_rank_peak_names_every_term_and_counts_them_per_phase():
     assert t["buckets"] == 4 * p and t["cuda_context"] == 0  # the whole fp32 gradient, flattened once
     assert r["phase"] == "step" and r["peak"] == r["phases"]["step"] > r["phases"]["eval"] > r["phases"]["build"]
     gpu = rank_peak("coatnet-2", 64, 2, 2, 2, device="cuda", num_classes=4)
-    # on a GPU the two bf16 reduce buckets (deepspeed.bucket_elements = 5e7) are allocated whole, and the context
-    # is counted
-    assert gpu["terms"]["buckets"] == 2 * 50_000_000 * 2 and gpu["terms"]["cuda_context"] > 0
+    # on a GPU the two bf16 reduce buckets (deepspeed.bucket_elements = 5e7) are allocated whole, plus one
+    # bucket's fp32 cast for the fp32 reduction, and the context is counted
+    assert gpu["terms"]["buckets"] == (2 * 2 + 4) * 50_000_000 and gpu["terms"]["cuda_context"] > 0
     z2 = rank_peak("coatnet-2", 64, 2, 2, 2, device="cpu", num_classes=4)
     t2 = z2["terms"]
     # ZeRO-2 frees its fp32 gradient partition at the end of each step: a save does not hold it
     assert z2["phases"]["save"] == t2["weights"] + t2["master"] + t2["moments"] + t2["ema"]
     assert z2["phases"]["step"] - z2["phases"]["save"] >= t2["gradients"] == 4 * p // 2
-    assert t2["buckets"] == 10_000_000 * 2  # a CPU's default bucket, one bf16 copy (no overlap_comm)
+    assert t2["buckets"] == 10_000_000 * (2 + 4)  # a CPU's default bucket: one bf16 copy (no overlap_comm) + fp32
     small = rank_peak("coatnet-2", 64, 2, 2, 2, device="cpu", num_classes=4,
-                      overrides=("deepspeed.bucket_elements=1000",))
-    assert small["terms"]["buckets"] == 1000 * 2
+                      overrides=("precision=bf16", "deepspeed.bucket_elements=1000",
+                                 "deepspeed.communication_dtype=bf16"))
+    assert small["terms"]["buckets"] == 1000 * 2  # a bf16 reduction needs no cast
