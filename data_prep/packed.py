@@ -155,10 +155,12 @@ def walk_class_folders(src):
     except Exception as err:  # noqa: BLE001 - fsspec backends raise many types here; all mean "cannot list"
         raise UserError(f"SRC {text}: cannot list it ({_first_line(err)}); check the path, the credentials "
                         f"(AWS_* variables for s3://) and the endpoint") from None
-    folders = sorted(i["name"].rstrip("/").rsplit("/", 1)[-1] for i in infos if i.get("type") == "directory")
-    yield None, sorted((PackedFile(i["name"].rstrip("/").rsplit("/", 1)[-1], fs.unstrip_protocol(i["name"]),
-                                   int(i.get("size") or 0), _mtime(i)) for i in infos if i.get("type") == "file"),
-                       key=lambda f: f.name)
+    def leaf(info: dict) -> str:
+        return info["name"].rstrip("/").rsplit("/", 1)[-1]
+
+    folders = sorted(leaf(i) for i in infos if i.get("type") == "directory")
+    yield None, sorted((PackedFile(leaf(i), fs.unstrip_protocol(i["name"]), int(i.get("size") or 0), _mtime(i))
+                        for i in infos if i.get("type") == "file"), key=lambda f: f.name)
     prefix = fs.unstrip_protocol(base)
     listed = _iter_files(lambda folder: walk_files(f"{prefix}/{folder}")[1], folders, url=True)
     for folder, files in zip(folders, listed):
@@ -356,13 +358,6 @@ def _resolved(samples, resolver: _LabelResolver, names: list[str] | None, names_
         out.classes = list(names)  # the source's own order and complete list: class indices stay as they were
     else:
         out.classes = sorted_classes(found)
-
-
-def _collect(stream) -> Packed:
-    """A streamed listing (rows, Packed) as one Packed holding its rows."""
-    rows, out = stream
-    out.rows = list(rows)
-    return out
 
 
 def _iter_files(fn, files: list[PackedFile], url: bool):
@@ -581,10 +576,6 @@ def stream_webdataset(src, label_field: str | None, label_map: Path | None):
     return _resolved(samples(), resolver, names, out.class_source, out, early), out
 
 
-def list_webdataset(src, label_field: str | None, label_map: Path | None) -> Packed:
-    return _collect(stream_webdataset(src, label_field, label_map))
-
-
 # ----------------------------------------------------------------------------------------------- parquet
 
 def _hf_class_names(schema, column: str) -> list[str] | None:
@@ -673,6 +664,3 @@ def stream_parquet(src, label_field: str | None, label_map: Path | None):
 
     return _resolved(samples(), resolver, names, names_from, out, early), out
 
-
-def list_parquet(src, label_field: str | None, label_map: Path | None) -> Packed:
-    return _collect(stream_parquet(src, label_field, label_map))

@@ -22,8 +22,8 @@ from core.errors import UserError
 
 from .manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest, list_openimages,
                         sorted_classes, stat as _stat)
-from .packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, list_parquet,
-                     list_webdataset, open_location, peek_tar, stream_parquet, stream_webdataset, walk_class_folders)
+from .packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, open_location,
+                     peek_tar, stream_parquet, stream_webdataset, walk_class_folders)
 
 URL_KINDS = (*PACKED_KINDS, "folder", "tars")  # what an object-store SRC can be (manifests name local paths)
 
@@ -190,12 +190,6 @@ def _iter_folder_url(src: str, found: Packed):
     found.classes = classes
 
 
-def _list_folder_url(src: str) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
-    found = Packed([], [], False)
-    rows = sorted(_iter_folder_url(src, found), key=lambda row: row[0])
-    return found.classes, rows
-
-
 def _iter_folder(src: Path, classes: list[str]):
     """Rows of a local ImageFolder tree, streamed (files directly in SRC first, then class by class)."""
     for e in sorted(os.scandir(src), key=lambda e: e.name):
@@ -213,13 +207,6 @@ def _folder_classes(src: Path) -> list[str]:
     if not classes:
         raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
     return classes
-
-
-def _list_folder(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
-    if is_url(src):
-        return _list_folder_url(src)
-    classes = _folder_classes(src)
-    return classes, list(_iter_folder(src, classes))
 
 
 def _tar_archives(src) -> tuple[list[str], list[tuple[str, str]]]:
@@ -251,14 +238,9 @@ def _iter_tars(archives: list[tuple[str, str]], classes: list[str]):
                             f"repair or remove it") from None
 
 
-def _list_tars(src: Path) -> tuple[list[str], list[tuple[str, str | None, str, int, int, int]]]:
-    classes, archives = _tar_archives(src)
-    return classes, list(_iter_tars(archives, classes))
-
-
-def _single(rows: list[tuple]) -> list[tuple]:
+def _single(rows) -> list[tuple]:
     """Label tuples -> one class name per row (single-label sources keep their rows and fingerprint)."""
-    return [(r[0], r[1][0], *r[2:]) for r in rows]
+    return [(r[0], r[1][0], *r[2:]) if isinstance(r[1], tuple) else r for r in rows]
 
 
 def _check_flags(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> None:
@@ -271,21 +253,17 @@ def _check_flags(src, kind: str, images: Path | None, label_field: str | None, l
 
 
 def _list_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> Packed:
-    """Classes found, rows, multi_label (and the rejects a packed source judged itself) of any kind of SRC;
-    rows carry a class name, or a label tuple in multi-label sources."""
-    _check_flags(src, kind, images, label_field, label_map)
-    if kind in PACKED_KINDS:
-        found = (list_webdataset if kind == "webdataset" else list_parquet)(src, label_field, label_map)
-        if not found.multi_label:
-            found.rows = _single(found.rows)
-        return found
-    if kind == "openimages":
-        return Packed(*list_openimages(src, images))
-    if kind == "manifest":
+    """Classes found, rows, multi_label (and the rejects a packed source judged itself) of any kind of SRC, all
+    in memory (list_inputs); rows carry a class name, or a label tuple in multi-label sources."""
+    if kind == "manifest":  # read whole: its duplicate-path check and class order are list_manifest's
+        _check_flags(src, kind, images, label_field, label_map)
         classes, rows, multi = list_manifest(src)
         return Packed(classes, rows if multi else _single(rows), multi)
-    classes, rows = (_list_folder if kind == "folder" else _list_tars)(src)
-    return Packed(classes, rows, False)
+    rows, found = _stream_any(src, kind, images, label_field, label_map, {})
+    found.rows = [row for row, _line in rows]
+    if not found.multi_label:
+        found.rows = _single(found.rows)
+    return found
 
 
 def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool, check_name: bool = True):
@@ -396,7 +374,7 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
     if kind in PACKED_KINDS:  # rows carry label tuples: list_partitioned takes the first when single-label
         rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map)
         return ((row, None) for row in rows), found
-    found = _list_any(src, kind, images, label_field, label_map)
+    found = Packed(*list_openimages(src, images))
     rows, found.rows = found.rows, []
     return ((row, None) for row in rows), found
 

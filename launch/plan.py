@@ -257,8 +257,9 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
     fp32 weights assembled from the EMA fragments and the fragment file being read, 4 bytes x params / ranks
     when the pretraining ran on as many; the other ranks memory-map the result). On "cpu" the figures
     are what the model adds to a process (no CUDA context; buckets only as far as they are touched); on
-    "cuda" they include CUDA_CONTEXT_GIB. `overrides` (KEY=VALUE, as on the trainer's command line) render the
-    trainer's `zero_optimization` block when `zero` is not given (deepspeed.bucket_elements, for one).
+    "cuda" they include CUDA_CONTEXT_GIB. `overrides` (KEY=VALUE, as on the trainer's command line) are applied
+    to the trainer's defaults: they render its `zero_optimization` block when `zero` is not given
+    (deepspeed.bucket_elements, for one) and give the reduction's dtype (deepspeed.communication_dtype).
     Returns {"terms": {...}, "phases": {...}, "peak": bytes, "phase": name}.
     """
     import torch

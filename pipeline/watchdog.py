@@ -231,7 +231,7 @@ class StopPoll:
 
         requested = self.is_main and os.path.exists(self.request_path)
         wd = self.watchdog
-        left = wd.grace_left() if wd.signalled else 0.0
+        left = wd.grace_left()  # inf before a SIGTERM
         no_time = wd.signalled and (left <= 0 or (last_save_s is not None and last_save_s >= left))
         now = time.monotonic()
         per_step = (now - self._t0) / max(1, step - self._since) if self._t0 is not None else 0.0

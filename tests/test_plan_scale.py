@@ -98,6 +98,11 @@ def test_partitioned_listing_of_class_tars_streams_the_same_inputs(tmp_path):
     assert [r[1] for r in rows] == shuffle_ids([i.id for i in whole.inputs], 5)
     by_id = {i.id: (i.class_name, i.path, i.offset, i.size) for i in whole.inputs}
     assert all(by_id[r[1]] == tuple(r[2:6]) for r in rows) and len(rows) == 60
+    for _key, file_id, class_name, path, offset, size, _labels in rows:  # each member's bytes, read in place
+        c, n = (int(x) for x in file_id.split("/")[1][1:-len(".JPEG")].split("_"))
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            assert class_name == f"n{c:08d}" and handle.read(size) == b"y" * (n + 10 * c), file_id
     assert parts.classes == whole.classes == [f"n{c:08d}" for c in range(3)]
     assert parts.listed == 63 and parts.non_image_files == 3
 
