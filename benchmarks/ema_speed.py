@@ -1,4 +1,4 @@
-"""EMA update time per step: pipeline.ema's fused update against the per-parameter loop it replaced, side by side.
+"""EMA update time per step: pipeline.train.ema's fused update against the per-parameter loop it replaced, side by side.
 
     python benchmarks/ema_speed.py                        # coatnet-2 parameter shapes on the CPU
     python benchmarks/ema_speed.py --model coatnet-3 --device cuda --repeats 50
@@ -40,7 +40,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 def main() -> int:
     from model import create_model
-    from pipeline.ema import ShardedEMA
+    from pipeline.train.ema import ShardedEMA
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="coatnet-2")
@@ -84,7 +84,7 @@ def main() -> int:
     # The same EMA up to rounding (lerp keeps an EMA equal to its input exactly; mul+add drifts by an ulp a step).
     assert torch.allclose(after_loop, fused.flat, atol=1e-6, rtol=1e-5), (after_loop - fused.flat).abs().max()
     print(f"per-parameter loop: {baseline_ms:9.2f} ms/update  ({2 * len(shapes)} kernels)")
-    print(f"fused (pipeline.ema): {fused_ms:7.2f} ms/update  ({fused.runs} lerp)")
+    print(f"fused (pipeline.train.ema): {fused_ms:7.2f} ms/update  ({fused.runs} lerp)")
     print(f"ratio loop / fused: {baseline_ms / fused_ms:.2f}x")
 
     full = 4 * total

@@ -4,11 +4,11 @@ Parts (each in its own try: a part that fails prints its error and the next one 
 
   speed      training images/s of coatnet-0..3 against timm's same-size coatnet_N_224, same batch, bf16
              autocast, torch's fused AdamW, the two alternating round by round (benchmarks/model_speed.py);
-             TFLOP/s and MFU of each (pipeline.flops against the device's bf16 peak; coatnet-3 at 224 px is
+             TFLOP/s and MFU of each (pipeline.train.flops against the device's bf16 peak; coatnet-3 at 224 px is
              the headline MFU)
   attention  forward + backward of relative attention at coatnet-3's own stage shapes (S3 14x14, 24 heads;
              S4 7x7, 48 heads at 224 px) for each kernel (sdpa, math, flex; model/attention.py): the fastest
-  loader     images/s of the real training input pipeline (pipeline.data, shards, RandAugment, <= 8
+  loader     images/s of the real training input pipeline (pipeline.data.loader, shards, RandAugment, <= 8
              workers) against coatnet-3's training images/s from `speed`: does it keep up?
   memory     peak device memory of coatnet-3 training steps through the real DeepSpeed engine (ZeRO-2,
              bf16, the trainer's DeepSpeed config) against launch.plan.rank_peak's estimate of that step;
@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from model import channels_last_default, count_macs, create_model, get_config, prepare_for_speed  # noqa: E402
-from pipeline.flops import device_peak_tflops, tflops_per_device, train_flops_per_image, utilization  # noqa: E402
+from pipeline.train.flops import device_peak_tflops, tflops_per_device, train_flops_per_image, utilization  # noqa: E402
 
 PARTS = ("speed", "attention", "loader", "memory", "compile")
 MIN_S = {"speed": 60, "attention": 30, "loader": 40, "memory": 40, "compile": 150}  # a part starts with this left
@@ -85,7 +85,7 @@ def settings(tiny: bool, device: torch.device) -> dict:
 
 def ours(name: str, size: int, device: torch.device, weights: bool = True):
     """Our model as the trainer runs it (channels-last activations where that is the default); `weights=False`
-    keeps the parameters contiguous, as DeepSpeed needs them (pipeline.build)."""
+    keeps the parameters contiguous, as DeepSpeed needs them (pipeline.train.build)."""
     model = create_model(name, num_classes=1000, image_size=size)
     prepare_for_speed(model, channels_last_default(device.type, "bf16"), weights=weights)
     return model
@@ -172,8 +172,8 @@ def make_shards(root: Path, classes: int, per_class: int, size: int) -> Path:
 def part_loader(s: dict, device, budget: Budget, shards: Path | None, speed: dict) -> dict:
     from loader_speed import measure
     from pipeline.config import load_config
-    from pipeline.data import build_train_loader
-    from pipeline.shards import open_shards
+    from pipeline.data.loader import build_train_loader
+    from pipeline.data.shards import open_shards
 
     tmp = None
     if shards is None:
@@ -243,9 +243,9 @@ def _deepspeed_engine(model, micro: int, device):
     import deepspeed
 
     from model import param_groups
-    from pipeline import distributed as D
+    from pipeline.runtime import distributed as D
     from pipeline.config import load_config
-    from pipeline.optim import deepspeed_config
+    from pipeline.train.optim import deepspeed_config
 
     D.setup(deterministic=False)
     cfg = load_config(None, [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",

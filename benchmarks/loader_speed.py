@@ -9,7 +9,7 @@ Both sides decode JPEGs and apply the same train transform (RandomResizedCrop, f
 normalise, same parameters) with the same number of DataLoader workers and batch size, over the same images:
 loose files (`data_prep demo-data`) for ImageFolder, with its PIL loader and the ops placed as torchvision's
 classification reference presets place them, and for ours the shards `data_prep shard` made from that folder,
-read by pipeline.data with pipeline.transforms.train_transform (tensor decode and crop, RandAugment on PIL);
+read by pipeline.data.loader with pipeline.data.transforms.train_transform (tensor decode and crop, RandAugment on PIL);
 our workers ship uint8 and the batch is normalised (and with --mix, MixUp/CutMix'ed) where it is consumed,
 on --device. ImageFolder ships float32 from its workers, as usual (and with --mix, MixUp/CutMix run in the
 consumer on CPU). `--decode gpu` measures data.decode=gpu (JPEG bytes shipped, decode and augmentation on
@@ -34,9 +34,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data import TrainLoader  # noqa: E402
-from pipeline.shards import open_shards, worker_init  # noqa: E402
-from pipeline.transforms import MEAN, STD, batch_mix_transform  # noqa: E402
+from pipeline.data.loader import TrainLoader  # noqa: E402
+from pipeline.data.shards import open_shards, worker_init  # noqa: E402
+from pipeline.data.transforms import MEAN, STD, batch_mix_transform  # noqa: E402
 
 
 def make_data(root: Path, classes: int, per_class: int, size: int) -> tuple[Path, Path]:
@@ -112,7 +112,7 @@ def main() -> None:
         print(f"{total} JPEGs of {args.size}px in {len(shards.urls)} shards; transform to {args.image_size}px; "
               f"{args.workers} workers, batch {args.batch}, {args.batches} batches x {args.rounds} rounds; "
               f"our batches normalised on {args.device}, decode {args.decode}, mix {args.mix}")
-        from pipeline.device_augment import shared_memory_bytes
+        from pipeline.data.device_augment import shared_memory_bytes
         print(f"our shared memory bound per rank: {shared_memory_bytes(args.workers, 4, args.batch, args.image_size) / 1e6:.0f} MB "
               f"(uint8; float32 would be 4x)")
 

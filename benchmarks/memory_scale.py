@@ -5,11 +5,11 @@
 
 For each model it launches 2 real CPU ranks (torchrun, bf16, ZeRO-2 by default, as the trainer) three times, on tiny generated
 shards, and each rank measures these phases with the pipeline's own building blocks, in the order
-pipeline.trainer.run uses them:
+pipeline.train.trainer.run uses them:
   build     build_model + build_engine + build_ema (a fresh run: the model, DeepSpeed's optimizer, the EMA);
-  step      the first two optimizer steps (pipeline.trainer.train_step, then the EMA update): the second is
+  step      the first two optimizer steps (pipeline.train.trainer.train_step, then the EMA update): the second is
             every later step's peak, with Adam's moments (allocated in the first step) held through its backward;
-  eval      the in-run evaluation with EMA weights (pipeline.periodic_eval.Evaluator);
+  eval      the in-run evaluation with EMA weights (pipeline.evaluation.periodic.Evaluator);
   save      Checkpointer.save;
   resume    a new launch: build, then Checkpointer.restore of that checkpoint (the phase is the restore);
   finetune  a new launch with `pretrained=` the first run (EMA weights): build_model from them + engine + EMA.
@@ -118,13 +118,13 @@ def worker(args) -> None:
     """One rank of one stage (pretrain | resume | finetune): the trainer's building blocks, phase by phase."""
     import torch
 
-    from pipeline import distributed as D
-    from pipeline.build import build_engine, build_model
-    from pipeline.checkpoint import Checkpointer
-    from pipeline.ema import build_ema
-    from pipeline.step_guard import StepGuard
-    from pipeline.train_state import TrainState
-    from pipeline import trainer as T
+    from pipeline.runtime import distributed as D
+    from pipeline.train.build import build_engine, build_model
+    from pipeline.checkpoint.checkpointer import Checkpointer
+    from pipeline.train.ema import build_ema
+    from pipeline.faults.step_guard import StepGuard
+    from pipeline.train.state import TrainState
+    from pipeline.train import trainer as T
 
     cfg, mode = _config(args)
     plan = T.plan_run(cfg)
@@ -158,10 +158,10 @@ def worker(args) -> None:
         with phases.measure("resume"):
             checkpointer.restore(engine, state, resume)
     if args.stage == "pretrain":
-        from pipeline.data import build_train_loader
-        from pipeline.loss import build_loss
-        from pipeline.metrics import MetricsLogger
-        from pipeline.periodic_eval import Evaluator
+        from pipeline.data.loader import build_train_loader
+        from pipeline.train.loss import build_loss
+        from pipeline.train.metrics import MetricsLogger
+        from pipeline.evaluation.periodic import Evaluator
 
         loader = build_train_loader(cfg, plan.shards, info.rank, info.world_size, plan.num_classes,
                                     state=state.data_state, device=info.device)
@@ -214,7 +214,7 @@ def make_shards(root: Path, image_px: int) -> Path:
 
 
 def measure_model(args, model: str, shards: Path) -> list[dict]:
-    from pipeline.distributed import free_port
+    from pipeline.runtime.distributed import free_port
 
     rows = []
     for stage in args.stages.split(","):

@@ -8,7 +8,7 @@
 One training step = forward, loss, backward, AdamW step, under bf16 autocast on CPU (or CUDA if
 present). The two models alternate round by round in the same process so that load from other
 processes and thermal drift hit both alike; the reported figure per model is the median round, with the
-training TFLOP/s it means (pipeline.flops: 3 forward passes of 2 FLOPs per multiply-add) and, on a GPU
+training TFLOP/s it means (pipeline.train.flops: 3 forward passes of 2 FLOPs per multiply-add) and, on a GPU
 of known peak, the MFU. Ours runs as the trainer runs it: `prepare_for_speed`, channels-last where
 `channels_last_default` says so (--channels-last), with the attention kernel --attention. --profile
 prints, per model, the ops that took the most time in one profiled training step.
@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.units import precision_dtype  # noqa: E402
 from model import channels_last_default, create_model, param_groups, prepare_for_speed, set_attention_impl  # noqa: E402
-from pipeline.flops import device_peak_tflops, tflops_per_device, train_flops_per_image  # noqa: E402
+from pipeline.train.flops import device_peak_tflops, tflops_per_device, train_flops_per_image  # noqa: E402
 
 
 def train_steps(model, optimizer, images, labels, steps, dtype, device) -> float:

@@ -16,7 +16,7 @@ process too, so the peak covers them as well as the driver. (The manifest lister
 rows are then rejected as missing_file; so the benchmark passes --assume-present, see below.)
 
 Each (mode, N) runs in its own subprocess, which reports its own peak RSS (VmHWM) and wall time.
-Modes: ``new`` (data_prep.sources.list_partitioned + tasks.scan_partitions + plan.shard_ranges, in-process,
+Modes: ``new`` (data_prep.sources.listing.list_partitioned + tasks.scan_partitions + plan.shard_ranges, in-process,
 no Ray) and ``old`` (list_inputs + build_plan of a checkout of the code before partitioned planning, e.g.
 ``git worktree add /tmp/before HEAD``). Printed: a table, the ratios largest/smallest N of peak memory and of
 time per entry, and a linear extrapolation to 13M and 1B entries.
@@ -93,10 +93,21 @@ def _present(monkey_module) -> None:
     monkey_module.stat = lambda path: (1000, 0)
 
 
+def _data_prep_modules():
+    """data_prep's job, layout, manifests, plan, sources and tasks modules, in the subpackage layout or, for a
+    `--before` checkout from before it, the flat one (the measured code is the same)."""
+    try:
+        from data_prep.shard import job, layout, plan, tasks
+        from data_prep.sources import listing as sources, manifests
+    except ImportError:
+        from data_prep import job, layout, manifests, plan, sources, tasks
+    return job, layout, manifests, plan, sources, tasks
+
+
 def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False, kind: str = "manifest") -> dict:
     from types import SimpleNamespace
 
-    from data_prep import job, layout, manifests, plan, sources, tasks
+    job, layout, manifests, plan, sources, tasks = _data_prep_modules()
 
     _present(manifests)
     start = time.perf_counter()
@@ -121,7 +132,7 @@ def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False, 
 
 
 def child_old(manifest: Path, shard_size: int, kind: str = "manifest") -> dict:
-    from data_prep import manifests, plan, sources
+    from data_prep import manifests, plan, sources  # a checkout from before partitioned planning: the flat layout
     from data_prep.images import ScanResult
 
     _present(manifests)

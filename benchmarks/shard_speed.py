@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.images import ImageOptions, encode  # noqa: E402
-from data_prep.job import ShardConfig, run_shard_job  # noqa: E402
+from data_prep.shard.job import ShardConfig, run_shard_job  # noqa: E402
 
 
 def make_images(root: Path, count: int, width: int, height: int, classes: int = 10, seed: int = 0) -> list[Path]:
@@ -99,7 +99,7 @@ def main() -> None:
 
     import ray
 
-    from data_prep.cluster import init_local_ray
+    from data_prep.shard.cluster import init_local_ray
 
     work = Path(tempfile.mkdtemp(prefix="shard-speed-"))
     n = args.images

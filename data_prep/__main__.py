@@ -75,7 +75,7 @@ split is refused with one line naming what changed, unless ``--overwrite``.
 """
 import sys
 
-from .cli import main
+from data_prep.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_demo(args) -> int:
     import time
 
-    from .demo_data import DemoDataConfig, generate
-    from .demo_multi import generate_cells, generate_multi
+    from data_prep.demo_data import DemoDataConfig, generate
+    from data_prep.demo_multi import generate_cells, generate_multi
 
     start = time.perf_counter()
     cfg = DemoDataConfig(out=args.out, classes=args.classes, per_class=args.per_class, size=args.size,
@@ -223,7 +223,7 @@ def _run_demo(args) -> int:
 
 
 def _run_shard(args) -> int:
-    from .job import ShardConfig, run_shard_job
+    from data_prep.shard.job import ShardConfig, run_shard_job
 
     cfg = ShardConfig(src=args.src, out=args.out, split=args.split, source=args.source, classes_file=args.classes,
                       images=args.images, label_field=args.label_field, label_map=args.label_map,
@@ -235,7 +235,7 @@ def _run_shard(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from .verify import verify_out
+    from data_prep.shard.verify import verify_out
 
     report = verify_out(args.out, split=args.split)
     for line in report.lines:

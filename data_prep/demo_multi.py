@@ -23,7 +23,7 @@ from PIL import Image
 from core.errors import UserError
 from core.files import atomic_write_text
 
-from .demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask, _looks_like_demo_tree, paint, prepare_out
+from data_prep.demo_data import COLOURS, SHAPES, DemoDataConfig, _background, _draw_mask, _looks_like_demo_tree, paint, prepare_out
 
 MANIFEST_NAME = "labels.jsonl"
 CLASSES_NAME = "classes.txt"

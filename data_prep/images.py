@@ -57,11 +57,11 @@ def read_bytes(path, offset: int, size: int) -> bytes:
     """
     path = str(path)
     if size == PARQUET_ROW:
-        from .packed import read_parquet_image  # pyarrow is imported only by jobs that read parquet
+        from data_prep.sources.packed import read_parquet_image  # pyarrow is imported only by jobs that read parquet
 
         return read_parquet_image(path, offset)
     if "://" in path:
-        from .packed import read_range
+        from data_prep.sources.packed import read_range
 
         data = read_range(path, offset, size)
         if offset >= 0 and len(data) != size:

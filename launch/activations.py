@@ -134,7 +134,7 @@ def _tally(model: nn.Module, batch: int, dtype: torch.dtype) -> _Tally:
 def measure(model_kwargs: dict, precision: str = "bf16") -> ActivationMemory:
     """Activation bytes per image of the model `create_model(**model_kwargs)` trained in `precision`.
 
-    `model_kwargs` as pipeline.model_args.run_model_kwargs gives them; the model is measured without its
+    `model_kwargs` as pipeline.train.model_args.run_model_kwargs gives them; the model is measured without its
     own checkpointing (the checkpointed figures are derived per block, see the module doc).
     """
     dtype = precision_dtype(precision)

@@ -77,7 +77,7 @@ def model_states_bytes(setting: ZeroSetting, total_params: int, largest_layer_pa
     # non-offload term (model loading), for comparable columns.
     cpu = int(total_params * 4 * gpus_per_node * CPU_BUFFER_FACTOR)
     if setting.stage == 1:
-        # 16-bit training with fp32 gradient accumulation (the trainer's default, pipeline.optim) runs DeepSpeed's
+        # 16-bit training with fp32 gradient accumulation (the trainer's default, pipeline.train.optim) runs DeepSpeed's
         # BF16_Optimizer: a full fp32 gradient buffer on every rank instead of 16-bit gradients (2 + 4 + 12/N).
         grads = 4 if grad_accum == "fp32" else 2
         return (2 + grads) * total_params + 12 * total_params // gpus, cpu
@@ -114,7 +114,7 @@ def count_params(model) -> tuple[int, int]:
 
 
 def ema_bytes(setting: ZeroSetting, total_params: int, gpus: int, ema_decay: float) -> tuple[int, int]:
-    """(GPU bytes per GPU, CPU bytes per GPU) of pipeline.ema.ShardedEMA's fp32 shadow.
+    """(GPU bytes per GPU, CPU bytes per GPU) of pipeline.train.ema.ShardedEMA's fp32 shadow.
 
     Every ZeRO rank averages only its fragment of every fp32 master weight (4 bytes x params / GPUs), on the
     CPU when the optimizer is offloaded; ZeRO-0 keeps a full fp32 copy.
@@ -142,7 +142,7 @@ class RankTerms:
     gradients: what the optimizer accumulates into: ZeRO-0 the module's own .grad, ZeRO-1 with 16-bit training
       and fp32 accumulation (DeepSpeed's BF16_Optimizer) a full fp32 buffer, ZeRO-2/3 an fp32 partition;
     master: fp32 master weights (partitioned from ZeRO-1 on); moments: Adam's two, allocated at the first step;
-    ema: pipeline.ema's per-rank fp32 fragment (a full copy without ZeRO);
+    ema: pipeline.train.ema's per-rank fp32 fragment (a full copy without ZeRO);
     buckets: DeepSpeed's communication buffers during backward (see `bucket_bytes`).
     """
     weights: int

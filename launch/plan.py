@@ -28,7 +28,7 @@ Which fitting setting wins (first difference decides), and why:
 5. the larger micro-batch (fewer accumulation steps).
 
 Time per epoch = images x 6 x multiply-adds (forward + backward = 3 forward passes, 2 FLOPs per
-multiply-add) / (GPUs x peak TFLOP/s x MFU), counted by pipeline.flops as the trainer's MFU log counts it
+multiply-add) / (GPUs x peak TFLOP/s x MFU), counted by pipeline.train.flops as the trainer's MFU log counts it
 (model FLOPs only; HFU adds the forward that activation checkpointing recomputes). Exit status 0 when a
 setting fits, 1 when none does, 2 on bad input.
 """
@@ -44,7 +44,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from core.errors import UserError, cli_main
-from pipeline.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
+from pipeline.train.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
 GIB = 2 ** 30
 # Per GPU, before any tensor: the CUDA context with cuBLAS/cuDNN workspaces (about 0.5 GiB with CUDA 12's lazy
@@ -97,7 +97,7 @@ def _dataset(cfg, images_per_epoch: int | None) -> tuple[int, int | None, str]:
     """(images per epoch, number of classes or None, where the figures come from)."""
     path = cfg.data.train
     if os.path.isfile(os.path.join(path, "_info.json")):
-        from pipeline.shards import open_shards
+        from pipeline.data.shards import open_shards
         shards = open_shards(path, cfg.data.train_split)
         classes = len(shards.classes) if shards.classes else None
         return images_per_epoch or shards.num_samples, classes, f"{path}/_info.json"
@@ -124,7 +124,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
     from launch.activations import measure
     from launch.model_states import count_params
     from model import count_macs, create_model
-    from pipeline.model_args import run_model_kwargs
+    from pipeline.train.model_args import run_model_kwargs
 
     if reserve_gb is None:
         reserve_gb = cuda_context_gb
@@ -221,7 +221,7 @@ def _grad_accum(cfg) -> str:
 
 def _zero_config(cfg, stage: int, gpus: int, on_gpu: bool = True) -> dict:
     """The `zero_optimization` block the trainer would hand DeepSpeed at `stage` (bucket sizes, overlap_comm)."""
-    from pipeline.optim import deepspeed_config
+    from pipeline.train.optim import deepspeed_config
 
     ds = dataclasses.replace(cfg.deepspeed, zero_stage=stage, offload_optimizer=False, offload_param=False)
     return deepspeed_config(dataclasses.replace(cfg, deepspeed=ds), gpus, on_cpu=not on_gpu)["zero_optimization"]
@@ -274,7 +274,7 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
     on_gpu = device != "cpu"
     from pipeline.config import load_config
     cfg = load_config(None, list(overrides))  # the trainer's defaults, and `overrides`
-    if zero is None:  # the trainer's zero_optimization block (pipeline.optim)
+    if zero is None:  # the trainer's zero_optimization block (pipeline.train.optim)
         zero = _zero_config(cfg, zero_stage, ranks, on_gpu)
     t = rank_terms(zero_stage, params, largest, ranks, precision, grad_accum, ema, zero, on_gpu,
                    communication=cfg.deepspeed.communication_dtype)

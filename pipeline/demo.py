@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from core.errors import UserError, cli_main
-from pipeline.distributed import free_port
+from pipeline.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -47,12 +47,12 @@ def write_untrained(out: Path, run_dir: Path) -> None:
     from core.units import precision_dtype
     from model import build_initialised
     from pipeline.config import load_config
-    from pipeline.model_args import run_model_kwargs
+    from pipeline.train.model_args import run_model_kwargs
 
     cfg = load_config(str(run_dir / "config.yaml"))
     classes = json.loads((run_dir / "classes.json").read_text())["classes"]
     kwargs = run_model_kwargs(cfg, len(classes))
-    # The dtype the run trained in: its initial weights are these draws rounded to it (pipeline.build).
+    # The dtype the run trained in: its initial weights are these draws rounded to it (pipeline.train.build).
     net = build_initialised(**kwargs, seed=cfg.seed, device=torch.device("cpu"), dtype=precision_dtype(cfg.precision))
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in net.state_dict().items()}

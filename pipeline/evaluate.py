@@ -1,11 +1,11 @@
 """Top-1, top-5 and per-class accuracy of trained weights on a shard split, exact across ranks; on a
-multi-label split mAP, precision@1, the first label's top-1 and per-class AP instead (pipeline.mean_ap).
+multi-label split mAP, precision@1, the first label's top-1 and per-class AP instead (pipeline.evaluation.mean_ap).
 
     python -m pipeline.evaluate --weights runs/demo/finetune --data runs/demo/shards/finetune --split val
     torchrun --nproc_per_node 2 -m pipeline.evaluate --weights exports/demo --data shards/ --image-size 384
     deepspeed --num_gpus 8 --module pipeline.evaluate --weights runs/c3-512 --data /data/in1k-shards
 
-WEIGHTS is anything pipeline.pretrained.load_weights reads (run folder, DeepSpeed checkpoint of any ZeRO stage,
+WEIGHTS is anything pipeline.weights.pretrained.load_weights reads (run folder, DeepSpeed checkpoint of any ZeRO stage,
 universal checkpoint, export); EMA weights are used when the checkpoint has them (--no-ema: the trained ones).
 Each rank reads its own shards, every sample exactly once; the integer counts are summed over ranks, so the
 numbers do not depend on the number of ranks or workers. Rank 0 prints the result and writes it as JSON.
@@ -26,7 +26,7 @@ from core.errors import UserError, cli_main
 from core.files import atomic_write_json
 from core.units import PRECISIONS, image_hw, precision_dtype
 
-# What pipeline.distributed.setup puts into a bare process's environment; restored when main returns.
+# What pipeline.runtime.distributed.setup puts into a bare process's environment; restored when main returns.
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_distributed(device_arg: Optional[str]) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): pipeline.distributed's set-up (any launcher), then `--device` if given."""
-    from pipeline.distributed import setup
+    """(rank, world size, device): pipeline.runtime.distributed's set-up (any launcher), then `--device` if given."""
+    from pipeline.runtime.distributed import setup
 
     info = setup(deterministic=False)
     if not device_arg:
@@ -97,7 +97,7 @@ def _process_group() -> Iterator[None]:
     try:
         yield
     finally:
-        from pipeline.distributed import teardown
+        from pipeline.runtime.distributed import teardown
 
         teardown()
         for key in saved:
@@ -132,8 +132,8 @@ def _default_out(weights: str, split: str) -> str:
 
 def run(args: argparse.Namespace) -> Optional[dict]:
     """Evaluate on every rank; returns the result dict on rank 0 (None elsewhere)."""
-    from pipeline.evaluation import build_eval_loader, evaluate
-    from pipeline.pretrained import load_model
+    from pipeline.evaluation.loop import build_eval_loader, evaluate
+    from pipeline.weights.pretrained import load_model
 
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --num-workers >= 0 (got {args.batch_size}, "

@@ -29,10 +29,10 @@ import model as coatnet
 from core.errors import cli_main
 from core.files import atomic_path, atomic_write_json
 from core.units import PRECISIONS, precision_dtype
-from pipeline.weights_adapt import check_fits as check_state
-from pipeline.weights_io import EXPORT_CONFIG as CONFIG_NAME
-from pipeline.weights_io import EXPORT_WEIGHTS as WEIGHTS_NAME
-from pipeline.weights_io import PretrainedError
+from pipeline.weights.adapt import check_fits as check_state
+from pipeline.weights.files import EXPORT_CONFIG as CONFIG_NAME
+from pipeline.weights.files import EXPORT_WEIGHTS as WEIGHTS_NAME
+from pipeline.weights.files import PretrainedError
 
 FORMAT = "coatnet-export/1"
 
@@ -69,9 +69,9 @@ def check_fits(state: dict, model_config: dict, where: str) -> None:
 
 def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", force: bool = False,
            trust_pickle: bool = False) -> dict:
-    """Write OUT/model.safetensors and OUT/config.json from anything pipeline.pretrained.load_weights reads."""
-    from pipeline.pretrained import load_weights
-    from pipeline.transforms import MEAN, STD
+    """Write OUT/model.safetensors and OUT/config.json from anything pipeline.weights.pretrained.load_weights reads."""
+    from pipeline.weights.pretrained import load_weights
+    from pipeline.data.transforms import MEAN, STD
 
     weights_path, config_path = os.path.join(out, WEIGHTS_NAME), os.path.join(out, CONFIG_NAME)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -84,7 +84,7 @@ def export(source: str, out: str, ema: bool | None = None, dtype: str = "fp32", 
                               f"drop --ema")
     if not meta.get("model_config"):
         raise PretrainedError(f"{meta.get('checkpoint') or source} records no model config; export from a run "
-                              f"folder (with config.yaml) or a checkpoint written by pipeline.trainer")
+                              f"folder (with config.yaml) or a checkpoint written by pipeline.train.trainer")
     model_config = dict(meta["model_config"], grad_checkpointing=False)
     check_fits(state, model_config, meta.get("checkpoint") or source)
     target = precision_dtype(dtype)

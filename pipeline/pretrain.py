@@ -51,8 +51,8 @@ def main(argv: Optional[Sequence[str]] = None, mode: str = "pretrain", descripti
         return 0
     if mode == "finetune" and not cfg.pretrained:
         logging.getLogger("pipeline.train").warning("fine-tuning with pretrained=null: training from scratch")
-    from pipeline import distributed
-    from pipeline.trainer import run
+    from pipeline.runtime import distributed
+    from pipeline.train.trainer import run
 
     try:
         run(cfg, mode=mode)

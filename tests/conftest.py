@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.distributed import free_port  # noqa: F401  (tests import it from here)
+from pipeline.runtime.distributed import free_port  # noqa: F401  (tests import it from here)
 
 # Everything in tests talks to this machine only.
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -20,9 +20,9 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_deepspeed_shm():
-    """Ranks the tests kill on purpose leave DeepSpeed's 67 MB /dev/shm segments behind (pipeline.cpu_shm)."""
+    """Ranks the tests kill on purpose leave DeepSpeed's 67 MB /dev/shm segments behind (pipeline.runtime.cpu_shm)."""
     yield
-    from pipeline.cpu_shm import remove_orphans
+    from pipeline.runtime.cpu_shm import remove_orphans
 
     remove_orphans()
 
@@ -60,7 +60,7 @@ def local_ray():
     """A local Ray on 127.0.0.1 for a module's in-process data_prep jobs (one started by another module is reused)."""
     import ray
 
-    from data_prep.cluster import init_local_ray
+    from data_prep.shard.cluster import init_local_ray
 
     if ray.is_initialized():  # another module left its Ray running: use it, leave it to its owner
         yield ray

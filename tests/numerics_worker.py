@@ -1,6 +1,6 @@
 """Rank worker for tests/test_numerics.py: `deepspeed --num_gpus 2 --module tests.numerics_worker OUT`.
 
-Every check builds its DeepSpeed engine from pipeline.optim.deepspeed_config (the config the trainer uses), on
+Every check builds its DeepSpeed engine from pipeline.train.optim.deepspeed_config (the config the trainer uses), on
 real ranks with gloo, and writes its figures to OUT/rank<r>.json for the test to judge:
   accum:  the gradient accumulated over ACCUM micro-batches and averaged over ranks, against its exact value,
           for ZeRO 1/2/3 with the pipeline's dtypes (fp32) and with the old ones (bf16, DeepSpeed's defaults);
@@ -33,7 +33,7 @@ def _cfg(stage: int, accum_dtype: str, world: int, extra: list[str] = (), micro:
 def _engine(net: nn.Module, cfg, world: int):
     import deepspeed
 
-    from pipeline.optim import deepspeed_config
+    from pipeline.train.optim import deepspeed_config
 
     ds_config = deepspeed_config(cfg, world, on_cpu=True)
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=ds_config)
@@ -97,7 +97,7 @@ def batchnorm_under_deepspeed(world: int) -> dict:
 
 
 def main(out: str) -> None:
-    from pipeline.distributed import setup
+    from pipeline.runtime.distributed import setup
 
     info = setup(deterministic=False)  # the trainer's own start: DeepSpeed's CPU accelerator, gloo
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)

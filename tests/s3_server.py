@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.distributed import free_port
+from pipeline.runtime.distributed import free_port
 
 _START_TIMEOUT_S = 60.0
 

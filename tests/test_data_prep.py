@@ -18,9 +18,9 @@ from data_prep.cli import main
 from data_prep.demo_data import DemoDataConfig, generate
 from data_prep.errors import InputChanged, UserError
 from data_prep.images import ImageOptions, ImageRejected, encode, scan, target_size
-from data_prep.plan import sample_key, shuffle_ids
-from data_prep.sources import list_inputs
-from data_prep.tasks import valid_receipt, write_shard
+from data_prep.shard.plan import sample_key, shuffle_ids
+from data_prep.sources.listing import list_inputs
+from data_prep.shard.tasks import valid_receipt, write_shard
 from tests.conftest import data_prep_error, free_port
 from tests.test_data_prep_helpers import (
     corrupt_pixels_png, decompression_bomb_png, encode as encode_image, exif_rotated_jpeg, make_tricky_tree, _rgb,

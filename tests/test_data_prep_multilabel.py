@@ -17,10 +17,10 @@ from core.files import atomic_write_json
 from data_prep.cli import main
 from data_prep.demo_data import DemoDataConfig
 from data_prep.demo_multi import generate_multi
-from data_prep.plan import sample_key
-from data_prep.sources import list_inputs
-from data_prep.tasks import write_shard
-from data_prep.verify import verify_out
+from data_prep.shard.plan import sample_key
+from data_prep.sources.listing import list_inputs
+from data_prep.shard.tasks import write_shard
+from data_prep.shard.verify import verify_out
 from tests.conftest import data_prep_error
 
 KNOWN = ["circle", "square", "triangle", "star"]   # --classes: "cross" (class 5 of the demo set) is unknown
@@ -247,8 +247,8 @@ def _rejects(out: Path) -> dict[str, str]:
 def test_three_formats_give_exact_shards(demo, tmp_path):
     import ray
 
-    from data_prep.cluster import init_local_ray
-    from data_prep.job import ShardConfig, run_shard_job
+    from data_prep.shard.cluster import init_local_ray
+    from data_prep.shard.job import ShardConfig, run_shard_job
 
     labels = _source_labels(demo)
     sources = _write_sources(demo, labels)

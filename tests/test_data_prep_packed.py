@@ -16,7 +16,7 @@ from PIL import Image
 
 from data_prep.errors import UserError
 from data_prep.images import PARQUET_ROW, ImageRejected, read_bytes
-from data_prep.sources import detect_kind, list_inputs
+from data_prep.sources.listing import detect_kind, list_inputs
 from tests.conftest import data_prep_error
 from tests.test_data_prep_helpers import _rgb, encode
 
@@ -258,8 +258,8 @@ def test_fsspec_urls_list_and_read(tmp_path):
         assert {i.id: read_bytes(i.path, i.offset, i.size) for i in archives.inputs} == \
             {"cat.tar/a.jpg": tree["cat/a.jpg"], "dog.tar/c.jpg": tree["dog/c.jpg"]}
         # the job's listing streams both, one class folder or archive at a time, to the same inputs
-        from data_prep.plan import PARTITIONS, read_spill
-        from data_prep.sources import list_partitioned
+        from data_prep.shard.plan import PARTITIONS, read_spill
+        from data_prep.sources.listing import list_partitioned
         for n, (src, whole) in enumerate((("memory://bucket/tree", folder), ("memory://bucket/pc", archives))):
             parts = list_partitioned(src, "auto", None, 3, tmp_path / f"spill{n}")
             rows = sorted(tuple(r[1:6]) for p in range(PARTITIONS) for r in read_spill(parts.inputs_path(p)))
@@ -279,8 +279,8 @@ def test_partitioned_listing_streams_packed_sources_to_the_same_inputs_and_rejec
     fsspec (memory://, where files are listed on threads as on s3://)."""
     import fsspec
 
-    from data_prep.plan import PARTITIONS, read_spill
-    from data_prep.sources import list_partitioned
+    from data_prep.shard.plan import PARTITIONS, read_spill
+    from data_prep.sources.listing import list_partitioned
 
     listing_reasons = ("no_image", "no_label", "unknown_class")  # the others are found by the scan
     wds_rejects, hf_rejects = (
@@ -349,7 +349,7 @@ def _samples(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_resharding_our_shards_keeps_every_sample_once_with_its_labels(local_ray, demo_shards, tmp_path):
-    from data_prep.job import ShardConfig, run_shard_job
+    from data_prep.shard.job import ShardConfig, run_shard_job
 
     with pytest.raises(UserError, match="holds the shards of splits train, val"):
         list_inputs(demo_shards, "auto", None)
@@ -372,7 +372,7 @@ def test_resharding_our_shards_keeps_every_sample_once_with_its_labels(local_ray
 @pytest.mark.slow
 def test_webdataset_and_parquet_sources_shard_correctly(local_ray, tmp_path):
     from data_prep.cli import main
-    from data_prep.job import ShardConfig, run_shard_job
+    from data_prep.shard.job import ShardConfig, run_shard_job
 
     for kind, make, extra in (("webdataset", _webdataset_source, {"label_field": "label"}),
                               ("parquet", _parquet_source, {})):

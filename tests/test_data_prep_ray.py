@@ -19,8 +19,8 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.errors import UserError
-from data_prep.job import ShardConfig, run_shard_job
-from data_prep.sources import IMG_EXTENSIONS
+from data_prep.shard.job import ShardConfig, run_shard_job
+from data_prep.sources.listing import IMG_EXTENSIONS
 from tests.test_data_prep_helpers import make_jpeg_tree, make_tricky_tree
 
 pytestmark = pytest.mark.slow
@@ -227,7 +227,7 @@ def test_worker_sigkill_mid_shard_is_retried_and_output_unchanged(local_ray, tmp
 
 def test_input_changed_inside_a_task_reaches_the_user_as_one_line(local_ray):
     from data_prep.errors import InputChanged
-    from data_prep.job import _run_tasks
+    from data_prep.shard.job import _run_tasks
 
     def edited_behind_our_back():
         raise InputChanged("cat/x.jpg changed while the job ran (sha1 differs from the scan)")

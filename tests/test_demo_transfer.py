@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from model import create_model, resize_rel_pos_tables
-from pipeline.pretrained import load_weights
+from pipeline.weights.pretrained import load_weights
 
 
 @pytest.mark.slow

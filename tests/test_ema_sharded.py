@@ -1,4 +1,4 @@
-"""The sharded EMA (pipeline.ema): per-rank fragments, fused update, fragment files, re-slicing, evaluation swap.
+"""The sharded EMA (pipeline.train.ema): per-rank fragments, fused update, fragment files, re-slicing, evaluation swap.
 
 One real ZeRO-3 run on 2 CPU ranks (deepspeed launcher, bf16, coatnet-nano) with EMA decay 0.3 and a checkpoint
 after every step is the reference: its fragment files add up to one copy of the model, the EMA that export
@@ -71,7 +71,7 @@ def zero3_run(demo_shards, tmp_path_factory):
 @pytest.mark.slow
 def test_zero3_fragments_are_one_copy_and_export_equals_the_consolidated_ema(zero3_run, tmp_path):
     from model import create_model
-    from pipeline.weights_io import ema_fragment_files
+    from pipeline.weights.files import ema_fragment_files
 
     ckpt = zero3_run / "checkpoints"
     net = create_model("coatnet-nano", num_classes=4, image_size=32)
@@ -173,8 +173,8 @@ ONE_RANK = textwrap.dedent('''
     from deepspeed.utils import safe_get_full_fp32_param
 
     import model
-    from pipeline.ema import FORMAT, ShardedEMA
-    from pipeline.weights_io import read_ema_fragments
+    from pipeline.train.ema import FORMAT, ShardedEMA
+    from pipeline.weights.files import read_ema_fragments
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     results = {}
@@ -264,9 +264,9 @@ def test_one_rank_update_files_reslicing_and_evaluation_swap(tmp_path):
 def test_loading_keeps_no_reference_to_what_was_loaded():
     """A checkpoint's full EMA (the pre-fragment format) is copied into the EMA and dropped from the client
     state: after the load nothing refers to the loaded tensors. Also on a plain module (no DeepSpeed)."""
-    from pipeline.distributed import DistInfo
-    from pipeline.ema import ShardedEMA
-    from pipeline.train_state import TrainState
+    from pipeline.runtime.distributed import DistInfo
+    from pipeline.train.ema import ShardedEMA
+    from pipeline.train.state import TrainState
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
@@ -296,7 +296,7 @@ def test_ranks_wait_for_the_universal_conversion_by_marker_and_heartbeat(tmp_pat
     import threading
     import time
 
-    from pipeline.checkpoint import (CheckpointInfo, _heartbeat, _universal_dir, conversion_workers,
+    from pipeline.checkpoint.checkpointer import (CheckpointInfo, _heartbeat, _universal_dir, conversion_workers,
                                      wait_for_universal, write_marker)
     from core.files import atomic_write_json
 

@@ -1,4 +1,4 @@
-"""pipeline.evaluation / pipeline.evaluate (exact counts over ranks) and pipeline.export (loads without DeepSpeed)."""
+"""pipeline.evaluation.loop / pipeline.evaluate (exact counts over ranks) and pipeline.export (loads without DeepSpeed)."""
 from __future__ import annotations
 
 import collections
@@ -15,7 +15,7 @@ import torch
 import model
 from pipeline import evaluate as evaluate_cli
 from pipeline import export as export_cli
-from pipeline.evaluation import build_eval_loader, evaluate
+from pipeline.evaluation.loop import build_eval_loader, evaluate
 from tests.conftest import free_port
 from tests.test_pretrained import CLASSES, deepspeed_runs, reference
 
@@ -188,7 +188,7 @@ EVALUATE_ZERO3 = textwrap.dedent('''
     import json, os, sys
     import deepspeed, torch
     import model
-    from pipeline.evaluation import build_eval_loader, evaluate
+    from pipeline.evaluation.loop import build_eval_loader, evaluate
 
     shards, out = sys.argv[1:3]
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -225,7 +225,7 @@ def test_evaluate_zero3_engine_on_two_ranks(shards, tmp_path):
 
 
 def test_export_check_names_the_first_key_that_does_not_fit():
-    from pipeline.pretrained import PretrainedError
+    from pipeline.weights.pretrained import PretrainedError
 
     net = model.create_model("coatnet-tiny", num_classes=3, image_size=32)
     config = {k: v for k, v in net.config.to_dict().items() if k != "grad_checkpointing"}

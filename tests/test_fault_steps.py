@@ -1,6 +1,6 @@
 """Bad steps and config changes on resume: 2 real CPU ranks (deepspeed launcher), ZeRO-2, bf16, coatnet-nano.
 
-NaN losses are injected with pipeline.step_guard's fault hook (env COATNET_FAULT_NAN_STEPS: rank 0's first
+NaN losses are injected with pipeline.faults.step_guard's fault hook (env COATNET_FAULT_NAN_STEPS: rank 0's first
 micro-batch loss at those steps), so the other rank only learns of them through the guard's all-reduce.
 """
 import json
@@ -37,7 +37,7 @@ def weights(run_dir, step: int) -> dict:
 
 
 def ema(run_dir, step: int) -> dict:
-    """The EMA a checkpoint holds: every rank's fragment file (pipeline.ema), or an older format's full copy in
+    """The EMA a checkpoint holds: every rank's fragment file (pipeline.train.ema), or an older format's full copy in
     the client state."""
     from safetensors.torch import load_file
 

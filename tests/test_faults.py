@@ -103,7 +103,7 @@ def kill_all(procs) -> None:
 
 def assert_intact(run_dir: Path) -> None:
     """Every checkpoint marked complete has every recorded file, at its size and checksum."""
-    from pipeline.checkpoint_integrity import verify_share
+    from pipeline.checkpoint.integrity import verify_share
 
     for marker in (run_dir / "checkpoints").glob("step_*/complete.json"):
         meta = json.loads(marker.read_text())

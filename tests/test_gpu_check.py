@@ -50,7 +50,7 @@ def test_a_spent_budget_skips_parts_and_still_reports(tmp_path):
 
 
 def test_throughput_window_counts_training_time_only():
-    from pipeline.metrics import Throughput
+    from pipeline.train.metrics import Throughput
 
     now = [0.0]
     meter = Throughput(global_batch=100, macs_per_image=10**9, device=torch.device("cpu"), clock=lambda: now[0])

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 
 from core.errors import UserError
 from pipeline.config import ConfigError, load_config
-from pipeline.data import TrainLoader, TrainStream, build_train_loader
-from pipeline.device_augment import (DeviceBatch, augment_on_device, check_decode, device_train_transform,
+from pipeline.data.loader import TrainLoader, TrainStream, build_train_loader
+from pipeline.data.device_augment import (DeviceBatch, augment_on_device, check_decode, device_train_transform,
                                      pack_jpegs, seeded_cpu_rng, shared_memory_bytes, unpack_jpegs)
-from pipeline.shards import ShardSet
-from pipeline.transforms import (PILToCHW, RandomResizedCropHWC, TensorToPIL, batch_mix_transform, normalize_batch,
+from pipeline.data.shards import ShardSet
+from pipeline.data.transforms import (PILToCHW, RandomResizedCropHWC, TensorToPIL, batch_mix_transform, normalize_batch,
                                  train_transform)
 
 CLASSES, SHARDS, PER_SHARD = 3, 4, 12
@@ -148,7 +148,7 @@ def test_device_batch_leaves_the_trainers_rng_alone_and_seeds_per_batch(shards):
 def test_normalisation_constants_stay_on_the_device():
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     normalize_batch(images)
-    from pipeline.transforms import _DEVICE_CONSTANTS
+    from pipeline.data.transforms import _DEVICE_CONSTANTS
     cached = _DEVICE_CONSTANTS[images.device]
     normalize_batch(images)
     assert _DEVICE_CONSTANTS[images.device] is cached
@@ -210,7 +210,7 @@ def test_a_jpeg_no_decoder_reads_becomes_a_black_image_not_a_crash(caplog):
     rng = np.random.default_rng(2)
     good = _jpeg(rng, 40, 48)
     bad = good[:200] + b"\xff" * 50 + good[-2:]  # headers intact (the workers' check passes), data destroyed
-    with caplog.at_level("WARNING", logger="pipeline.data"):
+    with caplog.at_level("WARNING", logger="pipeline.data.loader"):
         out = augment_on_device([good, bad], [1, 2], "cpu", device_train_transform(32, randaugment_layers=0))
     assert out.shape == (2, 3, 32, 32) and int(out[1].max()) == 0
     assert "replaced by a black image" in caplog.text

@@ -41,8 +41,8 @@ import torch
 
 from launch.plan import GIB, format_table, plan
 from pipeline.config import load_config
-from pipeline.flops import peak_tflops_for_name, train_flops_per_image, train_seconds, utilization
-from pipeline.metrics import Throughput, console_line
+from pipeline.train.flops import peak_tflops_for_name, train_flops_per_image, train_seconds, utilization
+from pipeline.train.metrics import Throughput, console_line
 
 REPO = Path(__file__).resolve().parents[1]
 C7_512 = "configs/finetune/jft_coatnet-7_512.yaml"

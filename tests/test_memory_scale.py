@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import distributed as D
-from pipeline.build import build_model
+from pipeline.runtime import distributed as D
+from pipeline.train.build import build_model
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

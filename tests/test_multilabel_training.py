@@ -23,13 +23,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 
 from core.errors import UserError
 from pipeline.config import load_config
-from pipeline.data import TrainLoader, multi_hot_targets
-from pipeline.device_augment import DeviceBatch, seeded_cpu_rng
-from pipeline.evaluation import build_eval_loader, evaluate, headline
-from pipeline.loss import SigmoidBCE
-from pipeline.mean_ap import average_precision, count_at_or_above, thresholds
-from pipeline.shards import decode_sample, open_shards, pad_labels, split_sample
-from pipeline.transforms import MultiHotMix, batch_mix_transform, multi_hot
+from pipeline.data.loader import TrainLoader, multi_hot_targets
+from pipeline.data.device_augment import DeviceBatch, seeded_cpu_rng
+from pipeline.evaluation.loop import build_eval_loader, evaluate, headline
+from pipeline.train.loss import SigmoidBCE
+from pipeline.evaluation.mean_ap import average_precision, count_at_or_above, thresholds
+from pipeline.data.shards import decode_sample, open_shards, pad_labels, split_sample
+from pipeline.data.transforms import MultiHotMix, batch_mix_transform, multi_hot
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_multi_label_pretraining_learns_and_evaluates_alike_on_one_and_two_ranks
     from model import create_model
     from pipeline import demo
     from pipeline import evaluate as evaluate_cli
-    from pipeline.pretrained import init_from_pretrained, load_weights
+    from pipeline.weights.pretrained import init_from_pretrained, load_weights
 
     out = tmp_path / "demo"
     demo.main(["--multi-label", "--out", str(out), "--pretrain-steps", "300", "--finetune-steps", "0"])

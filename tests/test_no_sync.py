@@ -110,7 +110,7 @@ def probe(out_json: str, argv: list[str]) -> None:
     next one: the trainer's work after the step, logging and polling included, belongs to it)."""
     counter = SyncCounter()
     counter.install()
-    import pipeline.trainer as T
+    import pipeline.train.trainer as T
     from pipeline.config import load_config
 
     original = T.train_step
@@ -163,7 +163,7 @@ def _guard_step(guard, step: int, loss: float):
 
 
 def test_guard_decides_on_the_device_and_reads_out_in_step_order():
-    from pipeline.step_guard import MIN_HISTORY, StepGuard
+    from pipeline.faults.step_guard import MIN_HISTORY, StepGuard
 
     guard = StepGuard(max_bad_steps=2, spike_factor=10.0)
     for step in range(1, MIN_HISTORY + 1):

@@ -1,7 +1,7 @@
 """Issue 9, numerics: BatchNorm statistics in fp32 under bf16, fp32 gradient accumulation and reduction.
 
 The single-process tests need no DeepSpeed; the launcher test starts 2 real CPU ranks (tests/numerics_worker.py)
-that build their engines from pipeline.optim.deepspeed_config and compare against the old bf16 settings.
+that build their engines from pipeline.train.optim.deepspeed_config and compare against the old bf16 settings.
 """
 import json
 import os
@@ -17,7 +17,7 @@ import model
 from core.errors import UserError
 from model.blocks import BatchNorm2d
 from pipeline.config import load_config
-from pipeline.optim import deepspeed_config, precision_config
+from pipeline.train.optim import deepspeed_config, precision_config
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, format_help, load_config
-from pipeline.optim import Schedule
+from pipeline.train.optim import Schedule
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"

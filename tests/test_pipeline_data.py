@@ -14,9 +14,9 @@ import torch
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 from core.errors import UserError
-from pipeline.checkpoint import complete_checkpoints, latest_complete, prune, write_marker
-from pipeline.data import TrainLoader, shards_of_pass
-from pipeline.shards import open_shards
+from pipeline.checkpoint.checkpointer import complete_checkpoints, latest_complete, prune, write_marker
+from pipeline.data.loader import TrainLoader, shards_of_pass
+from pipeline.data.shards import open_shards
 
 from tests.conftest import DEMO_SHARD_CLASSES as NUM_CLASSES
 
@@ -93,7 +93,7 @@ def test_truncated_shard_is_skipped_and_counted(demo_shards, tmp_path, caplog):
     victim.write_bytes(victim.read_bytes()[:cut])
     shards = open_shards(str(bad), "train")
     loader = _loader(shards, world=1, workers=0)
-    with caplog.at_level("WARNING", logger="pipeline.data"):
+    with caplog.at_level("WARNING", logger="pipeline.data.loader"):
         batches = [next(loader) for _ in range(25)]  # > one pass over all 5 shards
     assert all(x.shape == (8, 3, 32, 32) for x, _ in batches)
     assert loader.corrupt_count >= 1
@@ -118,7 +118,7 @@ def test_batch_normalisation_matches_the_per_image_transform():
     """normalize_batch (uint8 batches normalised on the training device) gives the per-image transform's values."""
     from torchvision.transforms import v2
 
-    from pipeline.transforms import MEAN, STD, normalize_batch
+    from pipeline.data.transforms import MEAN, STD, normalize_batch
 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
@@ -131,7 +131,7 @@ def test_hand_written_pil_conversion_matches_torchvision_and_augmentation_is_see
     RandAugment path through PIL must stay a pure function of the seed (exact resume relies on it)."""
     from torchvision.transforms import v2
 
-    from pipeline.transforms import MEAN, STD, PILToCHW, TensorToPIL, normalize_batch, train_transform
+    from pipeline.data.transforms import MEAN, STD, PILToCHW, TensorToPIL, normalize_batch, train_transform
 
     image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
     reference = v2.Normalize(MEAN, STD)(v2.ToDtype(torch.float32, scale=True)(image))

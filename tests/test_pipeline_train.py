@@ -85,7 +85,7 @@ def consolidate(ckpt: Path, tag: str, zero_stage: int) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
-    from pipeline.deepspeed_weights import read_tag
+    from pipeline.weights.zero_checkpoint import read_tag
 
     assert list((ckpt / tag).glob("bf16_zero_pp_rank_*_optim_states.pt"))
     state, meta = read_tag(str(ckpt / tag), ema=False)
@@ -132,8 +132,8 @@ def assert_ema_follows_weights(run_dir: Path) -> None:
     """With TINY_EMA the EMA is the weights: each rank averaged only its fragment of every fp32 master weight and
     wrote it beside DeepSpeed's shards; assembled, they are the fp32 master weights the pipeline's reader
     consolidates."""
-    from pipeline.pretrained import load_weights
-    from pipeline.weights_io import ema_fragment_files
+    from pipeline.weights.pretrained import load_weights
+    from pipeline.weights.files import ema_fragment_files
 
     files = ema_fragment_files(str(run_dir / "checkpoints" / f"step_{STEPS:08d}"))
     assert [f["rank"] for f in files] == [0, 1] and all(f["updates"] == STEPS for f in files)
@@ -263,7 +263,7 @@ def test_zero1_bf16_two_ranks_resume_on_one_rank_through_universal_checkpoint(ze
     res = run([sys.executable, "-m", "pipeline.pretrain", *base_overrides(shards, run_dir, **overrides)])
     out = res.stdout + res.stderr
     assert "universal" in out and "at step 8" in out
-    from pipeline.pretrained import load_weights
+    from pipeline.weights.pretrained import load_weights
 
     universal, meta = load_weights(str(run_dir / "checkpoints" / "universal" / "step_00000008"), ema=False)
     original, _ = load_weights(str(source / "checkpoints" / "step_00000008"), ema=False)
@@ -318,9 +318,9 @@ def test_train_state_round_trip_and_world_size_change():
     """The client state has exactly CLIENT_KEYS; the same world continues RNG and positions, a new one regroups."""
     import random
 
-    from pipeline.distributed import DistInfo
-    from pipeline.data import loader_state_for_rank
-    from pipeline.train_state import CLIENT_KEYS, TrainState
+    from pipeline.runtime.distributed import DistInfo
+    from pipeline.data.loader import loader_state_for_rank
+    from pipeline.train.state import CLIENT_KEYS, TrainState
 
     class Loader:
         def state_dict(self):

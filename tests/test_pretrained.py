@@ -1,4 +1,4 @@
-"""pipeline.pretrained: reading weights from every source, and the fine-tune start (tables, head, strict load)."""
+"""pipeline.weights.pretrained: reading weights from every source, and the fine-tune start (tables, head, strict load)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import model
-from pipeline.pretrained import PretrainedError, init_from_pretrained, load_weights
+from pipeline.weights.pretrained import PretrainedError, init_from_pretrained, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -22,7 +22,7 @@ CLASSES = ["circle", "square", "triangle"]
 # checkpoints/step_XXXXXXXX with the trainer's complete.json marker, and a universal conversion under
 # checkpoints/universal/), made with deepspeed.initialize + engine.save_checkpoint in one process:
 #   zero1: ZeRO-1, bf16, fp32 gradient accumulation (as the trainer runs it): DeepSpeed's BF16_Optimizer, whose
-#          checkpoints zero_to_fp32 refuses (pipeline.deepspeed_weights reads its fp32 partitions itself)
+#          checkpoints zero_to_fp32 refuses (pipeline.weights.zero_checkpoint reads its fp32 partitions itself)
 #   zero2: ZeRO-2, bf16 (the fp32 master weights live in the optimizer partitions only)
 #   zero3: ZeRO-3, fp32
 # Each holds two steps; step 2's client state carries an "ema" as checkpoints did before the trainer wrote per-rank
@@ -45,7 +45,7 @@ DEEPSPEED_RUNS = textwrap.dedent('''
     from deepspeed.utils import safe_get_full_fp32_param
 
     import model
-    from pipeline.checkpoint import write_marker
+    from pipeline.checkpoint.checkpointer import write_marker
     from pipeline.config import load_config, save_config
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -329,7 +329,7 @@ def _counting_reader(monkeypatch) -> list:
     """Record which thread ("rank") runs load_weights."""
     import threading
 
-    from pipeline import shared_weights
+    from pipeline.weights import shared as shared_weights
 
     calls, real = [], shared_weights.load_weights
 
@@ -343,7 +343,7 @@ def _counting_reader(monkeypatch) -> list:
 
 @pytest.mark.slow
 def test_deepspeed_pretrained_is_read_by_one_rank_for_all(tmp_path_factory, tmp_path, monkeypatch):
-    from pipeline.shared_weights import load_weights_once
+    from pipeline.weights.shared import load_weights_once
 
     run = deepspeed_runs(tmp_path_factory) / "zero2"
     calls = _counting_reader(monkeypatch)
@@ -362,7 +362,7 @@ def test_deepspeed_pretrained_is_read_by_one_rank_for_all(tmp_path_factory, tmp_
 
 
 def test_shared_read_of_an_export_and_of_a_bad_source(tmp_path, monkeypatch):
-    from pipeline.shared_weights import load_weights_once
+    from pipeline.weights.shared import load_weights_once
 
     folder = write_export(random_model(num_classes=3, seed=4), tmp_path / "exp", classes=CLASSES)
     calls = _counting_reader(monkeypatch)

@@ -74,7 +74,7 @@ def s3_shards(s3, images) -> str:  # noqa: F811
 def test_conditional_writes_and_concurrent_info_updates(s3):  # noqa: F811
     """Exclusive create refuses an existing object; _info.json merged by 6 jobs at once keeps every split."""
     from core import storage
-    from data_prep.info import load_info, merge_split
+    from data_prep.shard.info import load_info, merge_split
 
     base = f"{s3.bucket('cas')}/out"
     storage.write_bytes(f"{base}/plan", b"first", exclusive=True)
@@ -112,7 +112,7 @@ def test_store_mistakes_are_one_line_naming_the_url(s3, images, capsys):  # noqa
     assert "s3://empty/nothing/_info.json not found" in err, err
 
     from core.errors import UserError
-    from pipeline.shards import open_shards
+    from pipeline.data.shards import open_shards
 
     with pytest.raises(UserError, match="s3://no-such-bucket/x"):
         open_shards("s3://no-such-bucket/x", "train")
@@ -188,7 +188,7 @@ def test_shard_image_folder_from_s3_into_s3(s3, images, s3_shards):  # noqa: F81
     assert "OK; 1 split(s), 16 shards, 96 samples" in _data_prep("verify", out).stdout
     assert _tar_hashes(fs, out) == _tar_hashes(fs, s3_shards) or _jpg_hashes(fs, out) == _jpg_hashes(fs, s3_shards)
     # listed one class folder at a time, and no listing kept (s3fs's dircache would hold every object's entry)
-    from data_prep.packed import _fs, walk_class_folders
+    from data_prep.sources.packed import _fs, walk_class_folders
     listed = [(folder, len(files)) for folder, files in walk_class_folders(src)]
     assert listed[0][0] is None and sum(n for _f, n in listed) == 96 and len(listed) == 5, listed
     assert not _fs(src)[0].dircache

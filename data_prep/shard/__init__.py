@@ -1,0 +1,1 @@
+"""The shard job: plan, Ray scan and write tasks, output layout, _info.json, verification."""

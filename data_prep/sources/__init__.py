@@ -1,0 +1,1 @@
+"""Listing sources: ImageFolder trees, class tars, manifests, webdataset, parquet, object stores."""

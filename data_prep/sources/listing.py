@@ -1,0 +1,475 @@
+"""List the inputs of a shard job: ImageFolder trees, per-class tar archives, manifests (``manifests.py``),
+webdataset tars and parquet files (``packed.py``; also from object storage URLs).
+
+Listing is cheap (directory walks, tar headers, manifest rows, small label members, parquet label columns; no
+image bytes are read) and gives every image a stable id, the id every later step keys on: its POSIX path
+relative to SRC, ``<class>.tar/<member>`` for archive members, the path as written in the manifest,
+``<ImageID>.jpg`` for OpenImages, ``<shard>.tar/<image member>`` for webdataset samples, or
+``<file>.parquet/<row, zero-padded>`` for parquet rows. Files that can be judged without reading them
+(non-image extension, class not in ``--classes``, file outside any class folder, a manifest path that does
+not exist, a webdataset sample without image or label) are rejected here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import UserError
+
+from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest, list_openimages,
+                        sorted_classes, stat as _stat)
+from data_prep.sources.packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, open_location,
+                     peek_tar, stream_parquet, stream_webdataset, walk_class_folders)
+
+URL_KINDS = (*PACKED_KINDS, "folder", "tars")  # what an object-store SRC can be (manifests name local paths)
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, plus .gif (Pillow reads it); compared lower-case, so .JPG and
+# .Jpeg count too. Anything else (.DS_Store, .txt, .json) is a "non_image_file".
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """One candidate image: where its bytes live and what it is labelled."""
+
+    id: str            # stable, unique within the job
+    class_name: str
+    path: str          # file on disk, the tar archive or parquet file holding it; a URL when it holds "://"
+    offset: int        # byte offset of the member's data inside the archive; -1 for a plain file; parquet: row
+    size: int          # bytes; -1 when the file could not be stat'ed (rejected as missing_file or unreadable);
+                       # images.PARQUET_ROW (-2) for a parquet row
+    mtime: int         # modification time (ns for files and packed sources, s for per-class tar members);
+                       # part of the fingerprint
+    labels: tuple[str, ...] = ()   # multi-label sources: every known label, class_name == labels[0]; else ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListingReject:
+    id: str
+    class_name: str | None
+    reason: str
+    detail: str
+
+
+@dataclass
+class Listing:
+    kind: str                      # folder | tars | manifest | openimages | webdataset | parquet
+    classes: list[str]
+    inputs: list[InputFile]        # sorted by id; only files with an image extension and a known class
+    rejects: list[ListingReject]   # judged without reading: name, class, label list, existence
+    class_source: str              # "--classes FILE" or "SRC"
+    fingerprint: str               # sha256 of the class list and every listed (id, class, size, mtime)
+    multi_label: bool = False      # samples carry a label list (manifest `labels`, OpenImages)
+    unknown_labels_dropped: int = 0  # labels not in --classes removed from images that kept a known one
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _detect_url(src: str, requested: str) -> str:
+    """A URL SRC: webdataset or per-class tars, parquet files or an ImageFolder tree; a pattern: packed files."""
+    kind = detect_packed(src) if requested == "auto" else requested
+    if kind is None:
+        raise UserError(f"SRC {src}: cannot tell what it holds (webdataset or per-class .tar files, .parquet "
+                        f"files, class folders); give --source")
+    allowed = PACKED_KINDS if has_glob(src) else URL_KINDS
+    if kind not in allowed:
+        raise UserError(f"SRC {src}: --source {kind} reads a local path; a {'pattern' if has_glob(src) else 'URL'} "
+                        f"SRC is read with --source {' or '.join(allowed)}")
+    return kind
+
+
+def _detect_folder(src: Path) -> str:
+    """Folder SRC: webdataset shards (even beside folders, e.g. our own OUT with _state/), per-class tars,
+    parquet files, or an ImageFolder tree. Tars that look like neither layout need --source."""
+    entries = list(os.scandir(src))
+    tars = sorted(e.name for e in entries if e.is_file() and e.name.endswith(".tar") and not e.name.startswith("."))
+    has_dirs = any(e.is_dir() for e in entries)
+    if tars:
+        layout = peek_tar(str(src / tars[0]))
+        if layout == "webdataset":
+            return "webdataset"
+        if has_dirs:
+            return "folder"
+        if layout == "tars":
+            return "tars"
+        raise UserError(f"SRC {src}: cannot tell whether its .tar files are webdataset shards or per-class "
+                        f"archives (looked at {tars[0]}); give --source webdataset or --source tars")
+    if not has_dirs and any(e.is_file() and e.name.lower().endswith(".parquet") for e in entries):
+        return "parquet"
+    return "folder"
+
+
+def detect_kind(src, requested: str) -> str:
+    if is_url(src) or has_glob(src):
+        return _detect_url(str(src), requested)
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"SRC {src} does not exist; give an ImageFolder tree, a folder of <class>.tar files, "
+                        f"a .csv/.jsonl manifest, or webdataset .tar / .parquet files")
+    if requested != "auto":
+        kind = requested
+    elif src.is_file():
+        suffix = src.suffix.lower()
+        kind = {".tar": "webdataset", ".parquet": "parquet"}.get(suffix) or (
+            "openimages" if is_openimages_csv(src) else "manifest")
+    else:
+        kind = _detect_folder(src)
+    if kind in PACKED_KINDS:
+        pass  # a folder, one file or a pattern: packed.list_files checks what it finds
+    elif kind == "manifest":
+        if not src.is_file() or src.suffix.lower() not in MANIFEST_SUFFIXES:
+            raise UserError(f"SRC {src}: a manifest must be a .csv or .jsonl file with 'path' and 'label'")
+    elif kind == "openimages":
+        if not src.is_file() or not is_openimages_csv(src):
+            raise UserError(f"SRC {src}: an OpenImages annotation file must be a .csv whose header is "
+                            f"ImageID,Source,LabelName,Confidence")
+    elif not src.is_dir():
+        raise UserError(f"SRC {src} is a file; --source {kind} needs a folder")
+    return kind
+
+
+def load_class_file(path: Path) -> list[str]:
+    """Class order from a text file (one name per line, # comments) or JSON (a list or {"classes": [...]})."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"--classes {path}: cannot read it ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--classes {path}: not UTF-8 text; give one class name per line") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--classes {path}: invalid JSON at line {err.lineno} ({err.msg})") from None
+        if isinstance(data, dict):
+            data = data.get("classes")
+        if not isinstance(data, list) or not all(isinstance(c, str) and c for c in data):
+            raise UserError(f"--classes {path}: expected a JSON list of class names or {{\"classes\": [...]}}")
+        classes = list(data)
+    else:
+        classes = [line.strip() for line in text.splitlines()]
+        classes = [c for c in classes if c and not c.startswith("#")]
+    if not classes:
+        raise UserError(f"--classes {path}: no class names in it")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        if name in seen:
+            raise UserError(f"--classes {path}: class {name!r} is listed twice (entries {seen[name] + 1} and {i + 1})")
+        seen[name] = i
+    return classes
+
+
+def _walk_class_folder(src: Path, folder: Path) -> list[tuple[str, str]]:
+    """(id, path) of every file below one class folder, in torchvision's order (sorted walk, links followed)."""
+    out = []
+    for root, _dirs, files in sorted(os.walk(folder, followlinks=True)):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            out.append((Path(full).relative_to(src).as_posix(), full))
+    return out
+
+
+def _iter_folder_url(src: str, found: Packed):
+    """Rows of an ImageFolder tree under an object-store prefix (<prefix>/<class>/.../<image>, read whole per
+    image), one class folder at a time; found.classes (the folders holding files) is set once they are done."""
+    classes = []
+    for folder, files in walk_class_folders(src):
+        if folder is not None and files:
+            classes.append(folder)
+        for f in files:
+            yield (f.name, folder, f.location, -1, f.size, f.mtime)
+    if not classes:
+        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
+    found.classes = classes
+
+
+def _iter_folder(src: Path, classes: list[str]):
+    """Rows of a local ImageFolder tree, streamed (files directly in SRC first, then class by class)."""
+    for e in sorted(os.scandir(src), key=lambda e: e.name):
+        if e.is_file():  # torchvision ignores these; we report them
+            size, mtime = _stat(e.path)
+            yield (e.name, None, e.path, -1, size, mtime)
+    for name in classes:
+        for file_id, full in _walk_class_folder(src, src / name):
+            size, mtime = _stat(full)
+            yield (file_id, name, full, -1, size, mtime)
+
+
+def _folder_classes(src: Path) -> list[str]:
+    classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
+    if not classes:
+        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
+    return classes
+
+
+def _tar_archives(src) -> tuple[list[str], list[tuple[str, str]]]:
+    """Classes and (file name, location) of SRC's <class>.tar archives, local or under an object-store prefix."""
+    if is_url(src):  # object storage: the same walk over ranged GETs (packed.open_location)
+        archives = [(f.name, f.location) for f in list_files(src, ".tar")[1]]
+    else:
+        archives = sorted(((e.name, e.path) for e in os.scandir(src) if e.is_file() and e.name.endswith(".tar")))
+    if not archives:
+        raise UserError(f"SRC {src} has no <class>.tar archives")
+    return [name[: -len(".tar")] for name, _location in archives], archives
+
+
+def _iter_tars(archives: list[tuple[str, str]], classes: list[str]):
+    """Rows of every member of the archives, streamed archive by archive (ImageNet-21K: 14M members)."""
+    for (name, location), class_name in zip(archives, classes):
+        try:
+            # "r:" reads headers and seeks over the data: listing an archive costs one header read per member,
+            # and nothing is ever extracted to disk. The members are yielded as read, not kept (TarFile keeps
+            # every TarInfo it has read unless told otherwise: `archive.members` is cleared per member).
+            with open_location(location) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
+                for member in archive:
+                    if member.isfile():
+                        yield (f"{name}/{member.name}", class_name, location, member.offset_data, member.size,
+                               int(member.mtime))
+                    archive.members = []
+        except (tarfile.TarError, OSError) as err:
+            raise UserError(f"SRC archive {location} cannot be read as an uncompressed tar ({err}); "
+                            f"repair or remove it") from None
+
+
+def _single(rows) -> list[tuple]:
+    """Label tuples -> one class name per row (single-label sources keep their rows and fingerprint)."""
+    return [(r[0], r[1][0], *r[2:]) if isinstance(r[1], tuple) else r for r in rows]
+
+
+def _check_flags(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> None:
+    if images is not None and kind != "openimages":
+        raise UserError(f"--images {images} is only for an OpenImages annotation file "
+                        f"(ImageID,Source,LabelName,Confidence); SRC {src} is a {kind} source")
+    if kind not in PACKED_KINDS and (label_field is not None or label_map is not None):
+        flag = "--label-field" if label_field is not None else "--label-map"
+        raise UserError(f"{flag} is for webdataset and parquet sources; SRC {src} is a {kind} source")
+
+
+def _list_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None) -> Packed:
+    """Classes found, rows, multi_label (and the rejects a packed source judged itself) of any kind of SRC, all
+    in memory (list_inputs); rows carry a class name, or a label tuple in multi-label sources."""
+    if kind == "manifest":  # read whole: its duplicate-path check and class order are list_manifest's
+        _check_flags(src, kind, images, label_field, label_map)
+        classes, rows, multi = list_manifest(src)
+        return Packed(classes, rows if multi else _single(rows), multi)
+    rows, found = _stream_any(src, kind, images, label_field, label_map, {})
+    found.rows = [row for row, _line in rows]
+    if not found.multi_label:
+        found.rows = _single(found.rows)
+    return found
+
+
+def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool, check_name: bool = True):
+    """One listed row -> (InputFile, None, dropped labels) or (None, ListingReject, 0)."""
+    file_id, label, path, offset, size, mtime = row
+    multi = isinstance(label, tuple)
+    first = (label[0] if label else None) if multi else label
+    if label is None:
+        return None, ListingReject(file_id, None, "no_class", "file is not inside a class folder"), 0
+    if check_name and not is_image_name(file_id):
+        return None, ListingReject(file_id, first, "non_image_file", "file name has no image extension"), 0
+    if multi and not label:
+        return None, ListingReject(file_id, None, "no_label", "no positive label (Confidence 1) for it"), 0
+    kept = tuple(n for n in label if n in known) if multi else ((label,) if label in known else ())
+    if not kept:
+        names = f"labels {list(label)} are" if multi and len(label) > 1 else f"class {first!r} is"
+        where = classes_file if classes_file is not None else "the class list of SRC"
+        return None, ListingReject(file_id, first, "unknown_class", f"{names} not in {where}"), 0
+    if from_manifest and size < 0 and not os.path.exists(path):
+        return None, ListingReject(file_id, kept[0], "missing_file", f"no such file {path}"), 0
+    item = InputFile(file_id, kept[0], path, offset, size, mtime, kept if multi else ())
+    return item, None, (len(label) - len(kept)) if multi else 0
+
+
+def list_inputs(src: Path | str, kind: str, classes_file: Path | None, images: Path | None = None,
+                label_field: str | None = None, label_map: Path | None = None) -> Listing:
+    """All inputs of SRC, sorted by id, with the rejects that need no reading.
+
+    SRC is a Path or a str; a str holding "://" is an fsspec URL (webdataset and parquet sources only).
+    """
+    kind = detect_kind(src, kind)
+    found = _list_any(src, kind, images, label_field, label_map)
+    multi = found.multi_label
+    classes = load_class_file(classes_file) if classes_file is not None else found.classes
+    known = set(classes)
+    inputs, dropped = [], found.dropped
+    rejects = [ListingReject(*r) for r in found.rejects]
+    digest = hashlib.sha256(json.dumps([kind, classes]).encode())
+    for row in sorted(found.rows, key=lambda r: r[0]):
+        file_id, label, _path, _offset, size, mtime = row
+        digest.update(json.dumps([file_id, list(label) if multi else label, size, mtime]).encode())
+        item, reject, lost = _judge(row, known, classes_file, kind in ("manifest", "openimages"),
+                                    check_name=kind not in PACKED_KINDS)
+        dropped += lost
+        if item is not None:
+            inputs.append(item)
+        else:
+            rejects.append(reject)
+    if not inputs:
+        if kind in PACKED_KINDS:
+            first = f"; first: {rejects[0].id}: {rejects[0].reason} ({rejects[0].detail})" if rejects else ""
+            raise UserError(f"SRC {src}: no usable samples ({len(rejects)} rejected{first})")
+        raise UserError(f"SRC {src}: no image files found ({len(rejects)} other files); "
+                        f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
+    rejects.sort(key=lambda r: r.id)
+    class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
+    return Listing(kind=kind, classes=classes, inputs=inputs, rejects=rejects, class_source=class_source,
+                   fingerprint=digest.hexdigest(), multi_label=multi, unknown_labels_dropped=dropped)
+
+
+@dataclass
+class PartitionedListing:
+    """The summary of a listing whose rows went to partition files (``list_partitioned``): O(partitions)."""
+
+    kind: str
+    classes: list[str]
+    class_source: str
+    fingerprint: str               # see list_partitioned
+    multi_label: bool
+    unknown_labels_dropped: int
+    counts: list[int]              # inputs per partition
+    listed: int                    # rows listed (inputs + rejects)
+    input_bytes: int               # the inputs' sizes (what is known of them: parquet rows count 0)
+    rejected: int
+    non_image_files: int
+    directory: Path                # inputs-PPP.jsonl (each sorted by order key) and rejects.jsonl
+
+    @property
+    def num_inputs(self) -> int:
+        return sum(self.counts)
+
+    def inputs_path(self, part: int) -> Path:
+        return self.directory / f"inputs-{part:03d}.jsonl"
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.directory / "rejects.jsonl"
+
+
+def _stream_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None,
+                seen: dict):
+    """(rows iterator of (row, line or None), Packed without rows); the Packed's classes and multi_label are
+    final once the rows are exhausted. Every kind streams but OpenImages (its per-image label groups are
+    built first)."""
+    _check_flags(src, kind, images, label_field, label_map)
+    if kind == "manifest":
+        found = Packed([], [], False)
+        return ((row, line) for row, line in iter_manifest(Path(src), seen)), found
+    if kind == "folder" and not is_url(src):
+        classes = _folder_classes(Path(src))
+        return ((row, None) for row in _iter_folder(Path(src), classes)), Packed(classes, [], False)
+    if kind == "folder":
+        found = Packed([], [], False)
+        return ((row, None) for row in _iter_folder_url(src, found)), found
+    if kind == "tars":
+        classes, archives = _tar_archives(src)
+        return ((row, None) for row in _iter_tars(archives, classes)), Packed(classes, [], False)
+    if kind in PACKED_KINDS:  # rows carry label tuples: list_partitioned takes the first when single-label
+        rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map)
+        return ((row, None) for row in rows), found
+    found = Packed(*list_openimages(src, images))
+    rows, found.rows = found.rows, []
+    return ((row, None) for row in rows), found
+
+
+def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed: int, directory: Path,
+                     images: Path | None = None, label_field: str | None = None, label_map: Path | None = None,
+                     progress=None, sort_rows: int | None = None) -> PartitionedListing:
+    """``list_inputs`` without holding the listing: rows stream into ``plan.PARTITIONS`` spill files by their
+    order key; then each partition alone is sorted, checked and judged into ``inputs-PPP.jsonl``. No sort
+    holds more than ``sort_rows`` rows (``plan.SORT_ROWS``; a bigger partition is split by the key's next byte,
+    ``plan.sorted_spill``), so the driver's memory does not grow with the listing.
+
+    Fingerprint: sha256 of (kind, class list, row count, the sum mod 2**256 of sha256(id, label, size, mtime)
+    over all rows). The sum does not depend on the order the rows were listed in or on the partitioning, and
+    any changed, added or removed row changes it (up to a 2**-256 chance). It differs from ``list_inputs``'
+    running hash (the listing is never in one order in one place), so an OUT written before partitioned
+    planning is seen as made from other inputs: re-run with --overwrite.
+    """
+    from data_prep.shard.plan import PARTITIONS, SpillWriter, order_key, sorted_spill
+
+    kind = detect_kind(src, kind)
+    directory = Path(directory)
+    seen: dict = {}
+    rows, found = _stream_any(src, kind, images, label_field, label_map, seen)
+    raw = SpillWriter(directory, "raw")
+    try:
+        for row, line in rows:
+            key = order_key(row[0], seed)
+            label = list(row[1]) if isinstance(row[1], tuple) else row[1]
+            raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
+            if progress is not None:
+                progress.update(1)
+    finally:
+        rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
+        raw.close()
+    if kind == "manifest":
+        found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
+    multi = found.multi_label
+    classes = load_class_file(classes_file) if classes_file is not None else found.classes
+    known = set(classes)
+    check_name = kind not in PACKED_KINDS
+    from_manifest = kind in ("manifest", "openimages")
+    total, dropped, rejected, non_image, input_bytes = 0, found.dropped, 0, 0, 0
+    listed = len(found.rejects)
+    first_reject = min((tuple(r) for r in found.rejects), default=None)
+    inputs_out = SpillWriter(directory, "inputs")
+    with open(directory / "rejects.jsonl", "w", encoding="utf-8") as rejects_out:
+        def reject(r: ListingReject) -> None:
+            nonlocal rejected, non_image, first_reject
+            rejected += 1
+            non_image += r.reason == "non_image_file"
+            if first_reject is None or r.id < first_reject[0]:
+                first_reject = (r.id, r.class_name, r.reason, r.detail)
+            rejects_out.write(json.dumps({"source": r.id, "class": r.class_name, "reason": r.reason,
+                                          "detail": r.detail}, ensure_ascii=False) + "\n")
+
+        for r in found.rejects:
+            reject(ListingReject(*r))
+        try:
+            for part in range(PARTITIONS):
+                part_rows = sorted_spill(raw.path(part), raw.counts[part],
+                                         lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
+                                         sort_rows)
+                previous = None
+                for key_hex, line, file_id, label, path, offset, size, mtime in part_rows:
+                    if previous is not None and previous[0] == file_id:
+                        raise duplicate_path(Path(src), file_id, previous[1], line)
+                    previous = (file_id, line)
+                    if isinstance(label, list):
+                        label = tuple(label) if multi else label[0]
+                    digest = hashlib.sha256(json.dumps([file_id, list(label) if multi else label, size, mtime])
+                                            .encode()).digest()
+                    total = (total + int.from_bytes(digest, "big")) % (1 << 256)
+                    listed += 1
+                    item, bad, lost = _judge((file_id, label, path, offset, size, mtime), known, classes_file,
+                                             from_manifest, check_name=check_name)
+                    dropped += lost
+                    if item is None:
+                        reject(bad)
+                        continue
+                    input_bytes += max(item.size, 0)
+                    inputs_out.add(part, [key_hex, item.id, item.class_name, item.path, item.offset, item.size,
+                                          list(item.labels) if multi else None])
+                raw.path(part).unlink(missing_ok=True)
+        finally:
+            inputs_out.close()
+    fingerprint = hashlib.sha256(json.dumps([kind, classes, listed - len(found.rejects), f"{total:064x}"])
+                                 .encode()).hexdigest()
+    if not sum(inputs_out.counts):
+        if kind in PACKED_KINDS:
+            first = f"; first: {first_reject[0]}: {first_reject[2]} ({first_reject[3]})" if first_reject else ""
+            raise UserError(f"SRC {src}: no usable samples ({rejected} rejected{first})")
+        raise UserError(f"SRC {src}: no image files found ({rejected} other files); "
+                        f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
+    class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
+    return PartitionedListing(kind, classes, class_source, fingerprint, multi, dropped, inputs_out.counts, listed,
+                              input_bytes, rejected, non_image, directory)
+

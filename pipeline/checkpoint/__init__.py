@@ -1,0 +1,1 @@
+"""Checkpoints: saving, pruning, verifying and loading the run's DeepSpeed checkpoints."""
