@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from core.errors import cli_main
-from pipeline.demo import Stages, launcher, prepare_out
+from pipeline.demo_stages import Stages, launcher, prepare_out
 
 PRETRAIN_SIZE = 64  # px: the shapes of a multi image fill a quarter of it at most
 

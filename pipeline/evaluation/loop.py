@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.shards import ShardSet, decode_sample, open_shards, pad_labels, worker_init
 from pipeline.data.transforms import eval_transform
+from pipeline.evaluation.mean_ap import MultiLabelScores, raise_out_of_range
 
 
 class _DecodeEval:
@@ -155,7 +156,7 @@ class _SingleLabel:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             totals, class_count, class_correct = packed[:4], packed[4:4 + n], packed[4 + n:]
         correct1, correct5, count, out_of_range = (int(v) for v in totals.tolist())
-        _raise_out_of_range(out_of_range, n)
+        raise_out_of_range(out_of_range, n)
         class_count_l, class_correct_l = class_count.tolist(), class_correct.tolist()
         return {
             "top1": 100.0 * correct1 / count if count else 0.0,
@@ -167,12 +168,6 @@ class _SingleLabel:
             "per_class_count": class_count_l,
             "per_class_correct1": class_correct_l,
         }
-
-
-def _raise_out_of_range(out_of_range: int, num_classes: int) -> None:
-    if out_of_range:
-        raise ValueError(f"{out_of_range} label(s) outside 0..{num_classes - 1}: the data's classes do not match "
-                         f"the model's {num_classes} outputs")
 
 
 # What the trainer logs of a result (eval/<key>), and the headline figures of its console line.
@@ -201,8 +196,6 @@ def evaluate(model: torch.nn.Module, loader: Iterable, num_classes: int, device:
     When torch.distributed is initialised, all ranks must call this (it holds collectives), unless
     `distributed=False` (this rank's loader only, no collectives); None means "if initialised".
     """
-    from pipeline.evaluation.mean_ap import MultiLabelScores
-
     device = torch.device(device)
     was_training = model.training
     model.eval()

@@ -36,6 +36,14 @@ import torch.distributed as dist
 CHUNK_CLASSES = 256  # columns transposed and sorted at once when counting the images above each threshold
 
 
+
+def raise_out_of_range(out_of_range: int, num_classes: int) -> None:
+    """Labels outside the model's outputs: the data's classes do not match (top-1 and mAP alike refuse them)."""
+    if out_of_range:
+        raise ValueError(f"{out_of_range} label(s) outside 0..{num_classes - 1}: the data's classes do not match "
+                         f"the model's {num_classes} outputs")
+
+
 class MultiLabelScores:
     """Keeps this rank's scores and labels; `result` computes the exact figures over all ranks."""
 
@@ -58,7 +66,6 @@ class MultiLabelScores:
         return labels.shape[0]
 
     def result(self, distributed: bool) -> dict:
-        from pipeline.evaluation.loop import _raise_out_of_range
 
         scores = torch.cat(self.scores) if self.scores else torch.zeros(0, self.num_classes)
         labels = torch.cat([_pad(x, _width(self.labels)) for x in self.labels]) if self.labels else \
@@ -71,7 +78,7 @@ class MultiLabelScores:
         if distributed:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         correct_at_1, correct_first, count, out_of_range = (int(v) for v in counts.tolist())
-        _raise_out_of_range(out_of_range, self.num_classes)
+        raise_out_of_range(out_of_range, self.num_classes)
         ap, positives = average_precision(scores, labels, self.num_classes, distributed, self.device)
         has = positives > 0
         return {
