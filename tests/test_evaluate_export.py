@@ -69,7 +69,9 @@ def exports(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("exports")
     assert export_cli.main([str(run), str(out / "ema")]) == 0
     assert export_cli.main([str(run), str(out / "trained"), "--no-ema"]) == 0
-    return {"run": run, "ema": out / "ema", "trained": out / "trained"}
+    # The same EMA weights in files of at most 1 MB: the layout CoAtNet-6/7 exports take above 5 GB.
+    assert export_cli.main([str(run), str(out / "sharded"), "--max-shard-size", "1MB"]) == 0
+    return {"run": run, "ema": out / "ema", "trained": out / "trained", "sharded": out / "sharded"}
 
 
 # Loads exports with DeepSpeed made unimportable (as on a machine without it) and saves their logits.
@@ -101,13 +103,17 @@ def test_export_loads_without_deepspeed_and_gives_the_runs_logits(exports, tmp_p
     config = json.loads((exports["ema"] / "config.json").read_text())
     assert config["classes"] == CLASSES and config["image_size"] == [32, 32] and config["ema"] is True
     assert sorted(os.listdir(exports["ema"])) == ["config.json", "model.safetensors"]
+    sharded = sorted(os.listdir(exports["sharded"]))
+    assert "model.safetensors" not in sharded and "model.safetensors.index.json" in sharded
+    assert len([n for n in sharded if n.endswith(".safetensors")]) >= 2
+    assert all(os.path.getsize(exports["sharded"] / n) <= 1_100_000 for n in sharded if n.endswith(".safetensors"))
     out = tmp_path / "logits.pt"
-    folders = [str(exports["trained"]), str(exports["ema"])]
+    folders = [str(exports["trained"]), str(exports["ema"]), str(exports["sharded"])]
     proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DEEPSPEED, str(out), *folders], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(out, weights_only=True)
-    for which, folder in zip(("trained", "ema"), folders):
+    for which, folder in zip(("trained", "ema", "ema"), folders):
         # The run's own weights, as the DeepSpeed engine held them (fp32 master weights / the EMA it saved).
         net = model.create_model("coatnet-tiny", num_classes=3, image_size=32)
         net.load_state_dict(reference(exports["run"], which), strict=True)
@@ -237,3 +243,25 @@ def test_export_check_names_the_first_key_that_does_not_fit():
     assert "\n" not in str(err.value)
     with pytest.raises(PretrainedError, match="missing 1 key.*e.g. head.bias") as err:
         export_cli.check_fits({k: v for k, v in state.items() if k != "head.bias"}, config, "ckpt")
+
+
+def test_sharded_export_round_trips_and_an_index_naming_a_file_elsewhere_is_refused(tmp_path):
+    from pipeline.weights.files import PretrainedError, load_export_weights
+    from pipeline.weights.pretrained import load_weights
+
+    net = model.create_model("coatnet-nano", num_classes=4, image_size=32)
+    state = {k: v.float().contiguous() for k, v in net.state_dict().items()}
+    index = export_cli.write_weights(state, str(tmp_path), {"format": "pt"}, max_shard_size=100_000)
+    assert index.endswith("model.safetensors.index.json") and len(list(tmp_path.glob("model-*.safetensors"))) >= 3
+    loaded = load_export_weights(index)
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert set(load_weights(str(tmp_path))[0]) == set(state)  # pretrained=FOLDER reads the index too
+    # A second, unsharded export into the same folder (--force) leaves no stale shard behind.
+    assert export_cli.write_weights(state, str(tmp_path), {"format": "pt"}).endswith("model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    hostile = tmp_path / "evil"
+    hostile.mkdir()
+    (hostile / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../model.safetensors"}}))
+    with pytest.raises(PretrainedError, match="not a file beside it"):
+        load_export_weights(str(hostile / "model.safetensors.index.json"))
+    assert export_cli.main([str(tmp_path), str(tmp_path / "out"), "--max-shard-size", "5XB"]) == 2

@@ -16,6 +16,9 @@ import torch
 from core.errors import UserError
 
 EXPORT_WEIGHTS = "model.safetensors"
+# Above --max-shard-size (5 GB: CoAtNet-6/7 in fp32) an export is several files and this index, named and laid
+# out as Hugging Face shards a checkpoint ({"metadata": {"total_size"}, "weight_map": {key: file}}).
+EXPORT_INDEX = "model.safetensors.index.json"
 EXPORT_CONFIG = "config.json"
 WHAT_TO_PASS = ("pass a run folder, a DeepSpeed checkpoint folder, a universal checkpoint folder or an exported "
                 "model.safetensors")
@@ -81,6 +84,46 @@ def load_safetensors_file(path: str) -> tuple[dict, dict]:
                               f"`python -m pipeline.export RUN OUT`") from None
 
 
+def load_safetensors_index(path: str) -> dict:
+    """Every tensor of a sharded export, from its index file; the shard names must be plain files beside it
+    (an index is input like any other: a name with a folder in it could point anywhere)."""
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        if not all(isinstance(k, str) for k in weight_map) or not all(isinstance(n, str) for n in files):
+            raise TypeError("weight_map must map names to file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PretrainedError(f"{path} is not a safetensors index ({first_line(e)}); export it again with "
+                              f"`python -m pipeline.export RUN OUT`") from None
+    folder, state = os.path.dirname(os.path.abspath(path)), {}
+    for name in files:
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise PretrainedError(f"{path} names the shard {name!r}, which is not a file beside it; export again")
+        part, _ = load_safetensors_file(os.path.join(folder, name))
+        state.update(part)
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise PretrainedError(f"{path} lists {len(missing)} tensor(s) its shards lack (first: {missing[0]}); "
+                              f"export again")
+    return state
+
+
+def load_export_weights(path: str) -> dict:
+    """The tensors of an export: one model.safetensors, or the shards its model.safetensors.index.json lists."""
+    if path.endswith(".index.json"):
+        return load_safetensors_index(path)
+    return load_safetensors_file(path)[0]
+
+
+def export_weights_in(folder: str) -> str | None:
+    """The weights file of an export folder (the single file or the index of a sharded one), or None."""
+    for name in (EXPORT_WEIGHTS, EXPORT_INDEX):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
 def _export_config_path(path: str) -> str:
     """OUT/config.json beside OUT/model.safetensors, or NAME.json beside NAME.safetensors."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -92,8 +135,9 @@ def _export_config_path(path: str) -> str:
 
 
 def read_safetensors(path: str) -> tuple[dict, dict]:
-    """An export of `python -m pipeline.export` (or any safetensors file): weights plus its config.json."""
-    state, _ = load_safetensors_file(path)
+    """An export of `python -m pipeline.export` (or any safetensors file, or a sharded export's index): weights
+    plus its config.json."""
+    state = load_export_weights(path)
     config_path = _export_config_path(path)
     meta: dict = {"format": "safetensors", "checkpoint": path, "ema": None}
     if os.path.isfile(config_path):

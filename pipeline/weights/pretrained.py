@@ -28,8 +28,8 @@ import torch
 from pipeline.weights import zero_checkpoint as ds
 from pipeline.train.model_args import model_kwargs
 from pipeline.weights.adapt import HEAD_KEYS, check_fits, resize_tables, transfer_head, unwrap
-from pipeline.weights.files import (EXPORT_CONFIG, EXPORT_WEIGHTS, WHAT_TO_PASS, PretrainedError,  # noqa: F401
-                                 read_safetensors)
+from pipeline.weights.files import (EXPORT_CONFIG, EXPORT_INDEX, EXPORT_WEIGHTS, WHAT_TO_PASS, PretrainedError,  # noqa: F401
+                                   export_weights_in, read_safetensors)
 
 log = logging.getLogger("pipeline.weights.pretrained")
 
@@ -42,14 +42,14 @@ def resolve(source: str) -> tuple[str, str, Optional[str]]:
     if not os.path.exists(path):
         raise PretrainedError(f"pretrained weights {source} not found; {WHAT_TO_PASS}")
     if os.path.isfile(path):
-        if path.endswith(".safetensors"):
+        if path.endswith((".safetensors", EXPORT_INDEX)):
             return "safetensors", path, None
-        beside = os.path.join(os.path.dirname(path), EXPORT_WEIGHTS)
-        if os.path.basename(path) == EXPORT_CONFIG and os.path.isfile(beside):
+        beside = export_weights_in(os.path.dirname(path))
+        if os.path.basename(path) == EXPORT_CONFIG and beside:
             return "safetensors", beside, None
         raise PretrainedError(f"{path} is not a weights format this tool reads; {WHAT_TO_PASS}")
-    if os.path.isfile(os.path.join(path, EXPORT_WEIGHTS)):
-        return "safetensors", os.path.join(path, EXPORT_WEIGHTS), None
+    if export_weights_in(path):
+        return "safetensors", export_weights_in(path), None
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return "deepspeed", ds.newest_checkpoint(os.path.join(path, "checkpoints")), path
     if ds.is_deepspeed_tag(path):
