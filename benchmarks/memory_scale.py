@@ -108,6 +108,7 @@ def _config(args):
     }
     if args.stage == "finetune":
         overrides["pretrained"] = Path(args.work) / args.model / "pretrain"
+        overrides["pretrained_unfinished"] = True  # the first run is this benchmark's engine, not a finished run
     mode = "finetune" if args.stage == "finetune" else "pretrain"
     return load_config(REPO / "configs/demo/pretrain.yaml", [f"{k}={'null' if v is None else v}"
                                                             for k, v in overrides.items()] + list(args.set),

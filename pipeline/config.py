@@ -184,6 +184,9 @@ class Config:
                                          "checkpoint | exported .safetensors")
     pretrained_trusted: bool = _f(False, "`pretrained` is a DeepSpeed checkpoint this tool did not write and you "
                                          "trust its origin (reading it unpickles Python objects)")
+    pretrained_unfinished: bool = _f(False, "allow `pretrained` = a run folder whose run has not finished (no "
+                                            "finished.json): its newest complete checkpoint; or name one, "
+                                            "pretrained=RUN/checkpoints/step_N")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -376,3 +376,36 @@ def test_shared_read_of_an_export_and_of_a_bad_source(tmp_path, monkeypatch):
     assert all(isinstance(r, PretrainedError) and "nowhere" in str(r) for r in results)
     state, _ = load_weights_once(str(folder), True, None, str(cache))  # one rank: a plain load_weights
     assert state.keys() == load_weights(str(folder))[0].keys()
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_run_that_has_not_finished_is_refused_unless_a_checkpoint_is_named(tmp_path_factory,
+                                                                                               tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from pipeline.checkpoint.checkpointer import FINISHED
+    from pipeline.runtime.distributed import DistInfo
+    from pipeline.weights.pretrained import require_finished
+
+    run = tmp_path / "run"
+    shutil.copytree(deepspeed_runs(tmp_path_factory) / "zero2", run)  # two saved steps, never marked finished
+    with pytest.raises(PretrainedError, match=r"has not finished training .*step_00000002.*pretrained_unfinished"):
+        require_finished(str(run))
+    require_finished(str(run / "checkpoints" / "step_00000002"))  # a named checkpoint: the user means it
+    (run / FINISHED).write_text(json.dumps({"step": 2, "total_steps": 2}))
+    require_finished(str(run))
+    # Through the config and build_model, as a fine-tune launch reads it: refused in one line before any load.
+    from pipeline.config import load_config
+    from pipeline.train.build import build_model
+
+    (run / FINISHED).unlink()
+    cfg = load_config(None, [f"run_dir={tmp_path / 'ft'}", f"pretrained={run}", "model.name=coatnet-tiny",
+                             "data.image_size=32", "precision=fp32"])
+    plan = SimpleNamespace(classes=CLASSES, num_classes=len(CLASSES))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
+                    backend="gloo")
+    with pytest.raises(PretrainedError, match="has not finished"):
+        build_model(cfg, plan, info, from_pretrained=True)
+    cfg.pretrained_unfinished = True
+    assert build_model(cfg, plan, info, from_pretrained=True).head.weight.shape[0] == len(CLASSES)

@@ -43,6 +43,9 @@ from core.files import atomic_write_json
 log = logging.getLogger("pipeline.checkpoint.checkpointer")
 
 MARKER = "complete.json"
+# In the run folder once the run trained all its steps (removed when a launch starts): what `pretrained=RUN`
+# checks, so a fine-tune never silently starts from a run that is still training or died half-way.
+FINISHED = "finished.json"
 CONVERSION_ALLOWANCE = 4  # x train.hang_timeout_s: rank 0's allowance for a universal conversion, plus
 CONVERSION_BYTES_PER_S = 20e6  # ... its checkpoint's bytes at this (slow) rate: read, regrouped, written again
 MAX_CONVERSION_WORKERS = 8  # ds_to_universal's extract / merge processes (each extract worker: one rank's file)

@@ -41,8 +41,11 @@ def build_model(cfg: Config, plan, info: D.DistInfo, from_pretrained: bool) -> t
     # Activations only: DeepSpeed flattens (and views as bytes) the parameters, which must stay contiguous.
     prepare_for_speed(model, channels_last_default(info.device.type, cfg.precision), weights=False)
     if pretrained:
-        from pipeline.weights.pretrained import init_from_pretrained
+        from pipeline.weights.pretrained import init_from_pretrained, require_finished
         from pipeline.weights.shared import load_weights_once
+
+        if not cfg.pretrained_unfinished:
+            require_finished(cfg.pretrained)  # on every rank: each raises the same one line, none waits
 
         # One rank consolidates a DeepSpeed checkpoint; the others memory-map its safetensors copy, and
         # load_state_dict copies it tensor by tensor into the model (pages shared by the node's ranks).

@@ -14,6 +14,7 @@ repeats the losses of an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from core.errors import UserError
 from core.files import atomic_write_json
 from core.units import precision_dtype
 from pipeline.runtime import distributed as D
-from pipeline.checkpoint.checkpointer import Checkpointer
+from pipeline.checkpoint.checkpointer import FINISHED, Checkpointer
 from pipeline.config import Config, save_config
 from pipeline.data.shards import ShardSet, open_shards
 from pipeline.data.loader import build_train_loader, multi_hot_targets
@@ -123,9 +124,12 @@ def resolve_run_precision(cfg: Config, info: D.DistInfo) -> None:
 
 
 def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
-    """run_dir/config.yaml (the resolved config of this launch) and classes.json (the head's row order)."""
+    """run_dir/config.yaml (the resolved config of this launch) and classes.json (the head's row order); a
+    launch that trains on is not finished until it ends (FINISHED)."""
     if info.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cfg.run_dir, FINISHED))
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         atomic_write_json(os.path.join(cfg.run_dir, "classes.json"), {"classes": plan.classes}, indent=None)
 
@@ -343,6 +347,8 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
         with watchdog.phase("evaluation"):
             last_eval = evaluate(engine, state)
     checkpointer.save(engine, state)  # unless this step is saved already
+    if info.is_main and not stopped_on_request:
+        atomic_write_json(os.path.join(cfg.run_dir, FINISHED), {"step": state.step, "total_steps": total})
     logger.close()
     loader.close()
     watchdog.close()

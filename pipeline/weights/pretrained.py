@@ -62,6 +62,21 @@ def resolve(source: str) -> tuple[str, str, Optional[str]]:
                           f"{WHAT_TO_PASS}")
 
 
+def require_finished(source: str) -> None:
+    """Refuse `pretrained=RUN` while RUN has not finished training: its newest checkpoint may be a few hundred
+    steps into the schedule, and a fine-tune would start from it without a word. A named checkpoint
+    (RUN/checkpoints/step_N), an export, or pretrained_unfinished=true say the user means it."""
+    from pipeline.checkpoint.checkpointer import FINISHED
+
+    path = os.path.expanduser(str(source))
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints) and not os.path.isfile(os.path.join(path, FINISHED)):
+        tag = ds.newest_checkpoint(checkpoints)
+        raise PretrainedError(f"{source} has not finished training (no {FINISHED}; its newest complete checkpoint is "
+                              f"{tag}): wait for it, or fine-tune from that checkpoint with pretrained={tag} (or "
+                              f"pretrained_unfinished=true)")
+
+
 def _complete_meta(meta: dict, state: dict, source, path: str) -> dict:
     """Fill every meta key; the head's rows are the truth about num_classes."""
     meta["source"] = str(source)
