@@ -142,9 +142,14 @@ print("\n@@HELP@@" + json.dumps(out))
 """
 
 
+_HELP_CACHE: dict = {}  # one --help per command for the whole test session
+
+
 def help_texts(keys: set[tuple[str, str | None]], scripts: set[str]) -> dict:
     """(rc, --help text) per module (+ subcommand) and per launch script: one Python process for all modules."""
     result: dict = {}
+    keys = {k for k in keys if (k[0], k[1] or "") not in _HELP_CACHE}
+    scripts = {s for s in scripts if s not in _HELP_CACHE}
     if keys:
         env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
         proc = subprocess.run([sys.executable, "-c", _HELPER, json.dumps(sorted(keys, key=str))], cwd=REPO,
@@ -159,7 +164,8 @@ def help_texts(keys: set[tuple[str, str | None]], scripts: set[str]) -> dict:
             result[script] = [proc.returncode, proc.stdout + proc.stderr]
         else:
             result[script] = [127, ""]
-    return result
+    _HELP_CACHE.update(result)
+    return _HELP_CACHE
 
 
 def config_keys() -> set[str]:
