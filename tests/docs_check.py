@@ -73,6 +73,16 @@ def _tokens(code: str) -> list[str]:
         return code.split()
 
 
+def _after_interpreter(words: list[str], i: int) -> bool:
+    """Whether words[i] (-m / --module) belongs to python, torchrun or deepspeed (not e.g. pytest's -m MARKERS)."""
+    for w in reversed(words[:i]):
+        if w in SEPARATORS:
+            return False
+        if re.fullmatch(r"(.*/)?(python[0-9.]*|torchrun|deepspeed)", w) or w == "torch.distributed.run":
+            return True
+    return False
+
+
 def parse_commands(text: str, where: str) -> tuple[list[Command], list[tuple[str, str]]]:
     """The commands a text shows, and every (file:line, key) override it shows."""
     commands, overrides = [], []
@@ -87,7 +97,8 @@ def parse_commands(text: str, where: str) -> tuple[list[Command], list[tuple[str
         while i < len(words):
             w = words[i]
             name = kind = None
-            if w in ("-m", "--module") and i + 1 < len(words) and re.fullmatch(r"[a-z_][\w.]*", words[i + 1]):
+            if w in ("-m", "--module") and i + 1 < len(words) and re.fullmatch(r"[a-z_][\w.]*", words[i + 1]) \
+                    and _after_interpreter(words, i):
                 name, kind, i = words[i + 1], "module", i + 2
             elif re.fullmatch(r"(\./)?launch/[\w/.-]+\.(sh|sbatch)", w):
                 name, kind, i = w.removeprefix("./"), "script", i + 1

@@ -47,6 +47,7 @@ def planted(tmp_path: Path):
 
 
 def test_a_correct_planted_page_passes(planted):
+    assert planted("```bash\npytest -q tests -m \"not slow\"\n```\n") == []  # pytest's -m is no module
     assert planted("```bash\npython -m launch.plan --config configs/pretrain/jft_coatnet-7.yaml --nodes 8 "
                    "--gpus-per-node 8 --gpu-mem-gb 80 train.epochs=3 pretrained=null\n```\n"
                    "See [other](other.md#real-heading) and `optim.lr=3e-4`.\n") == []
