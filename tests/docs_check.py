@@ -2,7 +2,7 @@
 
 Checked in every code block and inline code span: each `python -m MODULE [subcommand]` (also after
 `torchrun ... -m` and `deepspeed --module`) names a module that exists; each `--flag` after it, and after a
-launch script (launch/*.sh, launch/slurm/*.sbatch), is in that command's `--help`; each `key=value` override
+launch script (launch/*.sh, launch/slurm/*.sbatch) or a benchmark script, is in that command's `--help`; each `key=value` override
 of a training command and each dotted `section.key=value` anywhere is a real key of pipeline.config; each
 repository path (configs/..., launch/..., benchmarks/...) exists. Every relative markdown link resolves, to
 a heading too when it has an #anchor.
@@ -100,6 +100,8 @@ def parse_commands(text: str, where: str) -> tuple[list[Command], list[tuple[str
             if w in ("-m", "--module") and i + 1 < len(words) and re.fullmatch(r"[a-z_][\w.]*", words[i + 1]) \
                     and _after_interpreter(words, i):
                 name, kind, i = words[i + 1], "module", i + 2
+            elif re.fullmatch(r"(\./)?benchmarks/\w+\.py", w) and _after_interpreter(words, i):
+                name, kind, i = w.removeprefix("./"), "module", i + 1  # a script: its --help like a module's
             elif re.fullmatch(r"(\./)?launch/[\w/.-]+\.(sh|sbatch)", w):
                 name, kind, i = w.removeprefix("./"), "script", i + 1
             else:
@@ -143,7 +145,10 @@ for mod, sub in json.loads(sys.argv[1]):
     code = 0
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         try:
-            runpy.run_module(mod, run_name="__main__", alter_sys=True)
+            if mod.endswith(".py"):
+                runpy.run_path(mod, run_name="__main__")
+            else:
+                runpy.run_module(mod, run_name="__main__", alter_sys=True)
         except SystemExit as e:
             code = e.code or 0
         except BaseException as e:

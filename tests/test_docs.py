@@ -67,11 +67,13 @@ def test_a_correct_planted_page_passes(planted):
     ("`train.stepz=5` in prose\n", "train.stepz= is not a config key"),
     ("```bash\npython -m pipeline.finetune --config c.yaml pretrianed=runs/x\n```\n", "pretrianed= is not a config"),
     ("```bash\npython -m pipeline.trian --help\n```\n", "`pipeline.trian` does not exist"),
+    ("```bash\n.venv/bin/python benchmarks/plan_scale.py --sizez 1M\n```\n", "--sizez is not an option of "
+                                                                              "`benchmarks/plan_scale.py`"),
     ("```bash\npython -m data_prep shrad SRC OUT\n```\n", "`data_prep shrad` does not exist"),
     ("see [the page](missing.md)\n", "link missing.md does not resolve"),
     ("see [the page](other.md#no-such-heading)\n", "no heading #no-such-heading in other.md"),
     ("```bash\npython benchmarks/no_such_bench.py\n```\n", "benchmarks/no_such_bench.py does not exist"),
-], ids=["flag", "subcommand-flag", "script-flag", "after-dashdash", "wrapped", "key", "inline-key", "top-key", "module", "subcommand",
+], ids=["flag", "subcommand-flag", "script-flag", "after-dashdash", "wrapped", "key", "inline-key", "top-key", "module", "benchmark-flag", "subcommand",
         "link", "anchor", "path"])
 def test_a_planted_mistake_is_found(planted, body, expected):
     problems = planted(body)
