@@ -1,11 +1,11 @@
 """The docs checker behind tests/test_docs.py: what README.md and docs/ show must exist in the code.
 
 Checked in every code block and inline code span: each `python -m MODULE [subcommand]` (also after
-`torchrun ... -m` and `deepspeed --module`) names a module that exists; each `--flag` after it, and after a
-launch script (launch/*.sh, launch/slurm/*.sbatch) or a benchmark script, is in that command's `--help`; each `key=value` override
-of a training command and each dotted `section.key=value` anywhere is a real key of pipeline.config; each
-repository path (configs/..., launch/..., benchmarks/...) exists. Every relative markdown link resolves, to
-a heading too when it has an #anchor.
+`torchrun ... -m` and `deepspeed --module`) names a module that exists; each `--flag` after it, after a
+launch script (launch/*.sh, launch/slurm/*.sbatch) or after a benchmark script is in that command's
+`--help`; each `key=value` override of a training command and each dotted `section.key=value` anywhere is
+a real key of pipeline.config; each repository path (configs/..., launch/..., benchmarks/...) exists.
+Every relative markdown link resolves, to a heading too when it has an #anchor.
 
 Why hand-written: the checks are specific to this repository's commands (a link checker such as lychee
 would cover only the last one). All `--help` texts come from one subprocess (torch is imported once), so
