@@ -26,7 +26,8 @@ SECTIONS = ("model", "data", "train", "optim", "loss", "deepspeed", "checkpoint"
 # Commands whose key=value words are config overrides.
 OVERRIDE_MODULES = ("pipeline.pretrain", "pipeline.finetune", "launch.plan", "launch.config_check")
 SEPARATORS = {"&&", "||", ";", "|", ">", ">>", "2>&1", "&"}
-PATH_RE = re.compile(r"^(configs|launch|benchmarks|pipeline|data_prep|model|core|tests|docs)/[\w./-]+\.(py|yaml|sh|sbatch|md|example)$")
+PATH_RE = re.compile(r"^(configs|launch|benchmarks|pipeline|data_prep|model|core|tests|docs)/[\w./-]+"
+                     r"\.(py|yaml|sh|sbatch|md|example)$")
 OVERRIDE_RE = re.compile(r"^([a-z_]+(?:\.[a-z_0-9]+)*)=")
 
 

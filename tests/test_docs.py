@@ -61,8 +61,8 @@ def test_a_correct_planted_page_passes(planted):
                                                                           "`launch/slurm/pretrain.sbatch`"),
     ("```bash\nsbatch launch/slurm/shard.sbatch -- SRC OUT --max-sise 9\n```\n", "--max-sise is not an option of "
                                                                                  "`data_prep shard`"),
-    ("x\n```bash\nsbatch --wrap \"srun torchrun -m pipeline.evaluate --weigths W\"\n```\n", "--weigths is not an "
-                                                                                        "option of `pipeline.evaluate`"),
+    ("```bash\nsbatch --wrap \"srun torchrun -m pipeline.evaluate --weigths W\"\n```\n",
+     "--weigths is not an option of `pipeline.evaluate`"),
     ("run `python -m pipeline.pretrain --config c.yaml optim.lrr=1`\n", "optim.lrr= is not a config key"),
     ("`train.stepz=5` in prose\n", "train.stepz= is not a config key"),
     ("```bash\npython -m pipeline.finetune --config c.yaml pretrianed=runs/x\n```\n", "pretrianed= is not a config"),
@@ -73,7 +73,8 @@ def test_a_correct_planted_page_passes(planted):
     ("see [the page](missing.md)\n", "link missing.md does not resolve"),
     ("see [the page](other.md#no-such-heading)\n", "no heading #no-such-heading in other.md"),
     ("```bash\npython benchmarks/no_such_bench.py\n```\n", "benchmarks/no_such_bench.py does not exist"),
-], ids=["flag", "subcommand-flag", "script-flag", "after-dashdash", "wrapped", "key", "inline-key", "top-key", "module", "benchmark-flag", "subcommand",
+], ids=["flag", "subcommand-flag", "script-flag", "after-dashdash", "wrapped", "key", "inline-key", "top-key",
+        "module", "benchmark-flag", "subcommand",
         "link", "anchor", "path"])
 def test_a_planted_mistake_is_found(planted, body, expected):
     problems = planted(body)
