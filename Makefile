@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench gpu-check lint clean
+.PHONY: setup test test-fast demo bench bench-speed gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -28,14 +28,24 @@ test-fast: setup
 demo: setup
 	$(PY) -m pipeline.demo --out runs/demo
 
-bench: setup
+# Every benchmark that runs without a GPU, at its default (quick) size: the four side-by-side speed
+# comparisons (bench-speed), then memory per rank, planner driver memory and the SIGKILL chaos harness.
+# Skipped: benchmarks/gpu_check.py (needs CUDA: `make gpu-check`; its CPU smoke run is in the tests).
+# benchmarks/chaos_{launch,sharding,training}.py are chaos.py's modules, not benchmarks of their own.
+# docs/benchmarks.md has each figure with the command, machine, commit and date that measured it.
+bench: bench-speed
+	$(PY) benchmarks/memory_scale.py
+	$(PY) benchmarks/plan_scale.py
+	$(PY) benchmarks/chaos.py
+
+bench-speed: setup
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/shard_speed.py
 	$(PY) benchmarks/loader_speed.py
 	$(PY) benchmarks/ema_speed.py
 
-# Every GPU figure of issue 10 in one budgeted run (needs CUDA and timm; see the script's docstring for the
+# Every GPU figure the project tracks in one budgeted run (needs CUDA and timm; see the script's docstring for the
 # lent-device command); `$(PY) benchmarks/gpu_check.py --tiny` is the CPU smoke run CI does.
 gpu-check: setup
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'

@@ -1,4 +1,4 @@
-"""Chaos harness (issue 13): SIGKILL a 2-rank training job and a Ray shard job at random moments, relaunch the
+"""Chaos harness: SIGKILL a 2-rank training job and a Ray shard job at random moments, relaunch the
 same command until it completes, and check the end result is bit-identical to an uninterrupted run.
 
 Only the command lines and on-disk formats of the README are used:

@@ -1,4 +1,4 @@
-"""Every GPU figure issue 10's closing note needs, from one run on one GPU inside a fixed time budget.
+"""Every GPU figure the project tracks, from one run on one GPU inside a fixed time budget.
 
 Parts (each in its own try: a part that fails prints its error and the next one runs):
 

@@ -17,7 +17,7 @@ A phase's peak is VmHWM (resident set high-water mark, Linux) after resetting it
 (`echo 5 > /proc/self/clear_refs`), so it includes what is alive from earlier phases, as in a real run; on a
 GPU also torch.cuda.max_memory_allocated. Everything a model-independent process holds (Python, torch,
 DeepSpeed, the data loader) is removed by subtracting coatnet-nano's peak of the same phase: the rest is
-what the model's size costs. The target (issue 9): that rest <= 1.5 x fp32 model + the rank's optimizer shard.
+what the model's size costs. The target: that rest <= 1.5 x fp32 model + the rank's optimizer shard.
 The optimizer shard is what DeepSpeed's estimators count as the optimizer's part of a rank and move to the CPU
 with offload_optimizer (estimate_zero2/3_model_states_mem_needs: 16 bytes x params / ranks from ZeRO-2 on: fp32
 master 4, Adam moments 8, the fp32 gradient partition the step consumes 4); ZeRO-1 partitions no gradients, so

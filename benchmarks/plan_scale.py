@@ -1,4 +1,4 @@
-"""Driver memory and time of listing + planning as the number of inputs grows (issue 12).
+"""Driver memory and time of listing + planning as the number of inputs grows.
 
     python benchmarks/plan_scale.py                        # quick: 50k, 200k, 800k entries
     python benchmarks/plan_scale.py --sizes 1M,4M,16M      # the acceptance run

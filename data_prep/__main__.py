@@ -18,9 +18,9 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    folder) chosen by the top byte of its order key sha256(seed, id); then one partition at a time is sorted by
    key, checked (a manifest path listed twice) and judged into ``inputs-PPP.jsonl``. A partition of more than
    ``plan.SORT_ROWS`` (10k) rows is split again by the key's next byte and sorted piece by piece
-   (``plan.sorted_spill``: same order, bounded memory), so the driver's peak does not grow with N. Local
-   ImageFolder trees and manifests stream; tars, webdataset, parquet and OpenImages listers still build their
-   rows first.
+   (``plan.sorted_spill``: same order, bounded memory), so the driver's peak does not grow with N. Every
+   lister streams (ImageFolder trees, manifests, per-class tars, webdataset tars, parquet files) except
+   OpenImages', which groups each image's label rows first.
 2. Scan (Ray tasks over whole partitions, about 1/(4*in_flight) of the inputs each but at most about 100k
    unless one partition holds more; the driver copies a partition's judged inputs to
    ``OUT/_state/<split>/inputs/`` and the task streams through them; ``images.scan``): read each file, sha1 it,

@@ -92,7 +92,8 @@ _DEMO_OPTIONS = [
 # sub-command -> (help, description, epilog), as `--help` shows them.
 _COMMANDS = {
     "shard": (
-        "turn an ImageFolder tree, a folder of per-class .tar files or a CSV/JSONL manifest into shards",
+        "turn an image collection (ImageFolder tree, per-class tars, CSV/JSONL manifest, OpenImages labels, "
+        "webdataset tars, parquet files) into shards",
         textwrap.dedent("""\
             Write OUT/{split}-000000.tar ... and OUT/_info.json (timm-readable) from SRC.
 
@@ -104,6 +105,13 @@ _COMMANDS = {
                 are relative to the manifest's folder.
               * an OpenImages annotation file SRC.csv (header ImageID,Source,LabelName,Confidence; only
                 Confidence 1 is kept) with --images DIR holding <ImageID>.jpg.
+              * webdataset .tar files (a folder, one file or a quoted pattern 'a/train-*.tar'; samples are
+                members sharing a key, labels in .cls or the .json: --label-field, --label-map), e.g. our
+                own shards to reshard them, or img2dataset / DataComp output.
+              * parquet files with an image-bytes column (jpg/png/webp/image, or Hugging Face's image
+                struct) and a label column (img2dataset, Hugging Face datasets).
+            --source auto tells these six kinds apart (and asks for --source when unsure); --source
+            folder|tars|manifest|openimages|webdataset|parquet forces one.
             Multi-label samples keep `cls` (the first label) and add `.labels` ("3,7,12") and json
             `labels`/`classes`.
             Files that cannot be used are listed in OUT/rejects.jsonl with a reason; nothing is dropped silently.
@@ -150,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard, verify, demo = (sub.add_parser(name, help=help_, description=description, epilog=epilog,
                                           formatter_class=raw)
                            for name, (help_, description, epilog) in _COMMANDS.items())
-    shard.add_argument("src", type=_location, help="ImageFolder tree, folder of <class>.tar files, or .csv/.jsonl "
-                       "manifest; a local path or s3://bucket/prefix")
+    shard.add_argument("src", type=_location, help="ImageFolder tree, folder of <class>.tar files, .csv/.jsonl "
+                       "manifest, OpenImages .csv, webdataset tars or parquet files (a folder, file or quoted "
+                       "pattern); a local path or s3://bucket/prefix")
     shard.add_argument("out", type=_location, help="output folder (shared by every node on a cluster), or "
                        "s3://bucket/prefix (S3 or an S3-compatible store: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); "
                        "several splits may share it, e.g. --split train then --split val")
@@ -160,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--source", choices=["auto", "folder", "tars", "manifest", "openimages", "webdataset", "parquet"],
                        default="auto",
                        help="kind of SRC; auto: a .csv with the header ImageID,Source,LabelName,Confidence is "
-                            "OpenImages annotations, any other .csv/.jsonl file a manifest, a folder with .tar files "
-                            "and no sub-folders per-class tars, any other folder an ImageFolder tree (default: auto)")
+                            "OpenImages annotations, any other .csv/.jsonl file a manifest, a .tar file, pattern or folder "
+                            "whose tars hold key-sharing members webdataset, a folder with .tar files "
+                            "and no sub-folders per-class tars, .parquet files parquet, any other folder an "
+                            "ImageFolder tree (default: auto)")
     shard.add_argument("--images", type=_location, default=None, metavar="DIR",
                        help="OpenImages only: the folder holding <ImageID>.jpg for the annotation file SRC")
     shard.add_argument("--classes", type=_location, default=None, metavar="FILE",

@@ -1,7 +1,7 @@
 """The whole system end to end on built-in demo data, on this machine's CPU: `make demo`.
 
     python -m pipeline.demo --out runs/demo [--ranks 2] [--pretrain-steps N --finetune-steps N ...]
-    python -m pipeline.demo --multi-label [--out runs/demo-multi ...]   # the multi-label demo (issue 11)
+    python -m pipeline.demo --multi-label [--out runs/demo-multi ...]   # the multi-label demo
 
 Stages, each the same command a user runs (printed before it runs):
  1. demo data: two label sets over generated shape images — `shape-color` (pretraining) and

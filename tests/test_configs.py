@@ -2,7 +2,8 @@
 
 Every file must load with pipeline.config (so a renamed key breaks this test, not a cluster job), say
 on its first line the command that runs it, build a model of the paper's size on the meta device, and
-carry Table 10's values for its column. Table 10 itself is checked once, against pipeline/recipes.py,
+carry Table 10's values for its column. Table 10 itself is checked once: pipeline/recipes.py against the
+table configs/PAPER.md writes out,
 and every file must be exactly what `python -m pipeline.recipes --write` renders from it.
 """
 import re
@@ -76,30 +77,58 @@ def test_models_have_the_papers_size():
     assert {name for name, _ in seen} == set(PAPER_PARAMS)
 
 
-# Table 10 of the paper, written out once; pipeline/recipes.py must hold exactly these values.
-# (epochs, batch size, peak LR, min LR, warm-up steps, warm-up epochs, decay, weight decay, loss, label smoothing,
-#  RandAugment (layers, magnitude) or None, MixUp alpha, EMA decay, center crop, stochastic depth by model)
-C = "coatnet-"
-PAPER_TABLE10 = {
-    "in1k": (300, 4096, 1e-3, 1e-5, 10000, 0.0, "cosine", 0.05, "softmax", 0.1, (2, 15), 0.8, 0.0, True,
-             {C + "0": 0.2, C + "1": 0.3, C + "2": 0.5, C + "3": 0.7}),
-    "in1k-ft": (30, 512, 5e-5, 5e-5, 0, 0.0, "constant", 1e-8, "softmax", 0.1, (2, 15), 0.8, 0.9999, False, None),
-    "in21k": (90, 4096, 1e-3, 1e-5, 0, 5.0, "linear", 0.01, "sigmoid", 1e-4, None, 0.0, 0.0, True,
-              {C + "2": 0.3, C + "3": 0.5, C + "4": 0.7}),
-    "in21k-ft": (30, 1024, 5e-5, 5e-5, 0, 0.0, "constant", 1e-8, "softmax", 0.1, None, 0.0, 0.9999, False, None),
-    "jft": (14, 4096, {C + "3": 1e-3, C + "4": 5e-4, C + "5": 5e-4}, 1e-5, 20000, 0.0, "linear", 0.01, "sigmoid",
-            1e-4, (2, 5), 0.0, 0.0, True, {C + "3": 0.0, C + "4": 0.1, C + "5": 0.0}),
-    "jft-ft": (30, 512, 5e-5, 5e-5, 0, 0.0, "constant", 1e-8, "softmax", 0.1, (2, 5), 0.0, 0.9999, False,
-               {C + "3": 0.1, C + "4": 0.3, C + "5": 0.2}),
-}
+# Table 10 of the paper is written out once, in configs/PAPER.md; pipeline/recipes.py must hold exactly its values.
 COLUMN_KEYS = ("epochs", "batch_size", "lr", "min_lr", "warmup_steps", "warmup_epochs", "decay", "weight_decay",
                "loss", "label_smoothing", "randaugment", "mixup", "ema_decay", "center_crop", "drop_path")
+_NUMBER = r"[0-9.]+(?:e-?[0-9]+)?"
+
+
+def _per_model(text: str):
+    """'1e-3 (C-3), 5e-4 (C-4, C-5)' or 'C-0..3: 0.2/0.3/0.5/0.7' -> {model: value}; 'same as pretrain' -> None."""
+    if text.startswith("same as"):
+        return None
+    if m := re.fullmatch(r"C-(\d)\.\.(\d): (.+)", text):
+        values = [float(v) for v in m.group(3).split("/")]
+        return {f"coatnet-{i}": v for i, v in zip(range(int(m.group(1)), int(m.group(2)) + 1), values, strict=True)}
+    pairs = re.findall(rf"({_NUMBER}) \(([^)]+)\)", text)
+    if pairs:
+        return {f"coatnet-{c.strip()[2:]}": float(v) for v, models in pairs for c in models.split(",")}
+    return float(text)
+
+
+def _paper_md_table10() -> dict:
+    """configs/PAPER.md's Table 10, column -> recipes.TABLE10's fields (the cells as the page writes them)."""
+    rows = {}
+    for line in (REPO / "configs" / "PAPER.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7:
+            rows[cells[0]] = cells[1:]
+    columns = [c.strip("`") for c in rows["recipes.py column"]]
+    table = {}
+    for i, column in enumerate(columns):
+        cell = {name: values[i] for name, values in rows.items()}
+        warm = cell["warm-up"]
+        ra = re.match(r"(\d+), (\d+)", cell["RandAugment (layers, magnitude)"])  # a per-model note after it: text
+        table[column] = dict(
+            epochs=int(cell["epochs"]), batch_size=int(cell["batch size"]), lr=_per_model(cell["peak LR"]),
+            min_lr=float(cell["min LR"].split()[0]),
+            warmup_steps=int(warm.split("K")[0]) * 1000 if warm.endswith("K steps") else 0,
+            warmup_epochs=float(warm.split()[0]) if warm.endswith("epochs") else 0.0,
+            decay={"none": "constant"}.get(cell["LR decay"], cell["LR decay"]),
+            weight_decay=float(cell["weight decay"]), loss=cell["loss"], label_smoothing=float(cell["label smoothing"]),
+            randaugment=(int(ra.group(1)), int(ra.group(2))) if ra else None,
+            mixup=0.0 if cell["MixUp alpha"] == "none" else float(cell["MixUp alpha"]),
+            ema_decay=0.0 if cell["EMA decay"] == "none" else float(cell["EMA decay"]),
+            center_crop={"yes": True, "no": False}[cell["center crop"]], drop_path=_per_model(cell["stochastic depth"]))
+    return table
 
 
 def test_table10_is_the_papers():
-    assert set(recipes.TABLE10) == set(PAPER_TABLE10)
-    for column, values in PAPER_TABLE10.items():
-        assert recipes.TABLE10[column] == dict(zip(COLUMN_KEYS, values)), column
+    """recipes.TABLE10 equals the table configs/PAPER.md writes out (so the page and the code cannot drift)."""
+    paper = _paper_md_table10()
+    assert set(recipes.TABLE10) == set(paper)
+    for column, values in paper.items():
+        assert dict(recipes.TABLE10[column]) == values, column
     assert recipes.PT_RA == {"randaugment": (2, 5), "epochs": 150}  # Section 4.2: C-4 PT-RA, 88.56%
 
 

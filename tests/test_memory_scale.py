@@ -1,5 +1,5 @@
 """Memory: the model is built from the meta device with weights that depend on the seed only, and the memory
-benchmark's smoke setting runs (its real figures are in README's "Memory per rank, measured", not asserted here)."""
+benchmark's smoke setting runs (its real figures are in docs/benchmarks.md, "Memory per rank", not asserted here)."""
 import json
 import os
 import subprocess
