@@ -48,35 +48,6 @@ class ImageRejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-def read_bytes(path, offset: int, size: int) -> bytes:
-    """The bytes at one input address (``sources.InputFile``): a plain file (offset < 0), a tar member (read in
-    place at its offset, never extracted), or row `offset` of a parquet file (size == PARQUET_ROW).
-
-    `path` is a local path (str or Path) or, when it holds "://", an fsspec URL (``s3://bucket/key``): a member
-    or object is then one ranged GET (``packed.read_range``), never a local copy of the archive.
-    """
-    path = str(path)
-    if size == PARQUET_ROW:
-        from data_prep.sources.packed import read_parquet_image  # pyarrow is imported only by jobs that read parquet
-
-        return read_parquet_image(path, offset)
-    if "://" in path:
-        from data_prep.sources.packed import read_range
-
-        data = read_range(path, offset, size)
-        if offset >= 0 and len(data) != size:
-            raise ImageRejected("truncated", f"archive member ends after {len(data)} of {size} bytes")
-        return data
-    with open(path, "rb") as handle:
-        if offset < 0:
-            return handle.read()
-        handle.seek(offset)
-        data = handle.read(size)
-    if len(data) != size:
-        raise ImageRejected("truncated", f"archive member ends after {len(data)} of {size} bytes")
-    return data
-
-
 def classify_error(err: BaseException) -> ImageRejected:
     """Map a Pillow/IO exception to one of the reject reasons."""
     if isinstance(err, ImageRejected):

@@ -32,7 +32,8 @@ from data_prep.shard.info import drop_split, load_info, merge_split
 from data_prep.shard.layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale_shard_temps, scan_receipt_path,
                      shard_name, split_shards, state_dir)
 from data_prep.shard.layout import inputs_path as layout_inputs_path
-from data_prep.shard.plan import PARTITIONS, SpillWriter, external_sort, order_key, read_spill, shard_ranges
+from data_prep.shard.plan import shard_ranges
+from data_prep.spill import PARTITIONS, SpillWriter, external_sort, order_key, read_spill
 from data_prep.sources.listing import PartitionedListing, list_partitioned
 from data_prep.shard.tasks import SPACE_ERRNOS, OutOfSpace, file_sha256, read_scanned
 
@@ -342,7 +343,7 @@ def _dedup(cfg: ShardConfig) -> dict[str, str]:
     """--dedup: {id of a later copy: id of the kept copy} (the first copy of equal sha1s in id order).
 
     Equal bytes can sit in any two order partitions, so the usable inputs' (sha1, id) pairs are spilled once
-    to local files by the sha1's first byte (``plan.SpillWriter``); each bucket is then resolved alone. The
+    to local files by the sha1's first byte (``spill.SpillWriter``); each bucket is then resolved alone. The
     driver holds one bucket (1/256 of the usable inputs: ~4M pairs at 1B images) plus the duplicates found,
     instead of one id per distinct sha1 of the whole split."""
     duplicates: dict[str, str] = {}
@@ -444,7 +445,7 @@ def _space_error(out: Location, err: OSError) -> UserError:
 class _Rejects:
     """Every reject of the split (listing, scan, --dedup duplicates, full decode), iterable any number of times.
 
-    ``iter()`` gives them sorted by source, through ``plan.external_sort`` (runs spilled to the listing's temp
+    ``iter()`` gives them sorted by source, through ``spill.external_sort`` (runs spilled to the listing's temp
     folder), so rejects.jsonl is written without holding them all; ``reasons()`` counts them unsorted."""
 
     def __init__(self, cfg: ShardConfig, listing: PartitionedListing, plan: dict, late: list[dict]):

@@ -29,7 +29,8 @@ from core import storage
 from core.storage import Location
 
 from data_prep.errors import InputChanged, UserError
-from data_prep.images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
+from data_prep.images import ImageOptions, ImageRejected, classify_error, encode, scan
+from data_prep.sources.read import read_bytes
 from data_prep.shard.layout import inputs_path, read_json, receipt_path, scan_path, scan_receipt_path
 from data_prep.shard.plan import Entry, sample_key, shard_hash
 

@@ -1,5 +1,5 @@
 """List the inputs of a shard job: ImageFolder trees, per-class tar archives, manifests (``manifests.py``),
-webdataset tars and parquet files (``packed.py``; also from object storage URLs).
+webdataset tars and parquet files (``webdataset.py``, ``parquet.py``; also from object storage URLs).
 
 Listing is cheap (directory walks, tar headers, manifest rows, small label members, parquet label columns; no
 image bytes are read) and gives every image a stable id, the id every later step keys on: its POSIX path
@@ -14,16 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
 
-from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest, list_openimages,
-                        sorted_classes, stat as _stat)
-from data_prep.sources.packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, open_location,
-                     peek_tar, stream_parquet, stream_webdataset, walk_class_folders)
+from data_prep.sources.folders import folder_classes, iter_folder, iter_folder_url, iter_tars, tar_archives
+from data_prep.sources.labels import Packed
+from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest,
+                                         list_openimages, sorted_classes)
+from data_prep.sources.packed import PACKED_KINDS, detect as detect_packed
+from data_prep.sources.parquet import stream_parquet
+from data_prep.sources.remote import has_glob, is_url
+from data_prep.sources.webdataset import peek_tar, stream_webdataset
+from data_prep.spill import PARTITIONS, SpillWriter, order_key, sorted_spill
 
 URL_KINDS = (*PACKED_KINDS, "folder", "tars")  # what an object-store SRC can be (manifests name local paths)
 
@@ -166,78 +170,6 @@ def load_class_file(path: Path) -> list[str]:
     return classes
 
 
-def _walk_class_folder(src: Path, folder: Path) -> list[tuple[str, str]]:
-    """(id, path) of every file below one class folder, in torchvision's order (sorted walk, links followed)."""
-    out = []
-    for root, _dirs, files in sorted(os.walk(folder, followlinks=True)):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            out.append((Path(full).relative_to(src).as_posix(), full))
-    return out
-
-
-def _iter_folder_url(src: str, found: Packed):
-    """Rows of an ImageFolder tree under an object-store prefix (<prefix>/<class>/.../<image>, read whole per
-    image), one class folder at a time; found.classes (the folders holding files) is set once they are done."""
-    classes = []
-    for folder, files in walk_class_folders(src):
-        if folder is not None and files:
-            classes.append(folder)
-        for f in files:
-            yield (f.name, folder, f.location, -1, f.size, f.mtime)
-    if not classes:
-        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
-    found.classes = classes
-
-
-def _iter_folder(src: Path, classes: list[str]):
-    """Rows of a local ImageFolder tree, streamed (files directly in SRC first, then class by class)."""
-    for e in sorted(os.scandir(src), key=lambda e: e.name):
-        if e.is_file():  # torchvision ignores these; we report them
-            size, mtime = _stat(e.path)
-            yield (e.name, None, e.path, -1, size, mtime)
-    for name in classes:
-        for file_id, full in _walk_class_folder(src, src / name):
-            size, mtime = _stat(full)
-            yield (file_id, name, full, -1, size, mtime)
-
-
-def _folder_classes(src: Path) -> list[str]:
-    classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
-    if not classes:
-        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
-    return classes
-
-
-def _tar_archives(src) -> tuple[list[str], list[tuple[str, str]]]:
-    """Classes and (file name, location) of SRC's <class>.tar archives, local or under an object-store prefix."""
-    if is_url(src):  # object storage: the same walk over ranged GETs (packed.open_location)
-        archives = [(f.name, f.location) for f in list_files(src, ".tar")[1]]
-    else:
-        archives = sorted(((e.name, e.path) for e in os.scandir(src) if e.is_file() and e.name.endswith(".tar")))
-    if not archives:
-        raise UserError(f"SRC {src} has no <class>.tar archives")
-    return [name[: -len(".tar")] for name, _location in archives], archives
-
-
-def _iter_tars(archives: list[tuple[str, str]], classes: list[str]):
-    """Rows of every member of the archives, streamed archive by archive (ImageNet-21K: 14M members)."""
-    for (name, location), class_name in zip(archives, classes):
-        try:
-            # "r:" reads headers and seeks over the data: listing an archive costs one header read per member,
-            # and nothing is ever extracted to disk. The members are yielded as read, not kept (TarFile keeps
-            # every TarInfo it has read unless told otherwise: `archive.members` is cleared per member).
-            with open_location(location) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
-                for member in archive:
-                    if member.isfile():
-                        yield (f"{name}/{member.name}", class_name, location, member.offset_data, member.size,
-                               int(member.mtime))
-                    archive.members = []
-        except (tarfile.TarError, OSError) as err:
-            raise UserError(f"SRC archive {location} cannot be read as an uncompressed tar ({err}); "
-                            f"repair or remove it") from None
-
-
 def _single(rows) -> list[tuple]:
     """Label tuples -> one class name per row (single-label sources keep their rows and fingerprint)."""
     return [(r[0], r[1][0], *r[2:]) if isinstance(r[1], tuple) else r for r in rows]
@@ -363,14 +295,14 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
         found = Packed([], [], False)
         return ((row, line) for row, line in iter_manifest(Path(src), seen)), found
     if kind == "folder" and not is_url(src):
-        classes = _folder_classes(Path(src))
-        return ((row, None) for row in _iter_folder(Path(src), classes)), Packed(classes, [], False)
+        classes = folder_classes(Path(src))
+        return ((row, None) for row in iter_folder(Path(src), classes)), Packed(classes, [], False)
     if kind == "folder":
         found = Packed([], [], False)
-        return ((row, None) for row in _iter_folder_url(src, found)), found
+        return ((row, None) for row in iter_folder_url(src, found)), found
     if kind == "tars":
-        classes, archives = _tar_archives(src)
-        return ((row, None) for row in _iter_tars(archives, classes)), Packed(classes, [], False)
+        classes, archives = tar_archives(src)
+        return ((row, None) for row in iter_tars(archives, classes)), Packed(classes, [], False)
     if kind in PACKED_KINDS:  # rows carry label tuples: list_partitioned takes the first when single-label
         rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map)
         return ((row, None) for row in rows), found
@@ -382,10 +314,10 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
 def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed: int, directory: Path,
                      images: Path | None = None, label_field: str | None = None, label_map: Path | None = None,
                      progress=None, sort_rows: int | None = None) -> PartitionedListing:
-    """``list_inputs`` without holding the listing: rows stream into ``plan.PARTITIONS`` spill files by their
+    """``list_inputs`` without holding the listing: rows stream into ``spill.PARTITIONS`` spill files by their
     order key; then each partition alone is sorted, checked and judged into ``inputs-PPP.jsonl``. No sort
-    holds more than ``sort_rows`` rows (``plan.SORT_ROWS``; a bigger partition is split by the key's next byte,
-    ``plan.sorted_spill``), so the driver's memory does not grow with the listing.
+    holds more than ``sort_rows`` rows (``spill.SORT_ROWS``; a bigger partition is split by the key's next byte,
+    ``spill.sorted_spill``), so the driver's memory does not grow with the listing.
 
     Fingerprint: sha256 of (kind, class list, row count, the sum mod 2**256 of sha256(id, label, size, mtime)
     over all rows). The sum does not depend on the order the rows were listed in or on the partitioning, and
@@ -393,8 +325,6 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     running hash (the listing is never in one order in one place), so an OUT written before partitioned
     planning is seen as made from other inputs: re-run with --overwrite.
     """
-    from data_prep.shard.plan import PARTITIONS, SpillWriter, order_key, sorted_spill
-
     kind = detect_kind(src, kind)
     directory = Path(directory)
     seen: dict = {}
