@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.storage import Location
 
-from data_prep.images import ImageOptions
+from data_prep.images import MAX_BYTES, ImageOptions
+from data_prep.limits import Limits
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class ShardConfig:
     max_aspect: float = 4.0
     quality: int = 90
     max_pixels: int = 89_478_485
+    max_bytes: int = MAX_BYTES
+    strip_metadata: bool = False
+    max_label_bytes: int = Limits.max_label_bytes
+    max_labels: int = Limits.max_labels
+    max_classes: int = Limits.max_classes
+    max_row_group_bytes: int = Limits.max_row_group_bytes
     dedup: bool = False
     workers: int | None = None
     ray_address: str | None = None
@@ -34,12 +41,18 @@ class ShardConfig:
 
     def image_options(self) -> ImageOptions:
         return ImageOptions(max_size=self.max_size, max_aspect=self.max_aspect, quality=self.quality,
-                            max_pixels=self.max_pixels)
+                            max_pixels=self.max_pixels, max_bytes=self.max_bytes, max_row_group_bytes=self.max_row_group_bytes,
+                            strip_metadata=self.strip_metadata)
+
+    def limits(self) -> Limits:
+        return Limits(max_bytes=self.max_bytes, max_label_bytes=self.max_label_bytes, max_labels=self.max_labels,
+                      max_classes=self.max_classes, max_row_group_bytes=self.max_row_group_bytes)
 
     def output_options(self, kind: str) -> dict:
         """Every option that changes the output bytes: a different value means a different job."""
         return {"split": self.split, "source": kind, "shard_size": self.shard_size, "seed": self.seed,
-                "dedup": self.dedup, **asdict(self.image_options())}  # the class list is in the input fingerprint
+                "dedup": self.dedup, **self.image_options().fingerprint_options(),
+                **self.limits().fingerprint_options()}  # the class list is in the input fingerprint
 
 
 @dataclass

@@ -103,6 +103,8 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
     left = sum(listing.counts[p] for p in todo)
     chunk = max(16, min(SCAN_TASK_ROWS, math.ceil(left / (4 * in_flight))))  # whole partitions, about this many rows
 
+    image_options = asdict(cfg.image_options())
+
     def calls():
         group, rows = [], 0
         for part in todo:
@@ -115,10 +117,10 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
             group.append(part)
             rows += listing.counts[part]
             if rows >= chunk:
-                yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
+                yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options
                 group, rows = [], 0
         if group:
-            yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
+            yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options
 
     def collect(_index, done):
         for receipt in done:
@@ -246,7 +248,8 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
     try:
         with storage.user_errors(cfg.src, "list it as SRC"):
             listing = list_partitioned(cfg.src, cfg.source, cfg.classes_file, cfg.seed, spill, images=cfg.images,
-                                       label_field=cfg.label_field, label_map=cfg.label_map, progress=listed)
+                                       label_field=cfg.label_field, label_map=cfg.label_map, progress=listed,
+                                       limits=cfg.limits())
     finally:
         listed.close()
     phases = {"list": round(time.perf_counter() - start, 3)}

@@ -3,24 +3,62 @@ rows ``(id, class, location, offset, size, mtime)``, streamed: nothing here hold
 from __future__ import annotations
 
 import os
+import stat
 import tarfile
 from pathlib import Path
 
 from core.errors import UserError
 
 from data_prep.sources.labels import Packed
-from data_prep.sources.manifests import stat as _stat
+from data_prep.limits import rejected
 from data_prep.sources.remote import is_url, list_files, open_location, walk_class_folders
 
 
-def _walk_class_folder(src: Path, folder: Path) -> list[tuple[str, str]]:
-    """(id, path) of every file below one class folder, in torchvision's order (sorted walk, links followed)."""
-    out = []
-    for root, _dirs, files in sorted(os.walk(folder, followlinks=True)):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            out.append((Path(full).relative_to(src).as_posix(), full))
-    return out
+_DIR = object()  # _entry's mark of a folder to walk into
+
+
+def _entry(src: Path, full: str, class_name: str | None, visited: set):
+    """One directory entry -> a row, a Rejected, or (_DIR, full) for a folder to walk into.
+
+    Links are followed (torchvision does), but a folder whose (device, inode) was walked already is a reject,
+    so a link loop (``class/loop -> ..``) or a second link to one folder never lists an image twice. Only
+    regular files become rows: a FIFO, a device (``x.jpg -> /dev/zero``) or a socket is never opened."""
+    rel = Path(full).relative_to(src).as_posix()
+    try:
+        info = os.stat(full)
+    except (OSError, ValueError):  # a dangling link, a file that went away: its read is rejected
+        return (rel, class_name, full, -1, -1, -1)
+    if stat.S_ISDIR(info.st_mode):
+        if (info.st_dev, info.st_ino) in visited:
+            return rejected(rel, "repeated_folder", "a link to a folder already listed (a loop or a second link); "
+                                                    "not followed", class_name)
+        visited.add((info.st_dev, info.st_ino))
+        return (_DIR, full)
+    if not stat.S_ISREG(info.st_mode):
+        return rejected(rel, "not_a_file", "not a regular file (a FIFO, device or socket); not read", class_name)
+    return (rel, class_name, full, -1, info.st_size, info.st_mtime_ns)
+
+
+def _walk_class_folder(src: Path, folder: Path, class_name: str, visited: set):
+    """Rows (and Rejected) of everything below one class folder: a sorted depth-first walk, links followed,
+    each folder entered once (``_entry``)."""
+    stack = [str(folder)]
+    while stack:
+        current = stack.pop()
+        try:
+            names = sorted(e.name for e in os.scandir(current))
+        except OSError as err:
+            yield rejected(Path(current).relative_to(src).as_posix(), "unreadable",
+                           f"cannot list this folder ({err.strerror or err})", class_name)
+            continue
+        folders = []
+        for name in names:
+            item = _entry(src, os.path.join(current, name), class_name, visited)
+            if item[0] is _DIR:
+                folders.append(item[1])
+            else:
+                yield item
+        stack.extend(reversed(folders))
 
 
 def iter_folder_url(src: str, found: Packed):
@@ -39,14 +77,19 @@ def iter_folder_url(src: str, found: Packed):
 
 def iter_folder(src: Path, classes: list[str]):
     """Rows of a local ImageFolder tree, streamed (files directly in SRC first, then class by class)."""
+    root = os.stat(src)
+    visited = {(root.st_dev, root.st_ino)}
     for e in sorted(os.scandir(src), key=lambda e: e.name):
-        if e.is_file():  # torchvision ignores these; we report them
-            size, mtime = _stat(e.path)
-            yield (e.name, None, e.path, -1, size, mtime)
+        if not e.is_dir():  # torchvision ignores these; we report them
+            item = _entry(src, e.path, None, set())
+            if item[0] is not _DIR:
+                yield item
     for name in classes:
-        for file_id, full in _walk_class_folder(src, src / name):
-            size, mtime = _stat(full)
-            yield (file_id, name, full, -1, size, mtime)
+        item = _entry(src, str(src / name), name, visited)
+        if item[0] is not _DIR:
+            yield item
+            continue
+        yield from _walk_class_folder(src, src / name, name, visited)
 
 
 def folder_classes(src: Path) -> list[str]:

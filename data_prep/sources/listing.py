@@ -19,6 +19,7 @@ from pathlib import Path
 
 from core.errors import UserError
 
+from data_prep.limits import Limits, Rejected, bad_name, printable, rejected
 from data_prep.sources.folders import folder_classes, iter_folder, iter_folder_url, iter_tars, tar_archives
 from data_prep.sources.labels import Packed
 from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest,
@@ -52,12 +53,7 @@ class InputFile:
     labels: tuple[str, ...] = ()   # multi-label sources: every known label, class_name == labels[0]; else ()
 
 
-@dataclass(frozen=True, slots=True)
-class ListingReject:
-    id: str
-    class_name: str | None
-    reason: str
-    detail: str
+ListingReject = Rejected  # (id, class_name, reason, detail)
 
 
 @dataclass
@@ -193,18 +189,29 @@ def _list_any(src, kind: str, images: Path | None, label_field: str | None, labe
         return Packed(classes, rows if multi else _single(rows), multi)
     rows, found = _stream_any(src, kind, images, label_field, label_map, {})
     found.rows = [row for row, _line in rows]
+    found.rejects = [*found.rejects, *(tuple(r) for r in found.rows if isinstance(r, Rejected))]
+    found.rows = [r for r in found.rows if not isinstance(r, Rejected)]
     if not found.multi_label:
         found.rows = _single(found.rows)
     return found
 
 
-def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool, check_name: bool = True):
+def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool, check_name: bool = True,
+           limits: Limits = Limits()):
     """One listed row -> (InputFile, None, dropped labels) or (None, ListingReject, 0)."""
     file_id, label, path, offset, size, mtime = row
     multi = isinstance(label, tuple)
     first = (label[0] if label else None) if multi else label
     if label is None:
         return None, ListingReject(file_id, None, "no_class", "file is not inside a class folder"), 0
+    if size > limits.max_bytes:  # from stat, the tar header or the object listing: nothing is read
+        return None, ListingReject(file_id, first, "too_large", f"{size:,} bytes > --max-bytes {limits.max_bytes:,}"), 0
+    if multi and len(label) > limits.max_labels:
+        return None, ListingReject(file_id, None, "too_many_labels",
+                                   f"{len(label):,} labels > --max-labels {limits.max_labels:,}"), 0
+    if any(len(name) > limits.max_label_bytes for name in (label if multi else (label,))):
+        return None, ListingReject(file_id, None, "label_too_large", f"a label is longer than --max-label-bytes "
+                                                                     f"{limits.max_label_bytes:,}"), 0
     if check_name and not is_image_name(file_id):
         return None, ListingReject(file_id, first, "non_image_file", "file name has no image extension"), 0
     if multi and not label:
@@ -286,14 +293,14 @@ class PartitionedListing:
 
 
 def _stream_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None,
-                seen: dict):
+                seen: dict, limits: Limits = Limits()):
     """(rows iterator of (row, line or None), Packed without rows); the Packed's classes and multi_label are
     final once the rows are exhausted. Every kind streams but OpenImages (its per-image label groups are
     built first)."""
     _check_flags(src, kind, images, label_field, label_map)
     if kind == "manifest":
         found = Packed([], [], False)
-        return ((row, line) for row, line in iter_manifest(Path(src), seen)), found
+        return ((row, line) for row, line in iter_manifest(Path(src), seen, limits)), found
     if kind == "folder" and not is_url(src):
         classes = folder_classes(Path(src))
         return ((row, None) for row in iter_folder(Path(src), classes)), Packed(classes, [], False)
@@ -304,16 +311,60 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
         classes, archives = tar_archives(src)
         return ((row, None) for row in iter_tars(archives, classes)), Packed(classes, [], False)
     if kind in PACKED_KINDS:  # rows carry label tuples: list_partitioned takes the first when single-label
-        rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map)
+        rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map,
+                                                                                      limits)
         return ((row, None) for row in rows), found
     found = Packed(*list_openimages(src, images))
     rows, found.rows = found.rows, []
     return ((row, None) for row in rows), found
 
 
+class _RejectLog:
+    """The listing's rejects, written to ``rejects.jsonl`` as they are judged; keeps counts and the first."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "w", encoding="utf-8")
+        self.count = self.non_image = self.streamed = 0
+        self.first: tuple | None = None
+
+    def __call__(self, r: Rejected) -> None:
+        self.count += 1
+        self.non_image += r.reason == "non_image_file"
+        if self.first is None or r.id < self.first[0]:
+            self.first = tuple(r)
+        self.handle.write(json.dumps({"source": r.id, "class": r.class_name, "reason": r.reason,
+                                      "detail": r.detail}, ensure_ascii=False) + "\n")
+
+
+def _spill_raw(rows, seed: int, directory: Path, log: _RejectLog, progress) -> SpillWriter:
+    """Rows -> raw spill files by order key; a lister's Rejected row or a name that cannot be an id (not UTF-8,
+    a NUL) goes to the reject log instead: one hostile row never stops the listing."""
+    raw = SpillWriter(directory, "raw")
+    try:
+        for row, line in rows:
+            if progress is not None:
+                progress.update(1)
+            if not isinstance(row, Rejected):
+                why = bad_name(row[0]) or bad_name(str(row[2]))
+                if why is None:
+                    key = order_key(row[0], seed)
+                    label = list(row[1]) if isinstance(row[1], tuple) else row[1]
+                    raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
+                    continue
+                first = row[1][0] if isinstance(row[1], tuple) and row[1] else row[1]
+                row = rejected(row[0], "bad_name", why, first if isinstance(first, str) else None)
+            log.streamed += 1
+            log(Rejected(printable(row.id), row.class_name, row.reason, row.detail))
+    finally:
+        rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
+        raw.close()
+    return raw
+
+
 def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed: int, directory: Path,
                      images: Path | None = None, label_field: str | None = None, label_map: Path | None = None,
-                     progress=None, sort_rows: int | None = None) -> PartitionedListing:
+                     progress=None, sort_rows: int | None = None, limits: Limits | None = None
+                     ) -> PartitionedListing:
     """``list_inputs`` without holding the listing: rows stream into ``spill.PARTITIONS`` spill files by their
     order key; then each partition alone is sorted, checked and judged into ``inputs-PPP.jsonl``. No sort
     holds more than ``sort_rows`` rows (``spill.SORT_ROWS``; a bigger partition is split by the key's next byte,
@@ -326,80 +377,73 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     planning is seen as made from other inputs: re-run with --overwrite.
     """
     kind = detect_kind(src, kind)
+    limits = limits or Limits()
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     seen: dict = {}
-    rows, found = _stream_any(src, kind, images, label_field, label_map, seen)
-    raw = SpillWriter(directory, "raw")
+    rows, found = _stream_any(src, kind, images, label_field, label_map, seen, limits)
+    log = _RejectLog(directory / "rejects.jsonl")
     try:
-        for row, line in rows:
-            key = order_key(row[0], seed)
-            label = list(row[1]) if isinstance(row[1], tuple) else row[1]
-            raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
-            if progress is not None:
-                progress.update(1)
-    finally:
-        rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
-        raw.close()
-    if kind == "manifest":
-        found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
-    multi = found.multi_label
-    classes = load_class_file(classes_file) if classes_file is not None else found.classes
-    known = set(classes)
-    check_name = kind not in PACKED_KINDS
-    from_manifest = kind in ("manifest", "openimages")
-    total, dropped, rejected, non_image, input_bytes = 0, found.dropped, 0, 0, 0
-    listed = len(found.rejects)
-    first_reject = min((tuple(r) for r in found.rejects), default=None)
-    inputs_out = SpillWriter(directory, "inputs")
-    with open(directory / "rejects.jsonl", "w", encoding="utf-8") as rejects_out:
-        def reject(r: ListingReject) -> None:
-            nonlocal rejected, non_image, first_reject
-            rejected += 1
-            non_image += r.reason == "non_image_file"
-            if first_reject is None or r.id < first_reject[0]:
-                first_reject = (r.id, r.class_name, r.reason, r.detail)
-            rejects_out.write(json.dumps({"source": r.id, "class": r.class_name, "reason": r.reason,
-                                          "detail": r.detail}, ensure_ascii=False) + "\n")
-
+        raw = _spill_raw(rows, seed, directory, log, progress)
+        if kind == "manifest":
+            found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
+        classes = load_class_file(classes_file) if classes_file is not None else found.classes
+        if len(classes) > limits.max_classes:
+            raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
+                            f"the labels (a label per image?), or raise --max-classes")
         for r in found.rejects:
-            reject(ListingReject(*r))
-        try:
-            for part in range(PARTITIONS):
-                part_rows = sorted_spill(raw.path(part), raw.counts[part],
-                                         lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
-                                         sort_rows)
-                previous = None
-                for key_hex, line, file_id, label, path, offset, size, mtime in part_rows:
-                    if previous is not None and previous[0] == file_id:
-                        raise duplicate_path(Path(src), file_id, previous[1], line)
-                    previous = (file_id, line)
-                    if isinstance(label, list):
-                        label = tuple(label) if multi else label[0]
-                    digest = hashlib.sha256(json.dumps([file_id, list(label) if multi else label, size, mtime])
-                                            .encode()).digest()
-                    total = (total + int.from_bytes(digest, "big")) % (1 << 256)
-                    listed += 1
-                    item, bad, lost = _judge((file_id, label, path, offset, size, mtime), known, classes_file,
-                                             from_manifest, check_name=check_name)
-                    dropped += lost
-                    if item is None:
-                        reject(bad)
-                        continue
-                    input_bytes += max(item.size, 0)
-                    inputs_out.add(part, [key_hex, item.id, item.class_name, item.path, item.offset, item.size,
-                                          list(item.labels) if multi else None])
-                raw.path(part).unlink(missing_ok=True)
-        finally:
-            inputs_out.close()
-    fingerprint = hashlib.sha256(json.dumps([kind, classes, listed - len(found.rejects), f"{total:064x}"])
-                                 .encode()).hexdigest()
+            log(ListingReject(*r))
+        inputs_out, hashed, total, dropped, input_bytes = _judge_partitions(
+            src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory)
+    finally:
+        log.handle.close()
+    fingerprint = hashlib.sha256(json.dumps([kind, classes, hashed, f"{total:064x}"]).encode()).hexdigest()
     if not sum(inputs_out.counts):
+        first = f"; first: {log.first[0]}: {log.first[2]} ({log.first[3]})" if log.first else ""
         if kind in PACKED_KINDS:
-            first = f"; first: {first_reject[0]}: {first_reject[2]} ({first_reject[3]})" if first_reject else ""
-            raise UserError(f"SRC {src}: no usable samples ({rejected} rejected{first})")
-        raise UserError(f"SRC {src}: no image files found ({rejected} other files); "
+            raise UserError(f"SRC {src}: no usable samples ({log.count} rejected{first})")
+        raise UserError(f"SRC {src}: no image files found ({log.count} other files{first}); "
                         f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
     class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
-    return PartitionedListing(kind, classes, class_source, fingerprint, multi, dropped, inputs_out.counts, listed,
-                              input_bytes, rejected, non_image, directory)
+    return PartitionedListing(kind, classes, class_source, fingerprint, found.multi_label, dropped,
+                              inputs_out.counts, hashed + log.streamed + len(found.rejects), input_bytes, log.count, log.non_image,
+                              directory)
 
+
+def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], classes_file: Path | None,
+                      found: Packed, sort_rows: int | None, limits: Limits, log: _RejectLog, directory: Path):
+    """Each raw partition, sorted, hashed into the fingerprint sum and judged into ``inputs-PPP.jsonl``:
+    (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes)."""
+    multi, known = found.multi_label, set(classes)
+    check_name, from_manifest = kind not in PACKED_KINDS, kind in ("manifest", "openimages")
+    hashed, total, dropped, input_bytes = 0, 0, found.dropped, 0
+    inputs_out = SpillWriter(directory, "inputs")
+    try:
+        for part in range(PARTITIONS):
+            part_rows = sorted_spill(raw.path(part), raw.counts[part],
+                                     lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
+                                     sort_rows)
+            previous = None
+            for key_hex, line, file_id, label, path, offset, size, mtime in part_rows:
+                if previous is not None and previous[0] == file_id:
+                    raise duplicate_path(Path(src), file_id, previous[1], line)
+                previous = (file_id, line)
+                if isinstance(label, list):
+                    label = tuple(label) if multi else label[0]
+                digest = hashlib.sha256(json.dumps([file_id, list(label) if multi else label, size, mtime])
+                                        .encode()).digest()
+                total = (total + int.from_bytes(digest, "big")) % (1 << 256)
+                hashed += 1
+                item, bad, lost = _judge((file_id, label, path, offset, size, mtime), known, classes_file,
+                                         from_manifest, check_name=check_name, limits=limits)
+                dropped += lost
+                if item is None:
+                    log(bad)
+                    continue
+                input_bytes += max(item.size, 0)
+                inputs_out.add(part, [key_hex, item.id, item.class_name, item.path, item.offset, item.size,
+                                      list(item.labels) if multi else None])
+            raw.path(part).unlink(missing_ok=True)
+    finally:
+        inputs_out.close()
+    return inputs_out, hashed, total, dropped, input_bytes

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from core.errors import UserError
 
-from data_prep.images import PARQUET_ROW, ImageRejected
+from data_prep.images import MAX_ROW_GROUP_BYTES, PARQUET_ROW, ImageRejected
+from data_prep.limits import Limits
 from data_prep.sources.labels import LabelResolver, Packed, resolved
 from data_prep.sources.remote import PackedFile, first_line, is_url, iter_files, list_files, open_location
 
@@ -80,13 +81,17 @@ class _RowGroupCache:
                 old_handle.close()
         return self.files[location]
 
-    def image(self, location: str, row: int) -> bytes | None:
+    def image(self, location: str, row: int, max_group_bytes: int = MAX_ROW_GROUP_BYTES) -> bytes | None:
         parquet, _handle, (name, inner), starts = self._file(location)
         if not 0 <= row < starts[-1]:
             raise ImageRejected("unreadable", f"row {row} is past the file's {starts[-1]} rows")
         group = next(i for i in range(len(starts) - 1) if starts[i] <= row < starts[i + 1])
         key = (location, group)
         if key not in self.groups:
+            size = _column_bytes(parquet.metadata.row_group(group), name)
+            if size > max_group_bytes:  # from the footer, before anything is decompressed
+                raise ImageRejected("too_large", f"row group {group} holds {size:,} bytes of images uncompressed "
+                                                 f"> --max-row-group-bytes {max_group_bytes:,}")
             values = parquet.read_row_group(group, columns=[name]).column(0).combine_chunks()
             if inner is not None:
                 values = values.field(inner)
@@ -102,10 +107,21 @@ class _RowGroupCache:
 _ROW_GROUPS = _RowGroupCache()  # one per process: Ray runs one task at a time in a worker
 
 
-def read_parquet_image(location: str, row: int) -> bytes:
-    """The image bytes of one parquet row; raises ImageRejected for a row without bytes or a damaged file."""
+def _column_bytes(group, name: str) -> int:
+    """Uncompressed bytes of column `name` (and its struct fields) in one row group's metadata."""
+    total = 0
+    for i in range(group.num_columns):
+        column = group.column(i)
+        if column.path_in_schema == name or column.path_in_schema.startswith(name + "."):
+            total += column.total_uncompressed_size
+    return total
+
+
+def read_parquet_image(location: str, row: int, max_group_bytes: int = MAX_ROW_GROUP_BYTES) -> bytes:
+    """The image bytes of one parquet row; raises ImageRejected for a row without bytes, in a row group above
+    `max_group_bytes`, or in a damaged file."""
     try:
-        data = _ROW_GROUPS.image(location, row)
+        data = _ROW_GROUPS.image(location, row, max_group_bytes)
     except (ImageRejected, FileNotFoundError, UserError):
         raise
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError/... for a damaged file
@@ -174,7 +190,7 @@ def _parquet_samples(part: PackedFile, label_field: str | None) -> tuple[list[tu
     return samples, class_names
 
 
-def stream_parquet(src, label_field: str | None, label_map: Path | None):
+def stream_parquet(src, label_field: str | None, label_map: Path | None, limits: Limits = Limits()):
     """(rows, Packed) as stream_webdataset, one file's label column at a time. Every file must name the same
     ClassLabel list (or none): the first file's is used, and a file naming another stops the listing."""
     _base, parts = list_files(src, ".parquet")

@@ -148,11 +148,11 @@ def open_location(location: str, block_size: int = _TAR_BLOCK):
 
 
 def read_range(location: str, offset: int, size: int) -> bytes:
-    """A whole object (offset < 0) or `size` bytes at `offset` of a URL: one ranged GET, no local copy."""
+    """At most `size` bytes of a whole object (offset < 0: from its start) or `size` bytes at `offset` of a
+    URL: one ranged GET, no local copy, never more than asked for."""
     fs, path = filesystem(location)
-    if offset < 0:
-        return fs.cat_file(path)
-    return fs.cat_file(path, start=offset, end=offset + size)
+    start = max(offset, 0)
+    return fs.cat_file(path, start=start, end=start + size)
 
 
 def iter_files(fn, files: list[PackedFile], url: bool):

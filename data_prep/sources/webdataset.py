@@ -15,11 +15,11 @@ from pathlib import Path
 
 from core.errors import UserError
 
+from data_prep.limits import Limits, loads_label
 from data_prep.sources.labels import LabelResolver, Packed, resolved
 from data_prep.sources.remote import PackedFile, filesystem, first_line, is_url, iter_files, list_files, open_location
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff", "gif"})
-_LABEL_MEMBER_LIMIT = 1 << 20   # a label member (json/cls/txt) bigger than this is not read at listing
 _PEEK_MEMBERS = 32              # tar members looked at to tell webdataset shards from per-class archives
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members like __index__ are not samples
 _INT = re.compile(r"-?[0-9]+")
@@ -68,7 +68,7 @@ def _info_classes(base: str, files: list[PackedFile]) -> tuple[list[str] | None,
     try:
         fs, path = filesystem(location)
         info = json.loads(fs.cat_file(path))
-    except (OSError, ValueError, UserError):
+    except (OSError, ValueError, RecursionError, UserError):
         return None, ""
     splits = info.get("splits") if isinstance(info, dict) else None
     if not isinstance(splits, dict):
@@ -90,10 +90,11 @@ def _text(data: bytes):
 
 
 def _json(parts: dict[str, bytes]):
-    try:
-        return json.loads(parts["json"]) if "json" in parts else None
-    except ValueError:
+    """The parsed .json member, or None (absent, invalid, or nested too deep to parse safely)."""
+    if "json" not in parts:
         return None
+    value, _problem = loads_label(parts["json"], len(parts["json"]))  # its size was checked when it was read
+    return value
 
 
 def _ours(meta) -> bool:
@@ -127,53 +128,70 @@ def _raw_label(parts: dict[str, bytes], field: str | None):
     return meta[field], None
 
 
-def _tar_samples(tar: PackedFile, field: str | None, seen: dict) -> tuple[list[tuple], list[tuple]]:
-    """(samples, rejects) of one webdataset tar; `seen` collects member extensions and json keys for messages."""
+def _judge_group(tar: PackedFile, key: str, members: list, field: str | None, seen: dict, ids: set):
+    """One webdataset sample (consecutive members sharing a key) -> (sample, None) or (None, reject)."""
+    parts = {ext.lower(): data for ext, _m, data in members if data is not None}
+    seen.setdefault("members", set()).update(ext.lower() for ext, _m, _d in members)
+    meta = _json(parts)
+    if isinstance(meta, dict):
+        seen.setdefault("json", set()).update(list(meta)[:50])
+    image = next((m for ext, m, _d in members if _image_ext(ext)), None)
+    sample_id = f"{tar.name}/{image.name if image is not None else key}"
+    if image is None:
+        exts = ", ".join(sorted({ext for ext, _m, _d in members}))[:200]
+        return None, (sample_id, None, "no_image", f"sample {key!r} has no image member (members: {exts})")
+    if sample_id in ids:
+        return None, (sample_id, None, "duplicate_key", f"member {image.name!r} appears twice in {tar.name}")
+    ids.add(sample_id)
+    big = [ext for ext, _m, data in members if data is _TOO_BIG]
+    if big:
+        return None, (sample_id, None, "label_too_large", f"label member .{big[0]} is larger than --max-label-bytes")
+    raw, why = _raw_label(parts, field)
+    if raw is _MISSING:
+        return None, (sample_id, None, "no_label", why)
+    return (sample_id, raw, tar.location, image.offset_data, image.size, tar.mtime, False), None
+
+
+_TOO_BIG = object()  # a label member over --max-label-bytes: not read
+
+
+def _tar_samples(tar: PackedFile, field: str | None, seen: dict, limits: Limits) -> tuple[list[tuple], list[tuple]]:
+    """(samples, rejects) of one webdataset tar; `seen` collects member extensions and json keys for messages.
+    Each sample is judged when its last member has been read, so a tar's label members are never all held."""
     wanted = {"json", "cls", "txt", "labels"} | ({field} if field else set())
-    groups: list[tuple[str, list]] = []
+    samples, rejects, ids = [], [], set()
+    key, members = None, []
+
+    def finish():
+        if members:
+            sample, reject = _judge_group(tar, key, members, field, seen, ids)
+            (samples if sample is not None else rejects).append(sample or reject)
+
     try:
         with open_location(tar.location) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
             for member in archive:
+                archive.members = []  # TarFile keeps every TarInfo it read unless told otherwise
                 if not member.isfile() or _META.search(member.name):
                     continue
-                key, ext = split_member(member.name)
-                if key is None:
+                name_key, ext = split_member(member.name)
+                if name_key is None:
                     continue
-                if not groups or groups[-1][0] != key:  # webdataset groups consecutive members by key
-                    groups.append((key, []))
+                if name_key != key:  # webdataset groups consecutive members by key
+                    finish()
+                    key, members = name_key, []
                 data = None
-                if ext.lower() in wanted and member.size <= _LABEL_MEMBER_LIMIT:
-                    data = archive.extractfile(member).read()  # in memory; nothing is written to disk
-                groups[-1][1].append((ext, member, data))
+                if ext.lower() in wanted:
+                    data = _TOO_BIG if member.size > limits.max_label_bytes else \
+                        archive.extractfile(member).read()  # in memory; nothing is written to disk
+                members.append((ext, member, data))
+            finish()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise UserError(f"SRC archive {tar.location} cannot be read as an uncompressed tar ({first_line(err)}); "
                         f"repair or remove it") from None
-    samples, rejects, ids = [], [], set()
-    for key, members in groups:
-        parts = {ext.lower(): data for ext, _m, data in members if data is not None}
-        seen.setdefault("members", set()).update(ext.lower() for ext, _m, _d in members)
-        meta = _json(parts)
-        if isinstance(meta, dict):
-            seen.setdefault("json", set()).update(list(meta)[:50])
-        image = next((m for ext, m, _d in members if _image_ext(ext)), None)
-        sample_id = f"{tar.name}/{image.name if image is not None else key}"
-        if image is None:
-            exts = ", ".join(sorted({ext for ext, _m, _d in members}))
-            rejects.append((sample_id, None, "no_image", f"sample {key!r} has no image member (members: {exts})"))
-            continue
-        if sample_id in ids:
-            rejects.append((sample_id, None, "duplicate_key", f"member {image.name!r} appears twice in {tar.name}"))
-            continue
-        ids.add(sample_id)
-        raw, why = _raw_label(parts, field)
-        if raw is _MISSING:
-            rejects.append((sample_id, None, "no_label", why))
-            continue
-        samples.append((sample_id, raw, tar.location, image.offset_data, image.size, tar.mtime, False))
     return samples, rejects
 
 
-def stream_webdataset(src, label_field: str | None, label_map: Path | None):
+def stream_webdataset(src, label_field: str | None, label_map: Path | None, limits: Limits = Limits()):
     """(rows, Packed): rows as each tar's headers and label members are read; the Packed's classes, rejects
     and multi_label are final once the rows are exhausted."""
     base, tars = list_files(src, ".tar")
@@ -187,7 +205,7 @@ def stream_webdataset(src, label_field: str | None, label_map: Path | None):
 
     def samples():
         count = 0
-        for found, rejects in iter_files(lambda t: _tar_samples(t, label_field, seen), tars, is_url(str(src))):
+        for found, rejects in iter_files(lambda t: _tar_samples(t, label_field, seen, limits), tars, is_url(str(src))):
             early.extend(rejects)
             count += len(found)
             yield from found
