@@ -81,7 +81,11 @@ def bad_name(name: str) -> str | None:
 
 def printable(name: str) -> str:
     """A name as it can be written to rejects.jsonl: undecodable bytes as \\xNN, NUL as \\x00."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\x00")
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # a file name's undecodable bytes, as they were
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "backslashreplace")  # a lone surrogate from JSON ("\ud800")
+    return raw.decode("utf-8", "backslashreplace").replace("\0", "\\x00")
 
 
 class Rejected(NamedTuple):

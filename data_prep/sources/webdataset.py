@@ -130,7 +130,7 @@ def _raw_label(parts: dict[str, bytes], field: str | None):
 
 def _judge_group(tar: PackedFile, key: str, members: list, field: str | None, seen: dict, ids: set):
     """One webdataset sample (consecutive members sharing a key) -> (sample, None) or (None, reject)."""
-    parts = {ext.lower(): data for ext, _m, data in members if data is not None}
+    parts = {ext.lower(): data for ext, _m, data in members if data is not None and data is not _TOO_BIG}
     seen.setdefault("members", set()).update(ext.lower() for ext, _m, _d in members)
     meta = _json(parts)
     if isinstance(meta, dict):
