@@ -206,6 +206,22 @@ def test_training_skips_oversized_members_and_never_decompresses_a_shard(tmp_pat
     assert len(errors) == 2 and "b.jpg" in errors[0] and "8,192" in errors[0], errors
 
 
+def test_fuzz_every_source_kind_small_seeded_run():
+    """benchmarks/fuzz_sources.py, a few cases per kind: no crash, hang or nondeterminism (the long run is the
+    benchmark's; its figures are in docs/NOTES-data22.md)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "fuzz_sources.py"), "--cases", "6", "--seed",
+                          "1000", "--timeout", "60"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    total = res.stdout.strip().splitlines()[-1]
+    assert total.startswith("total: 42 cases, 0 crashes, 0 hangs, 0 nondeterministic"), res.stdout
+    assert res.stdout.count("sample") >= 7  # every kind produced samples, not only rejects
+
+
 @pytest.mark.slow
 def test_hostile_tree_job_completes_with_every_valid_image_once(local_ray, tmp_path, fake_gs):
     from data_prep.shard.job import ShardConfig, run_shard_job

@@ -314,7 +314,7 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
         rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map,
                                                                                       limits)
         return ((row, None) for row in rows), found
-    found = Packed(*list_openimages(src, images))
+    found = Packed(*list_openimages(src, images, limits))
     rows, found.rows = found.rows, []
     return ((row, None) for row in rows), found
 
@@ -346,13 +346,16 @@ def _spill_raw(rows, seed: int, directory: Path, log: _RejectLog, progress) -> S
                 progress.update(1)
             if not isinstance(row, Rejected):
                 why = bad_name(row[0]) or bad_name(str(row[2]))
-                if why is None:
+                labels = row[1] if isinstance(row[1], tuple) else (row[1],)
+                if why is None and any(isinstance(n, str) and bad_name(n) for n in labels):
+                    row = rejected(row[0], "bad_label", "a label is not valid UTF-8 text or holds a NUL")
+                elif why is None:
                     key = order_key(row[0], seed)
                     label = list(row[1]) if isinstance(row[1], tuple) else row[1]
                     raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
                     continue
-                first = row[1][0] if isinstance(row[1], tuple) and row[1] else row[1]
-                row = rejected(row[0], "bad_name", why, first if isinstance(first, str) else None)
+                else:
+                    row = rejected(row[0], "bad_name", why)
             log.streamed += 1
             log(Rejected(printable(row.id), row.class_name, row.reason, row.detail))
     finally:

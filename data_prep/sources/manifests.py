@@ -235,10 +235,11 @@ def _confidence(text: str, where: str) -> float:
         raise UserError(f"annotations {where}: Confidence {text!r} is not a number") from None
 
 
-def list_openimages(src: Path, images: Path | None) -> tuple[list[str], list[Row], bool]:
+def list_openimages(src: Path, images: Path | None, limits: Limits = Limits()) -> tuple[list[str], list[Row], bool]:
     """OpenImages image-level labels: one row per (image, label); only Confidence 1 is a positive label.
 
-    Images whose rows are all Confidence 0 get an empty label tuple (rejected as 'no_label' when listed).
+    Images whose rows are all Confidence 0 get an empty label tuple (rejected as 'no_label' when listed). A bad
+    row is a ``Rejected`` after the rows (its id ``<file>:<line>``).
     """
     if images is None:
         raise UserError(f"SRC {src} is an OpenImages annotation file; give the image folder with --images DIR "
@@ -246,33 +247,63 @@ def list_openimages(src: Path, images: Path | None) -> tuple[list[str], list[Row
     if not images.is_dir():
         raise UserError(f"--images {images}: not a folder; give the folder that holds <ImageID>.jpg")
     labels: dict[str, list[str]] = {}
-    with _open_text(src, "annotations") as handle:
-        reader = csv.reader(handle)
-        try:
-            next(reader, None)  # the header, checked by is_openimages_csv
-            for row in reader:
-                where = f"{src}:{reader.line_num}"
-                if not row:
-                    continue
-                if len(row) != len(OPENIMAGES_HEADER):
-                    raise UserError(f"annotations {where}: expected 4 fields ImageID,Source,LabelName,Confidence")
-                image_id, _source, label, confidence = (field.strip() for field in row)
-                if not image_id or "/" in image_id or image_id.startswith("."):
-                    raise UserError(f"annotations {where}: ImageID {image_id!r} is not a file name")
-                if not label:
-                    raise UserError(f"annotations {where}: empty LabelName")
-                names = labels.setdefault(image_id, [])
-                if _confidence(confidence, where) == 1:
-                    names.append(label)
-        except UnicodeDecodeError:
-            raise UserError(f"annotations {src}: not UTF-8 text") from None
-    if not labels:
+    bad: list[Rejected] = []
+    for where, row in _openimages_rows(src):
+        if isinstance(row, Rejected):
+            bad.append(row)
+            continue
+        image_id, _source, label, confidence = (field.strip() for field in row)
+        problem = None
+        if not image_id or "/" in image_id or image_id.startswith(".") or bad_name(image_id):
+            problem = f"ImageID {image_id[:80]!r} is not a file name"
+        elif not label or len(label) > limits.max_label_bytes:
+            problem = "empty LabelName" if not label else "LabelName longer than --max-label-bytes"
+        else:
+            try:
+                positive = _confidence(confidence, where) == 1
+            except UserError as err:
+                problem = str(err)
+        if problem is not None:
+            bad.append(rejected(where, "bad_row", f"{where}: {problem}"))
+            continue
+        names = labels.setdefault(image_id, [])
+        if positive:
+            names.append(label)
+    if not labels and not bad:
         raise UserError(f"annotations {src} has no rows")
     rows = []
     for image_id, names in labels.items():
         full = str(images / f"{image_id}.jpg")
         rows.append((f"{image_id}.jpg", _unique(names), full, -1, *stat(full)))
-    return sorted_classes(n for r in rows for n in r[1]), rows, True
+    return sorted_classes(n for r in rows for n in r[1]), rows + bad, True
+
+
+def _openimages_rows(src: Path):
+    """(file:line, the 4 fields or a Rejected) of an OpenImages annotation file after its header."""
+    try:
+        handle = open(src, newline="", encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as err:
+        raise UserError(f"annotations {src}: cannot read it ({err.strerror or err})") from None
+    with handle:
+        reader = csv.reader(handle)
+        next(reader, None)  # the header, checked by is_openimages_csv
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                where = f"{src.name}:{reader.line_num}"
+                yield where, rejected(where, "bad_row", f"{where}: {err}")
+                continue
+            where = f"{src.name}:{reader.line_num}"
+            if not row:
+                continue
+            if len(row) != len(OPENIMAGES_HEADER):
+                yield where, rejected(where, "bad_row", f"{where}: expected 4 fields ImageID,Source,LabelName,"
+                                                        f"Confidence")
+                continue
+            yield where, row
 
 
 def load_label_map(path: Path) -> dict[str, str]:
