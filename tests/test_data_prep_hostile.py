@@ -260,3 +260,33 @@ def test_hostile_tree_job_completes_with_every_valid_image_once(local_ray, tmp_p
     assert b"APPENDED" not in jpg and jpeg_ends_at_eoi(jpg)  # re-encoded, not copied
     assert not fake_gs.exists()
     assert stat.S_ISREG(os.stat(root / "cat" / "appended.jpg").st_mode)
+
+
+def test_mostly_broken_shards_stop_training_with_one_line(tmp_path):
+    from core.errors import UserError
+    from pipeline.data.loader import TrainLoader
+    from pipeline.data.shards import ShardSet
+
+    urls = []
+    for shard in range(2):
+        members = []
+        for i in range(32):
+            good = i % 5 == 0  # 1 in 5 decodes; the others are not images or over data.max_sample_bytes
+            data = _jpeg(i) if good else (b"\xff" * 5000 if i % 2 else b"not a jpeg")
+            members += [(f"s{shard}-{i:02d}.jpg", data), (f"s{shard}-{i:02d}.cls", b"0")]
+        urls.append(str(tmp_path / f"train-{shard:06d}.tar"))
+        with tarfile.open(urls[-1], "w") as archive:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    shards = ShardSet(urls, [32, 32], 64, ["a"])
+    loader = TrainLoader(shards, seed=0, rank=0, world_size=1, num_workers=0, micro_batch_size=4, image_size=32,
+                         num_classes=1, shuffle_buffer=0, max_sample_bytes=4096, max_corrupt_fraction=0.5)
+    with pytest.raises(UserError, match=r"skipped as corrupt or over the limits \(\d+% > data.max_corrupt_fraction"):
+        for _ in range(20):
+            next(loader)
+    lenient = TrainLoader(shards, seed=0, rank=0, world_size=1, num_workers=0, micro_batch_size=4, image_size=32,
+                          num_classes=1, shuffle_buffer=0, max_sample_bytes=4096, max_corrupt_fraction=0.9)
+    assert all(next(lenient)[0].shape == (4, 3, 32, 32) for _ in range(5))
+    assert lenient.corrupt_count >= 16
