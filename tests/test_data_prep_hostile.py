@@ -237,6 +237,8 @@ def test_hostile_tree_job_completes_with_every_valid_image_once(local_ray, tmp_p
     appended = _jpeg(99) + b"\x00APPENDED" * 100_000
     (root / "cat" / "appended.jpg").write_bytes(appended)
     valid["cat/appended.jpg"] = "cat"
+    (root / "dog" / "gps.jpg").write_bytes(_gps_jpeg(98))
+    valid["dog/gps.jpg"] = "dog"
     (root / "cat" / "eps.jpg").write_bytes(EPS)
     (root / "cat" / "big.jpg").write_bytes(_jpeg(7) + b"\x00" * 3_000_000)
     (root / "cat" / "loop").symlink_to("..")
@@ -246,7 +248,8 @@ def test_hostile_tree_job_completes_with_every_valid_image_once(local_ray, tmp_p
         handle.write(_jpeg(5))
     out = tmp_path / "out"
     start = time.monotonic()
-    run_shard_job(ShardConfig(src=root, out=out, shard_size=4, max_size=64, max_bytes=2_000_000, progress=False))
+    run_shard_job(ShardConfig(src=root, out=out, shard_size=4, max_size=64, max_bytes=2_000_000, strip_metadata=True,
+                              progress=False))
     assert time.monotonic() - start < 240
     info = json.loads((out / "_info.json").read_text())["splits"]["train"]
     samples = list(wds.WebDataset([str(out / n) for n in info["filenames"]], shardshuffle=False))
@@ -258,6 +261,8 @@ def test_hostile_tree_job_completes_with_every_valid_image_once(local_ray, tmp_p
                        "dog/zero.jpg": "not_a_file", "dog/fifo.jpg": "not_a_file", "dog/bad\\xff.jpg": "bad_name"}
     jpg = next(s["jpg"] for s, m in zip(samples, metas) if m["source"] == "cat/appended.jpg")
     assert b"APPENDED" not in jpg and jpeg_ends_at_eoi(jpg)  # re-encoded, not copied
+    gps = next(s["jpg"] for s, m in zip(samples, metas) if m["source"] == "dog/gps.jpg")
+    assert b"secret" not in gps and not Image.open(io.BytesIO(gps)).getexif()  # --strip-metadata
     assert not fake_gs.exists()
     assert stat.S_ISREG(os.stat(root / "cat" / "appended.jpg").st_mode)
 
@@ -290,3 +295,27 @@ def test_mostly_broken_shards_stop_training_with_one_line(tmp_path):
                           num_classes=1, shuffle_buffer=0, max_sample_bytes=4096, max_corrupt_fraction=0.9)
     assert all(next(lenient)[0].shape == (4, 3, 32, 32) for _ in range(5))
     assert lenient.corrupt_count >= 16
+
+
+@pytest.mark.slow
+def test_hostile_manifest_job_completes_with_every_valid_image_once(local_ray, tmp_path):
+    from data_prep.shard.job import ShardConfig, run_shard_job
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(4):
+        (tmp_path / "img" / f"ok{i}.jpg").write_bytes(_jpeg(i))
+        rows.append(json.dumps({"path": f"img/ok{i}.jpg", "label": ["cat", "dog"][i % 2]}))
+    rows += ['{"path": "img/ok0.jpg", "label": ' + "[" * 100_000 + "]" * 100_000 + "}",  # deep JSON
+             '{"path": "img/x1.jpg", "label": {"class": "cat"}}',                      # an object label
+             '{"path": "img/a\\u0000.jpg", "label": "cat"}']                           # a NUL in the path
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    run_shard_job(ShardConfig(src=manifest, out=out, shard_size=3, max_size=64, progress=False))
+    info = json.loads((out / "_info.json").read_text())["splits"]["train"]
+    samples = list(wds.WebDataset([str(out / n) for n in info["filenames"]], shardshuffle=False))
+    assert sorted(json.loads(s["json"])["source"] for s in samples) == [f"img/ok{i}.jpg" for i in range(4)]
+    rejects = {json.loads(line)["source"]: json.loads(line)["reason"]
+               for line in (out / "rejects.jsonl").read_text().splitlines()}
+    assert rejects == {"m.jsonl:5": "label_too_large", "img/x1.jpg": "bad_label", "m.jsonl:7": "bad_name"}
