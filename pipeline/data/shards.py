@@ -34,7 +34,8 @@ import torch
 from webdataset import gopen
 from webdataset.gopen import gopen_schemes  # the module (`webdataset.gopen` names the function)
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
+from webdataset.handlers import warn_and_continue
+from webdataset.tariterators import base_plus_ext, group_by_keys, url_opener
 
 from core import storage
 from core.errors import UserError
@@ -320,6 +321,13 @@ def tar_members(opened: Iterable[dict], handler: Callable[[Exception], bool],
             stream = source.get("stream")
             if stream is not None:
                 stream.close()
+
+
+def tarfile_samples(source: Iterable[dict], handler: Callable[[Exception], bool] = warn_and_continue,
+                    max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+    """A webdataset pipeline stage like ``wds.tarfile_to_samples``, reading through ``tar_members`` (plain tars
+    only, no member over `max_bytes`); module-level so DataLoader workers started by forkserver can load it."""
+    return group_by_keys(tar_members(url_opener(source, handler=handler), handler, max_bytes), handler=handler)
 
 
 def worker_init(_: int) -> None:
