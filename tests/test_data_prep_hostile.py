@@ -319,3 +319,31 @@ def test_hostile_manifest_job_completes_with_every_valid_image_once(local_ray, t
     rejects = {json.loads(line)["source"]: json.loads(line)["reason"]
                for line in (out / "rejects.jsonl").read_text().splitlines()}
     assert rejects == {"m.jsonl:5": "label_too_large", "img/x1.jpg": "bad_label", "m.jsonl:7": "bad_name"}
+
+
+def test_a_damaged_archive_or_parquet_file_is_a_reject_and_the_others_are_listed(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    _tar(src / "a.tar", {f"k{i}.{ext}": (_jpeg(i) if ext == "jpg" else b"1") for i in range(4) for ext in ("jpg", "cls")})
+    _tar(src / "b.tar", {"z.jpg": _jpeg(9), "z.cls": b"2"})
+    with tarfile.open(src / "a.tar") as archive:
+        at = archive.getmember("k2.jpg").offset  # the header of the third sample's image
+    data = (src / "a.tar").read_bytes()
+    (src / "a.tar").write_bytes(data[:at] + b"\x07" * 512 + data[at + 512:])
+    ids, rejects = _listed(list_partitioned(src, "webdataset", None, 0, tmp_path / "s1"))
+    assert sorted(ids) == ["a.tar/k0.jpg", "a.tar/k1.jpg", "b.tar/z.jpg"] and rejects["a.tar"][0] == "damaged_file"
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    _tar(tars / "cat.tar", {"x.jpg": _jpeg(1)})
+    (tars / "dog.tar").write_bytes(b"not a tar at all" * 100)
+    ids, rejects = _listed(list_partitioned(tars, "tars", None, 0, tmp_path / "s2"))
+    assert ids == ["cat.tar/x.jpg"] and rejects == {"dog.tar": ("damaged_file", rejects["dog.tar"][1])}
+    parquet = tmp_path / "pq"
+    parquet.mkdir()
+    pq.write_table(pa.table({"jpg": [_jpeg(1)], "label": ["cat"]}), parquet / "a.parquet")
+    (parquet / "b.parquet").write_bytes(b"PAR1 garbage")
+    ids, rejects = _listed(list_partitioned(parquet, "parquet", None, 0, tmp_path / "s3"))
+    assert ids == ["a.parquet/000000000"] and rejects["b.parquet"][0] == "damaged_file"

@@ -228,7 +228,7 @@ def test_bad_multi_label_input_is_one_line(demo, tmp_path, capsys):
         capsys, ["shard", str(sources["openimages"]), out, "--images", str(tmp_path / "nope")])
     bad_oi = tmp_path / "oi.csv"
     bad_oi.write_text(f"{OPENIMAGES_HEADER}\nx,verification,circle,sure\n", encoding="utf-8")
-    assert f"{bad_oi}:2: Confidence 'sure'" in data_prep_error(
+    assert "bad_row (oi.csv:2: Confidence 'sure' is not a number)" in data_prep_error(  # a reject; no row is left
         capsys, ["shard", str(bad_oi), out, "--images", str(demo / "images")])
     assert "header is ImageID" in data_prep_error(capsys, ["shard", str(bad_csv), out, "--source", "openimages"])
 

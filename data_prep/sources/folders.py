@@ -12,6 +12,7 @@ from core.errors import UserError
 from data_prep.sources.labels import Packed
 from data_prep.limits import rejected
 from data_prep.sources.remote import is_url, list_files, open_location, walk_class_folders
+from data_prep.sources.webdataset import check_tar_end
 
 
 _DIR = object()  # _entry's mark of a folder to walk into
@@ -123,6 +124,9 @@ def iter_tars(archives: list[tuple[str, str]], classes: list[str]):
                         yield (f"{name}/{member.name}", class_name, location, member.offset_data, member.size,
                                int(member.mtime))
                     archive.members = []
-        except (tarfile.TarError, OSError) as err:
-            raise UserError(f"SRC archive {location} cannot be read as an uncompressed tar ({err}); "
-                            f"repair or remove it") from None
+                check_tar_end(handle, archive.offset)
+        except (tarfile.TarError, EOFError) as err:  # damaged bytes: the members before the damage are kept
+            yield rejected(name, "damaged_file", f"cannot be read as an uncompressed tar past this point ({err}); "
+                                                 f"the rest of the archive is lost: repair or remove it", class_name)
+        except OSError as err:  # the storage, not the bytes: stop (a re-run lists it again)
+            raise UserError(f"SRC archive {location} cannot be read ({err}); check it and re-run") from None

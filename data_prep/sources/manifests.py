@@ -228,13 +228,6 @@ def list_manifest(src: Path) -> tuple[list[str], list[Row], bool]:
     return sorted_classes(seen["names"]), rows, bool(seen.get("multi"))
 
 
-def _confidence(text: str, where: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise UserError(f"annotations {where}: Confidence {text!r} is not a number") from None
-
-
 def list_openimages(src: Path, images: Path | None, limits: Limits = Limits()) -> tuple[list[str], list[Row], bool]:
     """OpenImages image-level labels: one row per (image, label); only Confidence 1 is a positive label.
 
@@ -260,9 +253,9 @@ def list_openimages(src: Path, images: Path | None, limits: Limits = Limits()) -
             problem = "empty LabelName" if not label else "LabelName longer than --max-label-bytes"
         else:
             try:
-                positive = _confidence(confidence, where) == 1
-            except UserError as err:
-                problem = str(err)
+                positive = float(confidence) == 1
+            except ValueError:
+                problem = f"Confidence {confidence[:40]!r} is not a number"
         if problem is not None:
             bad.append(rejected(where, "bad_row", f"{where}: {problem}"))
             continue

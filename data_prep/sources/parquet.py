@@ -158,7 +158,11 @@ def _label_type_ok(t) -> bool:
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _parquet_samples(part: PackedFile, label_field: str | None) -> tuple[list[tuple], list[str] | None]:
+def _parquet_samples(part: PackedFile, label_field: str | None) -> tuple[list[tuple], list[str] | None, tuple | None]:
+    """(samples, ClassLabel names or None, None), or ([], None, reject) for a file that cannot be read (damaged
+    footer or pages): one bad file among many is a reject, not the end of the job. A file of another layout
+    (no image or label column) is a mistake of SRC: one line."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -179,7 +183,10 @@ def _parquet_samples(part: PackedFile, label_field: str | None) -> tuple[list[tu
             values = parquet.read(columns=[column]).column(0).to_pylist()  # only this column's chunks are read
     except UserError:
         raise
-    except Exception as err:  # noqa: BLE001 - pyarrow/fsspec raise many types; all mean "cannot read the file"
+    except (pa.ArrowException, ValueError, EOFError) as err:  # the bytes of the file, not the storage
+        return [], None, (part.name, None, "damaged_file", f"cannot be read ({first_line(err)}); its rows are lost: "
+                                                             f"repair or remove it")
+    except Exception as err:  # noqa: BLE001 - fsspec/the store: an I/O failure stops the listing (re-run)
         raise UserError(f"SRC parquet {part.location} cannot be read ({first_line(err)}); repair or remove it") \
             from None
     class_names = _hf_class_names(schema, column)
@@ -187,7 +194,7 @@ def _parquet_samples(part: PackedFile, label_field: str | None) -> tuple[list[tu
     samples = [(f"{part.name}/{row:0{width}d}", value, part.location, row, PARQUET_ROW, part.mtime,
                 class_names is not None)
                for row, value in enumerate(values)]
-    return samples, class_names
+    return samples, class_names, None
 
 
 def stream_parquet(src, label_field: str | None, label_map: Path | None, limits: Limits = Limits()):
@@ -198,14 +205,21 @@ def stream_parquet(src, label_field: str | None, label_map: Path | None, limits:
         raise UserError(f"SRC {src} has no .parquet files")
     resolver = LabelResolver(label_map)
     results = iter_files(lambda p: _parquet_samples(p, label_field), parts, is_url(str(src)))
-    first = next(results)
-    names = first[1]
+    first = []  # up to the first readable file, whose ClassLabel list is the one every file must name
+    for result in results:
+        first.append(result)
+        if result[2] is None:
+            break
+    names = first[-1][1]
     names_from = "SRC" if names is None else "the parquet metadata (Hugging Face ClassLabel)"
     out = Packed(classes=[], class_source=names_from)
     early: list[tuple] = []
 
     def samples():
-        for found, named in itertools.chain([first], results):
+        for found, named, damaged in itertools.chain(first, results):
+            if damaged is not None:
+                early.append(damaged)
+                continue
             if named != names:
                 raise UserError(f"SRC {src}: the parquet files name different ClassLabel lists in their metadata; "
                                 f"shard them separately or give a common --label-map")

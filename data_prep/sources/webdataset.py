@@ -128,6 +128,17 @@ def _raw_label(parts: dict[str, bytes], field: str | None):
     return meta[field], None
 
 
+def check_tar_end(handle, offset: int) -> None:
+    """Raise tarfile.ReadError unless the block where tarfile stopped is the end-of-archive (zeros).
+
+    Why: tarfile ends its iteration without an error at an unreadable header past the first (it takes it for
+    the end), so a tar damaged in the middle would silently read as a shorter archive."""
+    handle.seek(offset)
+    block = handle.read(tarfile.BLOCKSIZE)
+    if block.strip(b"\0"):
+        raise tarfile.ReadError(f"unreadable header at byte {offset}")
+
+
 def _judge_group(tar: PackedFile, key: str, members: list, field: str | None, seen: dict, ids: set):
     """One webdataset sample (consecutive members sharing a key) -> (sample, None) or (None, reject)."""
     parts = {ext.lower(): data for ext, _m, data in members if data is not None and data is not _TOO_BIG}
@@ -185,9 +196,14 @@ def _tar_samples(tar: PackedFile, field: str | None, seen: dict, limits: Limits)
                         archive.extractfile(member).read()  # in memory; nothing is written to disk
                 members.append((ext, member, data))
             finish()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise UserError(f"SRC archive {tar.location} cannot be read as an uncompressed tar ({first_line(err)}); "
-                        f"repair or remove it") from None
+            check_tar_end(handle, archive.offset)
+    except (tarfile.TarError, EOFError) as err:  # damaged bytes: the samples before the damage are kept
+        rejects.append((tar.name, None, "damaged_file", f"cannot be read as an uncompressed tar past its first "
+                                                       f"{len(samples) + len(rejects)} samples ({first_line(err)}); "
+                                                       f"the rest is lost: repair or remove it"))
+    except OSError as err:  # the storage, not the bytes: stop (a re-run lists it again)
+        raise UserError(f"SRC archive {tar.location} cannot be read ({first_line(err)}); check it and re-run") \
+            from None
     return samples, rejects
 
 
