@@ -327,7 +327,8 @@ def test_a_damaged_archive_or_parquet_file_is_a_reject_and_the_others_are_listed
 
     src = tmp_path / "wds"
     src.mkdir()
-    _tar(src / "a.tar", {f"k{i}.{ext}": (_jpeg(i) if ext == "jpg" else b"1") for i in range(4) for ext in ("jpg", "cls")})
+    _tar(src / "a.tar", {f"k{i}.{ext}": (_jpeg(i) if ext == "jpg" else b"1")
+                         for i in range(4) for ext in ("jpg", "cls")})
     _tar(src / "b.tar", {"z.jpg": _jpeg(9), "z.cls": b"2"})
     with tarfile.open(src / "a.tar") as archive:
         at = archive.getmember("k2.jpg").offset  # the header of the third sample's image

@@ -41,8 +41,8 @@ class ShardConfig:
 
     def image_options(self) -> ImageOptions:
         return ImageOptions(max_size=self.max_size, max_aspect=self.max_aspect, quality=self.quality,
-                            max_pixels=self.max_pixels, max_bytes=self.max_bytes, max_row_group_bytes=self.max_row_group_bytes,
-                            strip_metadata=self.strip_metadata)
+                            max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                            max_row_group_bytes=self.max_row_group_bytes, strip_metadata=self.strip_metadata)
 
     def limits(self) -> Limits:
         return Limits(max_bytes=self.max_bytes, max_label_bytes=self.max_label_bytes, max_labels=self.max_labels,

@@ -23,7 +23,7 @@ from data_prep.limits import Limits, Rejected, bad_name, printable, rejected
 from data_prep.sources.folders import folder_classes, iter_folder, iter_folder_url, iter_tars, tar_archives
 from data_prep.sources.labels import Packed
 from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest,
-                                         list_openimages, sorted_classes)
+                                         list_openimages, load_class_file, sorted_classes)
 from data_prep.sources.packed import PACKED_KINDS, detect as detect_packed
 from data_prep.sources.parquet import stream_parquet
 from data_prep.sources.remote import has_glob, is_url
@@ -135,37 +135,6 @@ def detect_kind(src, requested: str) -> str:
     return kind
 
 
-def load_class_file(path: Path) -> list[str]:
-    """Class order from a text file (one name per line, # comments) or JSON (a list or {"classes": [...]})."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"--classes {path}: cannot read it ({err.strerror or err})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--classes {path}: not UTF-8 text; give one class name per line") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--classes {path}: invalid JSON at line {err.lineno} ({err.msg})") from None
-        if isinstance(data, dict):
-            data = data.get("classes")
-        if not isinstance(data, list) or not all(isinstance(c, str) and c for c in data):
-            raise UserError(f"--classes {path}: expected a JSON list of class names or {{\"classes\": [...]}}")
-        classes = list(data)
-    else:
-        classes = [line.strip() for line in text.splitlines()]
-        classes = [c for c in classes if c and not c.startswith("#")]
-    if not classes:
-        raise UserError(f"--classes {path}: no class names in it")
-    seen: dict[str, int] = {}
-    for i, name in enumerate(classes):
-        if name in seen:
-            raise UserError(f"--classes {path}: class {name!r} is listed twice (entries {seen[name] + 1} and {i + 1})")
-        seen[name] = i
-    return classes
-
-
 def _single(rows) -> list[tuple]:
     """Label tuples -> one class name per row (single-label sources keep their rows and fingerprint)."""
     return [(r[0], r[1][0], *r[2:]) if isinstance(r[1], tuple) else r for r in rows]
@@ -205,7 +174,8 @@ def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest
     if label is None:
         return None, ListingReject(file_id, None, "no_class", "file is not inside a class folder"), 0
     if size > limits.max_bytes:  # from stat, the tar header or the object listing: nothing is read
-        return None, ListingReject(file_id, first, "too_large", f"{size:,} bytes > --max-bytes {limits.max_bytes:,}"), 0
+        return None, ListingReject(file_id, first, "too_large",
+                                   f"{size:,} bytes > --max-bytes {limits.max_bytes:,}"), 0
     if multi and len(label) > limits.max_labels:
         return None, ListingReject(file_id, None, "too_many_labels",
                                    f"{len(label):,} labels > --max-labels {limits.max_labels:,}"), 0
@@ -409,8 +379,8 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
                         f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
     class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
     return PartitionedListing(kind, classes, class_source, fingerprint, found.multi_label, dropped,
-                              inputs_out.counts, hashed + log.streamed + len(found.rejects), input_bytes, log.count, log.non_image,
-                              directory)
+                              inputs_out.counts, hashed + log.streamed + len(found.rejects), input_bytes, log.count,
+                              log.non_image, directory)
 
 
 def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], classes_file: Path | None,

@@ -1,5 +1,5 @@
 """List the inputs of a manifest: CSV/JSONL rows with one label or several, or OpenImages annotation files;
-and read a label map (``--label-map``: raw labels of a packed source -> class names).
+and read a label map (``--label-map``: raw labels of a packed source -> class names) and a ``--classes`` file.
 
 Each lister returns ``(classes, rows, multi_label)``; a row is ``(id, labels, path, offset, size, mtime)``
 with ``labels`` a tuple of class names in source order, duplicates removed. ``multi_label`` is a property
@@ -344,3 +344,34 @@ def load_label_map(path: Path) -> dict[str, str]:
     if not mapping:
         raise UserError(f"{where}: maps no labels")
     return mapping
+
+
+def load_class_file(path: Path) -> list[str]:
+    """Class order from a text file (one name per line, # comments) or JSON (a list or {"classes": [...]})."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"--classes {path}: cannot read it ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--classes {path}: not UTF-8 text; give one class name per line") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--classes {path}: invalid JSON at line {err.lineno} ({err.msg})") from None
+        if isinstance(data, dict):
+            data = data.get("classes")
+        if not isinstance(data, list) or not all(isinstance(c, str) and c for c in data):
+            raise UserError(f"--classes {path}: expected a JSON list of class names or {{\"classes\": [...]}}")
+        classes = list(data)
+    else:
+        classes = [line.strip() for line in text.splitlines()]
+        classes = [c for c in classes if c and not c.startswith("#")]
+    if not classes:
+        raise UserError(f"--classes {path}: no class names in it")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        if name in seen:
+            raise UserError(f"--classes {path}: class {name!r} is listed twice (entries {seen[name] + 1} and {i + 1})")
+        seen[name] = i
+    return classes
