@@ -114,8 +114,8 @@ def child_new(manifest: Path, work: Path, shard_size: int, dedup: bool = False, 
     listing = sources.list_partitioned(manifest, kind, None, 0, work / "spill")
     listed = time.perf_counter() - start
     out = work / "out"
-    usable = [0] * plan.PARTITIONS
-    for part in range(plan.PARTITIONS):  # the driver's loop of job._scan, its task run in-process (no Ray)
+    usable = [0] * len(listing.counts)
+    for part in range(len(listing.counts)):  # the driver's loop of job._scan, its task run in-process (no Ray)
         if listing.counts[part]:
             target = layout.inputs_path(out, "train", part)  # what job._publish_inputs does
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    The driver never holds the listing: each row goes, as it is listed, to one of 256 spill files (a local temp
    folder) chosen by the top byte of its order key sha256(seed, id); then one partition at a time is sorted by
    key, checked (a manifest path listed twice) and judged into ``inputs-PPP.jsonl``. A partition of more than
-   ``plan.SORT_ROWS`` (10k) rows is split again by the key's next byte and sorted piece by piece
-   (``plan.sorted_spill``: same order, bounded memory), so the driver's peak does not grow with N. Every
+   ``spill.SORT_ROWS`` (10k) rows is split again by the key's next byte and sorted piece by piece
+   (``spill.sorted_spill``: same order, bounded memory), so the driver's peak does not grow with N. Every
    lister streams (ImageFolder trees, manifests, per-class tars, webdataset tars, parquet files) except
    OpenImages', which groups each image's label rows first.
 2. Scan (Ray tasks over whole partitions, about 1/(4*in_flight) of the inputs each but at most about 100k
@@ -52,7 +52,7 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
 5. Describe (driver): ``_info.json`` (timm-readable, merged per split) and ``rejects.jsonl`` are
    written atomically from the plan and the receipts; the plan file is deleted, the receipts stay. A local
    rejects.jsonl is streamed: this split's rejects are sorted by source with an external merge sort
-   (``plan.external_sort``) and written line by line; an object-store one is compare-and-swapped whole.
+   (``spill.external_sort``) and written line by line; an object-store one is compare-and-swapped whole.
 
 Exactly once. The plan assigns each usable input to exactly one position of exactly one shard. On disk a
 shard is either absent, a temp file (dot-named: ignored, deleted at the next start), or complete (renamed only

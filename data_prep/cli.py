@@ -73,6 +73,23 @@ _SHARD_OPTIONS = [
     ("--workers", _positive_int, None, "at most this many shard tasks at once (default: every CPU of the local "
                                        "machine or of the cluster)"),
 ]
+_MiB = 1 << 20
+# Limits on what one hostile input can make the job read or hold (data_prep/limits.py; docs/NOTES-data22.md).
+_LIMIT_OPTIONS = [
+    ("--max-bytes", _positive_int, 64 * _MiB, "reject an image file, tar member, object or parquet cell larger "
+                                              "than this many bytes as 'too_large', judged from its size before "
+                                              "it is read (default: 64 MiB)"),
+    ("--max-label-bytes", _positive_int, 64 << 10, "reject a sample whose label (manifest row, .json/.cls/.txt "
+                                                   "member, label name) is larger (default: 65536)"),
+    ("--max-labels", _positive_int, 1024, "reject an image with more labels than this (default: 1024)"),
+    ("--max-classes", _positive_int, 200_000, "stop when the source names more classes than this (default: "
+                                              "200000)"),
+    ("--max-row-group-bytes", _positive_int, 512 * _MiB,
+     "parquet: reject the rows of a row group whose image column is larger uncompressed, judged from the file's "
+     "metadata before anything is decompressed (default: 512 MiB)"),
+    ("--strip-metadata", bool, False, "drop EXIF (GPS), XMP, IPTC and comments from JPEGs that keep their bytes "
+                                      "(re-encoded ones never carry them; EXIF orientation is applied first)"),
+]
 _SHARD_FLAGS = [
     ("--overwrite", bool, False, "replace this split in OUT even if it was made from other inputs or options "
                                  "(other splits in OUT are kept)"),
@@ -192,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster to join: 'auto' or host:port (a cluster with token authentication "
                             "also needs RAY_AUTH_MODE=token and its token, as any Ray driver does); default: start "
                             "a private local Ray on 127.0.0.1 that ends with this command")
+    _add_options(shard, _LIMIT_OPTIONS)
     _add_options(shard, _SHARD_FLAGS)
 
     verify.add_argument("out", type=_location, help="shard folder holding _info.json, or s3://bucket/prefix")
@@ -239,7 +257,10 @@ def _run_shard(args) -> int:
     cfg = ShardConfig(src=args.src, out=args.out, split=args.split, source=args.source, classes_file=args.classes,
                       images=args.images, label_field=args.label_field, label_map=args.label_map,
                       shard_size=args.shard_size, seed=args.seed, max_size=args.max_size, max_aspect=args.max_aspect,
-                      quality=args.quality, max_pixels=args.max_pixels, dedup=args.dedup, workers=args.workers,
+                      quality=args.quality, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+                      max_label_bytes=args.max_label_bytes, max_labels=args.max_labels, max_classes=args.max_classes,
+                      max_row_group_bytes=args.max_row_group_bytes, strip_metadata=args.strip_metadata,
+                      dedup=args.dedup, workers=args.workers,
                       ray_address=args.ray_address, overwrite=args.overwrite, progress=not args.no_progress)
     run_shard_job(cfg)
     return 0

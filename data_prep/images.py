@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from core.images import SUPPORTED_FORMATS, jpeg_ends_at_eoi, open_image, strip_jpeg_metadata
 
 # A truncated file must be rejected, never padded with grey (Pillow's default is already False; pin it).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -21,6 +23,8 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 _JPEG_END = b"\xff\xd9"
 PARQUET_ROW = -2  # InputFile.size of a parquet image: its offset is a row index, not a byte offset
+MAX_BYTES = 64 << 20  # default --max-bytes: a sample's bytes above this are rejected before they are read
+MAX_ROW_GROUP_BYTES = 512 << 20  # default --max-row-group-bytes (parquet, from the file's metadata)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,19 @@ class ImageOptions:
     max_aspect: float = 4.0    # longer side at most max_size * max_aspect
     quality: int = 90
     max_pixels: int = 89_478_485
+    max_bytes: int = MAX_BYTES       # bytes of one input (file, member, object, parquet cell)
+    max_row_group_bytes: int = MAX_ROW_GROUP_BYTES  # parquet: uncompressed image column of one row group
+    strip_metadata: bool = False     # drop EXIF/XMP/IPTC/comments from passed-through JPEGs too
+
+    def fingerprint_options(self) -> dict:
+        """The options as the job fingerprint sees them: the ones added later only when not at their default,
+        so an OUT written before they existed is still recognised as the same job."""
+        out = asdict(self)
+        for name, default in (("max_bytes", MAX_BYTES), ("max_row_group_bytes", MAX_ROW_GROUP_BYTES),
+                              ("strip_metadata", False)):
+            if out[name] == default:
+                del out[name]
+        return out
 
 
 @dataclass(frozen=True)
@@ -48,35 +65,6 @@ class ImageRejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-def read_bytes(path, offset: int, size: int) -> bytes:
-    """The bytes at one input address (``sources.InputFile``): a plain file (offset < 0), a tar member (read in
-    place at its offset, never extracted), or row `offset` of a parquet file (size == PARQUET_ROW).
-
-    `path` is a local path (str or Path) or, when it holds "://", an fsspec URL (``s3://bucket/key``): a member
-    or object is then one ranged GET (``packed.read_range``), never a local copy of the archive.
-    """
-    path = str(path)
-    if size == PARQUET_ROW:
-        from data_prep.sources.packed import read_parquet_image  # pyarrow is imported only by jobs that read parquet
-
-        return read_parquet_image(path, offset)
-    if "://" in path:
-        from data_prep.sources.packed import read_range
-
-        data = read_range(path, offset, size)
-        if offset >= 0 and len(data) != size:
-            raise ImageRejected("truncated", f"archive member ends after {len(data)} of {size} bytes")
-        return data
-    with open(path, "rb") as handle:
-        if offset < 0:
-            return handle.read()
-        handle.seek(offset)
-        data = handle.read(size)
-    if len(data) != size:
-        raise ImageRejected("truncated", f"archive member ends after {len(data)} of {size} bytes")
-    return data
-
-
 def classify_error(err: BaseException) -> ImageRejected:
     """Map a Pillow/IO exception to one of the reject reasons."""
     if isinstance(err, ImageRejected):
@@ -85,7 +73,7 @@ def classify_error(err: BaseException) -> ImageRejected:
     if isinstance(err, Image.DecompressionBombError):
         return ImageRejected("too_many_pixels", text)
     if isinstance(err, UnidentifiedImageError):
-        return ImageRejected("not_an_image", "Pillow cannot identify the file as an image")
+        return ImageRejected("not_an_image", f"not one of the supported formats ({', '.join(SUPPORTED_FORMATS)})")
     if isinstance(err, EOFError) or "truncated" in str(err).lower():
         return ImageRejected("truncated", text)
     return ImageRejected("unreadable", text)
@@ -96,7 +84,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     Image.MAX_IMAGE_PIXELS = max_pixels  # process-wide; our workers only run this code
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we reject above max_pixels ourselves
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)  # only SUPPORTED_FORMATS: never EPS (Ghostscript) or another exotic parser
     width, height = image.size
     if width * height > max_pixels:
         raise ImageRejected("too_many_pixels", f"{width}x{height} = {width * height:,} pixels > {max_pixels:,}")
@@ -170,8 +158,9 @@ def _orientation(image: Image.Image) -> int:
 def encode(data: bytes, opts: ImageOptions) -> tuple[bytes, int, int]:
     """(JPEG bytes, original width, original height) for one source image; raises ImageRejected.
 
-    JPEGs already within size, upright (no EXIF rotation) and RGB keep their original bytes once a
-    1/8-scale decode shows their data is intact. Others are
+    JPEGs already within size, upright (no EXIF rotation) and RGB, that end at their end-of-image marker
+    (nothing appended), keep their original bytes once a 1/8-scale decode shows their data is intact
+    (``strip_metadata``: minus their EXIF/XMP/IPTC/comment segments). Others are
     decoded (JPEGs with libjpeg's DCT downscaling via draft(), which is exact and deterministic),
     EXIF-rotated, converted to RGB, resized with a bicubic filter (reduce() first for large factors) and
     encoded once at opts.quality with fixed settings.
@@ -182,12 +171,13 @@ def encode(data: bytes, opts: ImageOptions) -> tuple[bytes, int, int]:
         new_w, new_h = target_size(width, height, opts)
         if image.format == "JPEG":
             orientation = _orientation(image)  # JPEG EXIF sits in APP1, read at open: no decode needed
-            if image.mode == "RGB" and orientation == 1 and (new_w, new_h) == (width, height):
+            if image.mode == "RGB" and orientation == 1 and (new_w, new_h) == (width, height) \
+                    and jpeg_ends_at_eoi(data):
                 # The scan only checked the end marker: corrupt entropy data must still be a reject, not
                 # copied into a shard. A 1/8-scale decode reads every byte at 1/64 of the pixel cost.
                 image.draft("RGB", (1, 1))
                 image.load()
-                return data, width, height
+                return (strip_jpeg_metadata(data) if opts.strip_metadata else data), width, height
             if (new_w, new_h) != (width, height):
                 image.draft("RGB", (new_w, new_h))  # stored orientation: the scale factor does not depend on it
             image.load()

@@ -82,6 +82,11 @@ class DataConfig:
     decode: str = _f("cpu", "where JPEGs are decoded and augmented: cpu (in the workers) or gpu (workers ship JPEG "
                             "bytes; nvJPEG decode, crop, flip and RandAugment on the training GPU)", ("cpu", "gpu"))
     shuffle_buffer: int = _f(1000, "samples in the shuffle buffer (0 or 1 disables sample shuffling)")
+    max_sample_bytes: int = _f(64 << 20, "a shard member larger than this (tar header) is skipped unread and counted "
+                                         "as corrupt")
+    max_pixels: int = _f(89_478_485, "an image with more pixels (JPEG header) is skipped and counted as corrupt")
+    max_corrupt_fraction: float = _f(0.5, "stop the run (one line) once more than this fraction of the samples "
+                                          "read were skipped as corrupt or over the limits (from 16 skipped on)")
     min_crop_scale: float = _f(0.08, "RandomResizedCrop's smallest crop, as a fraction of the image area "
                                      "(Inception: 0.08)")
     randaugment_layers: int = _f(2, "RandAugment ops per image; 0 disables RandAugment")

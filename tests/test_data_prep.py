@@ -337,10 +337,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "listed twice" in data_prep_error(capsys, ["shard", str(tree.root), out, "--classes", str(dup)])
     assert "cannot read" in data_prep_error(capsys, ["shard", str(tree.root), out, "--classes", str(tmp_path / "x")])
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"path": "src/cat/img_000.jpg", "label": "cat"}\n{"path": "src/dog/img_000.jpg"}\n')
-    assert "bad.jsonl:2: missing 'label'" in data_prep_error(capsys, ["shard", str(bad), out])
-    bad.write_text('{"path": "a.jpg", "label": "cat"}\nnot json\n')
-    assert "bad.jsonl:2: invalid JSON" in data_prep_error(capsys, ["shard", str(bad), out])
+    # a bad row is a reject naming file:line (the job goes on); a manifest of bad rows only is one line
+    bad.write_text('{"path": "src/dog/img_000.jpg"}\n')
+    assert "bad_label (bad.jsonl:1: missing 'label'" in data_prep_error(capsys, ["shard", str(bad), out])
+    bad.write_text('not json\n')
+    assert "bad.jsonl:1: bad_label (bad.jsonl:1: invalid JSON" in data_prep_error(capsys, ["shard", str(bad), out])
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,class\na.jpg,cat\n")
     assert "'path' and 'label'" in data_prep_error(capsys, ["shard", str(bad_csv), out])

@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from data_prep.errors import UserError
-from data_prep.images import PARQUET_ROW, ImageRejected, read_bytes
+from data_prep.images import PARQUET_ROW, ImageRejected
+from data_prep.sources.read import read_bytes
 from data_prep.sources.listing import detect_kind, list_inputs
 from tests.conftest import data_prep_error
 from tests.test_data_prep_helpers import _rgb, encode
@@ -258,7 +259,7 @@ def test_fsspec_urls_list_and_read(tmp_path):
         assert {i.id: read_bytes(i.path, i.offset, i.size) for i in archives.inputs} == \
             {"cat.tar/a.jpg": tree["cat/a.jpg"], "dog.tar/c.jpg": tree["dog/c.jpg"]}
         # the job's listing streams both, one class folder or archive at a time, to the same inputs
-        from data_prep.shard.plan import PARTITIONS, read_spill
+        from data_prep.spill import PARTITIONS, read_spill
         from data_prep.sources.listing import list_partitioned
         for n, (src, whole) in enumerate((("memory://bucket/tree", folder), ("memory://bucket/pc", archives))):
             parts = list_partitioned(src, "auto", None, 3, tmp_path / f"spill{n}")
@@ -279,7 +280,7 @@ def test_partitioned_listing_streams_packed_sources_to_the_same_inputs_and_rejec
     fsspec (memory://, where files are listed on threads as on s3://)."""
     import fsspec
 
-    from data_prep.shard.plan import PARTITIONS, read_spill
+    from data_prep.spill import PARTITIONS, read_spill
     from data_prep.sources.listing import list_partitioned
 
     listing_reasons = ("no_image", "no_label", "unknown_class")  # the others are found by the scan

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_prep.shard.plan import (PARTITIONS, SpillWriter, order_key, read_spill, shard_ranges, shuffle_ids,
-                            sorted_spill)
+from data_prep.shard.plan import shard_ranges, shuffle_ids
+from data_prep.spill import PARTITIONS, SpillWriter, order_key, read_spill, sorted_spill
 from data_prep.sources.listing import list_inputs, list_partitioned
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_benchmark_smoke_memory_is_reported(tmp_path):
 
 
 def test_external_sort_equals_sorted_and_is_stable(tmp_path):
-    from data_prep.shard.plan import external_sort
+    from data_prep.spill import external_sort
 
     rng = random.Random(3)
     rows = [{"source": f"s{rng.randrange(40):02d}", "n": n} for n in range(500)]  # many equal keys

@@ -188,10 +188,10 @@ def test_shard_image_folder_from_s3_into_s3(s3, images, s3_shards):  # noqa: F81
     assert "OK; 1 split(s), 16 shards, 96 samples" in _data_prep("verify", out).stdout
     assert _tar_hashes(fs, out) == _tar_hashes(fs, s3_shards) or _jpg_hashes(fs, out) == _jpg_hashes(fs, s3_shards)
     # listed one class folder at a time, and no listing kept (s3fs's dircache would hold every object's entry)
-    from data_prep.sources.packed import _fs, walk_class_folders
+    from data_prep.sources.remote import filesystem, walk_class_folders
     listed = [(folder, len(files)) for folder, files in walk_class_folders(src)]
     assert listed[0][0] is None and sum(n for _f, n in listed) == 96 and len(listed) == 5, listed
-    assert not _fs(src)[0].dircache
+    assert not filesystem(src)[0].dircache
 
 
 def _port_below_ephemeral_range() -> int:

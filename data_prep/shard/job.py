@@ -5,19 +5,13 @@ never decodes an image itself, it decides what every task does and records what 
 """
 from __future__ import annotations
 
-import fcntl
-import gzip
 import hashlib
 import json
 import math
-import re
 import shutil
-import sys
 import tempfile
 import time
-from collections import Counter
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,208 +19,23 @@ from tqdm import tqdm
 from core import storage
 from core.errors import UserError
 from core.files import atomic_path, owned_temp_dir
-from core.storage import Location
 
-from data_prep.images import ImageOptions
-from data_prep.shard.info import drop_split, load_info, merge_split
-from data_prep.shard.layout import (INFO_NAME, REJECTS_NAME, STATE_DIR, plan_path, remove_stale_shard_temps, scan_receipt_path,
-                     shard_name, split_shards, state_dir)
+from data_prep.shard.config import JobResult, ShardConfig, log
+from data_prep.shard.info import merge_split
+from data_prep.shard.layout import (REJECTS_NAME, plan_path, remove_stale_shard_temps, scan_receipt_path, shard_name,
+                                    state_dir)
 from data_prep.shard.layout import inputs_path as layout_inputs_path
-from data_prep.shard.plan import PARTITIONS, SpillWriter, external_sort, order_key, read_spill, shard_ranges
+from data_prep.shard.out import (PLAN_FORMAT, check_paths, load_plan, prepare_out, refuse_foreign_out, save_plan,
+                                 space_error, space_message, split_lock)
+from data_prep.shard.plan import shard_ranges
+from data_prep.shard.report import Rejects, split_entry, summary, up_to_date
+from data_prep.shard.tasks import SPACE_ERRNOS, OutOfSpace, read_scanned
 from data_prep.sources.listing import PartitionedListing, list_partitioned
-from data_prep.shard.tasks import SPACE_ERRNOS, OutOfSpace, file_sha256, read_scanned
+from data_prep.spill import PARTITIONS, SpillWriter, order_key, read_spill
+
+__all__ = ["JobResult", "ShardConfig", "plan_job", "run_shard_job"]  # ShardConfig/JobResult: config.py
 
 SCAN_TASK_ROWS = 100_000  # at most about this many inputs per scan task (unless one partition holds more)
-PLAN_FORMAT = 2   # plan.json.gz: per-partition counts and the --dedup duplicates, never the entries
-
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-
-
-@dataclass(frozen=True)
-class ShardConfig:
-    src: Location                        # a Path, or an object-store URL string (core.storage.as_location)
-    out: Location
-    split: str = "train"
-    source: str = "auto"                 # auto | folder | tars | manifest | openimages | webdataset | parquet
-    classes_file: Path | None = None
-    images: Path | None = None           # OpenImages: the folder holding <ImageID>.jpg
-    label_field: str | None = None       # webdataset/parquet sources: JSON key, member extension or column
-    label_map: Path | None = None        # webdataset/parquet sources: raw label -> class name
-    shard_size: int = 1000
-    seed: int = 0
-    max_size: int = 256
-    max_aspect: float = 4.0
-    quality: int = 90
-    max_pixels: int = 89_478_485
-    dedup: bool = False
-    workers: int | None = None
-    ray_address: str | None = None
-    overwrite: bool = False
-    progress: bool = True
-
-    def image_options(self) -> ImageOptions:
-        return ImageOptions(max_size=self.max_size, max_aspect=self.max_aspect, quality=self.quality,
-                            max_pixels=self.max_pixels)
-
-    def output_options(self, kind: str) -> dict:
-        """Every option that changes the output bytes: a different value means a different job."""
-        return {"split": self.split, "source": kind, "shard_size": self.shard_size, "seed": self.seed,
-                "dedup": self.dedup, **asdict(self.image_options())}  # the class list is in the input fingerprint
-
-
-@dataclass
-class JobResult:
-    split: str
-    num_samples: int
-    num_shards: int
-    resumed_shards: int
-    rejected: int
-    duplicates: int
-    bytes: int
-    seconds: float
-    phases: dict           # seconds per phase: list, ray_start, scan, write
-    nodes: dict
-    task_cpu_seconds: float = 0.0  # CPU time of the shard-writing tasks (not resumed ones)
-    up_to_date: bool = False
-
-    @property
-    def images_per_s(self) -> float:
-        return self.num_samples / self.seconds if self.seconds > 0 else 0.0
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _inside(out: Location, src: Location) -> bool:
-    """OUT is SRC or below it (the shards would be listed as inputs)."""
-    if storage.is_url(out) != storage.is_url(src):
-        return False
-    if storage.is_url(out):
-        return str(out) == str(src) or str(out).startswith(str(src).rstrip("/") + "/")
-    src_path, out_path = Path(src).resolve(), Path(out).resolve()
-    return Path(src).is_dir() and (out_path == src_path or src_path in out_path.parents)
-
-
-def _check_paths(cfg: ShardConfig) -> None:
-    if not _SPLIT_NAME.match(cfg.split):
-        raise UserError(f"--split {cfg.split!r}: use letters, digits and '_' only (it names files and keys)")
-    if not storage.is_url(cfg.out) and cfg.out.exists() and not cfg.out.is_dir():
-        raise UserError(f"OUT {cfg.out} is a file; give a folder for the shards")
-    storage.require_bucket(cfg.out)
-    if _inside(cfg.out, cfg.src):
-        raise UserError(f"OUT {cfg.out} is inside SRC {cfg.src}; the shards would be read as inputs, choose "
-                        f"another OUT")
-
-
-def _remove_split(out: Location, split: str) -> None:
-    for path in split_shards(out, split):
-        storage.remove(path)
-    remove_stale_shard_temps(out, split)
-    storage.remove_tree(state_dir(out, split))
-    drop_split(out, split)
-
-
-def _changed(old: dict, new: dict) -> str:
-    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
-    return ", ".join(diffs) if diffs else "the input files or the class list changed"
-
-
-def _verify_complete(out: Location, entry: dict) -> bool:
-    for shard in entry.get("shards", []):
-        path = storage.join(out, shard["filename"])
-        try:
-            same = storage.size(path) == shard["bytes"] and file_sha256(path) == shard["sha256"]
-        except FileNotFoundError:
-            same = False
-        if not same:
-            _log(f"shard {shard['filename']} is missing or damaged; rewriting what is needed")
-            return False
-    return True
-
-
-def _refuse_foreign_out(cfg: ShardConfig) -> None:
-    """Never write into a non-empty folder (or prefix) that is not a shard folder (unless told to)."""
-    out = cfg.out
-    had_files = storage.has_entries(out)
-    ours = storage.exists(storage.join(out, INFO_NAME)) or storage.exists(storage.join(out, STATE_DIR))
-    if had_files and not ours and not cfg.overwrite:
-        raise UserError(f"OUT {out} is not empty and holds no shards of ours (no {INFO_NAME}); choose an empty "
-                        f"folder, or pass --overwrite to write into it anyway")
-
-
-def _prepare_out(cfg: ShardConfig, fingerprint: str, options: dict) -> bool:
-    """Refuse a different job on an existing OUT; return True if this exact split is already complete."""
-    out, split = cfg.out, cfg.split
-    info = load_info(out)
-    entry = info.get("splits", {}).get(split)
-    saved = _load_plan(out, split)
-    if cfg.overwrite:
-        _remove_split(out, split)
-        return False
-    what = f"OUT {out} already holds split {split!r}"
-    if entry is not None and entry.get("fingerprint") != fingerprint:
-        raise UserError(f"{what} made from other inputs or options ({_changed(entry.get('options', {}), options)}); "
-                        f"pass --overwrite to replace it, or choose another OUT or --split")
-    if saved is not None and saved["fingerprint"] != fingerprint:
-        raise UserError(f"{what} from an unfinished job with other inputs or options "
-                        f"({_changed(saved.get('options', {}), options)}); re-run that command to finish "
-                        f"it, or pass --overwrite to replace it")
-    if entry is None and saved is None and split_shards(out, split):
-        raise UserError(f"{what} as {split}-*.tar files that {INFO_NAME} does not describe; pass --overwrite "
-                        f"to replace them, or choose another OUT or --split")
-    return entry is not None and saved is None and _verify_complete(out, entry)
-
-
-def _load_plan(out: Location, split: str) -> dict | None:
-    """The saved plan (a dict of O(partitions) numbers), or None when missing, unreadable or of another format."""
-    try:
-        data = storage.read_bytes(plan_path(out, split))
-        plan = json.loads(gzip.decompress(data))
-    except (FileNotFoundError, OSError, ValueError, EOFError):
-        return None
-    return plan if isinstance(plan, dict) and plan.get("format") == PLAN_FORMAT else None
-
-
-def _save_plan(plan: dict, out: Location, split: str) -> None:
-    """Local: atomically into _state/. Object store: created only if absent (a conditional PUT): of two jobs
-    that scanned the same split at once, the second stops here instead of writing beside the first."""
-    path = plan_path(out, split)
-    data = gzip.compress(json.dumps(plan).encode("utf-8"), mtime=0)
-    if not storage.is_url(path):
-        Path(state_dir(out, split)).mkdir(parents=True, exist_ok=True)
-        storage.write_bytes(path, data)
-        return
-    try:
-        storage.write_bytes(path, data, exclusive=True)
-    except FileExistsError:
-        raise UserError(f"another data_prep job is writing split {split!r} into {out} (its plan {path} appeared "
-                        f"while this job scanned); wait for it to end. If no other job runs, delete "
-                        f"{state_dir(out, split)} and re-run") from None
-
-
-@contextmanager
-def _split_lock(out: Location, split: str):
-    """One job per split of a local OUT (flock: released by the kernel when a job dies).
-
-    An object store has no lock files, and a lock object left by a killed job would block its re-run. Its
-    guards instead: the plan object is created with a conditional PUT (`_save_plan`), so two jobs that start
-    a split at once do not both write it; two runs of the *same* command (same plan) write the same bytes
-    into whole objects and only waste work; and _info.json/rejects.jsonl are compare-and-swapped
-    (data_prep.shard.info). Running two jobs on one split of an object store at once is the user's call.
-    """
-    if storage.is_url(out):
-        yield
-        return
-    path = Path(out) / STATE_DIR / f"{split}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another data_prep job is writing split {split!r} into {out}; wait for it to end") \
-                from None
-        yield
 
 
 def _unwrap_task_error(err: Exception) -> Exception:
@@ -294,6 +103,8 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
     left = sum(listing.counts[p] for p in todo)
     chunk = max(16, min(SCAN_TASK_ROWS, math.ceil(left / (4 * in_flight))))  # whole partitions, about this many rows
 
+    image_options = asdict(cfg.image_options())
+
     def calls():
         group, rows = [], 0
         for part in todo:
@@ -306,10 +117,10 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
             group.append(part)
             rows += listing.counts[part]
             if rows >= chunk:
-                yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
+                yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options
                 group, rows = [], 0
         if group:
-            yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic
+            yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options
 
     def collect(_index, done):
         for receipt in done:
@@ -342,11 +153,11 @@ def _dedup(cfg: ShardConfig) -> dict[str, str]:
     """--dedup: {id of a later copy: id of the kept copy} (the first copy of equal sha1s in id order).
 
     Equal bytes can sit in any two order partitions, so the usable inputs' (sha1, id) pairs are spilled once
-    to local files by the sha1's first byte (``plan.SpillWriter``); each bucket is then resolved alone. The
+    to local files by the sha1's first byte (``spill.SpillWriter``); each bucket is then resolved alone. The
     driver holds one bucket (1/256 of the usable inputs: ~4M pairs at 1B images) plus the duplicates found,
     instead of one id per distinct sha1 of the whole split."""
     duplicates: dict[str, str] = {}
-    with owned_temp_dir("data_prep-dedup-", on_removed=lambda p: _log(f"removed {p}: the --dedup spill of a "
+    with owned_temp_dir("data_prep-dedup-", on_removed=lambda p: log(f"removed {p}: the --dedup spill of a "
                                                                       f"killed job")) as tmp:
         buckets = SpillWriter(tmp, "sha1")
         try:
@@ -406,140 +217,8 @@ def _write(plan: dict, shards: list, classes: list[str], cfg: ShardConfig, in_fl
     try:
         _run_remote(write_planned_shard, calls, in_flight, collect)
     except OutOfSpace as err:
-        raise UserError(_space_message(cfg.out, str(err), plan, shards, receipts)) from None
+        raise UserError(space_message(cfg.out, str(err), plan, shards, receipts)) from None
     return receipts  # type: ignore[return-value]
-
-
-def _shard_len(ranges) -> int:
-    return sum(b - a for _p, a, b in ranges)
-
-
-def _space_message(out: Location, cause: str, plan: dict, shards: list, receipts: list) -> str:
-    """One line: OUT is full, about how much more the shards not yet written need, and that a re-run resumes."""
-    done = [i for i, r in enumerate(receipts) if r is not None]
-    left = [i for i, r in enumerate(receipts) if r is None]
-    samples_done = sum(_shard_len(shards[i]) for i in done)
-    samples_left = sum(_shard_len(shards[i]) for i in left)
-    if samples_done and sum(receipts[i]["bytes"] for i in done):
-        per_sample = sum(receipts[i]["bytes"] for i in done) / samples_done
-    else:  # nothing written yet: the inputs' mean size (re-encoded images are usually smaller)
-        per_sample = plan.get("usable_bytes", 0) / max(1, sum(plan["usable"]))
-    need = per_sample * samples_left
-    if storage.is_url(out):  # the local temp folder where shards wait for their upload ran out of space
-        where = tempfile.gettempdir()
-        return (f"the temp folder {where} (TMPDIR), where each shard is written before its upload to OUT {out}, is "
-                f"full ({cause}); shards are about {need / max(1, len(left)) / 1e6:,.1f} MB each; point TMPDIR at "
-                f"a bigger disk and re-run the same command: the {len(done)} finished shards are kept")
-    free = shutil.disk_usage(out).free
-    return (f"OUT {out} is full ({cause}): about {need / 1e6:,.1f} MB more are needed for the {len(left)} shards "
-            f"not yet written ({free / 1e6:,.1f} MB free now); free space there and re-run the same command: the "
-            f"{len(done)} finished shards are kept")
-
-
-def _space_error(out: Location, err: OSError) -> UserError:
-    return UserError(f"OUT {out} is full ({err.strerror or err}{f': {err.filename}' if err.filename else ''}); "
-                     f"free space there and re-run the same command: finished shards are kept")
-
-
-class _Rejects:
-    """Every reject of the split (listing, scan, --dedup duplicates, full decode), iterable any number of times.
-
-    ``iter()`` gives them sorted by source, through ``plan.external_sort`` (runs spilled to the listing's temp
-    folder), so rejects.jsonl is written without holding them all; ``reasons()`` counts them unsorted."""
-
-    def __init__(self, cfg: ShardConfig, listing: PartitionedListing, plan: dict, late: list[dict]):
-        self.cfg, self.listing, self.plan, self.late = cfg, listing, plan, late
-
-    def unsorted(self):
-        cfg, listing = self.cfg, self.listing
-        yield from read_spill(listing.rejects_path)
-        for part in range(PARTITIONS):
-            if listing.counts[part]:
-                yield from storage.read_json(scan_receipt_path(cfg.out, cfg.split, part))["rejects"]
-        duplicates = self.plan["duplicates"]
-        if duplicates:  # the class of each duplicate (as many as --dedup already holds)
-            classes = {}
-            for part in range(PARTITIONS):
-                for row in read_scanned(cfg.out, cfg.split, part):
-                    if row[1] in duplicates:
-                        classes[row[1]] = row[2]
-            for i, kept in duplicates.items():
-                yield {"source": i, "class": classes.get(i), "reason": "duplicate", "detail": f"same bytes as {kept}"}
-        yield from self.late
-
-    def reasons(self) -> Counter:
-        return Counter(r["reason"] for r in self.unsorted())
-
-    def __iter__(self):
-        return external_sort(self.unsorted(), lambda r: r["source"], self.listing.directory)
-
-
-def _split_entry(cfg: ShardConfig, listing: PartitionedListing, plan: dict, receipts: list[dict], options: dict,
-                 seconds: float, phases: dict) -> tuple[dict, _Rejects]:
-    late = [r for receipt in receipts for r in receipt["rejects"]]
-    rejects = _Rejects(cfg, listing, plan, late)
-    reasons = rejects.reasons()
-    per_class = Counter()
-    for receipt in receipts:
-        per_class.update(receipt["per_class"])
-    written = sum(r["num_samples"] for r in receipts)
-    label_total = sum(r["labels_per_image"][0] for r in receipts)
-    per_image = {"mean": round(label_total / written, 4) if written else 0.0,
-                 "max": max((r["labels_per_image"][1] for r in receipts), default=0)}
-    counts = {
-        "listed": listing.listed,
-        "planned": sum(plan["usable"]),
-        "duplicates": len(plan["duplicates"]),
-        "non_image_files": listing.non_image_files,
-        "rejected": dict(sorted(reasons.items())),
-        "unknown_labels_dropped": listing.unknown_labels_dropped,
-        "written": written,
-        "per_class": {name: per_class.get(name, 0) for name in listing.classes},
-    }
-    nodes = Counter(r["node_id"] for r in receipts if not r.get("resumed"))  # who wrote what, this run
-    cpu_seconds = sum(r.get("cpu_seconds", 0.0) for r in receipts if not r.get("resumed"))
-    shards = [{"filename": r["filename"], "num_samples": r["num_samples"], "bytes": r["bytes"],
-               "sha256": r["sha256"]} for r in receipts]
-    entry = {
-        "name": cfg.split,
-        "num_samples": counts["written"],
-        "filenames": [s["filename"] for s in shards],
-        "shard_lengths": [s["num_samples"] for s in shards],
-        "shards": shards,
-        "classes": listing.classes,
-        "multi_label": listing.multi_label,
-        "labels_per_image": per_image,
-        "options": options,
-        "fingerprint": plan["fingerprint"],
-        "source": {"path": str(cfg.src), "kind": listing.kind, "classes_from": listing.class_source,
-                   **({"images": str(cfg.images)} if cfg.images is not None else {})},
-        "counts": counts,
-        "run": {"nodes": dict(sorted(nodes.items())), "resumed_shards": sum(bool(r.get("resumed")) for r in receipts),
-                "seconds": round(seconds, 3), "phases": phases, "task_cpu_seconds": round(cpu_seconds, 3),
-                "workers": cfg.workers, "ray_address": cfg.ray_address},
-    }
-    return entry, rejects
-
-
-def _summary(result: JobResult, counts: dict, out: Location) -> str:
-    rejected = ", ".join(f"{k} {v}" for k, v in counts.get("rejected", {}).items()) or "none"
-    nodes = ", ".join(f"{node[:8]}:{n}" for node, n in result.nodes.items()) or "-"
-    return (f"shard {result.split}: wrote {result.num_samples} images in {result.num_shards} shards "
-            f"({result.resumed_shards} kept from an earlier run), rejected {result.rejected} ({rejected}), "
-            f"duplicates {result.duplicates}, {result.bytes / 1e6:.2f} MB, {result.seconds:.1f} s, "
-            f"{result.images_per_s:.0f} images/s; shards written per node: {nodes}; "
-            f"see {storage.join(out, INFO_NAME)} and {storage.join(out, REJECTS_NAME)}")
-
-
-def _up_to_date(cfg: ShardConfig, start: float) -> JobResult:
-    entry = load_info(cfg.out)["splits"][cfg.split]
-    result = JobResult(cfg.split, entry["num_samples"], len(entry["filenames"]), len(entry["filenames"]),
-                       sum(entry["counts"]["rejected"].values()), entry["counts"]["duplicates"],
-                       sum(s["bytes"] for s in entry["shards"]), time.perf_counter() - start, {}, {},
-                       up_to_date=True)
-    print(f"shard {cfg.split}: {cfg.out} is up to date ({result.num_samples} images in {result.num_shards} "
-          f"verified shards); nothing to do")
-    return result
 
 
 def run_shard_job(cfg: ShardConfig) -> JobResult:
@@ -549,15 +228,15 @@ def run_shard_job(cfg: ShardConfig) -> JobResult:
             return _run_shard_job(cfg)
     except OSError as err:
         if err.errno in SPACE_ERRNOS:
-            raise _space_error(cfg.out, err) from None
+            raise space_error(cfg.out, err) from None
         raise
 
 
 def _run_shard_job(cfg: ShardConfig) -> JobResult:
-    _check_paths(cfg)
+    check_paths(cfg)
     # The listing is spilled to a local temp folder: OUT may not exist yet (or not be ours), and it is
     # re-listed on every run anyway (that is how a changed input is noticed). Spills of killed jobs go first.
-    with owned_temp_dir("data_prep-list-", on_removed=lambda p: _log(f"removed {p}: the listing spill of a "
+    with owned_temp_dir("data_prep-list-", on_removed=lambda p: log(f"removed {p}: the listing spill of a "
                                                                      f"killed job")) as spill:
         return _run_listed(cfg, spill)
 
@@ -569,45 +248,46 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
     try:
         with storage.user_errors(cfg.src, "list it as SRC"):
             listing = list_partitioned(cfg.src, cfg.source, cfg.classes_file, cfg.seed, spill, images=cfg.images,
-                                       label_field=cfg.label_field, label_map=cfg.label_map, progress=listed)
+                                       label_field=cfg.label_field, label_map=cfg.label_map, progress=listed,
+                                       limits=cfg.limits())
     finally:
         listed.close()
     phases = {"list": round(time.perf_counter() - start, 3)}
     options = cfg.output_options(listing.kind)
     fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},
                                             sort_keys=True).encode()).hexdigest()
-    _refuse_foreign_out(cfg)
+    refuse_foreign_out(cfg)
     storage.makedirs(cfg.out)
-    with _split_lock(cfg.out, cfg.split):
-        if _prepare_out(cfg, fingerprint, options):
-            return _up_to_date(cfg, start)
+    with split_lock(cfg.out, cfg.split):
+        if prepare_out(cfg, fingerprint, options):
+            return up_to_date(cfg, start)
         remove_stale_shard_temps(cfg.out, cfg.split)  # left by a killed run; never a complete shard
         from data_prep.shard.cluster import ray_session
 
         ray_start = time.perf_counter()
         with ray_session(cfg.ray_address, cfg.workers) as session:
             phases["ray_start"] = round(time.perf_counter() - ray_start, 3)
-            _log(f"shard {cfg.split}: {listing.num_inputs} image files, {len(listing.classes)} classes; Ray ready "
+            log(f"shard {cfg.split}: {listing.num_inputs} image files, {len(listing.classes)} classes; Ray ready "
                  f"in {time.perf_counter() - ray_start:.1f} s ({session.nodes} node(s), {session.cpus} CPUs)")
             # One bar for the whole job: scan (one unit per input) then write (one per planned image); its rate
             # and ETA cover both phases. The write total is the input count until the scan says how many passed.
             bar = tqdm(total=2 * listing.num_inputs, desc=f"shard {cfg.split} [scan]", unit="img",
                        disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
             try:
-                plan = _load_plan(cfg.out, cfg.split)
+                plan = load_plan(cfg.out, cfg.split)
                 if plan is None or plan["fingerprint"] != fingerprint:
                     scan_start = time.perf_counter()
                     plan = plan_job(listing, cfg, fingerprint, options, session.in_flight, bar)
-                    _save_plan(plan, cfg.out, cfg.split)
+                    save_plan(plan, cfg.out, cfg.split)
                     phases["scan"] = round(time.perf_counter() - scan_start, 3)
-                    _log(f"shard {cfg.split}: scanned {listing.num_inputs} files in "
+                    log(f"shard {cfg.split}: scanned {listing.num_inputs} files in "
                          f"{time.perf_counter() - scan_start:.1f} s: {sum(plan['usable'])} usable")
                 else:
                     bar.update(listing.num_inputs)
-                    _log(f"shard {cfg.split}: resuming the saved plan ({sum(plan['usable'])} images)")
+                    log(f"shard {cfg.split}: resuming the saved plan ({sum(plan['usable'])} images)")
                 usable = sum(plan["usable"])
                 if usable == 0:
-                    merge_split(cfg.out, cfg.split, None, _Rejects(cfg, listing, plan, []))
+                    merge_split(cfg.out, cfg.split, None, Rejects(cfg, listing, plan, []))
                     raise UserError(f"SRC {cfg.src}: none of the {listing.num_inputs} image files is usable; "
                                     f"see {storage.join(cfg.out, REJECTS_NAME)}")
                 shards = shard_ranges(plan["usable"], cfg.shard_size)
@@ -620,7 +300,7 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
                 bar.close()
         remove_stale_shard_temps(cfg.out, cfg.split)  # temp files of workers killed mid-shard (retried)
         seconds = time.perf_counter() - start
-        entry, rejects = _split_entry(cfg, listing, plan, receipts, options, seconds, phases)
+        entry, rejects = split_entry(cfg, listing, plan, receipts, options, seconds, phases)
         merge_split(cfg.out, cfg.split, entry, rejects)
         storage.remove(plan_path(cfg.out, cfg.split))  # receipts stay: they make a re-run cheap
         storage.remove_tree(storage.join(state_dir(cfg.out, cfg.split), "scan"))  # only a resumed plan reads them
@@ -630,5 +310,5 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
                        sum(counts["rejected"].values()),
                        counts["duplicates"], sum(s["bytes"] for s in entry["shards"]), seconds, phases,
                        entry["run"]["nodes"], entry["run"]["task_cpu_seconds"])
-    print(_summary(result, counts, cfg.out))
+    print(summary(result, counts, cfg.out))
     return result

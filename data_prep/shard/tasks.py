@@ -29,7 +29,8 @@ from core import storage
 from core.storage import Location
 
 from data_prep.errors import InputChanged, UserError
-from data_prep.images import ImageOptions, ImageRejected, classify_error, encode, read_bytes, scan
+from data_prep.images import ImageOptions, ImageRejected, classify_error, encode, scan
+from data_prep.sources.read import read_bytes
 from data_prep.shard.layout import inputs_path, read_json, receipt_path, scan_path, scan_receipt_path
 from data_prep.shard.plan import Entry, sample_key, shard_hash
 
@@ -51,12 +52,12 @@ def _node_id() -> str:
     return "local"
 
 
-def scan_chunk(items: list[tuple[str, str, int, int]], max_pixels: int) -> list[tuple]:
+def scan_chunk(items: list[tuple[str, str, int, int]], opts: ImageOptions) -> list[tuple]:
     """[(id, path, offset, size)] -> [(id, reason, detail, width, height, sha1)]; never raises per file."""
     out = []
     for file_id, path, offset, size in items:
         try:
-            data = read_bytes(path, offset, size)
+            data = read_bytes(path, offset, size, opts.max_bytes, opts.max_row_group_bytes)
         except FileNotFoundError:
             out.append((file_id, "unreadable", "file not found", 0, 0, ""))
             continue
@@ -64,12 +65,12 @@ def scan_chunk(items: list[tuple[str, str, int, int]], max_pixels: int) -> list[
             rejected = classify_error(err)
             out.append((file_id, rejected.reason, rejected.detail, 0, 0, ""))
             continue
-        result = scan(data, max_pixels)
+        result = scan(data, opts.max_pixels)
         out.append((file_id, result.reason, result.detail, result.width, result.height, result.sha1))
     return out
 
 
-def _synthetic_scan(items: list[tuple[str, str, int, int]], _max_pixels: int) -> list[tuple]:
+def _synthetic_scan(items: list[tuple[str, str, int, int]], _opts: ImageOptions) -> list[tuple]:
     """benchmarks/plan_scale.py: every input usable, sha1 of its id; no file is read (planning alone)."""
     return [(file_id, None, "", 64, 48, hashlib.sha1(file_id.encode()).hexdigest()) for file_id, *_ in items]
 
@@ -78,15 +79,17 @@ SCAN_BATCH = 1024  # rows scanned and written per step: a task holds this many r
 
 
 def scan_partitions(out: str, split: str, fingerprint: str, parts: list[int], max_pixels: int,
-                    synthetic: bool = False) -> list[dict]:
+                    synthetic: bool = False, options: dict | None = None) -> list[dict]:
     """Scan whole order partitions: rows [key, id, class, path, offset, size, labels] (sorted by key) ->
     ``scan/PPP.jsonl.gz`` (the rows plus reason, detail, width, height, sha1), then its receipt ``scan/PPP.json``
     (fingerprint, counts, the scan's rejects). A kill leaves a partition without receipt: it is scanned again.
 
     A partition's rows are streamed from ``OUT/_state/<split>/inputs/PPP.jsonl``, where the job copied them,
-    so neither the driver nor Ray's object store holds a partition."""
+    so neither the driver nor Ray's object store holds a partition. ``options`` (ImageOptions as a dict: the
+    byte limits) wins over ``max_pixels`` when given."""
+    opts = ImageOptions(**options) if options is not None else ImageOptions(max_pixels=max_pixels)
     try:
-        return _scan_partitions(out, split, fingerprint, parts, max_pixels, synthetic)
+        return _scan_partitions(out, split, fingerprint, parts, opts, synthetic)
     except OSError as err:
         if err.errno in SPACE_ERRNOS:
             raise OutOfSpace(f"{err.strerror or err} writing the scan results") from None
@@ -110,7 +113,7 @@ def _batches(rows, size: int):
         yield batch
 
 
-def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, max_pixels: int,
+def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, opts: ImageOptions,
                      synthetic: bool) -> list[dict]:
     out_dir = storage.as_location(out)
     scan = _synthetic_scan if synthetic else scan_chunk
@@ -120,7 +123,7 @@ def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, max_pi
         buffer = io.BytesIO()  # the compressed results (a few % of the rows); written whole below
         with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as packed:
             for batch in _batches(_published_rows(out_dir, split, part), SCAN_BATCH):
-                results = scan([(r[1], r[3], r[4], r[5]) for r in batch], max_pixels)
+                results = scan([(r[1], r[3], r[4], r[5]) for r in batch], opts)
                 lines = []
                 for row, (_id, reason, detail, width, height, sha1) in zip(batch, results):
                     lines.append(json.dumps([*row, reason, detail, width, height, sha1], ensure_ascii=False,
@@ -281,7 +284,7 @@ def _sample_parts(entry: Entry, opts: ImageOptions, rejects: list[dict]) -> dict
     # A read error or other bytes now would make the shard depend on *when* it was written: stop the job
     # instead of dropping the sample (re-running resumes).
     try:
-        data = read_bytes(entry.path, entry.offset, entry.size)
+        data = read_bytes(entry.path, entry.offset, entry.size, opts.max_bytes, opts.max_row_group_bytes)
     except (OSError, ImageRejected) as err:
         raise InputChanged(f"{entry.id} cannot be read any more ({err}); it was readable when the "
                            f"job scanned it: restore it and re-run, or re-run with --overwrite") from None

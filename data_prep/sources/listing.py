@@ -1,5 +1,5 @@
 """List the inputs of a shard job: ImageFolder trees, per-class tar archives, manifests (``manifests.py``),
-webdataset tars and parquet files (``packed.py``; also from object storage URLs).
+webdataset tars and parquet files (``webdataset.py``, ``parquet.py``; also from object storage URLs).
 
 Listing is cheap (directory walks, tar headers, manifest rows, small label members, parquet label columns; no
 image bytes are read) and gives every image a stable id, the id every later step keys on: its POSIX path
@@ -14,16 +14,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
 
-from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest, list_openimages,
-                        sorted_classes, stat as _stat)
-from data_prep.sources.packed import (PACKED_KINDS, Packed, detect as detect_packed, has_glob, is_url, list_files, open_location,
-                     peek_tar, stream_parquet, stream_webdataset, walk_class_folders)
+from data_prep.limits import Limits, Rejected, bad_name, printable, rejected
+from data_prep.sources.folders import folder_classes, iter_folder, iter_folder_url, iter_tars, tar_archives
+from data_prep.sources.labels import Packed
+from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest,
+                                         list_openimages, load_class_file, sorted_classes)
+from data_prep.sources.packed import PACKED_KINDS, detect as detect_packed
+from data_prep.sources.parquet import stream_parquet
+from data_prep.sources.remote import has_glob, is_url
+from data_prep.sources.webdataset import peek_tar, stream_webdataset
+from data_prep.spill import PARTITIONS, SpillWriter, order_key, sorted_spill
 
 URL_KINDS = (*PACKED_KINDS, "folder", "tars")  # what an object-store SRC can be (manifests name local paths)
 
@@ -48,12 +53,7 @@ class InputFile:
     labels: tuple[str, ...] = ()   # multi-label sources: every known label, class_name == labels[0]; else ()
 
 
-@dataclass(frozen=True, slots=True)
-class ListingReject:
-    id: str
-    class_name: str | None
-    reason: str
-    detail: str
+ListingReject = Rejected  # (id, class_name, reason, detail)
 
 
 @dataclass
@@ -135,109 +135,6 @@ def detect_kind(src, requested: str) -> str:
     return kind
 
 
-def load_class_file(path: Path) -> list[str]:
-    """Class order from a text file (one name per line, # comments) or JSON (a list or {"classes": [...]})."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"--classes {path}: cannot read it ({err.strerror or err})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--classes {path}: not UTF-8 text; give one class name per line") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--classes {path}: invalid JSON at line {err.lineno} ({err.msg})") from None
-        if isinstance(data, dict):
-            data = data.get("classes")
-        if not isinstance(data, list) or not all(isinstance(c, str) and c for c in data):
-            raise UserError(f"--classes {path}: expected a JSON list of class names or {{\"classes\": [...]}}")
-        classes = list(data)
-    else:
-        classes = [line.strip() for line in text.splitlines()]
-        classes = [c for c in classes if c and not c.startswith("#")]
-    if not classes:
-        raise UserError(f"--classes {path}: no class names in it")
-    seen: dict[str, int] = {}
-    for i, name in enumerate(classes):
-        if name in seen:
-            raise UserError(f"--classes {path}: class {name!r} is listed twice (entries {seen[name] + 1} and {i + 1})")
-        seen[name] = i
-    return classes
-
-
-def _walk_class_folder(src: Path, folder: Path) -> list[tuple[str, str]]:
-    """(id, path) of every file below one class folder, in torchvision's order (sorted walk, links followed)."""
-    out = []
-    for root, _dirs, files in sorted(os.walk(folder, followlinks=True)):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            out.append((Path(full).relative_to(src).as_posix(), full))
-    return out
-
-
-def _iter_folder_url(src: str, found: Packed):
-    """Rows of an ImageFolder tree under an object-store prefix (<prefix>/<class>/.../<image>, read whole per
-    image), one class folder at a time; found.classes (the folders holding files) is set once they are done."""
-    classes = []
-    for folder, files in walk_class_folders(src):
-        if folder is not None and files:
-            classes.append(folder)
-        for f in files:
-            yield (f.name, folder, f.location, -1, f.size, f.mtime)
-    if not classes:
-        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
-    found.classes = classes
-
-
-def _iter_folder(src: Path, classes: list[str]):
-    """Rows of a local ImageFolder tree, streamed (files directly in SRC first, then class by class)."""
-    for e in sorted(os.scandir(src), key=lambda e: e.name):
-        if e.is_file():  # torchvision ignores these; we report them
-            size, mtime = _stat(e.path)
-            yield (e.name, None, e.path, -1, size, mtime)
-    for name in classes:
-        for file_id, full in _walk_class_folder(src, src / name):
-            size, mtime = _stat(full)
-            yield (file_id, name, full, -1, size, mtime)
-
-
-def _folder_classes(src: Path) -> list[str]:
-    classes = sorted(e.name for e in os.scandir(src) if e.is_dir())
-    if not classes:
-        raise UserError(f"SRC {src} has no class folders; expected SRC/<class>/<image files>")
-    return classes
-
-
-def _tar_archives(src) -> tuple[list[str], list[tuple[str, str]]]:
-    """Classes and (file name, location) of SRC's <class>.tar archives, local or under an object-store prefix."""
-    if is_url(src):  # object storage: the same walk over ranged GETs (packed.open_location)
-        archives = [(f.name, f.location) for f in list_files(src, ".tar")[1]]
-    else:
-        archives = sorted(((e.name, e.path) for e in os.scandir(src) if e.is_file() and e.name.endswith(".tar")))
-    if not archives:
-        raise UserError(f"SRC {src} has no <class>.tar archives")
-    return [name[: -len(".tar")] for name, _location in archives], archives
-
-
-def _iter_tars(archives: list[tuple[str, str]], classes: list[str]):
-    """Rows of every member of the archives, streamed archive by archive (ImageNet-21K: 14M members)."""
-    for (name, location), class_name in zip(archives, classes):
-        try:
-            # "r:" reads headers and seeks over the data: listing an archive costs one header read per member,
-            # and nothing is ever extracted to disk. The members are yielded as read, not kept (TarFile keeps
-            # every TarInfo it has read unless told otherwise: `archive.members` is cleared per member).
-            with open_location(location) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
-                for member in archive:
-                    if member.isfile():
-                        yield (f"{name}/{member.name}", class_name, location, member.offset_data, member.size,
-                               int(member.mtime))
-                    archive.members = []
-        except (tarfile.TarError, OSError) as err:
-            raise UserError(f"SRC archive {location} cannot be read as an uncompressed tar ({err}); "
-                            f"repair or remove it") from None
-
-
 def _single(rows) -> list[tuple]:
     """Label tuples -> one class name per row (single-label sources keep their rows and fingerprint)."""
     return [(r[0], r[1][0], *r[2:]) if isinstance(r[1], tuple) else r for r in rows]
@@ -261,18 +158,30 @@ def _list_any(src, kind: str, images: Path | None, label_field: str | None, labe
         return Packed(classes, rows if multi else _single(rows), multi)
     rows, found = _stream_any(src, kind, images, label_field, label_map, {})
     found.rows = [row for row, _line in rows]
+    found.rejects = [*found.rejects, *(tuple(r) for r in found.rows if isinstance(r, Rejected))]
+    found.rows = [r for r in found.rows if not isinstance(r, Rejected)]
     if not found.multi_label:
         found.rows = _single(found.rows)
     return found
 
 
-def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool, check_name: bool = True):
+def _judge(row: tuple, known: set[str], classes_file: Path | None, from_manifest: bool, check_name: bool = True,
+           limits: Limits = Limits()):
     """One listed row -> (InputFile, None, dropped labels) or (None, ListingReject, 0)."""
     file_id, label, path, offset, size, mtime = row
     multi = isinstance(label, tuple)
     first = (label[0] if label else None) if multi else label
     if label is None:
         return None, ListingReject(file_id, None, "no_class", "file is not inside a class folder"), 0
+    if size > limits.max_bytes:  # from stat, the tar header or the object listing: nothing is read
+        return None, ListingReject(file_id, first, "too_large",
+                                   f"{size:,} bytes > --max-bytes {limits.max_bytes:,}"), 0
+    if multi and len(label) > limits.max_labels:
+        return None, ListingReject(file_id, None, "too_many_labels",
+                                   f"{len(label):,} labels > --max-labels {limits.max_labels:,}"), 0
+    if any(len(name) > limits.max_label_bytes for name in (label if multi else (label,))):
+        return None, ListingReject(file_id, None, "label_too_large", f"a label is longer than --max-label-bytes "
+                                                                     f"{limits.max_label_bytes:,}"), 0
     if check_name and not is_image_name(file_id):
         return None, ListingReject(file_id, first, "non_image_file", "file name has no image extension"), 0
     if multi and not label:
@@ -354,38 +263,85 @@ class PartitionedListing:
 
 
 def _stream_any(src, kind: str, images: Path | None, label_field: str | None, label_map: Path | None,
-                seen: dict):
+                seen: dict, limits: Limits = Limits()):
     """(rows iterator of (row, line or None), Packed without rows); the Packed's classes and multi_label are
     final once the rows are exhausted. Every kind streams but OpenImages (its per-image label groups are
     built first)."""
     _check_flags(src, kind, images, label_field, label_map)
     if kind == "manifest":
         found = Packed([], [], False)
-        return ((row, line) for row, line in iter_manifest(Path(src), seen)), found
+        return ((row, line) for row, line in iter_manifest(Path(src), seen, limits)), found
     if kind == "folder" and not is_url(src):
-        classes = _folder_classes(Path(src))
-        return ((row, None) for row in _iter_folder(Path(src), classes)), Packed(classes, [], False)
+        classes = folder_classes(Path(src))
+        return ((row, None) for row in iter_folder(Path(src), classes)), Packed(classes, [], False)
     if kind == "folder":
         found = Packed([], [], False)
-        return ((row, None) for row in _iter_folder_url(src, found)), found
+        return ((row, None) for row in iter_folder_url(src, found)), found
     if kind == "tars":
-        classes, archives = _tar_archives(src)
-        return ((row, None) for row in _iter_tars(archives, classes)), Packed(classes, [], False)
+        classes, archives = tar_archives(src)
+        return ((row, None) for row in iter_tars(archives, classes)), Packed(classes, [], False)
     if kind in PACKED_KINDS:  # rows carry label tuples: list_partitioned takes the first when single-label
-        rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map)
+        rows, found = (stream_webdataset if kind == "webdataset" else stream_parquet)(src, label_field, label_map,
+                                                                                      limits)
         return ((row, None) for row in rows), found
-    found = Packed(*list_openimages(src, images))
+    found = Packed(*list_openimages(src, images, limits))
     rows, found.rows = found.rows, []
     return ((row, None) for row in rows), found
 
 
+class _RejectLog:
+    """The listing's rejects, written to ``rejects.jsonl`` as they are judged; keeps counts and the first."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "w", encoding="utf-8")
+        self.count = self.non_image = self.streamed = 0
+        self.first: tuple | None = None
+
+    def __call__(self, r: Rejected) -> None:
+        self.count += 1
+        self.non_image += r.reason == "non_image_file"
+        if self.first is None or r.id < self.first[0]:
+            self.first = tuple(r)
+        self.handle.write(json.dumps({"source": r.id, "class": r.class_name, "reason": r.reason,
+                                      "detail": r.detail}, ensure_ascii=False) + "\n")
+
+
+def _spill_raw(rows, seed: int, directory: Path, log: _RejectLog, progress) -> SpillWriter:
+    """Rows -> raw spill files by order key; a lister's Rejected row or a name that cannot be an id (not UTF-8,
+    a NUL) goes to the reject log instead: one hostile row never stops the listing."""
+    raw = SpillWriter(directory, "raw")
+    try:
+        for row, line in rows:
+            if progress is not None:
+                progress.update(1)
+            if not isinstance(row, Rejected):
+                why = bad_name(row[0]) or bad_name(str(row[2]))
+                labels = row[1] if isinstance(row[1], tuple) else (row[1],)
+                if why is None and any(isinstance(n, str) and bad_name(n) for n in labels):
+                    row = rejected(row[0], "bad_label", "a label is not valid UTF-8 text or holds a NUL")
+                elif why is None:
+                    key = order_key(row[0], seed)
+                    label = list(row[1]) if isinstance(row[1], tuple) else row[1]
+                    raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
+                    continue
+                else:
+                    row = rejected(row[0], "bad_name", why)
+            log.streamed += 1
+            log(Rejected(printable(row.id), row.class_name, row.reason, row.detail))
+    finally:
+        rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
+        raw.close()
+    return raw
+
+
 def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed: int, directory: Path,
                      images: Path | None = None, label_field: str | None = None, label_map: Path | None = None,
-                     progress=None, sort_rows: int | None = None) -> PartitionedListing:
-    """``list_inputs`` without holding the listing: rows stream into ``plan.PARTITIONS`` spill files by their
+                     progress=None, sort_rows: int | None = None, limits: Limits | None = None
+                     ) -> PartitionedListing:
+    """``list_inputs`` without holding the listing: rows stream into ``spill.PARTITIONS`` spill files by their
     order key; then each partition alone is sorted, checked and judged into ``inputs-PPP.jsonl``. No sort
-    holds more than ``sort_rows`` rows (``plan.SORT_ROWS``; a bigger partition is split by the key's next byte,
-    ``plan.sorted_spill``), so the driver's memory does not grow with the listing.
+    holds more than ``sort_rows`` rows (``spill.SORT_ROWS``; a bigger partition is split by the key's next byte,
+    ``spill.sorted_spill``), so the driver's memory does not grow with the listing.
 
     Fingerprint: sha256 of (kind, class list, row count, the sum mod 2**256 of sha256(id, label, size, mtime)
     over all rows). The sum does not depend on the order the rows were listed in or on the partitioning, and
@@ -393,83 +349,74 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     running hash (the listing is never in one order in one place), so an OUT written before partitioned
     planning is seen as made from other inputs: re-run with --overwrite.
     """
-    from data_prep.shard.plan import PARTITIONS, SpillWriter, order_key, sorted_spill
-
     kind = detect_kind(src, kind)
+    limits = limits or Limits()
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     seen: dict = {}
-    rows, found = _stream_any(src, kind, images, label_field, label_map, seen)
-    raw = SpillWriter(directory, "raw")
+    rows, found = _stream_any(src, kind, images, label_field, label_map, seen, limits)
+    log = _RejectLog(directory / "rejects.jsonl")
     try:
-        for row, line in rows:
-            key = order_key(row[0], seed)
-            label = list(row[1]) if isinstance(row[1], tuple) else row[1]
-            raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
-            if progress is not None:
-                progress.update(1)
-    finally:
-        rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
-        raw.close()
-    if kind == "manifest":
-        found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
-    multi = found.multi_label
-    classes = load_class_file(classes_file) if classes_file is not None else found.classes
-    known = set(classes)
-    check_name = kind not in PACKED_KINDS
-    from_manifest = kind in ("manifest", "openimages")
-    total, dropped, rejected, non_image, input_bytes = 0, found.dropped, 0, 0, 0
-    listed = len(found.rejects)
-    first_reject = min((tuple(r) for r in found.rejects), default=None)
-    inputs_out = SpillWriter(directory, "inputs")
-    with open(directory / "rejects.jsonl", "w", encoding="utf-8") as rejects_out:
-        def reject(r: ListingReject) -> None:
-            nonlocal rejected, non_image, first_reject
-            rejected += 1
-            non_image += r.reason == "non_image_file"
-            if first_reject is None or r.id < first_reject[0]:
-                first_reject = (r.id, r.class_name, r.reason, r.detail)
-            rejects_out.write(json.dumps({"source": r.id, "class": r.class_name, "reason": r.reason,
-                                          "detail": r.detail}, ensure_ascii=False) + "\n")
-
+        raw = _spill_raw(rows, seed, directory, log, progress)
+        if kind == "manifest":
+            found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
+        classes = load_class_file(classes_file) if classes_file is not None else found.classes
+        if len(classes) > limits.max_classes:
+            raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
+                            f"the labels (a label per image?), or raise --max-classes")
         for r in found.rejects:
-            reject(ListingReject(*r))
-        try:
-            for part in range(PARTITIONS):
-                part_rows = sorted_spill(raw.path(part), raw.counts[part],
-                                         lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
-                                         sort_rows)
-                previous = None
-                for key_hex, line, file_id, label, path, offset, size, mtime in part_rows:
-                    if previous is not None and previous[0] == file_id:
-                        raise duplicate_path(Path(src), file_id, previous[1], line)
-                    previous = (file_id, line)
-                    if isinstance(label, list):
-                        label = tuple(label) if multi else label[0]
-                    digest = hashlib.sha256(json.dumps([file_id, list(label) if multi else label, size, mtime])
-                                            .encode()).digest()
-                    total = (total + int.from_bytes(digest, "big")) % (1 << 256)
-                    listed += 1
-                    item, bad, lost = _judge((file_id, label, path, offset, size, mtime), known, classes_file,
-                                             from_manifest, check_name=check_name)
-                    dropped += lost
-                    if item is None:
-                        reject(bad)
-                        continue
-                    input_bytes += max(item.size, 0)
-                    inputs_out.add(part, [key_hex, item.id, item.class_name, item.path, item.offset, item.size,
-                                          list(item.labels) if multi else None])
-                raw.path(part).unlink(missing_ok=True)
-        finally:
-            inputs_out.close()
-    fingerprint = hashlib.sha256(json.dumps([kind, classes, listed - len(found.rejects), f"{total:064x}"])
-                                 .encode()).hexdigest()
+            log(ListingReject(*r))
+        inputs_out, hashed, total, dropped, input_bytes = _judge_partitions(
+            src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory)
+    finally:
+        log.handle.close()
+    fingerprint = hashlib.sha256(json.dumps([kind, classes, hashed, f"{total:064x}"]).encode()).hexdigest()
     if not sum(inputs_out.counts):
+        first = f"; first: {log.first[0]}: {log.first[2]} ({log.first[3]})" if log.first else ""
         if kind in PACKED_KINDS:
-            first = f"; first: {first_reject[0]}: {first_reject[2]} ({first_reject[3]})" if first_reject else ""
-            raise UserError(f"SRC {src}: no usable samples ({rejected} rejected{first})")
-        raise UserError(f"SRC {src}: no image files found ({rejected} other files); "
+            raise UserError(f"SRC {src}: no usable samples ({log.count} rejected{first})")
+        raise UserError(f"SRC {src}: no image files found ({log.count} other files{first}); "
                         f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
     class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
-    return PartitionedListing(kind, classes, class_source, fingerprint, multi, dropped, inputs_out.counts, listed,
-                              input_bytes, rejected, non_image, directory)
+    return PartitionedListing(kind, classes, class_source, fingerprint, found.multi_label, dropped,
+                              inputs_out.counts, hashed + log.streamed + len(found.rejects), input_bytes, log.count,
+                              log.non_image, directory)
 
+
+def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], classes_file: Path | None,
+                      found: Packed, sort_rows: int | None, limits: Limits, log: _RejectLog, directory: Path):
+    """Each raw partition, sorted, hashed into the fingerprint sum and judged into ``inputs-PPP.jsonl``:
+    (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes)."""
+    multi, known = found.multi_label, set(classes)
+    check_name, from_manifest = kind not in PACKED_KINDS, kind in ("manifest", "openimages")
+    hashed, total, dropped, input_bytes = 0, 0, found.dropped, 0
+    inputs_out = SpillWriter(directory, "inputs")
+    try:
+        for part in range(PARTITIONS):
+            part_rows = sorted_spill(raw.path(part), raw.counts[part],
+                                     lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
+                                     sort_rows)
+            previous = None
+            for key_hex, line, file_id, label, path, offset, size, mtime in part_rows:
+                if previous is not None and previous[0] == file_id:
+                    raise duplicate_path(Path(src), file_id, previous[1], line)
+                previous = (file_id, line)
+                if isinstance(label, list):
+                    label = tuple(label) if multi else label[0]
+                digest = hashlib.sha256(json.dumps([file_id, list(label) if multi else label, size, mtime])
+                                        .encode()).digest()
+                total = (total + int.from_bytes(digest, "big")) % (1 << 256)
+                hashed += 1
+                item, bad, lost = _judge((file_id, label, path, offset, size, mtime), known, classes_file,
+                                         from_manifest, check_name=check_name, limits=limits)
+                dropped += lost
+                if item is None:
+                    log(bad)
+                    continue
+                input_bytes += max(item.size, 0)
+                inputs_out.add(part, [key_hex, item.id, item.class_name, item.path, item.offset, item.size,
+                                      list(item.labels) if multi else None])
+            raw.path(part).unlink(missing_ok=True)
+    finally:
+        inputs_out.close()
+    return inputs_out, hashed, total, dropped, input_bytes

@@ -50,13 +50,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, url_opener
 
 from pipeline.data.device_augment import DeviceBatch, check_decode, pack_jpegs, shared_memory_bytes
 from core.errors import UserError
-from pipeline.data.shards import ShardSet, check_jpeg_header, decode_sample, pad_labels, split_sample, worker_init
+from pipeline.data.shards import (MAX_PIXELS, MAX_SAMPLE_BYTES, ShardSet, check_jpeg_header, decode_sample, pad_labels,
+                                  split_sample, tar_members, worker_init)
 
 log = logging.getLogger("pipeline.data.loader")
+_MIN_CORRUPT = 16  # data.max_corrupt_fraction is judged from this many skipped samples on (not on the first one)
 
 
 # ------------------------------------------------------------------------------------- seeds and streams
@@ -122,8 +124,10 @@ class TrainStream(IterableDataset):
     def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
                  micro_batch_size: int, transform: Optional[Callable], shuffle_buffer: int = 1000,
                  positions: Optional[dict[int, dict]] = None, worker_offset: int = 0,
-                 num_classes: Optional[int] = None, multi_label: bool = False):
+                 num_classes: Optional[int] = None, multi_label: bool = False,
+                 max_sample_bytes: int = MAX_SAMPLE_BYTES, max_pixels: int = MAX_PIXELS):
         self.shards = shards
+        self.max_sample_bytes, self.max_pixels = max_sample_bytes, max_pixels
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.micro_batch_size = micro_batch_size
@@ -154,7 +158,8 @@ class TrainStream(IterableDataset):
             url, expected = self.shards.urls[i], self.shards.shard_lengths[i]
             opened = url_opener(iter([{"url": url}]), handler=handler)
             count = 0
-            for sample in group_by_keys(tar_file_expander(opened, handler=handler), handler=handler):
+            members = tar_members(opened, handler, self.max_sample_bytes)
+            for sample in group_by_keys(members, handler=handler):
                 count += 1
                 yield sample
             if count < expected:
@@ -165,9 +170,9 @@ class TrainStream(IterableDataset):
         """One raw sample -> (uint8 crop, or checked JPEG bytes when decoding on the device; label or labels)."""
         if self.transform is None:
             data, label = split_sample(sample, self.multi_label)
-            check_jpeg_header(data)
+            check_jpeg_header(data, self.max_pixels)
         else:
-            image, label = decode_sample(sample, self.multi_label)
+            image, label = decode_sample(sample, self.multi_label, self.max_pixels)
         if self.num_classes is not None:
             bad = [k for k in (label if self.multi_label else [label]) if not 0 <= k < self.num_classes]
             if bad:
@@ -276,7 +281,8 @@ class TrainLoader:
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: Optional[int] = None,
                  shuffle_buffer: int = 1000, state: Optional[dict] = None, pin_memory: bool = False,
                  prefetch_factor: int = 4, device: Optional[torch.device] = None, decode: str = "cpu",
-                 multi_label: bool = False, worker_start: str = "fork"):
+                 multi_label: bool = False, worker_start: str = "fork", max_sample_bytes: int = MAX_SAMPLE_BYTES,
+                 max_pixels: int = MAX_PIXELS, max_corrupt_fraction: float = 1.0):
         from pipeline.data.device_augment import device_train_transform
         from pipeline.data.transforms import MultiHotMix, batch_mix_transform, train_transform
 
@@ -286,6 +292,7 @@ class TrainLoader:
                        "micro_batch_size": micro_batch_size, "num_shards": len(shards.urls)}
         self.shards = shards
         self.batches = 0
+        self.micro_batch_size, self.max_corrupt_fraction = micro_batch_size, max_corrupt_fraction
         self.positions: dict[int, dict] = {}
         worker_offset = self._restore(state, num_workers)
         if decode not in ("cpu", "gpu"):
@@ -305,7 +312,8 @@ class TrainLoader:
             micro_batch_size=micro_batch_size,
             transform=train_transform(image_size, **augment, normalize=False) if decode == "cpu" else None,
             shuffle_buffer=shuffle_buffer, positions=self.positions, worker_offset=worker_offset,
-            num_classes=num_classes, multi_label=multi_label)
+            num_classes=num_classes, multi_label=multi_label, max_sample_bytes=max_sample_bytes,
+            max_pixels=max_pixels)
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = dict(num_workers=num_workers, worker_init_fn=worker_init, prefetch_factor=prefetch_factor,
@@ -349,7 +357,18 @@ class TrainLoader:
         batch = next(self._iter)
         self.batches += 1
         self.positions[int(batch["worker"])] = batch["position"]
+        self._check_corrupt()
         return self.finish(batch)
+
+    def _check_corrupt(self) -> None:
+        """Stop (one line) once more than data.max_corrupt_fraction of the samples read were skipped: a run on
+        mostly broken data would train on what little is left without anyone noticing."""
+        corrupt = self.corrupt_count
+        seen = corrupt + self.batches * self.micro_batch_size
+        if corrupt >= _MIN_CORRUPT and corrupt > self.max_corrupt_fraction * seen:
+            raise UserError(f"{corrupt} of the {seen} samples read so far were skipped as corrupt or over the "
+                            f"limits ({corrupt / seen:.0%} > data.max_corrupt_fraction {self.max_corrupt_fraction}); "
+                            f"check the shards with `python -m data_prep verify` (the warnings above name them)")
 
     @property
     def corrupt_count(self) -> int:
@@ -419,4 +438,5 @@ def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_cl
                        num_classes=num_classes, shuffle_buffer=d.shuffle_buffer,
                        state=None if state is None else loader_state_for_rank(state, rank, world_size),
                        pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, device=device, decode=d.decode,
-                       multi_label=multi_label, worker_start=worker_start)
+                       multi_label=multi_label, worker_start=worker_start, max_sample_bytes=d.max_sample_bytes,
+                       max_pixels=d.max_pixels, max_corrupt_fraction=d.max_corrupt_fraction)

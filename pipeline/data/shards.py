@@ -24,19 +24,26 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from webdataset import gopen
 from webdataset.gopen import gopen_schemes  # the module (`webdataset.gopen` names the function)
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
+from webdataset.handlers import warn_and_continue
+from webdataset.tariterators import base_plus_ext, group_by_keys, url_opener
 
 from core import storage
 from core.errors import UserError
+from core.images import TRAINING_FORMATS, open_image
+
+MAX_SAMPLE_BYTES = 64 << 20  # data.max_sample_bytes default: a shard member above it is skipped unread
+MAX_PIXELS = 89_478_485      # data.max_pixels default (Pillow's bomb limit): a larger image is skipped
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 
 # torchvision 0.29 announces a move of its decoders to TorchCodec; they are still the fastest JPEG decode here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -241,12 +248,15 @@ def split_sample(sample: dict, multi_label: bool = False) -> tuple[bytes, Union[
     return sample["jpg"], labels
 
 
-def decode_sample(sample: dict, multi_label: bool = False) -> tuple[torch.Tensor, Union[int, list[int]]]:
-    """JPEG bytes -> uint8 CHW RGB tensor (torchvision decoder), label as split_sample. Raises on a bad sample."""
-    from torchvision.io import ImageReadMode, decode_image
+def decode_sample(sample: dict, multi_label: bool = False,
+                  max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, Union[int, list[int]]]:
+    """JPEG bytes -> uint8 CHW RGB tensor (torchvision's JPEG decoder, nothing else), label as split_sample.
+    Raises on a bad sample: not a JPEG, or more than `max_pixels` (judged from the header, before decoding)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     data, label = split_sample(sample, multi_label)
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    check_jpeg_header(data, max_pixels)
+    image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return image, label
 
 
@@ -263,19 +273,61 @@ def pad_labels(labels: list[list[int]]) -> torch.Tensor:
     return out
 
 
-def check_jpeg_header(data: bytes) -> None:
-    """Raise ValueError unless `data` starts like a decodable JPEG (PIL reads the headers only, ~20 us).
+def check_jpeg_header(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """Raise ValueError unless `data` starts like a decodable JPEG of at most `max_pixels` (PIL reads the
+    headers only, ~20 us, and tries no format but JPEG: core.images).
 
-    Why: with data.decode=gpu the workers never decode, so this is their only chance to drop a damaged or
-    non-JPEG sample (counted as corrupt) before it would fail a whole batch on the device.
+    Why: with data.decode=gpu the workers never decode, so this is their only chance to drop a damaged,
+    oversized or non-JPEG sample (counted as corrupt) before it would fail a whole batch on the device.
     """
-    import io
+    from PIL import Image, UnidentifiedImageError
 
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format != "JPEG" or image.width < 1 or image.height < 1:
+    try:
+        image = open_image(data, TRAINING_FORMATS)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise ValueError(f"not a JPEG image within the limits ({err})") from None
+    with image:
+        if image.format not in ("JPEG", "MPO") or image.width < 1 or image.height < 1:
             raise ValueError(f"not a JPEG image ({image.format} {image.width}x{image.height})")
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"{image.width}x{image.height} pixels > data.max_pixels {max_pixels:,}")
+
+
+def tar_members(opened: Iterable[dict], handler: Callable[[Exception], bool],
+                max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+    """webdataset's tar_file_expander (same samples, same end-of-shard marker for group_by_keys), except:
+    the stream is read as a plain tar ("r|": a gzip/xz/bz2 stream is an error, never decompressed without a
+    bound, where webdataset's "r|*" would), and a member over `max_bytes` (tar header) is skipped unread and
+    reported to `handler` like a corrupt one."""
+    for source in opened:
+        url = source["url"]
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|") as archive:
+                for member in archive:
+                    archive.members = []  # TarFile keeps every TarInfo it read unless told otherwise
+                    if not member.isreg() or _META.match(member.name):
+                        continue
+                    if member.size > max_bytes:
+                        handler(ValueError(f"member {member.name} of {url}: {member.size:,} bytes > "
+                                           f"data.max_sample_bytes {max_bytes:,}; skipped"))
+                        continue
+                    yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": url}
+            yield {}  # end of shard: group_by_keys never joins samples across shards
+        except Exception as exn:  # noqa: BLE001 - a damaged or compressed shard: the handler counts it
+            exn.args = exn.args + (url,)
+            if not handler(exn):
+                break
+        finally:
+            stream = source.get("stream")
+            if stream is not None:
+                stream.close()
+
+
+def tarfile_samples(source: Iterable[dict], handler: Callable[[Exception], bool] = warn_and_continue,
+                    max_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
+    """A webdataset pipeline stage like ``wds.tarfile_to_samples``, reading through ``tar_members`` (plain tars
+    only, no member over `max_bytes`); module-level so DataLoader workers started by forkserver can load it."""
+    return group_by_keys(tar_members(url_opener(source, handler=handler), handler, max_bytes), handler=handler)
 
 
 def worker_init(_: int) -> None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.data.shards import ShardSet, decode_sample, open_shards, pad_labels, worker_init
+from pipeline.data.shards import ShardSet, decode_sample, open_shards, pad_labels, tarfile_samples, worker_init
 from pipeline.data.transforms import eval_transform
 from pipeline.evaluation.mean_ap import MultiLabelScores, raise_out_of_range
 
@@ -88,7 +88,7 @@ def build_eval_loader(path: str, split: str, image_size, batch_size: int, num_wo
         dataset = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.split_by_worker,  # worker w of this rank reads urls[w::workers]
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            tarfile_samples,  # wds.tarfile_to_samples, but plain tars only and no member over the byte limit
             wds.map(decode, handler=wds.warn_and_continue),
         )
     else:
