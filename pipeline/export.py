@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the stored tensors (default: fp32)")
     parser.add_argument("--force", action="store_true", help="replace an existing export in OUT")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="read a DeepSpeed checkpoint this tool did not write (it is a pickle: only if you trust "
+                        help="read a DeepSpeed checkpoint your key did not sign (it is a pickle: only if you trust "
                              "its origin)")
     return parser
 
