@@ -9,6 +9,10 @@ address and its GCS/raylet then listen on every interface. A private single-node
 network at all, so we set Ray's documented switch for single-machine Ray
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: node address = loopback) for it; its servers then listen on
 127.0.0.1 only. Clusters are joined as they are.
+
+Other users of the machine: loopback is shared by every user, so the private instance also gets Ray's token
+authentication with a fresh token (as launch/ray_cluster.sh gives a cluster) and a temp dir of its own (0700,
+not the shared /tmp/ray, whose session folders another user could have made or could read).
 """
 from __future__ import annotations
 
@@ -24,18 +28,39 @@ _LOOPBACK = ("127.0.0.1", "localhost")
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+def _private_temp_dir() -> str:
+    """A 0700 folder for the instance's sessions, sockets and logs, removed when this process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="coatnet-ray-")  # 0700, a fresh unpredictable name; short (socket paths)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def init_local_ray(num_cpus: int) -> None:
     """Start a private Ray on this machine that listens on 127.0.0.1 only (see the module docstring)."""
+    import secrets
+
     saved_env = os.environ.get(_SINGLE_MACHINE_ENV)
     os.environ[_SINGLE_MACHINE_ENV] = "0"  # inherited by the GCS and raylet (and through it, the workers)
+    # Likewise, and kept for this process's life (its driver reconnects with them); never written to disk.
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    # Ray reads the mode and token once per process (at import): read them again, as Ray's own tests do.
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
     import ray._private.ray_constants as ray_constants
 
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import time: in case ray was imported before us
     try:
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
+                 log_to_driver=False, logging_level=logging.WARNING, _temp_dir=_private_temp_dir())
     finally:
         # Only the processes started above needed it; a `ray start` run later from this process must not
         # inherit it (it refuses to join clusters with it).
