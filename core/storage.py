@@ -62,7 +62,8 @@ def refuse_credentials(text: Union[str, Path], what: str = "location") -> None:
     if isinstance(text, str) and _USERINFO.match(text):
         shown = _USERINFO.sub(r"\1***@", text)
         raise UserError(f"{what} {shown} holds credentials (user:secret@), which would be stored in logs and "
-                        f"_info.json; remove them and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+                        f"_info.json; remove them and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a "
+                        f"profile")
 
 
 def check_read_location(text: Optional[str], what: str) -> None:

@@ -299,7 +299,7 @@ def test_checkpoint_this_tool_did_not_write_needs_trust(tmp_path, tmp_path_facto
     (foreign / "complete.json").unlink()
     from pipeline.checkpoint.trust import UntrustedCheckpoint
 
-    with pytest.raises(UntrustedCheckpoint, match="not signed.*--trust-checkpoint"):
+    with pytest.raises(UntrustedCheckpoint, match="no readable completion marker.*--trust-checkpoint"):
         load_weights(str(foreign))
     trusted, _ = load_weights(str(foreign), trust_pickle=True)
     ours, _ = load_weights(str(tag))

@@ -146,7 +146,8 @@ def test_data_locations_are_local_or_object_store_without_credentials(override, 
 
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
-    assert all(w in str(err.value) for w in words) and "hunter2" not in str(err.value) and "AKIAKEY" not in str(err.value)
+    message = str(err.value)
+    assert all(w in message for w in words) and "hunter2" not in message and "AKIAKEY" not in message
     load_config(None, ["data.train=s3://bucket/shards", "data.val=/data/val"])
 
 
@@ -202,7 +203,10 @@ def test_real_run_is_private_signed_and_crafted_checkpoints_are_refused(demo_sha
     res = cli(["-m", "pipeline.export", str(run_dir), str(out)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert all(private(p) for p in (out, out / "model.safetensors", out / "config.json"))
-    other = {"COATNET_CHECKPOINT_KEY": str(tmp_path / "other-user.key")}
+    other_key = tmp_path / "other-user.key"  # another user's key (made as load_key makes one)
+    other_key.write_text(os.urandom(32).hex() + "\n")
+    other_key.chmod(0o600)
+    other = {"COATNET_CHECKPOINT_KEY": str(other_key)}
     assert_refused(cli(["-m", "pipeline.export", str(run_dir), str(tmp_path / "x")], env=other), "another key")
     res = cli(["-m", "pipeline.export", str(run_dir), str(tmp_path / "x"), "--trust-checkpoint"], env=other)
     assert res.returncode == 0, res.stderr[-3000:]
