@@ -105,6 +105,7 @@ def _payload(meta: dict) -> bytes:
 def sign(meta: dict) -> dict:
     """`meta` (a marker holding sha256 file digests) with this user's signature added (the key is made if missing)."""
     key = load_key(create=True)
+    meta = json.loads(json.dumps(meta))  # as a reader will see it (tuples as lists, keys as strings)
     mac = hmac.new(key, _payload(meta), hashlib.sha256).hexdigest()
     return {**meta, SIGNATURE: {"alg": "hmac-sha256", "key": _key_id(key), "mac": mac}}
 
