@@ -83,6 +83,8 @@ def test_a_marker_is_refused_when_altered_signed_by_another_key_or_files_change(
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"swapped")
     assert "not the file its signed marker records" in tag_problem(str(tag), marker)
+    (tag / "mp_rank_00_model_states.pt").unlink()  # damage, left to resume's digest check (it falls back)
+    assert tag_problem(str(tag), marker, digests=False) is None and "No such file" in tag_problem(str(tag), marker)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     os.chmod(tag, 0o775)
     assert "writable by group or others" in tag_problem(str(tag), marker)
