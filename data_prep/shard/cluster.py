@@ -39,21 +39,29 @@ def _private_temp_dir() -> str:
     return path
 
 
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads the auth mode and token once per process; read them from the environment again (as Ray's own
+    tests do), so a private instance's token is used for it and never for a cluster joined after it."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def init_local_ray(num_cpus: int) -> None:
     """Start a private Ray on this machine that listens on 127.0.0.1 only (see the module docstring)."""
     import secrets
 
-    saved_env = os.environ.get(_SINGLE_MACHINE_ENV)
+    saved_env = {name: os.environ.get(name) for name in (_SINGLE_MACHINE_ENV,) + _AUTH_ENV}
     os.environ[_SINGLE_MACHINE_ENV] = "0"  # inherited by the GCS and raylet (and through it, the workers)
-    # Likewise, and kept for this process's life (its driver reconnects with them); never written to disk.
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)  # likewise the token, never written to disk
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     import ray
-    from ray._raylet import AuthenticationTokenLoader, Config
 
-    # Ray reads the mode and token once per process (at import): read them again, as Ray's own tests do.
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    _reload_ray_auth()
     import ray._private.ray_constants as ray_constants
 
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
@@ -62,13 +70,14 @@ def init_local_ray(num_cpus: int) -> None:
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=False, logging_level=logging.WARNING, _temp_dir=_private_temp_dir())
     finally:
-        # Only the processes started above needed it; a `ray start` run later from this process must not
-        # inherit it (it refuses to join clusters with it).
+        # Only the processes started above needed them (this driver keeps the token it read); a `ray start`
+        # or a cluster joined later from this process, or its subprocesses, must not inherit them.
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(_SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[_SINGLE_MACHINE_ENV] = saved_env
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -106,6 +115,7 @@ def ray_session(address: str | None, workers: int | None):
         if address != "auto":
             _check_reachable(address)
         kwargs = {"_node_ip_address": "127.0.0.1"} if host in _LOOPBACK else {}
+        _reload_ray_auth()
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
         except Exception as err:  # noqa: BLE001 - Ray raises many types here; all mean "cannot join"
