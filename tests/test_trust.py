@@ -220,3 +220,33 @@ def test_real_run_is_private_signed_and_crafted_checkpoints_are_refused(demo_sha
     crafted_tag(tmp_path / "evil", pwned)
     assert_refused(cli(finetune, timeout=600), "refusing to read the checkpoint", "pretrained_trusted=true")
     assert not pwned.exists()
+
+
+@pytest.mark.slow
+def test_private_local_ray_has_a_token_and_a_temp_dir_of_its_own():
+    """Loopback is shared by every user of the machine: the private Ray's servers and workers run with token
+    authentication (a fresh token, never left in this process's environment) and keep their sessions in a 0700
+    folder of their own, not the shared /tmp/ray."""
+    import glob
+    import tempfile
+
+    import ray
+
+    from data_prep.shard.cluster import init_local_ray
+
+    if ray.is_initialized():
+        pytest.skip("another module's Ray is running in this process")
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "coatnet-ray-*")))
+    init_local_ray(num_cpus=1)
+    try:
+        @ray.remote
+        def auth() -> tuple:
+            return os.environ.get("RAY_AUTH_MODE"), len(os.environ.get("RAY_AUTH_TOKEN", ""))
+
+        assert ray.get(auth.remote()) == ("token", 64)
+        assert "RAY_AUTH_TOKEN" not in os.environ and os.environ.get("RAY_AUTH_MODE") != "token"
+        (made,) = set(glob.glob(os.path.join(tempfile.gettempdir(), "coatnet-ray-*"))) - before
+        # Ray makes its own temp dir 0777; the folder around it keeps other users out.
+        assert stat.S_IMODE(os.stat(made).st_mode) == 0o700 and glob.glob(os.path.join(made, "ray", "session_*"))
+    finally:
+        ray.shutdown()

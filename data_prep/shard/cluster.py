@@ -36,7 +36,8 @@ def _private_temp_dir() -> str:
 
     path = tempfile.mkdtemp(prefix="coatnet-ray-")  # 0700, a fresh unpredictable name; short (socket paths)
     atexit.register(shutil.rmtree, path, True)
-    return path
+    # Ray makes its temp dir mode 0777 (for users sharing /tmp/ray): give it a folder inside the 0700 one.
+    return os.path.join(path, "ray")
 
 
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
