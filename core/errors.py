@@ -6,6 +6,7 @@ Every CLI (`data_prep`, `pipeline.pretrain`/`finetune`/`evaluate`/`export`/`demo
     error: <what is wrong, naming the file, key or value, and what to do>
 
 on standard error, exit status 2, no traceback. Anything else is a bug and keeps its traceback.
+It also sets the umask everything is written under (core.files.apply_umask: 077 unless $COATNET_UMASK).
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def cli_main(main: Callable[..., Optional[int]]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapped(argv: Optional[Sequence[str]] = None, *args, **kwargs) -> int:
         try:
+            from core.files import apply_umask
+
+            apply_umask()  # before anything is written: private files by default
             code = main(argv, *args, **kwargs)
         except UserError as err:
             return report_user_error(err)

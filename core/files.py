@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -28,15 +29,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def new_temp(path: PathLike) -> Path:
+    """A new empty file beside `path`, made exclusively (O_EXCL, O_NOFOLLOW: never an existing file or a link
+    someone planted) under an unpredictable name; its mode follows the umask (`apply_umask`)."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temp file beside {path}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, durable: bool = True) -> Iterator[Path]:
-    """Yield a temp path beside `path`; when the block succeeds it is fsynced and renamed onto `path`.
+    """Yield a temp path beside `path` (`new_temp`); when the block succeeds it is fsynced and renamed onto `path`.
 
     For libraries that write a file themselves (safetensors, tarfile). On an exception the temp file
     is removed and `path` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = new_temp(path)
     try:
         yield tmp
         if durable:
@@ -75,6 +90,27 @@ def stale_temps(directory: PathLike, name_glob: str = "*") -> list[Path]:
     this function instead of spelling the pattern itself.
     """
     return sorted(Path(directory).glob(f".{name_glob}.tmp.*"))
+
+
+UMASK_ENV = "COATNET_UMASK"
+DEFAULT_UMASK = 0o077
+
+
+def apply_umask() -> int:
+    """Set the process umask every entry point writes under: 077 (run folders, checkpoints, exports, shards readable
+    and writable by their owner only), or $COATNET_UMASK (octal, e.g. 027 for a team sharing runs read-only).
+    Ranks, Ray workers and DeepSpeed's files inherit it. Returns the umask set."""
+    from core.errors import UserError
+
+    text = os.environ.get(UMASK_ENV, "").strip()
+    try:
+        mask = int(text, 8) if text else DEFAULT_UMASK
+    except ValueError:
+        mask = -1
+    if not 0 <= mask <= 0o777:
+        raise UserError(f"{UMASK_ENV}={text!r} is not an octal umask such as 077 or 027; fix or unset it")
+    os.umask(mask)
+    return mask
 
 
 _OWNER = "owner.json"

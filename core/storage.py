@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 from core.errors import UserError
-from core.files import atomic_path, atomic_write_bytes
+from core.files import atomic_path, atomic_write_bytes, new_temp
 
 Location = Union[str, Path]
 
@@ -52,9 +52,37 @@ def is_url(location: Location) -> bool:
     return bool(match) and match.group(1).lower() != "file"
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+READ_SCHEMES = ("s3", "s3a")  # object stores the shard readers open (pipeline.data.shards registers them)
+
+
+def refuse_credentials(text: Union[str, Path], what: str = "location") -> None:
+    """A URL with credentials in it (``s3://KEY:SECRET@bucket``) is refused, naming it without them: it would be
+    kept in _info.json, config.yaml copies and logs. Credentials come from the AWS environment (module docstring)."""
+    if isinstance(text, str) and _USERINFO.match(text):
+        shown = _USERINFO.sub(r"\1***@", text)
+        raise UserError(f"{what} {shown} holds credentials (user:secret@), which would be stored in logs and "
+                        f"_info.json; remove them and give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a "
+                        f"profile")
+
+
+def check_read_location(text: Optional[str], what: str) -> None:
+    """Shards are read from a local path or an object-store URL only: webdataset would run `pipe:CMD` (and
+    curl for http URLs) as a program."""
+    if text is None:
+        return
+    refuse_credentials(text, what)
+    match = _SCHEME.match(text)
+    scheme = match.group(1).lower() if match else None
+    if text.startswith("pipe:") or (scheme is not None and scheme not in READ_SCHEMES + ("file",)):
+        raise UserError(f"{what}={text!r} is not a local path or an {'/'.join(READ_SCHEMES)}:// URL; `pipe:` "
+                        f"and other schemes make webdataset run programs: give the shard folder or bucket")
+
+
 def as_location(text: Union[str, Path]) -> Location:
     """User text -> a URL string without a trailing slash, or a Path (``file://`` URLs become paths)."""
     text = str(text)
+    refuse_credentials(text)
     if is_url(text):
         scheme, rest = text.split("://", 1)
         rest = rest.rstrip("/")
@@ -81,6 +109,7 @@ def _fs(url: str):
     """(fsspec filesystem, path inside it) for a URL; a missing backend is a one-line error."""
     import fsspec
 
+    refuse_credentials(url)
     try:
         # No listing cache: other processes (Ray tasks, other ranks) add objects that a cached listing of this
         # process would hide, and s3fs answers exists()/info() from a cached listing of the parent prefix.
@@ -226,7 +255,7 @@ def write_bytes(location: Location, data: bytes, exclusive: bool = False) -> Non
         if not exclusive:
             atomic_write_bytes(path, data)
             return
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")  # core.files' temp naming: cleaned up alike
+        tmp = new_temp(path)  # core.files' temp naming: cleaned up alike
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)

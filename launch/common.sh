@@ -35,6 +35,30 @@ die() {
 
 log() { printf '[%s] %s\n' "$SCRIPT_NAME" "$*" >&2; }
 
+# Everything launched from here (ranks, Ray nodes, their files) is private to the user unless $COATNET_UMASK
+# says otherwise (e.g. 027: readable by the group); the Python entry points apply the same (core.files).
+UMASK=${COATNET_UMASK:-077}
+[[ $UMASK =~ ^0?[0-7]{3}$ ]] || die "COATNET_UMASK=${UMASK@Q} is not an octal umask such as 077 or 027; fix or unset it"
+umask "$UMASK"
+
+# Words a remote shell takes as they are: DeepSpeed's pdsh launch joins its arguments into one shell
+# command string run on every node, unquoted (`x;cmd`, `$(cmd)` would run there).
+SHELL_SAFE='^[A-Za-z0-9_@%+=:,./-]+$'
+# require_shell_safe WHAT WORD...: die naming the first word a remote shell would interpret.
+require_shell_safe() {
+  local what=$1 word
+  shift
+  for word in "$@"; do
+    [[ $word =~ $SHELL_SAFE ]] || die "$what ${word@Q} holds characters a remote shell would interpret (the pdsh launch runs it inside one shell command on every node): use only letters, digits and _@%+=:,./- there, or launch with --no-ssh on each node"
+  done
+}
+
+# require_host WHAT HOST: a host name or IPv4/IPv6 address (never an ssh option such as -oProxyCommand=...).
+HOST_RE='^([A-Za-z0-9][A-Za-z0-9.-]*|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*)$'
+require_host() {
+  [[ $2 =~ $HOST_RE ]] || die "$1 ${2@Q} is not a host name or IP address (letters, digits, '.', '-'; ':' for IPv6): fix it"
+}
+
 usage() { printf '%s\n' "$USAGE"; }
 
 # quote WORD...: the words as one shell-safe line (what a user can copy and paste).

@@ -35,12 +35,32 @@ declare -A FLAGS=([--no-ssh]=NO_SSH)
 declare -A OPTIONS=([--config]=CONFIG [--module]=MODULE [--hostfile]=HOSTFILE [--num-nodes]=NUM_NODES
   [--num-gpus]=NUM_GPUS [--exclude]=EXCLUDE [--master-port]=MASTER_PORT [--master-addr]=MASTER_ADDR
   [--node-rank]=NODE_RANK)
+# pdsh_exports_safe: the environment DeepSpeed copies into the pdsh command string (variables named MLFLOW*,
+# PYTHON*, MV2*, UCX*, the accelerator's NCCL*/CCL*..., and .deepspeed_env lines) holds nothing a shell expands
+# (it quotes such values in double quotes, inside which $(...) and backquotes still run).
+pdsh_exports_safe() {
+  local name file line
+  for name in $(compgen -e); do
+    [[ $name =~ ^(MLFLOW|PYTHON|MV2|UCX|NCCL|CCL|I_MPI|FI_|KMP|OMP|HCCL|HABANA|PT_) ]] || continue
+    [[ ${!name} != *[\$\`\\\"$'\n']* ]] || die "environment variable $name holds \$, \`, \\ or a quote, which the pdsh launch would run in a shell on every node: unset it or launch with --no-ssh"
+  done
+  for file in "$HOME/${DS_ENV_FILE:-.deepspeed_env}" "./${DS_ENV_FILE:-.deepspeed_env}"; do
+    [[ -f $file ]] || continue
+    while IFS= read -r line; do
+      [[ $line != *[\$\`\\\"\;\&\|\<\>\(\)]* ]] || die "$file: line ${line@Q} would run in a shell on every node (DeepSpeed exports it unquoted): remove it"
+    done <"$file"
+  done
+}
+
 parse_args "$@"
 take_overrides
 require HOSTFILE --hostfile "a DeepSpeed hostfile ('HOST slots=GPUS' per line; see launch/hostfile.example)"
 [[ -f $HOSTFILE ]] || die "hostfile $HOSTFILE not found (see launch/hostfile.example)"
 hosts=$(grep -cE '^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" || true)
 ((hosts > 0)) || die "hostfile $HOSTFILE has no 'HOST slots=N' line"
+while read -r host _; do require_host "hostfile $HOSTFILE: host" "$host"; done < <(
+  grep -E '^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=' "$HOSTFILE")
+[[ -z $MASTER_ADDR ]] || require_host --master-addr "$MASTER_ADDR"
 [[ -z $NUM_NODES || -z $EXCLUDE ]] || die "--num-nodes and --exclude cannot be combined (DeepSpeed refuses it)"
 cmd=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE")
 [[ -z $NUM_NODES ]] || { require_int NUM_NODES --num-nodes; cmd+=(--num_nodes "$NUM_NODES"); }
@@ -67,4 +87,13 @@ check_config
 trainer_args
 cmd+=(--module "${TRAINER_ARGS[@]}")
 note "$mode; run_dir $RUN_DIR"
+if ((!NO_SSH)); then
+  # DeepSpeed's PDSHRunner: `export K=V; cd CWD; PYTHON -u -m deepspeed.launcher.launch ... --module ARGS` as one
+  # string; anything a shell would interpret there is refused, so the line below is what each host really runs.
+  require_shell_safe "the checkout path (DeepSpeed's remote cd)" "$PWD"
+  require_shell_safe "the interpreter path" "$PYTHON"
+  require_shell_safe "argument" "${TRAINER_ARGS[@]}"
+  pdsh_exports_safe
+  note "each host runs: [export ...;] cd $PWD; $PYTHON -u -m deepspeed.launcher.launch --world_info=... --node_rank=%n --master_addr=${MASTER_ADDR:-...} --master_port=${MASTER_PORT:-29500} --module ${TRAINER_ARGS[*]}"
+fi
 run_exec "${cmd[@]}"

@@ -78,7 +78,7 @@ start_node() {
       "${copy[@]}" <"$TOKEN_FILE"
     fi
   fi
-  on "$host" "mkdir -p $(quote "$dir") && cd $(quote "$REPO") || exit 1
+  on "$host" "umask $UMASK && mkdir -p $(quote "$dir") && cd $(quote "$REPO") || exit 1
 $AUTH_ENV setsid nohup $(quote "$RAY_BIN" start --block --temp-dir "$dir" --disable-usage-stats "$@") \
 >$(quote "$dir.log") 2>&1 </dev/null &
 echo \$! >$(quote "$dir.pid")"
@@ -117,6 +117,7 @@ case $ACTION in
     cpu_flags=()
     [[ -z $NUM_CPUS ]] || { require_int NUM_CPUS --num-cpus; cpu_flags=(--num-cpus "$NUM_CPUS"); }
     read -r -a worker_hosts <<<"$WORKERS"
+    for host in "$HEAD" ${worker_hosts[@]+"${worker_hosts[@]}"}; do require_host "--head/--workers host" "$host"; done
     nodes=$((1 + ${#worker_hosts[@]}))
     if [[ $HEAD == 127.0.0.1 || $HEAD == localhost ]]; then
       for host in ${worker_hosts[@]+"${worker_hosts[@]}"}; do
@@ -167,6 +168,7 @@ case $ACTION in
     done <"$STATE"
     [[ -n $HEAD ]] || die "$STATE names no HEAD: stop the cluster's ray processes by hand and delete $STATE"
     read -r -a worker_hosts <<<"$WORKERS"
+    for host in "$HEAD" ${worker_hosts[@]+"${worker_hosts[@]}"}; do require_host "$STATE: host" "$host"; done
     for i in "${!worker_hosts[@]}"; do stop_node "$((i + 1))" "${worker_hosts[$i]}"; done
     stop_node 0 "$HEAD"
     if ((!DRY_RUN)); then rm -f "$STATE" "$TOKEN_FILE" "$TEMP_DIR/ray.env"; fi

@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from core import storage
 from core.errors import UserError
 from core.units import PRECISIONS, image_hw
 from pipeline.recipes import FINETUNE_DEFAULTS
@@ -176,6 +177,8 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = _f(100, "save a checkpoint every N steps (and always at the end); 0 => at the end only")
     keep: int = _f(3, "keep the newest N checkpoints")
+    trust: bool = _f(False, "resume from a checkpoint your key did not sign (another user's, or written before "
+                            "checkpoints were signed): its files are pickles, which can run code when read")
 
 
 @dataclass
@@ -187,7 +190,7 @@ class Config:
                         ("auto",) + PRECISIONS)
     pretrained: Optional[str] = _f(None, "fine-tune from: run folder | DeepSpeed checkpoint | universal "
                                          "checkpoint | exported .safetensors")
-    pretrained_trusted: bool = _f(False, "`pretrained` is a DeepSpeed checkpoint this tool did not write and you "
+    pretrained_trusted: bool = _f(False, "`pretrained` is a DeepSpeed checkpoint your key did not sign and you "
                                          "trust its origin (reading it unpickles Python objects)")
     pretrained_unfinished: bool = _f(False, "allow `pretrained` = a run folder whose run has not finished (no "
                                             "finished.json): its newest complete checkpoint; or name one, "
@@ -353,6 +356,11 @@ def _validate_semantics(cfg: Config, where: str) -> None:
     for key, allowed, must in _RANGES:
         if not allowed(_get(cfg, key)):
             raise ConfigError(f"{where}: {key} must be {must}, got {_get(cfg, key)}")
+    for key in ("data.train", "data.val"):
+        try:
+            storage.check_read_location(_get(cfg, key), key)
+        except UserError as err:
+            raise ConfigError(f"{where}: {err}") from None
     if cfg.train.steps == 0 and cfg.train.epochs <= 0:
         raise ConfigError(f"{where}: set train.steps > 0 or train.epochs > 0")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
@@ -411,8 +419,9 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Iterable[str] 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (run_dir/config.yaml); load_config reads it back unchanged."""
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    from core.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def format_help(defaults: dict | str | None = None) -> str:

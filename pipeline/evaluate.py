@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="fp32, or autocast to bf16/fp16 (default: fp32)")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="read a DeepSpeed checkpoint this tool did not write (it is a pickle: only if you trust "
+                        help="read a DeepSpeed checkpoint your key did not sign (it is a pickle: only if you trust "
                              "its origin)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--out", default=None, metavar="FILE.json",
@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     from pipeline.evaluation.loop import build_eval_loader, evaluate
     from pipeline.weights.pretrained import load_model
 
+    from core.storage import check_read_location
+
+    check_read_location(args.data, "--data")  # no `pipe:` command through webdataset, no credentials kept
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --num-workers >= 0 (got {args.batch_size}, "
                         f"{args.num_workers})")

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "written as model-0000K-of-0000N.safetensors + model.safetensors.index.json "
                              "(CoAtNet-6/7 in fp32); any form huggingface_hub reads, e.g. 500MB or 2000000000")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="read a DeepSpeed checkpoint this tool did not write (it is a pickle: only if you trust "
+                        help="read a DeepSpeed checkpoint your key did not sign (it is a pickle: only if you trust "
                              "its origin)")
     return parser
 

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from pipeline.runtime.distributed import free_port  # noqa: F401  (tests import 
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("RAY_ADDRESS", "")  # never join a cluster by accident
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Checkpoints the tests write are signed with a key of the test session (pipeline.checkpoint.trust), not the user's.
+os.environ.setdefault("COATNET_CHECKPOINT_KEY", os.path.join(tempfile.mkdtemp(prefix="coatnet-test-key-"), "key"))
 
 
 def pytest_configure(config):

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
 
 # Two real DeepSpeed runs of coatnet-tiny at 32 px in the trainer's run-folder layout (config.yaml, classes.json,
-# checkpoints/step_XXXXXXXX with the trainer's complete.json marker, and a universal conversion under
+# checkpoints/step_XXXXXXXX with the trainer's signed complete.json marker, and a universal conversion under
 # checkpoints/universal/), made with deepspeed.initialize + engine.save_checkpoint in one process:
 #   zero1: ZeRO-1, bf16, fp32 gradient accumulation (as the trainer runs it): DeepSpeed's BF16_Optimizer, whose
 #          checkpoints zero_to_fp32 refuses (pipeline.weights.zero_checkpoint reads its fp32 partitions itself)
@@ -45,7 +45,7 @@ DEEPSPEED_RUNS = textwrap.dedent('''
     from deepspeed.utils import safe_get_full_fp32_param
 
     import model
-    from pipeline.checkpoint.checkpointer import write_marker
+    from pipeline.checkpoint.trust import mark_signed
     from pipeline.config import load_config, save_config
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -80,7 +80,7 @@ DEEPSPEED_RUNS = textwrap.dedent('''
             client = {"step": step, "model_config": net.config.to_dict(), "classes": classes,
                       "ema": ema if step == 2 else None}
             engine.save_checkpoint(ckpt, tag=tag, client_state=client)
-            write_marker(os.path.join(ckpt, tag), {"step": step, "world_size": 1, "zero_stage": stage})
+            mark_signed(os.path.join(ckpt, tag), {"step": step, "world_size": 1, "zero_stage": stage})
         persistent = set(engine.module.state_dict())
         reference = {n: safe_get_full_fp32_param(p).detach().float().clone()
                      for n, p in engine.module.named_parameters()}
@@ -90,6 +90,7 @@ DEEPSPEED_RUNS = textwrap.dedent('''
             input_folder=os.path.join(ckpt, "step_00000002"),
             output_folder=os.path.join(ckpt, "universal", "step_00000002"), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        mark_signed(os.path.join(ckpt, "universal", "step_00000002"), {"step": 2, "world_size": 1, "zero_stage": stage})
         engine.destroy()
 ''')
 
@@ -290,13 +291,15 @@ def test_fine_tune_start_from_a_zero3_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_checkpoint_this_tool_did_not_write_needs_trust(tmp_path, tmp_path_factory):
-    """A DeepSpeed checkpoint is a pickle: without the trainer's completion marker it is read only when the
+    """A DeepSpeed checkpoint is a pickle: without the trainer's signed completion marker it is read only when the
     user says they trust it, and the refusal is a one-line error that says how."""
     tag = deepspeed_runs(tmp_path_factory) / "zero2" / "checkpoints" / "step_00000002"
     foreign = tmp_path / "foreign" / tag.name
     shutil.copytree(tag, foreign)
     (foreign / "complete.json").unlink()
-    with pytest.raises(PretrainedError, match="did not write.*--trust-checkpoint"):
+    from pipeline.checkpoint.trust import UntrustedCheckpoint
+
+    with pytest.raises(UntrustedCheckpoint, match="no readable completion marker.*--trust-checkpoint"):
         load_weights(str(foreign))
     trusted, _ = load_weights(str(foreign), trust_pickle=True)
     ours, _ = load_weights(str(tag))

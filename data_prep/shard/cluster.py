@@ -9,6 +9,10 @@ address and its GCS/raylet then listen on every interface. A private single-node
 network at all, so we set Ray's documented switch for single-machine Ray
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: node address = loopback) for it; its servers then listen on
 127.0.0.1 only. Clusters are joined as they are.
+
+Other users of the machine: loopback is shared by every user, so the private instance also gets Ray's token
+authentication with a fresh token (as launch/ray_cluster.sh gives a cluster) and a temp dir of its own (0700,
+not the shared /tmp/ray, whose session folders another user could have made or could read).
 """
 from __future__ import annotations
 
@@ -24,26 +28,57 @@ _LOOPBACK = ("127.0.0.1", "localhost")
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+def _private_temp_dir() -> str:
+    """A 0700 folder for the instance's sessions, sockets and logs, removed when this process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="coatnet-ray-")  # 0700, a fresh unpredictable name; short (socket paths)
+    atexit.register(shutil.rmtree, path, True)
+    # Ray makes its temp dir mode 0777 (for users sharing /tmp/ray): give it a folder inside the 0700 one.
+    return os.path.join(path, "ray")
+
+
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads the auth mode and token once per process; read them from the environment again (as Ray's own
+    tests do), so a private instance's token is used for it and never for a cluster joined after it."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def init_local_ray(num_cpus: int) -> None:
     """Start a private Ray on this machine that listens on 127.0.0.1 only (see the module docstring)."""
-    saved_env = os.environ.get(_SINGLE_MACHINE_ENV)
+    import secrets
+
+    saved_env = {name: os.environ.get(name) for name in (_SINGLE_MACHINE_ENV,) + _AUTH_ENV}
     os.environ[_SINGLE_MACHINE_ENV] = "0"  # inherited by the GCS and raylet (and through it, the workers)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)  # likewise the token, never written to disk
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     import ray
+
+    _reload_ray_auth()
     import ray._private.ray_constants as ray_constants
 
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import time: in case ray was imported before us
     try:
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
+                 log_to_driver=False, logging_level=logging.WARNING, _temp_dir=_private_temp_dir())
     finally:
-        # Only the processes started above needed it; a `ray start` run later from this process must not
-        # inherit it (it refuses to join clusters with it).
+        # Only the processes started above needed them (this driver keeps the token it read); a `ray start`
+        # or a cluster joined later from this process, or its subprocesses, must not inherit them.
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(_SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[_SINGLE_MACHINE_ENV] = saved_env
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -81,6 +116,7 @@ def ray_session(address: str | None, workers: int | None):
         if address != "auto":
             _check_reachable(address)
         kwargs = {"_node_ip_address": "127.0.0.1"} if host in _LOOPBACK else {}
+        _reload_ray_auth()
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
         except Exception as err:  # noqa: BLE001 - Ray raises many types here; all mean "cannot join"

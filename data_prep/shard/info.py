@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import platform
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,7 +67,8 @@ def _parse_info(path: Location, data: bytes | None) -> dict:
 def info_lock(out: Path):
     lock_path = out / STATE_DIR / "info.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
+    # Not through a link someone planted, and not truncating: the lock file's content is never used.
+    with os.fdopen(os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -5,10 +5,11 @@
   before that marker, so a kill in between could leave `latest` naming a half-written tag: resume ignores
   `latest` and picks the newest tag WITH the marker.
 * Only the newest `keep` complete checkpoints are kept (a pruned one loses its marker before its files).
-* The marker records each file's size and checksum (pipeline.checkpoint.integrity), each rank hashing the
-  files it wrote; resume checks them, newest first, and a damaged checkpoint loses its marker (kept as
-  `complete.json.damaged`, with the reason) in favour of the previous one. A save that cannot be written
-  (disk full, quota, permission) ends the run with one line and never touches older checkpoints.
+* The marker records each file's size and sha256 (pipeline.checkpoint.integrity), each rank hashing the files it
+  wrote, and is signed with the user's key (pipeline.checkpoint.trust): resume refuses an unsigned marker or
+  files others can write, before anything is unpickled, unless `trust`. It checks the digests newest first; a
+  damaged checkpoint loses its marker (kept as `complete.json.damaged`, with the reason) in favour of the
+  previous one. A failed save (disk full, quota, permission) ends the run with one line, older ones untouched.
 * Each rank's EMA fragments (pipeline.train.ema) are written into the tag folder as `ema_rank<r>.safetensors` after
   DeepSpeed's files and before the marker, and are checksummed like them.
 * A different world size (or ZeRO stage) cannot load ZeRO partitions saved by another layout: the newest
@@ -72,12 +73,16 @@ class CheckpointInfo:
         return os.path.join(self.dir, self.tag)
 
 
-def read_marker(tag_dir: str) -> Optional[dict]:
+def _read_json(path: str) -> Optional[dict]:
     try:
-        with open(os.path.join(tag_dir, MARKER)) as f:
+        with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, RecursionError):
         return None
+
+
+def read_marker(tag_dir: str) -> Optional[dict]:
+    return _read_json(os.path.join(tag_dir, MARKER))
 
 
 def write_marker(tag_dir: str, meta: dict) -> None:
@@ -103,8 +108,7 @@ def complete_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
 
 
 def latest_complete(ckpt_dir: str) -> Optional[CheckpointInfo]:
-    found = complete_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+    return (complete_checkpoints(ckpt_dir) or [None])[-1]
 
 
 def prune(ckpt_dir: str, keep: int) -> None:
@@ -147,6 +151,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: 
     from pipeline.runtime import distributed as D
     from pipeline.checkpoint.integrity import (ALGORITHM, describe_files, exit_save_failed, is_write_failure,
                                                merge_files, record_writes, space_message)
+    from pipeline.checkpoint.trust import sign
 
     stats = {} if stats is None else stats
     tag, rank, start = tag_for(step), dist.get_rank(), time.monotonic()
@@ -172,8 +177,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: 
         files = merge_files(tag_dir, gathered, skip=(MARKER,))
         stats["bytes"] = sum(f["bytes"] for f in files.values())
         try:
-            write_marker(tag_dir, {"step": step, "time": time.time(), **meta, "save_s": round(stats["seconds"], 3),
-                                   "bytes": stats["bytes"], "checksum": ALGORITHM, "files": files})
+            write_marker(tag_dir, sign({"step": step, "time": time.time(), **meta, "save_s": round(stats["seconds"], 3),
+                                        "bytes": stats["bytes"], "checksum": ALGORITHM, "files": files}))
         except OSError as err:
             newest = latest_complete(ckpt_dir)
             exit_save_failed(space_message(ckpt_dir, tag, str(err), stats.get("need"),
@@ -202,8 +207,8 @@ def _heartbeat(path: str, every_s: float = HEARTBEAT_S):
     import threading
 
     def touch():
-        with open(path, "a"):
-            os.utime(path)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # not through a planted link
+        os.utime(path)
 
     stop = threading.Event()
 
@@ -231,9 +236,10 @@ def to_universal(info: CheckpointInfo) -> CheckpointInfo:
     from deepspeed.checkpoint import ds_to_universal
 
     from pipeline.checkpoint.integrity import is_write_failure
+    from pipeline.checkpoint.trust import mark_signed, tag_problem
 
     out = _universal_dir(info)
-    if read_marker(out) is None:
+    if read_marker(out) is None or tag_problem(out, read_marker(out)):  # reused only when this user's key signed it
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         optimizer_files = len([n for n in os.listdir(info.path) if n.endswith("optim_states.pt")])
@@ -246,8 +252,8 @@ def to_universal(info: CheckpointInfo) -> CheckpointInfo:
         try:
             with _heartbeat(out + ".converting"):
                 ds_to_universal.main(args)
-                kept = {k: v for k, v in info.meta.items() if k != "files"}  # the source's file list, not this one's
-                write_marker(out, {**kept, "universal_of": info.path})
+                kept = {k: v for k, v in info.meta.items() if k not in ("files", "signature")}  # the source's
+                mark_signed(out, {**kept, "universal_of": info.path})  # rank 0 hashes the conversion's files
         except BaseException as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             with contextlib.suppress(OSError):
@@ -280,14 +286,6 @@ def wait_for_universal(info: CheckpointInfo, stale_after_s: float, watchdog=None
         time.sleep(poll_s)
 
 
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _release_loaded() -> None:
     """After a restore: what DeepSpeed and the client state loaded is garbage now; hand it back at once (the
     accelerator's cache too) instead of carrying it into the first training steps."""
@@ -310,8 +308,9 @@ class ResumePoint:
 class Checkpointer:
     """Saving, choosing and restoring a run's checkpoints in `ckpt_dir` (every rank holds one)."""
 
-    def __init__(self, ckpt_dir: str, keep: int, info, zero_stage: int, watchdog=None):
+    def __init__(self, ckpt_dir: str, keep: int, info, zero_stage: int, watchdog=None, trust: bool = False):
         self.ckpt_dir, self.keep, self.info, self.zero_stage = ckpt_dir, keep, info, zero_stage
+        self.trust = trust  # checkpoint.trust: resume from checkpoints this user's key did not sign
         self.watchdog = watchdog  # pipeline.faults.watchdog.Watchdog: saves and verification get their own allowance
         self.saved_step = -1  # the step of the newest checkpoint this run holds (-1: none)
         self.last_save_s: Optional[float] = None  # how long the newest save took (SIGTERM: does one fit?)
@@ -326,6 +325,7 @@ class Checkpointer:
         (`wait_for_universal`) instead of waiting in a collective whose timeout a large model could exceed."""
         import torch.distributed as dist
 
+        from pipeline.checkpoint.trust import tag_problem
         from pipeline.runtime import distributed as D
 
         with self._watch("checkpoint verification"):
@@ -340,6 +340,8 @@ class Checkpointer:
             for stale in (out + ".failed", out + ".converting"):  # a previous launch's
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(stale)
+            if read_marker(out) is not None and tag_problem(out, read_marker(out), digests=False):
+                unmark(out)  # not signed by this user: the others wait for rank 0's own conversion
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # nobody reads a previous launch's .failed
         timeout = self.watchdog.timeout_s if self.watchdog else DEFAULT_HANG_S
@@ -361,6 +363,7 @@ class Checkpointer:
 
         candidates = D.broadcast_object(complete_checkpoints(self.ckpt_dir) if self.info.is_main else None)
         for found in reversed(candidates):
+            self._require_trusted(found)
             share = verify_share(found.path, found.meta, self.info.rank, self.info.world_size)
             problems = [p for rank_problems in D.all_gather_object(share) for p in rank_problems]
             if not problems:
@@ -370,6 +373,12 @@ class Checkpointer:
                             found.path, "; ".join(problems))
                 unmark(found.path, "; ".join(problems))
         return None
+
+    def _require_trusted(self, found: CheckpointInfo) -> None:
+        """Before any rank unpickles `found` (pipeline.checkpoint.trust); each rank then checks its share's digests."""
+        from pipeline.checkpoint.trust import require_trusted_resume
+
+        require_trusted_resume(found.path, found.meta, self.info.is_main, self.trust)
 
     def _watch(self, what: str, allowance: Optional[float] = None):
         return self.watchdog.phase(what, allowance) if self.watchdog is not None else contextlib.nullcontext()

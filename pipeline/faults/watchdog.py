@@ -150,7 +150,8 @@ class Watchdog:
         where = f" at step {self.step}" if self.step is not None else ""
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "w") as f:
+            # Not through a link planted at this predictable name.
+            with os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "w") as f:
                 f.write(f"rank {self.rank} (pid {os.getpid()}): {why} in {self.what}{where}; "
                         f"stacks of every thread:\n\n")
                 f.flush()

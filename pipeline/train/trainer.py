@@ -277,7 +277,7 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     resolve_run_precision(cfg, info)
     write_run_files(cfg, plan, info)
     checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep, info,
-                                cfg.deepspeed.zero_stage, watchdog=watchdog)
+                                cfg.deepspeed.zero_stage, watchdog=watchdog, trust=cfg.checkpoint.trust)
     resume = checkpointer.find_resume()  # before the engine: a universal checkpoint changes its config
     checkpointer.run_config = resolved_config(cfg, plan, resume, info)  # a key that cannot change: one line
 

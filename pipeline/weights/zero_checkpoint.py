@@ -10,7 +10,8 @@
 EMA weights win when present and asked for: assembled from the trainer's per-rank fragment files
 (`ema_rank*.safetensors` in the tag folder, pipeline.train.ema), or the full copy older checkpoints kept in the client
 state. These files are
-pickles: `read_tag` refuses a tag this tool did not write unless the user says they trust it. DeepSpeed is
+pickles: `read_tag` refuses a tag this user's key did not sign (pipeline.checkpoint.trust) unless the user says
+they trust it. DeepSpeed is
 imported only to consolidate ZeRO partitions.
 """
 from __future__ import annotations
@@ -27,41 +28,28 @@ from typing import Any, Optional
 import torch
 
 from core.units import image_hw
-from pipeline.checkpoint.checkpointer import MARKER
 from pipeline.weights.files import WHAT_TO_PASS, PretrainedError, first_line, to_fp32_cpu
 
 log = logging.getLogger("pipeline.weights.pretrained")
 
 
-def _written_by_this_tool(tag_dir: str) -> bool:
-    """A checkpoint tag this tool's trainer wrote: it carries the trainer's completion marker (a universal
-    conversion counts through the tag it was converted from)."""
-    tag_dir = os.path.abspath(tag_dir)
-    if os.path.exists(os.path.join(tag_dir, MARKER)):
-        return True
-    parent = os.path.dirname(tag_dir)
-    return (os.path.basename(parent) == "universal"
-            and os.path.exists(os.path.join(os.path.dirname(parent), os.path.basename(tag_dir), MARKER)))
-
-
 def _require_trust(tag_dir: str, trust_pickle: bool) -> None:
-    """DeepSpeed checkpoints are pickles (and DeepSpeed's zero_to_fp32 unpickles them): read one only when
-    this tool wrote it or the user says they trust its origin."""
-    if not trust_pickle and not _written_by_this_tool(tag_dir):
-        raise PretrainedError(
-            f"{tag_dir} is a DeepSpeed checkpoint this tool did not write (no {MARKER}); reading it unpickles "
-            f"Python objects, which can run code. If you trust where it came from, pass --trust-checkpoint "
-            f"(pipeline.evaluate / pipeline.export) or pretrained_trusted=true (fine-tuning); or export it with "
-            f"python -m pipeline.export where it was trained")
+    """DeepSpeed checkpoints are pickles (and DeepSpeed's zero_to_fp32 unpickles them): read one only when this
+    user's key signed its marker over the files about to be read (pipeline.checkpoint.trust), or the user says they
+    trust its origin. A universal conversion carries its own signed marker."""
+    from pipeline.checkpoint.checkpointer import read_marker
+    from pipeline.checkpoint.trust import require_trusted
+
+    require_trusted(tag_dir, read_marker(tag_dir), trust_pickle)
 
 
 def _trusted_load(path: str, mmap: bool = False) -> Any:
     """torch.load a model-states (or optimizer-states) file of a checkpoint that passed `_require_trust`.
 
-    weights_only=True first. A client state with non-tensor objects (e.g. numpy RNG state) needs the full
-    unpickler; that is acceptable only for checkpoints this tool wrote or the user trusts (`_require_trust`
-    runs before any file of a tag is read). Plain weight files never take this path. `mmap`: optimizer
-    files, of which only the fp32 partition is read (the Adam moments are never paged in).
+    weights_only=True first (torch's restricted unpickler). A client state with other objects (DeepSpeed's
+    optimizer records) needs the full unpickler; that is acceptable only for checkpoints this user signed or
+    trusts (`_require_trust` runs before any file of a tag is read). Plain weight files never take this path.
+    `mmap`: optimizer files, of which only the fp32 partition is read (the Adam moments are never paged in).
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
