@@ -52,7 +52,10 @@ def cli_main(main: Callable[..., Optional[int]]) -> Callable[..., int]:
         try:
             from core.files import apply_umask
 
-            apply_umask()  # before anything is written: private files by default
+            try:
+                apply_umask()  # before anything is written: private files by default
+            except ValueError as err:
+                raise UserError(str(err)) from None
             code = main(argv, *args, **kwargs)
         except UserError as err:
             return report_user_error(err)

@@ -99,16 +99,16 @@ DEFAULT_UMASK = 0o077
 def apply_umask() -> int:
     """Set the process umask every entry point writes under: 077 (run folders, checkpoints, exports, shards readable
     and writable by their owner only), or $COATNET_UMASK (octal, e.g. 027 for a team sharing runs read-only).
-    Ranks, Ray workers and DeepSpeed's files inherit it. Returns the umask set."""
-    from core.errors import UserError
-
+    Ranks, Ray workers and DeepSpeed's files inherit it. Returns the umask set. A bad $COATNET_UMASK is a
+    ValueError with the one line to print (core.errors.cli_main reports it as a user error; this module stays
+    below core.errors in the import graph)."""
     text = os.environ.get(UMASK_ENV, "").strip()
     try:
         mask = int(text, 8) if text else DEFAULT_UMASK
     except ValueError:
         mask = -1
     if not 0 <= mask <= 0o777:
-        raise UserError(f"{UMASK_ENV}={text!r} is not an octal umask such as 077 or 027; fix or unset it")
+        raise ValueError(f"{UMASK_ENV}={text!r} is not an octal umask such as 077 or 027; fix or unset it")
     os.umask(mask)
     return mask
 

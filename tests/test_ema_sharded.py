@@ -296,8 +296,8 @@ def test_ranks_wait_for_the_universal_conversion_by_marker_and_heartbeat(tmp_pat
     import threading
     import time
 
-    from pipeline.checkpoint.checkpointer import (CheckpointInfo, _heartbeat, _universal_dir, conversion_workers,
-                                     wait_for_universal, write_marker)
+    from pipeline.checkpoint.layout import CheckpointInfo, write_marker
+    from pipeline.checkpoint.checkpointer import _heartbeat, _universal_dir, conversion_workers, wait_for_universal
     from core.files import atomic_write_json
 
     info = CheckpointInfo(str(tmp_path), "step_00000004", 4, 2, 3, {})

@@ -14,7 +14,7 @@ import torch
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 from core.errors import UserError
-from pipeline.checkpoint.checkpointer import complete_checkpoints, latest_complete, prune, write_marker
+from pipeline.checkpoint.layout import complete_checkpoints, latest_complete, prune, write_marker
 from pipeline.data.loader import TrainLoader, shards_of_pass
 from pipeline.data.shards import open_shards
 

@@ -387,7 +387,7 @@ def test_fine_tuning_from_a_run_that_has_not_finished_is_refused_unless_a_checkp
     import shutil
     from types import SimpleNamespace
 
-    from pipeline.checkpoint.checkpointer import FINISHED
+    from pipeline.checkpoint.layout import FINISHED
     from pipeline.runtime.distributed import DistInfo
     from pipeline.weights.pretrained import require_finished
 

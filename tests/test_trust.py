@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import UserError
+from core.errors import UserError, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,8 +120,9 @@ def test_umask_and_exclusive_temp_files(tmp_path, monkeypatch):
     old = os.umask(0o022)
     try:
         monkeypatch.setenv("COATNET_UMASK", "7z")
-        with pytest.raises(UserError, match="COATNET_UMASK"):
+        with pytest.raises(ValueError, match="COATNET_UMASK"):
             apply_umask()
+        assert cli_main(lambda argv: 0)([]) == 2  # the same line, as a user error of any command
         monkeypatch.delenv("COATNET_UMASK")
         assert apply_umask() == 0o077
         atomic_write_json(tmp_path / "a.json", {"x": 1})

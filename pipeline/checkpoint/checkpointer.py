@@ -30,116 +30,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from core.files import atomic_write_json
+from pipeline.checkpoint.layout import (MARKER, CheckpointInfo, complete_checkpoints, latest_complete, prune,
+                                        read_json, read_marker, tag_for, unmark, write_marker)
 
 log = logging.getLogger("pipeline.checkpoint.checkpointer")
 
-MARKER = "complete.json"
-# In the run folder once the run trained all its steps (removed when a launch starts): what `pretrained=RUN`
-# checks, so a fine-tune never silently starts from a run that is still training or died half-way.
-FINISHED = "finished.json"
 CONVERSION_ALLOWANCE = 4  # x train.hang_timeout_s: rank 0's allowance for a universal conversion, plus
 CONVERSION_BYTES_PER_S = 20e6  # ... its checkpoint's bytes at this (slow) rate: read, regrouped, written again
 MAX_CONVERSION_WORKERS = 8  # ds_to_universal's extract / merge processes (each extract worker: one rank's file)
 HEARTBEAT_S = 10.0  # rank 0 touches <universal tag>.converting this often while converting
 DEFAULT_HANG_S = 1800.0  # without a watchdog: how long a silent conversion is waited for
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-@dataclass
-class CheckpointInfo:
-    dir: str          # the folder holding the tag folders (what engine.load_checkpoint takes)
-    tag: str
-    step: int
-    world_size: int
-    zero_stage: int
-    meta: dict
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.dir, self.tag)
-
-
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, RecursionError):
-        return None
-
-
-def read_marker(tag_dir: str) -> Optional[dict]:
-    return _read_json(os.path.join(tag_dir, MARKER))
-
-
-def write_marker(tag_dir: str, meta: dict) -> None:
-    """Mark a tag folder complete (atomic: the marker is there in full or not at all)."""
-    atomic_write_json(os.path.join(tag_dir, MARKER), meta, indent=None)
-
-
-def complete_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
-    """Complete checkpoints in `ckpt_dir`, oldest first."""
-    out = []
-    if not os.path.isdir(ckpt_dir):
-        return out
-    for name in os.listdir(ckpt_dir):
-        m = _TAG_RE.match(name)
-        if not m:
-            continue
-        meta = read_marker(os.path.join(ckpt_dir, name))
-        if meta is None:
-            continue
-        out.append(CheckpointInfo(ckpt_dir, name, int(meta.get("step", m.group(1))), int(meta.get("world_size", 0)),
-                                  int(meta.get("zero_stage", -1)), meta))
-    return sorted(out, key=lambda c: c.step)
-
-
-def latest_complete(ckpt_dir: str) -> Optional[CheckpointInfo]:
-    return (complete_checkpoints(ckpt_dir) or [None])[-1]
-
-
-def prune(ckpt_dir: str, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than the newest."""
-    found = complete_checkpoints(ckpt_dir)
-    for old in found[:-keep] if keep > 0 else []:
-        unmark(old.path)  # first: a kill mid-delete must not leave a marker over missing files
-        shutil.rmtree(old.path, ignore_errors=True)
-        shutil.rmtree(os.path.join(ckpt_dir, "universal", old.tag), ignore_errors=True)
-    if found:
-        newest = found[-1].step
-        for name in os.listdir(ckpt_dir):
-            m = _TAG_RE.match(name)
-            path = os.path.join(ckpt_dir, name)
-            if m and int(m.group(1)) < newest and read_marker(path) is None:
-                log.warning("removing incomplete checkpoint %s", path)
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def unmark(tag_dir: str, reason: Optional[str] = None) -> None:
-    """Take a checkpoint off the resume list: its marker goes (kept as complete.json.damaged with a reason)."""
-    marker = os.path.join(tag_dir, MARKER)
-    if reason is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(marker)
-        return
-    with contextlib.suppress(OSError):
-        atomic_write_json(marker + ".damaged", {"reason": reason, "marker": read_marker(tag_dir)}, indent=None)
-        os.remove(marker)
-
-
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: dict,
          stats: Optional[dict] = None, ema=None) -> str:
     """engine.save_checkpoint on every rank, then each rank's EMA fragment file (`ema`: a pipeline.train.ema.ShardedEMA),
@@ -270,7 +178,7 @@ def wait_for_universal(info: CheckpointInfo, stale_after_s: float, watchdog=None
     out = _universal_dir(info)
     started = time.monotonic()
     while read_marker(out) is None:
-        failed = _read_json(out + ".failed")
+        failed = read_json(out + ".failed")
         if failed is not None:
             raise RuntimeError(f"rank 0 could not convert {info.path} to a universal checkpoint "
                                f"({failed.get('reason')}); see its log")

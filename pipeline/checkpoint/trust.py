@@ -113,7 +113,7 @@ def sign(meta: dict) -> dict:
 def mark_signed(tag_dir: str, meta: dict) -> None:
     """Write `tag_dir`'s signed completion marker: `meta` plus the sha256 of every file under it, hashed here
     (one process: a universal conversion; tests that lay out a run's checkpoints as the trainer does)."""
-    from pipeline.checkpoint.checkpointer import MARKER, write_marker
+    from pipeline.checkpoint.layout import MARKER, write_marker
     from pipeline.checkpoint.integrity import ALGORITHM, merge_files
 
     files = merge_files(tag_dir, [], skip=(MARKER,))

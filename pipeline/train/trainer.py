@@ -27,7 +27,8 @@ from core.errors import UserError
 from core.files import atomic_write_json
 from core.units import precision_dtype
 from pipeline.runtime import distributed as D
-from pipeline.checkpoint.checkpointer import FINISHED, Checkpointer
+from pipeline.checkpoint.layout import FINISHED
+from pipeline.checkpoint.checkpointer import Checkpointer
 from pipeline.config import Config, save_config
 from pipeline.data.shards import ShardSet, open_shards
 from pipeline.data.loader import build_train_loader, multi_hot_targets

@@ -66,7 +66,7 @@ def require_finished(source: str) -> None:
     """Refuse `pretrained=RUN` while RUN has not finished training: its newest checkpoint may be a few hundred
     steps into the schedule, and a fine-tune would start from it without a word. A named checkpoint
     (RUN/checkpoints/step_N), an export, or pretrained_unfinished=true say the user means it."""
-    from pipeline.checkpoint.checkpointer import FINISHED
+    from pipeline.checkpoint.layout import FINISHED
 
     path = os.path.expanduser(str(source))
     checkpoints = os.path.join(path, "checkpoints")

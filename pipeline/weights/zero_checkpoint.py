@@ -37,7 +37,7 @@ def _require_trust(tag_dir: str, trust_pickle: bool) -> None:
     """DeepSpeed checkpoints are pickles (and DeepSpeed's zero_to_fp32 unpickles them): read one only when this
     user's key signed its marker over the files about to be read (pipeline.checkpoint.trust), or the user says they
     trust its origin. A universal conversion carries its own signed marker."""
-    from pipeline.checkpoint.checkpointer import read_marker
+    from pipeline.checkpoint.layout import read_marker
     from pipeline.checkpoint.trust import require_trusted
 
     require_trusted(tag_dir, read_marker(tag_dir), trust_pickle)
@@ -106,7 +106,7 @@ def newest_checkpoint(checkpoints_dir: str) -> str:
     other code has no markers: then the tags named by `latest` / `latest_universal` (newest step wins),
     and failing those the complete-looking tag folder with the highest step.
     """
-    from pipeline.checkpoint.checkpointer import latest_complete
+    from pipeline.checkpoint.layout import latest_complete
 
     marked = latest_complete(checkpoints_dir)
     if marked is not None:
