@@ -1,0 +1,132 @@
+"""GPU-only code paths, shown on CPU where the behaviour does not need a GPU (issue 21)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model
+from pipeline.data.transforms import multi_hot
+from pipeline.faults.step_guard import StepGuard, batchnorm_buffers
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_precision_setup_leaves_the_legacy_tf32_flags_readable(deterministic):
+    # A fresh process: the flags are process-global. Inductor reads the legacy ones (pytorch#166387).
+    code = textwrap.dedent(f"""
+        import torch
+        from pipeline.runtime.distributed import set_precision
+        set_precision({deterministic})
+        print(torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.fp32_precision)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = "highest False True none" if deterministic else "high True True tf32"
+    assert out.stdout.split()[-4:] == expected.split()
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_multi_hot_scatters_without_data_dependent_shapes():
+    labels = torch.tensor([[3, 0, -1], [-1, -1, -1], [4, 4, 1]])
+    with _Ops() as ops:
+        out = multi_hot(labels, 5)
+    expected = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]], dtype=torch.float32)
+    assert torch.equal(out, expected) and out.is_contiguous()
+    # boolean-mask indexing lowers to nonzero, whose output size needs a device->host sync on GPUs
+    assert not ops.seen & {"nonzero", "masked_select", "index", "index_put", "index_put_"}, ops.seen
+
+
+def test_step_guard_snapshots_only_the_batchnorm_statistics():
+    net = model.create_model("coatnet-tiny", num_classes=3, image_size=32)
+    guard = StepGuard(max_bad_steps=3, spike_factor=0.0)
+    guard.snapshot_buffers(net)
+    saved = {id(live) for live, _ in guard._buffers}
+    expected = batchnorm_buffers(net)
+    assert saved == {id(b) for b in expected} and len(expected) > 0
+    assert all(b.dtype != torch.int64 or b.dim() == 0 for b in expected)  # no relative-position index
+    assert any(name.endswith("rel_pos.index") for name, _ in net.named_buffers())
+    before = [b.clone() for b in expected]
+    net.train()
+    net(torch.randn(2, 3, 32, 32))  # a (bad) step's forward moves the statistics
+    assert not all(torch.equal(a, b) for a, b in zip(before, expected))
+    guard.restore_buffers()
+    assert all(torch.equal(a, b) for a, b in zip(before, expected))
+
+
+ZERO3_FLEX = textwrap.dedent('''
+    import json, os, sys
+    import deepspeed, torch
+    import model
+    from model import attention
+
+    out = sys.argv[1]
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    net = model.create_model("coatnet-tiny", num_classes=3, image_size=64)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("rel_pos.bias_table"):
+                p.copy_(torch.randn_like(p))  # zero tables would hide a missing bias
+    plain = model.create_model("coatnet-tiny", num_classes=3, image_size=64)
+    plain.load_state_dict(net.state_dict())
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config={
+        "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
+    assert all(p.numel() == 0 for n, p in engine.module.named_parameters() if n.endswith("bias_table"))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    engine.module.eval(); plain.eval()
+    result = {}
+    with torch.no_grad():
+        for impl in ("sdpa", "flex"):
+            attention.set_attention_impl(impl)
+            result[impl] = engine.module(images).tolist()
+        attention.set_attention_impl("sdpa")
+        result["plain"] = plain(images).tolist()
+    if int(os.environ["RANK"]) == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_under_zero3_gathers_its_table(tmp_path):
+    script, out = tmp_path / "zero3_flex.py", tmp_path / "zero3_flex.json"
+    script.write_text(ZERO3_FLEX)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # ~1 min on 2 idle cores
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = {k: torch.tensor(v) for k, v in json.loads(out.read_text()).items()}
+    assert torch.equal(result["sdpa"], result["plain"])
+    torch.testing.assert_close(result["flex"], result["sdpa"], rtol=1e-4, atol=1e-5)
+
+
+def test_zero3_persistence_threshold_is_deepspeeds_default_on_gpus():
+    from pipeline.train.optim import deepspeed_config
+    from tests.test_numerics import _cfg
+
+    cfg = _cfg(**{"deepspeed.zero_stage": 3})
+    gpu = deepspeed_config(cfg, world_size=8, on_cpu=False)["zero_optimization"]
+    cpu = deepspeed_config(cfg, world_size=2, on_cpu=True)["zero_optimization"]
+    assert "stage3_param_persistence_threshold" not in gpu  # DeepSpeed's 1e5: small tensors stay gathered
+    assert cpu["stage3_param_persistence_threshold"] == 0   # the tiny CPU models are still partitioned
