@@ -96,7 +96,7 @@ ZERO3_FLEX = textwrap.dedent('''
     engine.module.eval(); plain.eval()
     result = {}
     with torch.no_grad():
-        for impl in ("sdpa", "flex"):
+        for impl in ("flex", "sdpa"):  # flex first: before any forward has gathered the tables
             attention.set_attention_impl(impl)
             result[impl] = engine.module(images).tolist()
         attention.set_attention_impl("sdpa")
