@@ -36,12 +36,12 @@ dependencies are not, and Ray, which makes shards, is too large to carry), prepa
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
         webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \\
-        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 \\
-        py-cpuinfo==9.0.0 msgpack==1.2.4 ninja==1.13.2 einops==0.8.2 safetensors==0.8.0 tensorboard==2.21.0
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
     .venv/bin/python benchmarks/gpu_check.py --make-shards .gpucheck/shards   # 8 classes x 128 JPEGs, 256 px
 
-(typing_extensions: pydantic 2.14 needs a newer one than the device's torch brought; the last line: what
-DeepSpeed's engine and the trainer import beyond those.) Then the device call (tool `run`, carry [".whl",
+(typing_extensions: the version pydantic 2.14 was tested with here, in place of the image's; the rest the
+trainer imports, py-cpuinfo, msgpack, ninja, einops, safetensors, tensorboard, psutil, PyYAML and tqdm, is in
+the image: /work/.library/device/KINDS.md.) Then the device call (tool `run`, carry [".whl",
 ".gpucheck"], timeout_s 420: the 360 s budget, the install and the final summary):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --shards .gpucheck/shards --out $OUT

@@ -55,9 +55,11 @@ from pipeline.train.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_
 
 GIB = 2 ** 30
 # Per GPU, before any tensor: the CUDA context with cuBLAS/cuDNN workspaces (about 0.5 GiB with CUDA 12's lazy
-# module loading on H100/H200) and NCCL's communicators and channel buffers (a few hundred MiB at 8 GPUs per
-# node). Assumed, not measured here (no GPU); `--cuda-context-gb` overrides it.
-CUDA_CONTEXT_GIB = 0.75
+# module loading on H100/H200, plus cuDNN's autotuning workspaces under cudnn.benchmark) and NCCL's communicators:
+# channel buffers, and on 8-GPU NVSwitch nodes its NVLink SHARP (NVLS) buffers, about 1 GiB per communicator.
+# Revisited from 0.75 GiB (which counted neither); assumed, not measured here (no GPU): gpu_check's memory part
+# reports reserved memory against the plan. `--cuda-context-gb` overrides it.
+CUDA_CONTEXT_GIB = 2.0
 FRAGMENTATION = 1.10  # PyTorch's caching allocator rarely packs activations tighter than this
 MIN_MICRO_MACS = 128e9  # multiply-adds per micro-step below which a GPU idles between small kernels
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -130,3 +131,39 @@ def test_zero3_persistence_threshold_is_deepspeeds_default_on_gpus():
     cpu = deepspeed_config(cfg, world_size=2, on_cpu=True)["zero_optimization"]
     assert "stage3_param_persistence_threshold" not in gpu  # DeepSpeed's 1e5: small tensors stay gathered
     assert cpu["stage3_param_persistence_threshold"] == 0   # the tiny CPU models are still partitioned
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_to_every_process_group_with_forkserver_workers_saves_and_resumes(demo_shards, tmp_path):
+    """torchrun's SIGTERM reaches each rank's process group (it starts ranks in their own sessions and
+    killpg's them), so the loader's forkserver and its workers get it too: they must hold it back while the
+    ranks save. Two ranks, two forkserver workers each; signalled after a periodic save and three logged steps."""
+    import signal
+
+    from tests.test_faults import (assert_intact, complete_steps, kill_all, launch, logged_steps, overrides,
+                                   ranks_of, run, torchrun, wait_for)
+
+    run_dir = tmp_path / "run"
+    ov = overrides(demo_shards, run_dir, **{"train.steps": 300, "data.num_workers": 2,
+                                            "data.worker_start": "forkserver", "train.hang_timeout_s": 600})
+    proc = launch(torchrun(ov))
+    ranks = {}
+    try:
+        wait_for(lambda: 2 in complete_steps(run_dir) and logged_steps(run_dir) >= 3, proc, 400)
+        ranks = ranks_of(proc.pid)
+        groups = {os.getpgid(p.pid) for p in ranks.values()}
+        workers = [c for p in ranks.values() for c in p.children(recursive=True)]
+        assert len(workers) >= 2 * 3, [c.cmdline() for c in workers]  # a forkserver and 2 workers per rank
+        for group in groups:  # what torchrun and slurmstepd do: the whole group of each rank at once
+            os.killpg(group, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        kill_all([*ranks.values(), proc])
+    assert "SIGTERM: saved step" in out, out[-4000:]
+    assert "DataLoader worker" not in out, out[-4000:]  # no worker died under the trainer
+    assert_intact(run_dir)
+    saved = complete_steps(run_dir)[-1]
+    assert saved >= 3
+    out = run(torchrun([*ov, f"train.steps={saved + 1}"]))
+    assert f"at step {saved}" in out
