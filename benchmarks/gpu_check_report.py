@@ -4,8 +4,10 @@ from __future__ import annotations
 
 def summary(results: dict, s: dict) -> str:
     lines = ["", "=" * 100, "gpu_check summary", "-" * 100]
-    speed = results.get("speed", {})
-    if isinstance(speed, dict) and "error" not in speed:
+    speed = results.get("speed")
+    if speed is None:
+        pass  # not asked for (--only)
+    elif isinstance(speed, dict) and "error" not in speed and "skipped" not in speed:
         lines.append(f"{'model':14s} {'ours img/s':>11s} {'timm img/s':>11s} {'ours/timm':>9s} {'TFLOP/s':>8s} "
                      f"{'MFU':>6s}   (batch {s['batch']}, {s['size']} px, bf16)")
         for name, _ in s["models"]:
@@ -37,9 +39,12 @@ def summary(results: dict, s: dict) -> str:
                          f"({ld['cpu_cores']} cores) vs {s['headline']} training {need} img/s: sustains={ld['sustains']}")
         else:
             lines.append(f"decode={decode}: {ld}")
-    lines += trainer_lines(results.get("trainer", {}))
+    if "trainer" in results:
+        lines += trainer_lines(results["trainer"])
     mem = results.get("memory", {})
-    if "estimate_step_gib" in mem:
+    if "memory" not in results:
+        pass
+    elif "estimate_step_gib" in mem:
         reserved, allocated = mem.get("measured_peak_reserved_gib"), mem.get("measured_peak_allocated_gib")
         measured = "-" if reserved is None else f"{reserved:.2f} GiB reserved ({allocated:.2f} allocated)"
         lines.append(f"memory {mem['model']} micro {mem['micro_batch']}: measured {measured} vs launch.plan "
@@ -47,7 +52,9 @@ def summary(results: dict, s: dict) -> str:
     else:
         lines.append(f"memory: {mem}")
     comp = results.get("compile", {})
-    if "speedup" in comp:
+    if "compile" not in results:
+        pass
+    elif "speedup" in comp:
         lines.append(f"compile {comp['model']} ({comp['backend']}): eager {comp['eager_images_per_s']:.1f} img/s, "
                      f"compiled {comp['compiled_images_per_s']:.1f} img/s, x{comp['speedup']:.2f} "
                      f"({comp['seconds_incl_compile']:.0f} s incl. compile)")
