@@ -190,6 +190,9 @@ def part_decode(s: dict, device, budget: Budget, shards: Path | None, speed: dic
     """The input pipeline with data.decode=cpu and =gpu, each against the headline model's training rate."""
     out = {}
     for decode in ("cpu", "gpu"):
+        if decode == "gpu" and device.type != "cuda":
+            out[decode] = {"skipped": "data.decode=gpu needs a CUDA device"}
+            continue
         if budget.left() < 15:
             out[decode] = {"skipped": "time budget"}
             continue

@@ -167,3 +167,37 @@ def test_sigterm_to_every_process_group_with_forkserver_workers_saves_and_resume
     assert saved >= 3
     out = run(torchrun([*ov, f"train.steps={saved + 1}"]))
     assert f"at step {saved}" in out
+
+
+FORKSERVER_WORKERS = textwrap.dedent('''
+    import os, signal, sys, tempfile, time
+    import psutil, torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from pipeline.faults.watchdog import Watchdog
+
+    if __name__ == "__main__":  # the forkserver imports this module too
+        watchdog = Watchdog(tempfile.mkdtemp(), 0, 600, 30, orphan_check=False)  # as the trainer starts it
+        loader = DataLoader(TensorDataset(torch.arange(64)), batch_size=4, num_workers=2, prefetch_factor=1,
+                            multiprocessing_context="forkserver")
+        it = iter(loader)
+        seen = [next(it)[0]]
+        workers = [psutil.Process(w.pid) for w in it._workers]
+        forkserver = workers[0].parent()
+        os.killpg(os.getpgid(0), signal.SIGTERM)  # what torchrun and slurmstepd do to a rank's process group
+        time.sleep(1)
+        alive = all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in [*workers, forkserver])
+        seen += [batch[0] for batch in it]
+        print("signalled", watchdog.signalled, "alive", alive, "batches", len(seen), flush=True)
+''')
+
+
+def test_forkserver_workers_outlive_a_process_group_sigterm(tmp_path):
+    """The discriminating half of the test above: without the forkserver's shield its workers die of the
+    group's SIGTERM, and the loader fails ("DataLoader worker ... exited unexpectedly") once the batches they
+    had ready are used up; with it every batch still comes and the trainer's handler saw the signal."""
+    script = tmp_path / "forkserver_workers.py"
+    script.write_text(FORKSERVER_WORKERS)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "signalled True alive True batches 16" in proc.stdout, proc.stdout + proc.stderr[-2000:]

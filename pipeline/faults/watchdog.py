@@ -67,7 +67,7 @@ class Watchdog:
             os.register_at_fork(after_in_child=_reset_in_child)
             # forkserver workers (data.worker_start, the GPU default) never pass through that hook
             import multiprocessing
-            multiprocessing.set_forkserver_preload(["pipeline.faults.forkserver_shield"])
+            multiprocessing.set_forkserver_preload(["__main__", "pipeline.faults.forkserver_shield"])  # + default
         self._thread = threading.Thread(target=self._loop, name="hang-watchdog", daemon=True)
         self._thread.start()
 
