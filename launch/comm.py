@@ -101,3 +101,19 @@ def step_comm(stage: int, params: int, gpus: int, nodes: int, micro: int, accumu
                      for w, n, h, _ in collectives(stage, params, gpus, accumulation, precision, grad_accum,
                                                    communication)) or "none (one GPU)"
     return StepComm(sent, overlapped, compute, sent / bandwidth, exposed, what, exposed_grad)
+
+
+def choice_reason(best, fitting: list, rank) -> str:
+    """One sentence on why `best` won, naming communication when it decided against a lower stage."""
+    share = best.exposed_s / (best.compute_s + best.exposed_s) if best.compute_s else 0.0
+    lower = [o for o in fitting if o.zero_stage < best.zero_stage and o.comm_bound
+             and rank(o)[:3] == rank(best)[:3]]
+    if lower:
+        o = min(lower, key=lambda o: o.zero_stage)
+        step = o.compute_s + o.exposed_s
+        return (f"ZeRO-{best.zero_stage} over ZeRO-{o.zero_stage}, which also fits: ZeRO-{o.zero_stage}'s "
+                f"gradient reduction, not overlapped, takes {o.exposed_grad_s:.2f} s of its {step:.2f} s step "
+                f"({o.exposed_grad_s / step:.0%} > {COMM_FRACTION:.0%}); ZeRO-{best.zero_stage} overlaps it with "
+                f"backward and exposes {best.exposed_s:.2f} s in all ({share:.0%})")
+    return (f"the first fitting setting in the order above (offload, micro-batch, checkpointing, communication, "
+            f"stage); its communication exposes {best.exposed_s:.2f} s of a {best.compute_s + best.exposed_s:.2f} s step ({share:.0%})")

@@ -49,7 +49,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from core.errors import UserError, cli_main
-from launch.comm import COMM_FRACTION, NET_GBPS, step_comm
+from launch.comm import COMM_FRACTION, NET_GBPS, choice_reason, step_comm
 from launch.plan_report import format_table  # noqa: F401  (the table; callers import it from here)
 from pipeline.train.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
@@ -230,7 +230,7 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
             return (o.offload_optimizer + o.offload_param, not o.efficient, o.activation_checkpointing,
                     o.exposed_grad_s if o.comm_bound else 0.0, o.zero_stage, -o.micro_batch_size)
         best = min(fitting, key=rank)
-        out.update(chosen=asdict(best), fits=True, overrides=best.overrides(), choice=_why(best, fitting, rank))
+        out.update(chosen=asdict(best), fits=True, overrides=best.overrides(), choice=choice_reason(best, fitting, rank))
     else:
         smallest = min(options, key=lambda o: o.total_gib)
         why = f"; CPU memory per node is {cpu_mem_gb} GiB" if cpu_mem_gb is not None else ""
@@ -252,22 +252,6 @@ def _add_comm(option: Option, cfg, params: int, macs: int, nodes: int, gpus: int
         c.exposed_s
     option.exposed_grad_s, option.comm = c.exposed_grad_s, c.what
     option.comm_bound = c.exposed_grad_s > COMM_FRACTION * c.step_s
-
-
-def _why(best: Option, fitting: list[Option], rank) -> str:
-    """One sentence on why `best` won, naming communication when it decided against a lower stage."""
-    share = best.exposed_s / (best.compute_s + best.exposed_s) if best.compute_s else 0.0
-    lower = [o for o in fitting if o.zero_stage < best.zero_stage and o.comm_bound
-             and rank(o)[:3] == rank(best)[:3]]
-    if lower:
-        o = min(lower, key=lambda o: o.zero_stage)
-        step = o.compute_s + o.exposed_s
-        return (f"ZeRO-{best.zero_stage} over ZeRO-{o.zero_stage}, which also fits: ZeRO-{o.zero_stage}'s "
-                f"gradient reduction, not overlapped, takes {o.exposed_grad_s:.2f} s of its {step:.2f} s step "
-                f"({o.exposed_grad_s / step:.0%} > {COMM_FRACTION:.0%}); ZeRO-{best.zero_stage} overlaps it with "
-                f"backward and exposes {best.exposed_s:.2f} s in all ({share:.0%})")
-    return (f"the first fitting setting in the order above (offload, micro-batch, checkpointing, communication, "
-            f"stage); its communication exposes {best.exposed_s:.2f} s of a {best.compute_s + best.exposed_s:.2f} s step ({share:.0%})")
 
 
 def _grad_accum(cfg) -> str:
