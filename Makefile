@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench bench-speed gpu-check lint clean
+.PHONY: setup test test-fast test-torch-min demo bench bench-speed gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,36 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow"
 
+# The lent GPU machines run torch 2.11 / torchvision 0.26: the model, attention, compile and no-sync tests on
+# that torch, in a second venv (not part of `make test`). Only PyPI is reachable, and its Linux torch wheel is
+# the CUDA build whose nvidia-* dependencies are ~3 GB; torch loads those through sys.path (its
+# _load_global_deps), so the wheel goes in with --no-deps and a .pth shares the main venv's nvidia libraries
+# (same sonames; nothing of CUDA runs on CPU). Every other package: constraints.txt's pins, without torch's.
+MIN_VENV := .venv-torch-min
+MIN_PY   := $(MIN_VENV)/bin/python
+MIN_TEST := tests/test_model.py tests/test_attention.py tests/test_compile.py tests/test_no_sync.py
+
+$(MIN_VENV)/.installed: constraints.txt $(STAMP)
+	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install -q --upgrade pip
+	$(MIN_PY) -m pip install -q --no-deps torch==2.11.0 torchvision==0.26.0
+	grep -v -E '^(torch|torchvision|triton|nvidia-|cuda-)' constraints.txt > $(MIN_VENV)/requirements.txt
+	$(MIN_PY) -m pip install -q --no-deps -r $(MIN_VENV)/requirements.txt
+	mkdir -p $(MIN_VENV)/shared && ln -sfn $$(cd $(VENV) && pwd)/lib/python3*/site-packages/nvidia $(MIN_VENV)/shared/nvidia
+	$(MIN_PY) -c "import site; open(site.getsitepackages()[0] + '/zz-main-venv-nvidia.pth', 'w').write('$$(pwd)/$(MIN_VENV)/shared\n')"
+	$(MIN_PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.11'), torch.__version__"
+	touch $@
+
+# TORCH_EXTENSIONS_DIR: DeepSpeed's CPU op is built against this torch, apart from the main venv's build.
+test-torch-min: $(MIN_VENV)/.installed
+	PYTHONPATH=$$(pwd) TORCH_EXTENSIONS_DIR=$$(pwd)/$(MIN_VENV)/torch_extensions $(MIN_PY) -m pytest -q -p no:cacheprovider $(MIN_TEST)
+
 demo: setup
 	$(PY) -m pipeline.demo --out runs/demo
 
 # Every benchmark that runs without a GPU, at its default (quick) size: the four side-by-side speed
-# comparisons (bench-speed), then memory per rank, planner driver memory and the SIGKILL chaos harness.
+# comparisons (bench-speed), then memory per rank, planner driver memory, the SIGKILL chaos harness and the
+# hostile-source fuzzer.
 # Skipped: benchmarks/gpu_check.py (needs CUDA: `make gpu-check`; its CPU smoke run is in the tests).
 # benchmarks/chaos_{launch,sharding,training}.py are chaos.py's modules, not benchmarks of their own.
 # docs/benchmarks.md has each figure with the command, machine, commit and date that measured it.
@@ -37,6 +62,7 @@ bench: bench-speed
 	$(PY) benchmarks/memory_scale.py
 	$(PY) benchmarks/plan_scale.py
 	$(PY) benchmarks/chaos.py
+	$(PY) benchmarks/fuzz_sources.py
 
 bench-speed: setup
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'

@@ -1,26 +1,34 @@
 """Every GPU figure the project tracks, from one run on one GPU inside a fixed time budget.
 
-Parts (each in its own try: a part that fails prints its error and the next one runs):
+Parts, most valuable first (each in its own try: a part that fails prints its error and the next one runs):
 
+  trainer    the real trainer on the GPU (benchmarks/gpu_check_trainer.py): bf16, deterministic=false, loader
+             workers, N steps then save, resume from it, and N steps with model.compile; steps/s, host syncs
+             per step under torch.cuda.set_sync_debug_mode("warn"), graph breaks and recompiles (TORCH_LOGS),
+             the SDPA kernel each attention stage ran
   speed      training images/s of coatnet-0..3 against timm's same-size coatnet_N_224, same batch, bf16
              autocast, torch's fused AdamW, the two alternating round by round (benchmarks/model_speed.py);
+             our parameters as the trainer holds them (contiguous: ZeRO needs that) against timm's own NCHW model;
              TFLOP/s and MFU of each (pipeline.train.flops against the device's bf16 peak; coatnet-3 at 224 px is
              the headline MFU)
   attention  forward + backward of relative attention at coatnet-3's own stage shapes (S3 14x14, 24 heads;
              S4 7x7, 48 heads at 224 px) for each kernel (sdpa, math, flex; model/attention.py): the fastest
-  loader     images/s of the real training input pipeline (pipeline.data.loader, shards, RandAugment, <= 8
-             workers) against coatnet-3's training images/s from `speed`: does it keep up?
+  decode     images/s of the real training input pipeline (pipeline.data.loader, shards, RandAugment, <= 8
+             workers) with data.decode=cpu and data.decode=gpu (nvJPEG and the augmentation on the GPU), against
+             coatnet-3's training images/s from `speed`: does each keep up?
   memory     peak device memory of coatnet-3 training steps through the real DeepSpeed engine (ZeRO-2,
              bf16, the trainer's DeepSpeed config) against launch.plan.rank_peak's estimate of that step;
              with a plain torch step if DeepSpeed is not importable (then said so in the figures)
   compile    coatnet-3 training images/s eager vs torch.compile (inductor), if time is left for compiling
 
 It prints one summary table last and writes every figure to OUT/gpu_check.json (--out, default $OUT or
-runs/gpu_check). --budget-s (default 480) bounds the whole run: a part starts only if its minimum time is
-left, and loops stop early when the budget runs out, so the run ends inside a 600 s device call.
+runs/gpu_check) after every part, so a run cut short keeps the figures of the parts that finished.
+--budget-s (default 360) bounds the whole run: a part starts only if its minimum time is left, and loops stop
+early when the budget runs out, so with a machine's start it ends well inside half of a 15-minute device
+lease, leaving time for a second try.
 --tiny is a CPU smoke run of every part (tiny model, few iterations, under a minute; tests/test_gpu_check.py).
 
-On the lent H200 (torch 2.11, torchvision 0.26 and timm are there; DeepSpeed, webdataset and their small
+On the lent H100/H200 (torch 2.11, torchvision 0.26 and timm are there; DeepSpeed, webdataset and their small
 dependencies are not, and Ray, which makes shards, is too large to carry), prepare here once, in the repo root:
 
     echo /.whl/ >> .git/info/exclude; echo /.gpucheck/ >> .git/info/exclude
@@ -28,12 +36,18 @@ dependencies are not, and Ray, which makes shards, is too large to carry), prepa
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
         webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \\
-        annotated-types==0.8.0 typing-inspection==0.4.5
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
     .venv/bin/python benchmarks/gpu_check.py --make-shards .gpucheck/shards   # 8 classes x 128 JPEGs, 256 px
 
-then the device call (tool `run`, carry [".whl", ".gpucheck"], timeout_s 560):
+(typing_extensions: the version pydantic 2.14 was tested with here, in place of the image's; the rest the
+trainer imports, py-cpuinfo, msgpack, ninja, einops, safetensors, tensorboard, psutil, PyYAML and tqdm, is in
+the image: /work/.library/device/KINDS.md.) Then the device call (tool `run`, carry [".whl",
+".gpucheck"], timeout_s 420: the 360 s budget, the install and the final summary):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --shards .gpucheck/shards --out $OUT
+
+A second try, if the first was cut: the same call with `--only` naming the parts whose figures are missing
+from the first call's gpu_check.json.
 
 or, on any CUDA machine with the project's venv: `make gpu-check` (shards are made on the spot when Ray is
 installed, else pass --shards).
@@ -58,9 +72,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from model import channels_last_default, count_macs, create_model, get_config, prepare_for_speed  # noqa: E402
 from pipeline.train.flops import device_peak_tflops, tflops_per_device, train_flops_per_image, utilization  # noqa: E402
+from gpu_check_report import summary  # noqa: E402
 
-PARTS = ("speed", "attention", "loader", "memory", "compile")
-MIN_S = {"speed": 60, "attention": 30, "loader": 40, "memory": 40, "compile": 150}  # a part starts with this left
+PARTS = ("trainer", "speed", "memory", "attention", "decode", "compile")
+MIN_S = {"trainer": 90, "speed": 50, "attention": 20, "decode": 30, "memory": 30, "compile": 120}  # needed to start
 
 
 class Budget:
@@ -76,11 +91,13 @@ def settings(tiny: bool, device: torch.device) -> dict:
     if tiny:
         return {"tiny": True, "models": [("coatnet-tiny", None)], "headline": "coatnet-tiny", "size": 64,
                 "batch": 4, "steps": 1, "rounds": 2, "attn_repeats": 1, "attn_batch": 2, "loader_batches": 4,
-                "loader_batch": 8, "workers": 1, "memory_batch": 4, "memory_steps": 1}
+                "loader_batch": 8, "workers": 1, "memory_batch": 4, "memory_steps": 1, "trainer_model": "coatnet-nano",
+                "trainer_size": 32, "trainer_batch": 4, "trainer_steps": 4, "trainer_min_s": 5}
     return {"tiny": False, "models": [(f"coatnet-{n}", f"coatnet_{n}_224") for n in range(4)], "headline": "coatnet-3",
             "size": 224, "batch": 64, "steps": 5, "rounds": 3, "attn_repeats": 5, "attn_batch": 64,
             "loader_batches": 30, "loader_batch": 64, "workers": min(8, os.cpu_count() or 1),
-            "memory_batch": 64, "memory_steps": 3}
+            "memory_batch": 64, "memory_steps": 3, "trainer_model": "coatnet-3", "trainer_size": 224,
+            "trainer_batch": 64, "trainer_steps": 30, "trainer_min_s": 30}
 
 
 def ours(name: str, size: int, device: torch.device, weights: bool = True):
@@ -109,7 +126,7 @@ def part_speed(s: dict, device, budget: Budget) -> dict:
         if budget.left() < 20:
             out[name] = {"skipped": "time budget"}
             continue
-        models = {"ours": ours(name, s["size"], device)}
+        models = {"ours": ours(name, s["size"], device, weights=False)}  # as the trainer holds them
         if timm is not None:
             models["timm"] = timm.create_model(timm_name, num_classes=1000, img_size=s["size"])
         rates = side_by_side(models, images, labels, s["steps"], s["rounds"], torch.bfloat16, device)
@@ -169,19 +186,34 @@ def make_shards(root: Path, classes: int, per_class: int, size: int) -> Path:
     return make_data(root, classes, per_class, size)[1]
 
 
-def part_loader(s: dict, device, budget: Budget, shards: Path | None, speed: dict) -> dict:
+def part_decode(s: dict, device, budget: Budget, shards: Path | None, speed: dict) -> dict:
+    """The input pipeline with data.decode=cpu and =gpu, each against the headline model's training rate."""
+    out = {}
+    for decode in ("cpu", "gpu"):
+        if decode == "gpu" and device.type != "cuda":
+            out[decode] = {"skipped": "data.decode=gpu needs a CUDA device"}
+            continue
+        if budget.left() < 15:
+            out[decode] = {"skipped": "time budget"}
+            continue
+        try:
+            out[decode] = part_loader(s, device, budget, shards, speed, decode)
+        except Exception as err:  # nvJPEG missing leaves the cpu figure
+            out[decode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(f"  decode {decode}: {out[decode]}", flush=True)
+    return out
+
+
+def part_loader(s: dict, device, budget: Budget, shards: Path | None, speed: dict, decode: str = "cpu") -> dict:
     from loader_speed import measure
     from pipeline.config import load_config
     from pipeline.data.loader import build_train_loader
     from pipeline.data.shards import open_shards
 
-    tmp = None
-    if shards is None:
-        tmp = tempfile.TemporaryDirectory()
-        shards = make_shards(Path(tmp.name), 8, 16 if s["size"] <= 64 else 128, max(64, s["size"] + 32))
     workers = s["workers"]
     cfg = load_config(None, [f"data.train={shards}", "data.val=null", f"data.image_size={s['size']}",
                              f"data.num_workers={workers}", f"train.micro_batch_size={s['loader_batch']}",
+                             f"data.decode={decode}",
                              f"train.global_batch_size={s['loader_batch']}", "train.steps=1000"])
     split = open_shards(cfg.data.train, cfg.data.train_split)
 
@@ -196,8 +228,6 @@ def part_loader(s: dict, device, budget: Budget, shards: Path | None, speed: dic
     out["model_images_per_s"] = need
     out["sustains"] = None if need is None else wall >= need
     out["cpu_cores"] = os.cpu_count()
-    if tmp is not None:
-        tmp.cleanup()
     return out
 
 
@@ -283,70 +313,21 @@ def part_compile(s: dict, device, budget: Budget) -> dict:
             "backend": "inductor" if device.type == "cuda" else "aot_eager"}
 
 
-# ---------------------------------------------------------------------------------------------- report
-def summary(results: dict, s: dict) -> str:
-    lines = ["", "=" * 100, "gpu_check summary", "-" * 100]
-    speed = results.get("speed", {})
-    if isinstance(speed, dict) and "error" not in speed:
-        lines.append(f"{'model':14s} {'ours img/s':>11s} {'timm img/s':>11s} {'ours/timm':>9s} {'TFLOP/s':>8s} "
-                     f"{'MFU':>6s}   (batch {s['batch']}, {s['size']} px, bf16)")
-        for name, _ in s["models"]:
-            r = speed.get(name, {})
-            if "ours_images_per_s" not in r:
-                lines.append(f"{name:14s} {r}")
-                continue
-            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-            timm_ips = f"{r['timm_images_per_s']:.1f}" if "timm_images_per_s" in r else "-"
-            ratio = f"{r['ratio_ours_timm']:.3f}" if "ratio_ours_timm" in r else "-"
-            lines.append(f"{name:14s} {r['ours_images_per_s']:11.1f} {timm_ips:>11s} {ratio:>9s} "
-                         f"{r['ours_tflops']:8.1f} {mfu:>6s}")
-    else:
-        lines.append(f"speed: {speed}")
-    att = results.get("attention", {})
-    for shape, r in (att.items() if isinstance(att, dict) and "error" not in att else []):
-        if not isinstance(r, dict):
-            continue
-        times = ", ".join(f"{k} {v['ms']:.2f} ms" if isinstance(v, dict) else f"{k} {v}" for k, v in r["kernels"].items())
-        lines.append(f"attention {shape}: fastest {r['fastest']} ({times})")
-    if "error" in att:
-        lines.append(f"attention: {att['error']}")
-    ld = results.get("loader", {})
-    if "images_per_s" in ld:
-        need = f"{ld['model_images_per_s']:.1f}" if ld.get("model_images_per_s") else "?"
-        lines.append(f"loader: {ld['images_per_s']:.1f} img/s with {ld['workers']} workers ({ld['cpu_cores']} cores) "
-                     f"vs {s['headline']} training {need} img/s: sustains={ld['sustains']}")
-    else:
-        lines.append(f"loader: {ld}")
-    mem = results.get("memory", {})
-    if "estimate_step_gib" in mem:
-        reserved, allocated = mem.get("measured_peak_reserved_gib"), mem.get("measured_peak_allocated_gib")
-        measured = "-" if reserved is None else f"{reserved:.2f} GiB reserved ({allocated:.2f} allocated)"
-        lines.append(f"memory {mem['model']} micro {mem['micro_batch']}: measured {measured} vs launch.plan "
-                     f"{mem['estimate_step_gib']:.2f} GiB [{mem['measured_with']}]")
-    else:
-        lines.append(f"memory: {mem}")
-    comp = results.get("compile", {})
-    if "speedup" in comp:
-        lines.append(f"compile {comp['model']} ({comp['backend']}): eager {comp['eager_images_per_s']:.1f} img/s, "
-                     f"compiled {comp['compiled_images_per_s']:.1f} img/s, x{comp['speedup']:.2f} "
-                     f"({comp['seconds_incl_compile']:.0f} s incl. compile)")
-    else:
-        lines.append(f"compile: {comp}")
-    lines.append(f"device: {results['device']}; total {results['seconds']:.0f} s of budget {results['budget_s']:.0f} s")
-    lines.append("=" * 100)
-    return "\n".join(lines)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu_check"))
+    parser.add_argument("--budget-s", type=float, default=360.0)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run of every part (tiny model, < 1 min)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--shards", type=Path, help="shard folder for the trainer and decode parts (else made "
+                                                    "with data_prep, which needs Ray)")
+    parser.add_argument("--make-shards", type=Path, metavar="DIR",
+                        help="only write the loader's shards (8 classes x 128 JPEGs of 256 px) into DIR, and exit")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu_check"))
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run of every part (tiny model, < 1 min)")
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--shards", type=Path, help="shard folder for the loader part (else made with data_prep)")
-    parser.add_argument("--make-shards", type=Path, metavar="DIR",
-                        help="only write the loader's shards (8 classes x 128 JPEGs of 256 px) into DIR, and exit")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.make_shards:
         made = make_shards(args.make_shards, 8, 128, 256)
         print(f"shards in {made}")
@@ -359,7 +340,17 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     results: dict = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "budget_s": args.budget_s,
                      "settings": s}
-    for part in args.only:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_check.json")
+    work = tempfile.TemporaryDirectory()  # checkpoints and made shards: never under --out, which comes back
+    shards = [args.shards]
+
+    def data() -> Path:
+        if shards[0] is None:
+            shards[0] = make_shards(Path(work.name) / "data", 8, 16 if s["size"] <= 64 else 128, max(64, s["size"] + 32))
+        return shards[0]
+
+    for part in [p for p in PARTS if p in args.only]:
         if budget.left() < (5 if args.tiny else MIN_S[part]):
             results[part] = {"skipped": f"time budget ({budget.left():.0f} s left, needs {MIN_S[part]})"}
             print(f"[{part}] skipped: time budget", flush=True)
@@ -367,9 +358,11 @@ def main(argv=None) -> int:
         print(f"[{part}] ... ({budget.left():.0f} s left)", flush=True)
         t0 = time.monotonic()
         try:
-            if part == "loader":
-                shards = args.shards if args.shards is not None else None
-                results[part] = part_loader(s, device, budget, shards, results.get("speed", {}))
+            if part == "decode":
+                results[part] = part_decode(s, device, budget, data(), results.get("speed", {}))
+            elif part == "trainer":
+                from gpu_check_trainer import part_trainer
+                results[part] = part_trainer(s, device, budget, data(), Path(work.name))
             else:
                 results[part] = globals()[f"part_{part}"](s, device, budget)
             results[part].pop("_opt", None)
@@ -380,14 +373,21 @@ def main(argv=None) -> int:
         results[part]["seconds"] = round(time.monotonic() - t0, 1)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        results["seconds"] = time.monotonic() - started
+        write_json(path, results)  # after every part: a run killed later keeps these figures
     results["seconds"] = time.monotonic() - started
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gpu_check.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    write_json(path, results)
+    work.cleanup()
     print(summary(results, s))
     print(f"figures: {path}")
     return 0
+
+
+def write_json(path: str, results: dict) -> None:
+    """Replace the figures file whole (a kill mid-write leaves the previous one, never half a file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,15 @@ Which fitting setting wins (first difference decides), and why:
 2. a micro-batch big enough to keep the GPU busy (>= 128 G multiply-adds per micro-step, e.g. 32
    images of CoAtNet-0 at 224 px or 1 image of CoAtNet-7) before one that is not;
 3. no activation checkpointing before checkpointing: checkpointing recomputes the forward (+~33% compute);
-4. the lower ZeRO stage: ZeRO-3 gathers the weights again for every micro-step. ZeRO-0 is only
+4. a gradient reduction that compute hides: a setting whose unoverlapped gradient reduction costs more than
+   COMM_FRACTION (10%) of its step at --net-gbps is passed over, the least exposed first (launch/comm.py: ZeRO-1
+   with bf16 + fp32 accumulation all-reduces the fp32 gradient after backward; ZeRO-2 reduce-scatters during it);
+5. the lower ZeRO stage: ZeRO-3 gathers the weights again for every micro-step. ZeRO-0 is only
    considered on one GPU: with more, ZeRO-1 moves the same bytes (reduce-scatter + all-gather = one
    all-reduce) and holds less;
-5. the larger micro-batch (fewer accumulation steps).
+6. the larger micro-batch (fewer accumulation steps).
+Each setting's communication per step (bytes per GPU, overlapped or not, time at --net-gbps) is printed next to
+its compute.
 
 Time per epoch = images x 6 x multiply-adds (forward + backward = 3 forward passes, 2 FLOPs per
 multiply-add) / (GPUs x peak TFLOP/s x MFU), counted by pipeline.train.flops as the trainer's MFU log counts it
@@ -44,13 +49,17 @@ import sys
 from dataclasses import asdict, dataclass
 
 from core.errors import UserError, cli_main
+from launch.comm import COMM_FRACTION, NET_GBPS, choice_reason, step_comm
+from launch.plan_report import format_table  # noqa: F401  (the table; callers import it from here)
 from pipeline.train.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
 GIB = 2 ** 30
 # Per GPU, before any tensor: the CUDA context with cuBLAS/cuDNN workspaces (about 0.5 GiB with CUDA 12's lazy
-# module loading on H100/H200) and NCCL's communicators and channel buffers (a few hundred MiB at 8 GPUs per
-# node). Assumed, not measured here (no GPU); `--cuda-context-gb` overrides it.
-CUDA_CONTEXT_GIB = 0.75
+# module loading on H100/H200, plus cuDNN's autotuning workspaces under cudnn.benchmark) and NCCL's communicators:
+# channel buffers, and on 8-GPU NVSwitch nodes its NVLink SHARP (NVLS) buffers, about 1 GiB per communicator.
+# Revisited from 0.75 GiB (which counted neither); assumed, not measured here (no GPU): gpu_check's memory part
+# reports reserved memory against the plan. `--cuda-context-gb` overrides it.
+CUDA_CONTEXT_GIB = 2.0
 FRAGMENTATION = 1.10  # PyTorch's caching allocator rarely packs activations tighter than this
 MIN_MICRO_MACS = 128e9  # multiply-adds per micro-step below which a GPU idles between small kernels
 
@@ -80,6 +89,14 @@ class Option:
     cpu_per_node_gib: float
     fits: bool
     efficient: bool = False
+    # communication per GPU per step at this setting (launch/comm.py)
+    comm_gb: float = 0.0
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    exposed_s: float = 0.0
+    exposed_grad_s: float = 0.0
+    comm_bound: bool = False  # unoverlapped gradient reduction > COMM_FRACTION of the step
+    comm: str = ""
 
     def describe(self) -> str:
         off = ("optimizer+param" if self.offload_param else "optimizer") if self.offload_optimizer else "none"
@@ -117,7 +134,8 @@ def _divisors(n: int) -> list[int]:
 
 def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: float | None = None,
          mfu: float = 0.4, gpu_tflops: float = PEAK_BF16_TFLOPS[DEFAULT_GPU], reserve_gb: float | None = None,
-         images_per_epoch: int | None = None, cuda_context_gb: float = CUDA_CONTEXT_GIB) -> dict:
+         images_per_epoch: int | None = None, cuda_context_gb: float = CUDA_CONTEXT_GIB,
+         net_gbps: float = NET_GBPS) -> dict:
     """Everything the CLI prints, as a dict (also the `--json` output)."""
     import torch
 
@@ -135,6 +153,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
         raise UserError(f"--gpu-mem-gb {gpu_mem_gb} leaves nothing after the {reserve_gb} GiB reserve")
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    if net_gbps <= 0:
+        raise UserError(f"--net-gbps must be > 0, got {net_gbps}")
 
     images, dataset_classes, dataset_source = _dataset(cfg, images_per_epoch)
     num_classes = cfg.model.num_classes or dataset_classes or 1000
@@ -158,20 +178,22 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
             act.per_image_checkpointed / GIB, "activation_gib_fixed": act.fixed / GIB,
         "nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": gpus, "gpu_mem_gib": gpu_mem_gb,
         "usable_gib": usable / GIB, "reserve_gib": reserve_gb, "global_batch_size": global_batch,
-        "options": [], "chosen": None, "fits": False, "reason": "",
+        "options": [], "chosen": None, "fits": False, "reason": "", "net_gbps": net_gbps,
+        "comm_fraction": COMM_FRACTION, "choice": "",
     }
     if global_batch % gpus:
         result["reason"] = (f"global batch {global_batch} is not divisible by {gpus} GPUs: pick a GPU count that "
                             f"divides it (e.g. {_near_divisor(global_batch, gpus)}) or change train.global_batch_size")
     else:
+        speed = {"gpu_tflops": gpu_tflops, "mfu": mfu, "net_gbps": net_gbps}
         result.update(_choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable,
-                              cpu_mem_gb))
+                              cpu_mem_gb, speed))
     result["as_written"] = _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable)
     result.update(_time(cfg, macs, images, dataset_source, gpus, gpu_tflops, mfu, result["chosen"]))
     return result
 
 
-def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable, cpu_mem_gb) -> dict:
+def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable, cpu_mem_gb, speed) -> dict:
     """Every ZeRO x offload x checkpointing option at its largest fitting micro-batch, and the best one."""
     from launch.model_states import candidate_settings, ema_bytes, model_states_bytes
 
@@ -195,16 +217,20 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
                 return states + max(act.bytes(m, ckpt), _eval_bytes(act, m)) * FRAGMENTATION
             fitting = [m for m in divisors if need(m) <= usable] if cpu_ok else []
             m = max(fitting) if fitting else 0
-            options.append(Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
-                                  m, per_rank // m if m else 0, states / GIB,
-                                  act.bytes(max(m, 1), ckpt) * FRAGMENTATION / GIB, need(max(m, 1)) / GIB,
-                                  cpu / GIB, bool(m), m >= efficient_micro))
+            option = Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
+                            m, per_rank // m if m else 0, states / GIB,
+                            act.bytes(max(m, 1), ckpt) * FRAGMENTATION / GIB, need(max(m, 1)) / GIB,
+                            cpu / GIB, bool(m), m >= efficient_micro)
+            _add_comm(option, cfg, total_params, macs, nodes, gpus, per_rank, speed)
+            options.append(option)
     out: dict = {}
     fitting = [o for o in options if o.fits]
     if fitting:
-        best = min(fitting, key=lambda o: (o.offload_optimizer + o.offload_param, not o.efficient,
-                                           o.activation_checkpointing, o.zero_stage, -o.micro_batch_size))
-        out.update(chosen=asdict(best), fits=True, overrides=best.overrides())
+        def rank(o):
+            return (o.offload_optimizer + o.offload_param, not o.efficient, o.activation_checkpointing,
+                    o.exposed_grad_s if o.comm_bound else 0.0, o.zero_stage, -o.micro_batch_size)
+        best = min(fitting, key=rank)
+        out.update(chosen=asdict(best), fits=True, overrides=best.overrides(), choice=choice_reason(best, fitting, rank))
     else:
         smallest = min(options, key=lambda o: o.total_gib)
         why = f"; CPU memory per node is {cpu_mem_gb} GiB" if cpu_mem_gb is not None else ""
@@ -213,6 +239,19 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
                          f"{usable / GIB:.1f} GiB usable{why}; use more GPUs, bigger GPUs or a smaller image size")
     out.update(options=[asdict(o) for o in options], efficient_micro_batch=efficient_micro)
     return out
+
+
+def _add_comm(option: Option, cfg, params: int, macs: int, nodes: int, gpus: int, per_rank: int, speed) -> None:
+    """Fill the option's communication figures at its micro-batch (or at micro-batch 1 when it does not fit)."""
+    micro = option.micro_batch_size or 1
+    flops = train_flops_per_image(macs, option.activation_checkpointing).model
+    c = step_comm(option.zero_stage, params, gpus, nodes, micro, per_rank // micro, flops, speed["gpu_tflops"],
+                  speed["mfu"], cfg.precision, _grad_accum(cfg), cfg.deepspeed.communication_dtype,
+                  net_gbps=speed["net_gbps"])
+    option.comm_gb, option.compute_s, option.comm_s, option.exposed_s = c.sent_bytes / 1e9, c.compute_s, c.comm_s, \
+        c.exposed_s
+    option.exposed_grad_s, option.comm = c.exposed_grad_s, c.what
+    option.comm_bound = c.exposed_grad_s > COMM_FRACTION * c.step_s
 
 
 def _grad_accum(cfg) -> str:
@@ -342,74 +381,6 @@ def _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usa
             "accumulation": per_rank if not rest else None, "fits": total <= usable and not rest and per_rank > 0}
 
 
-def _fmt_hours(hours: float) -> str:
-    if hours < 1:
-        return f"{hours * 60:.1f} min"
-    if hours < 48:
-        return f"{hours:.1f} h"
-    return f"{hours / 24:.1f} days"
-
-
-def format_table(r: dict) -> str:
-    hw = "x".join(map(str, r["image_size"]))
-    lines = [
-        f"plan for {r['config']}",
-        f"  model          {r['model']} at {hw} px, {r['num_classes']} classes, {r['precision']}",
-        f"  parameters     {r['parameters'] / 1e6:,.1f} M (largest layer {r['largest_layer_parameters'] / 1e6:,.1f} M)",
-        f"  multiply-adds  {r['macs_per_image'] / 1e9:,.1f} G per image (forward)",
-        f"  activations    {r['activation_gib_per_image']:.3f} GiB/image, "
-        f"{r['activation_gib_per_image_checkpointed']:.3f} GiB/image with activation checkpointing "
-        f"(+{r['activation_gib_fixed']:.2f} GiB fixed)",
-        f"  cluster        {r['nodes']} node(s) x {r['gpus_per_node']} GPU(s) = {r['gpus']} GPUs of "
-        f"{r['gpu_mem_gib']:g} GiB ({r['usable_gib']:.1f} GiB usable after {r['reserve_gib']:g} GiB of CUDA context; "
-        f"states include DeepSpeed's buckets, activations the larger of a step and an evaluation)",
-        f"  global batch   {r['global_batch_size']}",
-        "",
-    ]
-    if r["options"]:
-        header = (f"  {'ZeRO setting':<32}{'ckpt':>5}{'micro':>7}{'accum':>7}{'states':>9}{'activ.':>9}"
-                  f"{'total':>9}{'CPU/node':>10}  fits")
-        lines += [header, "  " + "-" * (len(header) - 2)]
-        chosen = r["chosen"]
-        for o in r["options"]:
-            mark = "  <= chosen" if chosen == o else ""
-            off = ("optimizer+param" if o["offload_param"] else "optimizer") if o["offload_optimizer"] else "none"
-            micro = str(o["micro_batch_size"]) if o["fits"] else "-"
-            accum = str(o["accumulation"]) if o["fits"] else "-"
-            lines.append(f"  {'ZeRO-%d, offload %s' % (o['zero_stage'], off):<32}"
-                         f"{'yes' if o['activation_checkpointing'] else 'no':>5}{micro:>7}{accum:>7}"
-                         f"{o['states_gib']:>9.1f}{o['activations_gib']:>9.1f}{o['total_gib']:>9.1f}"
-                         f"{o['cpu_per_node_gib']:>10.1f}  {'yes' if o['fits'] else 'no'}{mark}")
-        lines.append("  (GiB per GPU; a row that does not fit shows its need at micro-batch 1)")
-        lines.append("")
-    c = r["chosen"]
-    if c:
-        lines.append(f"PLAN: ZeRO-{c['zero_stage']}, offload "
-                     f"{('optimizer+param' if c['offload_param'] else 'optimizer') if c['offload_optimizer'] else 'none'}"
-                     f", activation checkpointing {'on' if c['activation_checkpointing'] else 'off'}, micro-batch "
-                     f"{c['micro_batch_size']} x accumulation {c['accumulation']} x {r['gpus']} GPUs = "
-                     f"{r['global_batch_size']}; {c['total_gib']:.1f} of {r['usable_gib']:.1f} GiB per GPU")
-        lines.append("  overrides: " + " ".join(r["overrides"]))
-    else:
-        lines.append(f"NO PLAN: {r['reason']}")
-    w = r["as_written"]
-    accum = f"accumulation {w['accumulation']}" if w["accumulation"] else "does not divide the global batch"
-    lines.append(f"  config as written: {w['setting']}, activation checkpointing "
-                 f"{'on' if w['activation_checkpointing'] else 'off'}, micro-batch {w['micro_batch_size']} ({accum}): "
-                 f"{w['total_gib']:.1f} GiB per GPU -> {'fits' if w['fits'] else 'does NOT fit'}")
-    lines += [
-        "",
-        f"time at MFU {r['mfu']:g} of {r['gpu_tflops']:g} TFLOP/s per GPU "
-        f"({r['train_flops_per_image'] / 1e12:.3f} TFLOP per training image):",
-        f"  epoch          {r['images_per_epoch']:,} images ({r['dataset_source']}): {_fmt_hours(r['epoch_hours'])}",
-        f"  whole run      {r['total_steps']:,} steps of {r['global_batch_size']}: {_fmt_hours(r['total_hours'])}",
-    ]
-    if c and c["activation_checkpointing"]:
-        lines.append(f"  (activation checkpointing recomputes the forward: expect about 3/4 of the MFU without it; "
-                     f"MFU {r['mfu']:g} is HFU {r['hfu']:.2f})")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m launch.plan", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -426,8 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU memory per node in GiB; when given, offload settings must fit in it")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
     peak = PEAK_BF16_TFLOPS[DEFAULT_GPU]
-    p.add_argument("--gpu-tflops", type=float, default=peak,
-                   help=f"peak 16-bit dense TFLOP/s per GPU ({DEFAULT_GPU} SXM: {peak:g})")
+    p.add_argument("--gpu", choices=sorted(PEAK_BF16_TFLOPS), default=None,
+                   help=f"GPU product for the peak TFLOP/s (default {DEFAULT_GPU} SXM, {peak:g}; "
+                        "H100 PCIe 756, H100/H200 NVL 835)")
+    p.add_argument("--gpu-tflops", type=float, default=None,
+                   help="peak 16-bit dense TFLOP/s per GPU (overrides --gpu)")
+    p.add_argument("--net-gbps", type=float, default=NET_GBPS,
+                   help=f"inter-node bandwidth per GPU in Gbit/s as NCCL reaches it (default {NET_GBPS:g}: "
+                        "400 Gb/s NDR InfiniBand, one NIC per GPU, at ~80%%)")
     p.add_argument("--reserve-gb", type=float, default=None,
                    help="a flat GiB per GPU instead of the CUDA context term (buckets and evaluation are counted "
                         "per setting either way)")
@@ -445,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides, defaults=args.mode)
+    tflops = args.gpu_tflops or PEAK_BF16_TFLOPS[args.gpu or DEFAULT_GPU]
     result = plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.mfu,
-                  args.gpu_tflops, args.reserve_gb, args.images_per_epoch, args.cuda_context_gb)
+                  tflops, args.reserve_gb, args.images_per_epoch, args.cuda_context_gb, args.net_gbps)
     result["config"] = args.config
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0 if result["fits"] else 1

@@ -51,7 +51,7 @@ def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_po
     """Attention of (B, heads, N, head_dim) q, k, v with the bias of `rel_pos` (a RelativePositionBias)."""
     impl = resolved_impl(q)
     if impl == "flex":
-        return flex_relative_attention(q, k, v, rel_pos.bias_table, rel_pos.feat_size)
+        return rel_pos(flex_qkv=(q, k, v))  # through the module: ZeRO-3 gathers its table for the call
     if impl == "math":
         return math_attention(q, k, v, rel_pos(q.dtype))
     n = q.shape[-2]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from .attention import relative_attention
+from .attention import flex_relative_attention, relative_attention
 
 _LOW = (torch.bfloat16, torch.float16)
 _STATS = ("running_mean", "running_var")
@@ -166,7 +166,8 @@ class RelativePositionBias(nn.Module):
     resolution. Calling the module gathers the dense (heads, N, N) bias with `index_select` (its backward
     is an index_add, several times cheaper on CPU than advanced indexing's). Without autograd (evaluation)
     the gathered bias is cached per dtype until the table changes (its version or storage) or the module
-    switches between train and eval.
+    switches between train and eval. `flex` runs flex attention inside this module's call, so ZeRO-3's
+    hooks gather the table for it (read from outside, it is the rank's empty partition).
     """
 
     def __init__(self, num_heads: int, feat_size: tuple[int, int]):
@@ -176,17 +177,23 @@ class RelativePositionBias(nn.Module):
         self.bias_table = nn.Parameter(torch.zeros(num_heads, 2 * height - 1, 2 * width - 1))
         self.register_buffer("index", relative_position_index(height, width), persistent=False)
         self._cache: dict = {}
+        self._padded: dict = {}  # pad_to -> the padded index, made once instead of every forward
 
     def train(self, mode: bool = True):
         self._cache = {}  # weights may have changed in ways the version counter misses (e.g. DeepSpeed all-gathers)
         return super().train(mode)
 
-    def forward(self, dtype: torch.dtype | None = None, pad_to: int = 1) -> torch.Tensor:
+    def forward(self, dtype: torch.dtype | None = None, pad_to: int = 1, flex_qkv=None) -> torch.Tensor:
         """The (heads, N, N) bias in `dtype` (default: the table's); with `pad_to`, a (heads, N, N') tensor
-        whose rows are padded to a multiple of `pad_to` (slice [..., :N] for an aligned view)."""
+        whose rows are padded to a multiple of `pad_to` (slice [..., :N] for an aligned view). With
+        `flex_qkv` = (q, k, v): their flex attention with this bias instead."""
         table = self.bias_table
+        if flex_qkv is not None:
+            return flex_relative_attention(*flex_qkv, table, self.feat_size)
         dtype = dtype or table.dtype
-        if torch.is_grad_enabled() and table.requires_grad:
+        # The cache's key reads data_ptr/_version, a graph break under torch.compile: compiled code gathers
+        # afresh (inductor fuses it) instead.
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
             return _GatherBias.apply(table, self._index(pad_to), dtype)
         key = (dtype, pad_to, table.device, table.data_ptr(), table._version)
         if self._cache.get(dtype, (None,))[0] != key:
@@ -194,9 +201,15 @@ class RelativePositionBias(nn.Module):
         return self._cache[dtype][1]
 
     def _index(self, pad_to: int) -> torch.Tensor:
-        if self.index.shape[1] % pad_to:  # padding columns read entry 0 and are sliced off by the caller
-            return F.pad(self.index, (0, pad_to - self.index.shape[1] % pad_to))
-        return self.index
+        extra = -self.index.shape[1] % pad_to
+        if not extra:
+            return self.index
+        if torch.compiler.is_compiling():  # traced into the graph; no Python-side cache there
+            return F.pad(self.index, (0, extra))
+        padded = self._padded.get(pad_to)
+        if padded is None or padded.device != self.index.device:  # padding columns read entry 0, sliced off later
+            padded = self._padded[pad_to] = F.pad(self.index, (0, extra))
+        return padded
 
 
 class _GatherBias(torch.autograd.Function):

@@ -188,3 +188,43 @@ def test_rank_peak_names_every_term_and_counts_them_per_phase():
                       overrides=("precision=bf16", "deepspeed.bucket_elements=1000",
                                  "deepspeed.communication_dtype=bf16"))
     assert small["terms"]["buckets"] == 1000 * 2  # a bf16 reduction needs no cast
+
+
+C7_224 = "configs/pretrain/jft_coatnet-7.yaml"
+
+
+@pytest.mark.parametrize("nodes", [8, 16])
+def test_coatnet7_plan_counts_communication_and_prefers_zero2_when_zero1_waits(nodes):
+    """Ring collectives, P = 2.53e9 (CoAtNet-7, 30K classes), N GPUs: ZeRO-1's BF16_Optimizer all-reduces the fp32
+    gradient after backward, 2 (N-1)/N x 4P bytes sent per GPU (19.9 GB), not overlapped: ~0.5 s at 320 Gb/s
+    (40 GB/s), against ~0.44 s (8x8) / 0.22 s (16x8) of compute at MFU 0.4 for 4096 / N images of 2.75 TFLOP.
+    ZeRO-2 reduce-scatters half of that in backward; both all-gather the 16-bit weights after the step."""
+    cmd = [sys.executable, "-m", "launch.plan", "--config", C7_224, "--nodes", str(nodes), "--gpus-per-node", "8",
+           "--gpu-mem-gb", "80"]
+    table = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd + ["--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and res.returncode == 0, table.stderr[-3000:] + res.stderr[-3000:]
+    r = json.loads(res.stdout)
+    gpus, params = 8 * nodes, r["parameters"]
+    ring = (gpus - 1) / gpus
+    zero1, zero2 = _row(r, 1), _row(r, 2)
+    assert zero1["comm_gb"] == pytest.approx(ring * params * (2 * 4 + 2) / 1e9, rel=1e-3)
+    assert zero2["comm_gb"] == pytest.approx(ring * params * (4 + 2) / 1e9, rel=1e-3)
+    assert zero1["exposed_s"] == pytest.approx(zero1["comm_s"]) and zero1["comm_s"] == pytest.approx(
+        zero1["comm_gb"] * 1e9 / 40e9, rel=1e-3)  # nothing of it overlapped
+    assert zero2["exposed_s"] < zero2["comm_s"]    # the reduce-scatter hides (partly) behind backward
+    compute = 4096 / gpus * r["train_flops_per_image"] / (989e12 * 0.4)
+    assert zero1["compute_s"] == pytest.approx(compute, rel=1e-6)
+    assert r["chosen"]["zero_stage"] == 2 and zero1["fits"] and zero1["comm_bound"]
+    assert r["choice"].startswith("ZeRO-2 over ZeRO-1")
+    out = table.stdout
+    assert "why: ZeRO-2 over ZeRO-1" in out and "communication per step:" in out and "s of compute" in out
+
+
+def test_a_fast_network_keeps_the_lowest_stage_and_gpu_products_have_their_peaks():
+    cfg = load_config(C7_224, [])
+    fast = plan(cfg, 8, 8, 80, net_gbps=1e6)  # communication ~free: nothing is comm-bound
+    assert fast["chosen"]["zero_stage"] == 1 and not fast["chosen"]["comm_bound"]
+    assert "first fitting setting" in fast["choice"]
+    assert peak_tflops_for_name("NVIDIA H100 PCIe") == 756 and peak_tflops_for_name("NVIDIA H100 NVL") == 835
+    assert peak_tflops_for_name("NVIDIA H100 80GB HBM3") == 989 and peak_tflops_for_name("NVIDIA H200 NVL") == 835

@@ -152,12 +152,15 @@ def batch_mix_transform(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha
 
 
 def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label lists padded with -1, int64 (B, L) -> multi-hot float32 (B, num_classes) on the same device."""
-    out = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-    valid = labels >= 0
-    out[rows[valid], labels[valid]] = 1.0
-    return out
+    """Label lists padded with -1, int64 (B, L) -> multi-hot float32 (B, num_classes) on the same device.
+
+    A scatter into a spare last column for the padding, not boolean-mask indexing: a mask's selection has a
+    data-dependent size, which costs a device-to-host sync per micro-batch on GPUs.
+    """
+    index = labels.masked_fill(labels < 0, num_classes)
+    out = torch.zeros(labels.shape[0], num_classes + 1, dtype=torch.float32, device=labels.device)
+    out.scatter_(1, index, 1.0)
+    return out[:, :num_classes].contiguous()
 
 
 class MultiHotMix:

@@ -66,6 +66,12 @@ def fault_steps() -> frozenset[int]:
     return frozenset(int(s) for s in raw.split(",") if s.strip())
 
 
+def batchnorm_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics (mean, var, batch count) of every BatchNorm layer: what a forward pass changes."""
+    return [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
 class StepGuard:
     """Decides per step whether it is applied; counts bad steps; asks for rollbacks; persists what to skip."""
 
@@ -114,8 +120,12 @@ class StepGuard:
         return loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype), mean, bad
 
     def snapshot_buffers(self, module: torch.nn.Module) -> None:
-        """Keep the BatchNorm statistics before the step's forward passes (put back if it is bad)."""
-        bufs = [b for b in module.buffers() if b is not None]
+        """Keep the BatchNorm statistics before the step's forward passes (put back if it is bad).
+
+        Only those: a forward changes nothing else, and the other buffers are constants (each block's int64
+        relative-position index alone is 336 MiB for CoAtNet-7 at 512 px), which a copy per step would cost.
+        """
+        bufs = batchnorm_buffers(module)
         if len(self._buffers) != len(bufs):
             self._buffers = [(b, b.detach().clone()) for b in bufs]
         with torch.no_grad():

@@ -65,6 +65,9 @@ class Watchdog:
             self._old_handler = signal.signal(signal.SIGTERM, self._on_signal)
             self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
             os.register_at_fork(after_in_child=_reset_in_child)
+            # forkserver workers (data.worker_start, the GPU default) never pass through that hook
+            import multiprocessing
+            multiprocessing.set_forkserver_preload(["__main__", "pipeline.faults.forkserver_shield"])  # + default
         self._thread = threading.Thread(target=self._loop, name="hang-watchdog", daemon=True)
         self._thread.start()
 

@@ -61,19 +61,7 @@ def setup(deterministic: bool = True, timeout_s: Optional[float] = None) -> Dist
     if accel.device_name() == "cpu":
         # Fixed thread counts: CPU kernels split reductions by thread, so bit-exact reruns need the same split.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode would also NaN-fill every torch.empty; ZeRO allocates large gradient buckets with
-        # it on every hook (seconds per step on CPU) and overwrites them before use.
-        from torch.utils import deterministic as torch_deterministic
-        torch_deterministic.fill_uninitialized_memory = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the conv algorithms once
-        # fp32 matmuls and convolutions on tensor cores (torch >= 2.9 spelling of the old allow_tf32 flags)
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    set_precision(deterministic)
     if not torch.distributed.is_initialized():
         # A collective that waits longer than this is a hang (a frozen or dead peer). The one legitimately long
         # wait, the others waiting while rank 0 converts a checkpoint to a universal one, polls the conversion's
@@ -89,6 +77,27 @@ def setup(deterministic: bool = True, timeout_s: Optional[float] = None) -> Dist
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
     return DistInfo(rank, world, local_rank, local_world, device, accel.communication_backend_name())
+
+
+def set_precision(deterministic: bool) -> None:
+    """Deterministic kernels, or the fast ones (cuDNN autotuning, TF32 tensor cores) for `deterministic=false`.
+
+    TF32 goes through the legacy setters on purpose: once torch's new `fp32_precision` API is set, every read
+    of the legacy flags raises ("mix of the legacy and new APIs"), and inductor still reads them
+    (pytorch#166387), so a compiled GPU run would die in compilation. Set the legacy way, both APIs read back.
+    """
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode would also NaN-fill every torch.empty; ZeRO allocates large gradient buckets with
+        # it on every hook (seconds per step on CPU) and overwrites them before use.
+        from torch.utils import deterministic as torch_deterministic
+        torch_deterministic.fill_uninitialized_memory = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the conv algorithms once
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True      # and convolutions
 
 
 def teardown() -> None:

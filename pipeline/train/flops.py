@@ -26,7 +26,9 @@ RECOMPUTE_PASSES = 1  # activation checkpointing runs the forward again in backw
 
 # Dense 16-bit (bf16) peak TFLOP/s per accelerator, no sparsity (vendor datasheets), matched by name.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "A10G": 125.0, "V100": 125.0, "GH200": 989.0, "B200": 2250.0}
+                    "A10G": 125.0, "V100": 125.0, "GH200": 989.0, "B200": 2250.0,
+                    # the lower-clocked, lower-power products (NVIDIA's data sheets; names as CUDA reports them)
+                    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0}
 DEFAULT_GPU = "H100"  # the planner's default when no --gpu-tflops is given (H100 SXM)
 
 

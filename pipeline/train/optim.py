@@ -193,9 +193,12 @@ def deepspeed_config(cfg, world_size: int, on_cpu: bool, load_universal: bool = 
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
     if ds.zero_stage == 3:
-        # Small models (the demo) would otherwise keep every parameter persistent and skip partitioning.
-        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False,
-                    stage3_prefetch_bucket_size=bucket)
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_prefetch_bucket_size=bucket)
+        if on_cpu:
+            # Small CPU models (the demo, the tests) would otherwise keep every parameter persistent and skip
+            # partitioning. On GPUs DeepSpeed's default (1e5 elements) stays: with 0 every bias and norm weight
+            # is its own all-gather per micro-step.
+            zero["stage3_param_persistence_threshold"] = 0
     params = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
               "weight_decay": cfg.optim.weight_decay}
     params.update(optimizer_choice(ds, on_cpu))
