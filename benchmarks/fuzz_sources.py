@@ -13,8 +13,9 @@ then runs the listing (``list_partitioned``) and, for every listed input, the re
 the shard tasks, in process (no Ray: the tasks are plain functions). A case is run twice; the two outcome
 digests (ids, reasons, sha256 of every encoded sample) must match.
 
-Why seeded ``random`` and not hypothesis: hypothesis is not installed in the project environment, and a seeded
-mutator replays any failing case from (kind, seed) alone. Hangs: SIGALRM per case. Memory: the process's peak
+Cases are drawn from a seeded ``random`` so any failing case replays from (kind, seed) alone; in the test suite
+hypothesis draws the (kind, seed) pairs (derandomized, shrinking a failure to its smallest seed:
+tests/test_data_prep_hostile.py), while this script runs the long plain loop that counts outcomes per kind. Hangs: SIGALRM per case. Memory: the process's peak
 RSS is printed and must stay under --max-rss-mb.
 """
 from __future__ import annotations

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import importlib.util
 import os
+import signal
 import stat
 import tarfile
 import time
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from core.images import jpeg_ends_at_eoi
@@ -24,6 +28,11 @@ from data_prep.sources.listing import list_partitioned
 from data_prep.sources.read import read_bytes
 from data_prep.spill import PARTITIONS, read_spill
 from tests.test_data_prep_helpers import _rgb, encode as encode_image
+
+_SPEC = importlib.util.spec_from_file_location("fuzz_sources", Path(__file__).resolve().parents[1] / "benchmarks" /
+                                               "fuzz_sources.py")
+fuzz_sources = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(fuzz_sources)
 
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
        b"newpath 0 0 moveto 8 0 lineto 8 8 lineto closepath fill\nshowpage\n%%EOF\n")
@@ -348,3 +357,21 @@ def test_a_damaged_archive_or_parquet_file_is_a_reject_and_the_others_are_listed
     (parquet / "b.parquet").write_bytes(b"PAR1 garbage")
     ids, rejects = _listed(list_partitioned(parquet, "parquet", None, 0, tmp_path / "s3"))
     assert ids == ["a.parquet/000000000"] and rejects["b.parquet"][0] == "damaged_file"
+
+
+@given(kind=st.sampled_from(fuzz_sources.KINDS), seed=st.integers(min_value=0, max_value=2**31 - 1))
+@settings(max_examples=21, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzz_cases_drawn_by_hypothesis_end_as_samples_or_named_rejects(kind, seed, tmp_path):
+    """Hypothesis draws (source kind, seed) and shrinks a failure to its smallest seed; each case builds a valid
+    source, mutates it (benchmarks/fuzz_sources.py) and runs the listing, read, scan and encode twice.
+    derandomize: CI tries the same cases every run; a failure prints the (kind, seed) to replay with
+    `python benchmarks/fuzz_sources.py --kinds KIND --seed SEED --cases 1`."""
+    signal.signal(signal.SIGALRM, _raise_hang)
+    status, counts = fuzz_sources.fuzz(kind, seed, tmp_path, timeout_s=60)
+    assert status == "ok", f"{status}: python benchmarks/fuzz_sources.py --kinds {kind} --seed {seed} --cases 1"
+    assert sum(counts.values()) >= 1  # every case ends somewhere: samples, named rejects or a source error
+
+
+def _raise_hang(_signum, _frame):
+    raise fuzz_sources.Hang()
