@@ -1,5 +1,5 @@
 """The code's shape stays legible: no import cycles, no folder of more than 15 modules, no file over 450 lines,
-no function over 120. These bounds are what make the folders show the architecture (docs/architecture.md);
+no function over 120. These bounds are what make the folders show the architecture (README.md, "Layout");
 a change that breaks one should split a module or move a helper, not raise the bound."""
 from __future__ import annotations
 

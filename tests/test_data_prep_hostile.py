@@ -217,7 +217,7 @@ def test_training_skips_oversized_members_and_never_decompresses_a_shard(tmp_pat
 
 def test_fuzz_every_source_kind_small_seeded_run():
     """benchmarks/fuzz_sources.py, a few cases per kind: no crash, hang or nondeterminism (the long run is the
-    benchmark's; its figures are in docs/NOTES-data22.md)."""
+    benchmark's; its figures are in docs/benchmarks.md)."""
     import subprocess
     import sys
 
