@@ -74,7 +74,8 @@ _SHARD_OPTIONS = [
                                        "machine or of the cluster)"),
 ]
 _MiB = 1 << 20
-# Limits on what one hostile input can make the job read or hold (data_prep/limits.py; docs/data.md, "Hostile input and limits").
+# Limits on what one hostile input can make the job read or hold (data_prep/limits.py;
+# docs/data.md, "Hostile input and limits").
 _LIMIT_OPTIONS = [
     ("--max-bytes", _positive_int, 64 * _MiB, "reject an image file, tar member, object or parquet cell larger "
                                               "than this many bytes as 'too_large', judged from its size before "
