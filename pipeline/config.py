@@ -139,6 +139,8 @@ class OptimConfig:
     warmup_steps: int = _f(0, "linear warm-up steps")
     warmup_epochs: float = _f(0.0, "warm-up in epochs, added to warmup_steps")
     decay: str = _f("cosine", "LR decay after warm-up to min_lr", ("cosine", "linear", "constant"))
+    layer_decay: Optional[float] = _f(None, "layer-wise LR decay for fine-tuning (timm --layer-decay): block k of n gets "
+                                            "LR x layer_decay^(n + 1 - k), the stem ^(n + 1), the head 1; null = off")
 
 
 @dataclass
@@ -331,6 +333,7 @@ _RANGES += [(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in ("train.ema_deca
 _RANGES += [("data.randaugment_magnitude", lambda v: 0 <= v <= 30, "in 0..30")]
 _RANGES += [("train.spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1")]
 _RANGES += [(key, lambda v: 0 < v <= 1, "in (0, 1]") for key in ("data.min_crop_scale", "data.crop_ratio")]
+_RANGES += [("optim.layer_decay", lambda v: v is None or 0 < v <= 1, "in (0, 1] or null")]
 _RANGES += [(key, lambda v: v is None or v >= 1, ">= 1 or null") for key in ("model.num_classes",
                                                                             "deepspeed.bucket_elements")]
 _RANGES += [("train.hang_timeout_s", lambda v: v > 0, "> 0"), ("train.sigterm_grace_s", lambda v: v >= 0, ">= 0"),
