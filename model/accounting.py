@@ -27,6 +27,26 @@ def count_macs(name_or_model: str | nn.Module, image_size: int | Sequence[int] =
 
     A model passed in is run as it is (its device, its resolution); a name is built on the meta device.
     """
+    return _count(name_or_model, image_size, **overrides).get_total_flops() // 2
+
+
+def recompute_fraction(name_or_model: str | nn.Module, stages: Sequence[int], image_size: int | Sequence[int] = 224,
+                       **overrides) -> float:
+    """The share of the forward's multiply-adds in the blocks of `stages`: what selective activation recompute
+    (model.grad_checkpointing = a list of stages) runs again in backward."""
+    counter = _count(name_or_model, image_size, **overrides)
+    total = counter.get_total_flops()
+    if not stages or not total:
+        return 0.0
+    prefixes = tuple(f"CoAtNet.stages.{i}.blocks." for i in stages)
+    # FlopCounterMode counts per module path; a block's own entry (stages.i.blocks.j) already sums its children.
+    inside = sum(sum(counts.values()) for path, counts in counter.get_flop_counts().items()
+                 if path.startswith(prefixes) and path.count(".") == 4)
+    return inside / total
+
+
+def _count(name_or_model: str | nn.Module, image_size, **overrides) -> FlopCounterMode:
+    """One forward of a batch of 1 under FlopCounterMode (no gradients, eval mode)."""
     model = _meta_model(name_or_model, image_size, **overrides)
     height, width = model.config.image_size
     param = next(model.parameters())
@@ -36,7 +56,7 @@ def count_macs(name_or_model: str | nn.Module, image_size: int | Sequence[int] =
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     model.train(was_training)
-    return counter.get_total_flops() // 2
+    return counter
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:

@@ -210,8 +210,11 @@ class StepLog:
         from pipeline.train.metrics import Throughput
 
         self.cfg, self.plan, self.info, self.logger, self.start_step = cfg, plan, info, logger, start_step
-        self.throughput = Throughput(plan.global_batch, plan.macs_per_image, info.device,
-                                     recompute=cfg.model.activation_checkpointing)
+        recompute = cfg.model.activation_checkpointing
+        if isinstance(recompute, list):  # selective recompute: HFU counts the share of the forward run again
+            from model import recompute_fraction
+            recompute = recompute_fraction(cfg.model.name, recompute, cfg.image_hw)
+        self.throughput = Throughput(plan.global_batch, plan.macs_per_image, info.device, recompute=recompute)
 
     def due(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.plan.total_steps
