@@ -82,7 +82,7 @@ class RankTimes:
 
         folder = os.path.join(self.run_dir, PROFILE_DIR)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.info.device.type == "cuda" else [])
-        self.profiler = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=PROFILE_STEPS),
+        self.profiler = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=PROFILE_STEPS, repeat=1),
                                 on_trace_ready=tensorboard_trace_handler(folder, worker_name=f"rank{self.info.rank}"))
         self.profiler.start()
         self.left = 1 + PROFILE_STEPS
