@@ -45,8 +45,12 @@ class ActivationMemory:
     fixed_checkpointed: int
     largest_tensor_per_image: int  # the biggest single saved tensor: its gradient is the backward's transient
 
-    def bytes(self, micro_batch: int, checkpointing: bool) -> int:
-        """Peak activation bytes of one micro-step: kept tensors plus two transient gradient buffers."""
+    def bytes(self, micro_batch: int, checkpointing) -> int:
+        """Peak activation bytes of one micro-step: kept tensors plus two transient gradient buffers.
+        `checkpointing` a list of stages (selective recompute) counts as none unless it names all four: an
+        upper bound until the planner measures per stage."""
+        if isinstance(checkpointing, (list, tuple)):
+            checkpointing = set(checkpointing) >= {0, 1, 2, 3}
         per, fixed = ((self.per_image_checkpointed, self.fixed_checkpointed) if checkpointing
                       else (self.per_image, self.fixed))
         return micro_batch * (per + 2 * self.largest_tensor_per_image) + fixed

@@ -31,7 +31,7 @@ class CoAtNet(nn.Module):
     def __init__(self, config: CoAtNetConfig):
         super().__init__()
         self.config = config
-        self.grad_checkpointing = config.grad_checkpointing
+        self.recompute_stages = frozenset(config.recompute_stages)
         self.channels_last = False  # set by prepare_for_speed: convolutions then run NHWC in memory
         self.stem = Stem(3, config.stem_dim)
 
@@ -64,9 +64,16 @@ class CoAtNet(nn.Module):
     def head_in_dim(self) -> int:
         return self.config.pre_logits_dim or self.config.num_features
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in backward (memory for compute)."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | Sequence[int] = True) -> None:
+        """Recompute the blocks' activations in backward (memory for compute): every stage (True), none (False),
+        or the listed stages (0..3 = S1..S4): selective recompute where the activations are largest."""
+        self.config = replace(self.config, grad_checkpointing=enable if isinstance(enable, bool) else tuple(enable))
+        self.recompute_stages = frozenset(self.config.recompute_stages)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether any block recomputes its activations."""
+        return bool(self.recompute_stages)
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh head for another label set (fine-tuning)."""
@@ -80,12 +87,13 @@ class CoAtNet(nn.Module):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)  # a no-op when the loader already delivers it
         x, layout = self.stem(x), "nchw"
-        for stage in self.stages:
+        recompute = self.training and torch.is_grad_enabled()
+        for index, stage in enumerate(self.stages):
             for block in stage.blocks:
                 if block.layout != layout:  # channels-last NCHW -> NHWC is a free permute (no copy)
                     x = x.permute(0, 2, 3, 1) if block.layout == "nhwc" else x.permute(0, 3, 1, 2)
                     layout = block.layout
-                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                if recompute and index in self.recompute_stages:
                     x = checkpoint(block, x, use_reentrant=False)
                 else:
                     x = block(x)

@@ -35,7 +35,9 @@ class CoAtNetConfig:
     mlp_ratio: int = 4  # Transformer FFN expansion
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this value over all blocks
     stride_on: str = "pointwise"  # "pointwise": stride on the first 1x1 conv (paper); "depthwise": the dagger rows
-    grad_checkpointing: bool = False  # recompute each block in backward to save activation memory
+    # Recompute blocks' activations in backward to save memory: True (every stage), False, or the stages
+    # (0..3 = S1..S4) whose blocks recompute, e.g. (0, 1): the early, high-resolution stages hold most activations.
+    grad_checkpointing: bool | tuple[int, ...] = False
 
     def __post_init__(self):
         size = self.image_size
@@ -47,6 +49,11 @@ class CoAtNetConfig:
         for h in size:
             if h <= 0 or h % 32:
                 raise ValueError(f"image_size {size}: each side must be a positive multiple of 32 (e.g. 224, 384, 512)")
+        if not isinstance(self.grad_checkpointing, bool):
+            stages = tuple(sorted(set(self.grad_checkpointing)))
+            if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(STAGE_STRIDES) for i in stages):
+                raise ValueError(f"grad_checkpointing={self.grad_checkpointing!r}: true, false or stages in 0..3")
+            object.__setattr__(self, "grad_checkpointing", stages)
         if self.stride_on not in ("pointwise", "depthwise"):
             raise ValueError(f"stride_on={self.stride_on!r}: use 'pointwise' (paper default) or 'depthwise'")
         for stage in self.stages:
@@ -61,6 +68,13 @@ class CoAtNetConfig:
         return sum(depth for stage in self.stages for _, depth, _ in stage)
 
     @property
+    def recompute_stages(self) -> tuple[int, ...]:
+        """The stages whose blocks recompute their activations in backward (grad_checkpointing)."""
+        if isinstance(self.grad_checkpointing, bool):
+            return tuple(range(len(self.stages))) if self.grad_checkpointing else ()
+        return self.grad_checkpointing
+
+    @property
     def num_features(self) -> int:
         return self.stages[-1][-1][2]
 
@@ -73,6 +87,8 @@ class CoAtNetConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["image_size"] = list(self.image_size)
         out["stages"] = [[list(seg) for seg in st] for st in self.stages]
+        if not isinstance(self.grad_checkpointing, bool):
+            out["grad_checkpointing"] = list(self.grad_checkpointing)
         return out
 
 

@@ -58,7 +58,9 @@ class ModelConfig:
     drop_path_rate: float = _f(0.0, "stochastic depth rate (paper: C-0..3 0.2/0.3/0.5/0.7 on ImageNet-1K)")
     stride_on: str = _f("pointwise", "MBConv downsampling stride on the first 1x1 conv (paper) or the depthwise conv",
                         ("pointwise", "depthwise"))
-    activation_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
+    activation_checkpointing: Union[bool, list] = _f(False, "recompute block activations in backward to save memory: "
+                                                     "true (every stage), false, or the stages 0..3 (S1..S4) to "
+                                                     "recompute, e.g. [0, 1] (the high-resolution ones)")
     compile: bool = _f(False, "torch.compile the model through DeepSpeed (engine.compile, after deepspeed.initialize; "
                               "checkpoint keys stay the plain model's)")
     compile_backend: str = _f("inductor", "torch.compile backend when model.compile is true: inductor (GPU speed), "
@@ -140,6 +142,8 @@ class OptimConfig:
     warmup_steps: int = _f(0, "linear warm-up steps")
     warmup_epochs: float = _f(0.0, "warm-up in epochs, added to warmup_steps")
     decay: str = _f("cosine", "LR decay after warm-up to min_lr", ("cosine", "linear", "constant"))
+    layer_decay: Optional[float] = _f(None, "layer-wise LR decay for fine-tuning (timm --layer-decay): block k of n gets "
+                                            "LR x layer_decay^(n + 1 - k), the stem ^(n + 1), the head 1; null = off")
 
 
 @dataclass
@@ -334,6 +338,9 @@ _RANGES += [(key, lambda v: 0 <= v < 1, "in [0, 1)") for key in ("train.ema_deca
 _RANGES += [("data.randaugment_magnitude", lambda v: 0 <= v <= 30, "in 0..30")]
 _RANGES += [("train.spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1")]
 _RANGES += [(key, lambda v: 0 < v <= 1, "in (0, 1]") for key in ("data.min_crop_scale", "data.crop_ratio")]
+_RANGES += [("model.activation_checkpointing", lambda v: isinstance(v, bool) or all(
+    type(i) is int and 0 <= i <= 3 for i in v), "true, false or a list of stages 0..3")]
+_RANGES += [("optim.layer_decay", lambda v: v is None or 0 < v <= 1, "in (0, 1] or null")]
 _RANGES += [(key, lambda v: v is None or v >= 1, ">= 1 or null") for key in ("model.num_classes",
                                                                             "deepspeed.bucket_elements")]
 _RANGES += [("train.hang_timeout_s", lambda v: v > 0, "> 0"), ("train.sigterm_grace_s", lambda v: v >= 0, ">= 0"),

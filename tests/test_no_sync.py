@@ -115,9 +115,9 @@ def probe(out_json: str, argv: list[str]) -> None:
 
     original = T.train_step
 
-    def counted_step(engine, loader, criterion, accumulation, dtype, guard, step):
+    def counted_step(engine, loader, criterion, accumulation, dtype, guard, step, *rest):
         counter.step = step
-        return original(engine, loader, criterion, accumulation, dtype, guard, step)
+        return original(engine, loader, criterion, accumulation, dtype, guard, step, *rest)
 
     T.train_step = counted_step
     T.run(load_config(None, argv))

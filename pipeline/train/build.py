@@ -71,6 +71,6 @@ def build_engine(cfg: Config, plan, info: D.DistInfo, model: torch.nn.Module, un
     schedule = make_schedule(cfg, plan.total_steps, plan.steps_per_epoch)
     ds_config = deepspeed_config(cfg, info.world_size, on_cpu=info.device.type == "cpu", load_universal=universal)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), config=ds_config,
         lr_scheduler=schedule.scheduler_factory(optimizer_settings(cfg)))
     return engine

@@ -39,11 +39,12 @@ class TrainFlops:
     hardware: int
 
 
-def train_flops_per_image(macs_per_image: int, recompute: bool = False) -> TrainFlops:
-    """Training FLOPs per image from the forward multiply-adds (see the module doc)."""
+def train_flops_per_image(macs_per_image: int, recompute: bool | float = False) -> TrainFlops:
+    """Training FLOPs per image from the forward multiply-adds (see the module doc). `recompute`: True (every
+    block), or the fraction of the forward recomputed (selective recompute: model.recompute_fraction)."""
     forward = FLOPS_PER_MAC * int(macs_per_image)
-    passes = TRAIN_PASSES + (RECOMPUTE_PASSES if recompute else 0)
-    return TrainFlops(model=TRAIN_PASSES * forward, hardware=passes * forward)
+    passes = TRAIN_PASSES + RECOMPUTE_PASSES * float(recompute)
+    return TrainFlops(model=TRAIN_PASSES * forward, hardware=int(passes * forward))
 
 
 def peak_tflops_for_name(device_name: str) -> Optional[float]:

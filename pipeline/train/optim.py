@@ -77,7 +77,11 @@ class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
 
     def __init__(self, optimizer, schedule: Schedule, settings: Optional[dict] = None):
         self.schedule, self.settings = schedule, settings
-        super().__init__(optimizer, lambda step: schedule.lr_at(step) / schedule.lr if schedule.lr > 0 else 0.0)
+        # This launch's per-group LR scales (optim.layer_decay, model.param_groups) and weight decays, re-applied
+        # over a restored optimizer state by restart_at.
+        self.scales = [float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
+        self.weight_decays = [g["weight_decay"] for g in optimizer.param_groups]
+        super().__init__(optimizer, [_scaled(schedule, scale) for scale in self.scales])
 
     def state_dict(self) -> dict:
         out = super().state_dict()
@@ -99,14 +103,17 @@ class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = lrs
-        groups = self.optimizer.param_groups
-        for i, group in enumerate(groups if self.settings else []):
+        for group, weight_decay in zip(self.optimizer.param_groups if self.settings else [], self.weight_decays):
             group["betas"], group["eps"] = tuple(self.settings["betas"]), self.settings["eps"]
-            if i == 0 and len(groups) == 2:  # model.param_groups: [decayed, not decayed]
-                group["weight_decay"] = self.settings["weight_decay"]
+            group["weight_decay"] = weight_decay  # model.param_groups: this launch's decay or 0 (biases, norms)
 
 
-_OWN_KEYS = ("schedule", "settings")
+_OWN_KEYS = ("schedule", "settings", "scales", "weight_decays")
+
+
+def _scaled(schedule: Schedule, scale: float):
+    """The LambdaLR factor of a group whose LR is `scale` x the schedule's."""
+    return lambda step: scale * schedule.lr_at(step) / schedule.lr if schedule.lr > 0 else 0.0
 
 
 def optimizer_settings(cfg) -> dict:

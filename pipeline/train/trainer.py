@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +39,7 @@ from pipeline.evaluation.periodic import Evaluator
 from pipeline.faults.step_guard import StepGuard
 from pipeline.faults.watchdog import EXIT_TERMINATED, StopPoll, collective_timeout_s, start as start_watchdog
 from pipeline.train.state import TrainState, check_config_change
+from pipeline.train.profiling import RankTimes
 
 log = logging.getLogger("pipeline.train")
 
@@ -136,21 +138,25 @@ def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
 
 
 def train_step(engine, loader, criterion, accumulation: int, dtype: torch.dtype, guard: StepGuard,
-               step: int) -> tuple[float, torch.Tensor]:
+               step: int, times=None) -> tuple[float, torch.Tensor]:
     """Optimizer step `step` (1-based) over `accumulation` micro-batches: (the LR it applied, its loss averaged
     over ranks, a device scalar). A bad step (pipeline.faults.step_guard) is not applied: the guard's verdict, taken
     before the last backward, makes its gradients NaN and DeepSpeed's overflow check skips the update.
 
     Nothing here waits for the device (issue 10): the loss stays on it until a log step reads it, the guard's
     verdict too (`guard.readout` at the trainer's sync points). Only the plain torch optimizer (fp32 ZeRO-0,
-    which has no overflow check) needs the verdict on the host at once."""
+    which has no overflow check) needs the verdict on the host at once. `times` (profiling.RankTimes) gets this
+    rank's host time in the loader and the forward."""
     lr_used = float(engine.optimizer.param_groups[0]["lr"])  # DeepSpeed steps the schedule after this step
     guard.snapshot_buffers(engine.module)
     losses = []
     for micro in range(accumulation):
+        start = time.perf_counter()
         images, targets = next(loader)
         logits = engine(images.to(dtype))  # the loader delivers normalised float32 on the device
         loss = guard.inject(criterion(logits, targets), step, micro)
+        if times is not None:
+            times.add(time.perf_counter() - start)
         losses.append(loss.detach().float())
         if micro == accumulation - 1:
             loss, mean, bad = guard.verdict(loss, losses)
@@ -211,8 +217,12 @@ class StepLog:
         from pipeline.train.metrics import Throughput
 
         self.cfg, self.plan, self.info, self.logger, self.start_step = cfg, plan, info, logger, start_step
-        self.throughput = Throughput(plan.global_batch, plan.macs_per_image, info.device,
-                                     recompute=cfg.model.activation_checkpointing)
+        recompute = cfg.model.activation_checkpointing
+        if isinstance(recompute, list):  # selective recompute: HFU counts the share of the forward run again
+            from model import recompute_fraction
+            recompute = recompute_fraction(cfg.model.name, recompute, cfg.image_hw)
+        self.throughput = Throughput(plan.global_batch, plan.macs_per_image, info.device, recompute=recompute)
+        self.rank_times = RankTimes(cfg.run_dir, info)  # per-rank busy time, .profile_now
 
     def due(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.plan.total_steps
@@ -231,6 +241,7 @@ class StepLog:
                    "bad_steps": state.guard.bad_total if state.guard is not None else 0}
         scalars.update(self.throughput.window(state.step, self.plan.total_steps, self.start_step))
         scalars.update(memory_gb(self.info.device))
+        scalars.update(self.rank_times.at_log_step(state.step))  # a collective: every rank logs at this step
         self.logger.log(state.step, scalars,
                         console=console_line(state.step, self.plan.total_steps, state.epoch, scalars))
 
@@ -319,8 +330,10 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
         if guard.skip(step):  # a rollback skips the batches of the bad steps
             lr, loss = skip_step(engine, loader, plan.accumulation, plan.global_batch, guard, step)
         else:
-            lr, loss = train_step(engine, loader, criterion, plan.accumulation, dtype, guard, step)
+            lr, loss = train_step(engine, loader, criterion, plan.accumulation, dtype, guard, step,
+                                  log_step.rank_times)
         state.advance(applied=guard.applied)
+        log_step.rank_times.after_step(step)
         save_due = _due(step, cfg.checkpoint.every_steps, total)
         polls = step < total and (log_step.due(step) or poll.due(step))
         if log_step.due(step) or save_due or polls or step == total:
@@ -350,6 +363,7 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     checkpointer.save(engine, state)  # unless this step is saved already
     if info.is_main and not stopped_on_request:
         atomic_write_json(os.path.join(cfg.run_dir, FINISHED), {"step": state.step, "total_steps": total})
+    log_step.rank_times.close()
     logger.close()
     loader.close()
     watchdog.close()
