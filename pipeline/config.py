@@ -11,12 +11,7 @@ owned by the component that reads it.
 Values are checked against the dataclass annotations: an unknown key, a wrong type, or a value outside
 a fixed set of choices raises ConfigError with a one-line message naming the file, the key and the value.
 
-Why a hand-written checker and not pydantic (installed with DeepSpeed): measured here, importing pydantic
-and building the schema of Config costs ~130 ms on every CLI start (this module alone: ~35 ms), which
-would make `--help` and `launch.config_check` several times slower; pydantic's strict mode also refuses a
-dict for a nested dataclass, so strictness (bools are not ints) would have to be spelled per field, YAML
-1.1's "1e-3" strings need a before-validator, and every pydantic error type would need translating back
-into these one-line messages with their origin: more code than the ~60 lines of `_check_value` it replaces.
+How values are checked, and why by hand: pipeline/config_values.py.
 The paper's recipes, including FINETUNE_DEFAULTS, live in pipeline.recipes.
 """
 from __future__ import annotations
@@ -25,20 +20,17 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
 from core import storage
 from core.errors import UserError
 from core.units import PRECISIONS, image_hw
+from pipeline.config_values import ConfigError, build, deep_merge, set_dotted
 from pipeline.recipes import FINETUNE_DEFAULTS
 
 __all__ = ["Config", "ConfigError", "FINETUNE_DEFAULTS", "UserError", "format_help", "load_config", "save_config"]
-
-
-class ConfigError(UserError):
-    """The config file or an override is invalid; the message is one line naming the key and the value."""
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -216,114 +208,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _type_name(tp) -> str:
-    return {int: "int", float: "float", str: "string", bool: "bool", list: "list", dict: "mapping"}.get(tp, str(tp))
-
-
-# The plain annotation types: (does the YAML value qualify?, what the message says it must be). Bools are
-# not numbers here, although Python's bool subclasses int.
-_TYPES = {
-    bool: (lambda v: isinstance(v, bool), "true or false"),
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    str: (lambda v: isinstance(v, str), "a string"),
-    list: (lambda v: isinstance(v, list), "a list"),
-    dict: (lambda v: isinstance(v, dict), "a mapping"),
-}
-
-
-def _check_value(key: str, value: Any, tp, choices, where: str) -> Any:
-    """Return `value` converted to the annotated type, or raise ConfigError naming the key."""
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check_value(key, value, arg, choices, where)
-            except ConfigError as e:
-                errors.append(e)
-        names = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
-        raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number everyone means.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    accepts, must_be = _TYPES[tp]
-    if not accepts(value):
-        raise ConfigError(f"{where}: {key} must be {must_be}, got {value!r}")
-    if tp is float:
-        value = float(value)
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
-    return value
-
-
-def _build(cls, values: dict, prefix: str, where: str, sources: dict | None = None):
-    """Instantiate dataclass `cls` from a (possibly partial) mapping, validating every key.
-
-    `sources` maps dotted keys set on the command line to "override KEY=VALUE" so errors name their origin.
-    """
-    sources = sources or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in fields:
-            known = ", ".join(prefix + k for k in fields)
-            raise ConfigError(f"{sources.get(prefix + str(key), where)}: unknown key {prefix}{key!s} "
-                              f"(known keys here: {known})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in values:
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, values[name] if values[name] is not None else {}, f"{prefix}{name}.",
-                                  sources.get(prefix + name, where), sources)
-        else:
-            kwargs[name] = _check_value(prefix + name, values[name], tp, f.metadata.get("choices"),
-                                        sources.get(prefix + name, where))
-    return cls(**kwargs)
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "extra":
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
-    """Set tree[a][b][c] = value for "a.b.c", checking each level names a real section."""
-    parts = dotted.split(".")
-    node, cls = tree, Config
-    for i, part in enumerate(parts[:-1]):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        if part not in fields or not dataclasses.is_dataclass(hints[part]):
-            if part in fields and hints[part] is dict:  # deepspeed.extra.zero_optimization.x=... into a mapping
-                sub = node.setdefault(part, {})
-                for p in parts[i + 1:-1]:
-                    sub = sub.setdefault(p, {})
-                sub[parts[-1]] = value
-                return
-            raise ConfigError(f"{where}: unknown key {dotted} ({'.'.join(parts[:i + 1])} is not a section)")
-        cls = hints[part]
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} must be a mapping")
-    node[parts[-1]] = value
-
-
 # Range checks as data: (dotted key, allowed?, what the message says it must be).
 _RANGES = [(key, lambda v: v > 0, "> 0") for key in ("train.global_batch_size", "train.micro_batch_size",
                                                       "train.log_every")]
@@ -389,7 +273,7 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Iterable[str] 
     elif defaults == "pretrain":
         defaults = None
     if defaults:
-        tree = _deep_merge(tree, defaults)
+        tree = deep_merge(tree, defaults)
     where = str(path) if path is not None else "config"
     if path is not None:
         if not os.path.isfile(path):
@@ -406,7 +290,7 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Iterable[str] 
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        tree = _deep_merge(tree, loaded)
+        tree = deep_merge(tree, loaded)
     sources: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
@@ -417,9 +301,9 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Iterable[str] 
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        _set_dotted(tree, key, value, f"override {item}")
+        set_dotted(tree, key, value, f"override {item}", Config)
         sources[key] = f"override {item}"
-    cfg = _build(Config, tree, "", where, sources)
+    cfg = build(Config, tree, "", where, sources)
     _validate_semantics(cfg, where)
     return cfg
 
