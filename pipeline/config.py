@@ -141,6 +141,10 @@ class LossConfig:
     type: str = _f("softmax", "softmax cross-entropy, or sigmoid BCE (the paper's 21K/JFT choice)",
                    ("softmax", "sigmoid"))
     label_smoothing: float = _f(0.1, "label smoothing (paper: 0.1 on 1K, 0.0001 for sigmoid pretraining)")
+    head_bias: Optional[float] = _f(None, "initial bias of a newly drawn classifier; null => sigmoid: the logit of "
+                                          "each class's share of the train split's images (-log(C-1) without "
+                                          "counts), so the label prior sits in the bias from step 0 and not in the "
+                                          "features (big_vision's JFT head: -10); softmax: 0")
 
 
 @dataclass
