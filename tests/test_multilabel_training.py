@@ -385,3 +385,11 @@ def test_sigmoid_head_bias_starts_at_each_class_prior(ml_shards):
     assert torch.allclose(initial_head_bias(_cfg(root, "loss.type=sigmoid"), no_counts, 5), torch.full((5,), -math.log(4)))
     assert initial_head_bias(_cfg(root), no_counts, 5) is None
     assert initial_head_bias(_cfg(root, "loss.head_bias=-2"), no_counts, 5).tolist() == [-2.0] * 5
+
+
+def test_label_smoothing_null_is_each_losses_own():
+    from pipeline.loss import build_loss
+
+    assert build_loss(load_config(str(REPO / "configs/demo/pretrain.yaml"))).label_smoothing == 0.1
+    assert build_loss(load_config(str(REPO / "configs/demo/pretrain.yaml"), ["loss.type=sigmoid"])).label_smoothing == 1e-4
+    assert build_loss(load_config(None, ["loss.type=sigmoid", "loss.label_smoothing=0.2"])).label_smoothing == 0.2
