@@ -47,6 +47,8 @@ def write_untrained(out: Path, run_dir: Path) -> None:
     from core.units import precision_dtype
     from model import build_initialised
     from pipeline.config import load_config
+    from pipeline.data.shards import open_shards
+    from pipeline.train.loss import initial_head_bias
     from pipeline.train.model_args import run_model_kwargs
 
     cfg = load_config(str(run_dir / "config.yaml"))
@@ -54,6 +56,10 @@ def write_untrained(out: Path, run_dir: Path) -> None:
     kwargs = run_model_kwargs(cfg, len(classes))
     # The dtype the run trained in: its initial weights are these draws rounded to it (pipeline.train.build).
     net = build_initialised(**kwargs, seed=cfg.seed, device=torch.device("cpu"), dtype=precision_dtype(cfg.precision))
+    bias = initial_head_bias(cfg, open_shards(cfg.data.train, cfg.data.train_split), len(classes))
+    if bias is not None:
+        with torch.no_grad():
+            net.head.bias.copy_(bias)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in net.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"))

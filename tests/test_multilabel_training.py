@@ -7,6 +7,7 @@ with data_prep's own CLIs from its multi-label demo data.
 """
 import io
 import json
+import math
 import os
 import random
 import subprocess
@@ -351,3 +352,44 @@ def test_multi_label_pretraining_learns_and_evaluates_alike_on_one_and_two_ranks
         j = meta["classes"].index(name)
         assert torch.equal(net.head.weight[i].detach(), state["head.weight"][j])
         assert torch.equal(net.head.bias[i].detach(), state["head.bias"][j])
+
+
+# ------------------------------------------------------------------------------------ sigmoid head bias
+def test_sigmoid_head_bias_starts_at_each_class_prior(ml_shards):
+    """The first sigmoid loss is the label prior's entropy (not C log 2), from _info.json's per-class counts."""
+    from pipeline.train.loss import initial_head_bias
+
+    root, truth = ml_shards
+    info = json.loads((root / "_info.json").read_text())
+    per_class = [sum(k in row for row in truth.values()) for k in range(len(CLASSES))]
+    entry = info["splits"]["train"]
+    counted = root.parent / "counted"
+    counted.mkdir(exist_ok=True)
+    for name in entry["filenames"]:
+        (counted / name).write_bytes((root / name).read_bytes())
+    entry["counts"] = {"per_class": dict(zip(CLASSES, per_class))}
+    (counted / "_info.json").write_text(json.dumps(info))
+    shards = open_shards(str(counted), "train")
+    assert shards.class_counts == per_class
+    bias = initial_head_bias(_cfg(counted, "loss.type=sigmoid"), shards, len(CLASSES))
+    share = torch.tensor(per_class, dtype=torch.float64) / len(truth)
+    assert torch.allclose(torch.sigmoid(bias.double()), share, atol=1e-6)
+    # at that bias the mean loss over the split is the prior's entropy, the least a constant predictor gets
+    targets = multi_hot(pad_labels(list(truth.values())), len(CLASSES))
+    loss = SigmoidBCE(0.0)(bias.expand(len(truth), -1), targets)
+    entropy = -(share * share.log() + (1 - share) * (1 - share).log()).sum()
+    assert abs(float(loss) - float(entropy)) < 1e-5
+    assert loss < SigmoidBCE(0.0)(torch.zeros(len(truth), len(CLASSES)), targets)  # C log 2 at a zero bias
+    # no counts: one label among C; softmax: untouched; an explicit value wins
+    no_counts = open_shards(str(root), "train")
+    assert torch.allclose(initial_head_bias(_cfg(root, "loss.type=sigmoid"), no_counts, 5), torch.full((5,), -math.log(4)))
+    assert initial_head_bias(_cfg(root), no_counts, 5) is None
+    assert initial_head_bias(_cfg(root, "loss.head_bias=-2"), no_counts, 5).tolist() == [-2.0] * 5
+
+
+def test_label_smoothing_null_is_each_losses_own():
+    from pipeline.train.loss import build_loss
+
+    assert build_loss(load_config(str(REPO / "configs/demo/pretrain.yaml"))).label_smoothing == 0.1
+    assert build_loss(load_config(str(REPO / "configs/demo/pretrain.yaml"), ["loss.type=sigmoid"])).label_smoothing == 1e-4
+    assert build_loss(load_config(None, ["loss.type=sigmoid", "loss.label_smoothing=0.2"])).label_smoothing == 0.2

@@ -58,6 +58,9 @@ class ShardSet:
     num_samples: int
     classes: Optional[list[str]] = None
     multi_label: bool = False
+    # Images per class (`_info.json` counts.per_class, in class order), where data_prep recorded them: the
+    # label prior a sigmoid head's initial bias is set from (pipeline.train.loss.initial_head_bias).
+    class_counts: Optional[list[int]] = None
 
 
 def _is_local(url: str) -> bool:
@@ -165,8 +168,10 @@ def _open_folder(path: str, split: str) -> ShardSet:
     if len(lengths) != len(urls):
         lengths = [_count_samples(u) for u in urls]
     classes = entry.get("classes", info.get("classes"))
+    per_class = (entry.get("counts") or {}).get("per_class") or {}
+    counts = [int(per_class.get(name, 0)) for name in classes] if classes and per_class else None
     return ShardSet(urls, [int(n) for n in lengths], int(sum(lengths)), list(classes) if classes else None,
-                    bool(entry.get("multi_label", False)))
+                    bool(entry.get("multi_label", False)), counts)
 
 
 def _open_pattern(pattern: str, split: str) -> ShardSet:

@@ -29,6 +29,7 @@ def build_model(cfg: Config, plan, info: D.DistInfo, from_pretrained: bool) -> t
     80 GB GPU the full 16-bit copy is the smaller cost (see README, "Memory per rank, measured").
     """
     from model import build_initialised, channels_last_default, prepare_for_speed, set_attention_impl
+    from pipeline.train.loss import initial_head_bias
     from pipeline.weights.adapt import HEAD_KEYS
 
     D.seed_everything(cfg.seed)
@@ -37,6 +38,10 @@ def build_model(cfg: Config, plan, info: D.DistInfo, from_pretrained: bool) -> t
     # From pretrained weights, everything but the head is overwritten: only the head is drawn.
     model = build_initialised(**kwargs, seed=cfg.seed, device=info.device, dtype=precision_dtype(cfg.precision),
                               only=HEAD_KEYS if pretrained else None)
+    bias = initial_head_bias(cfg, plan.shards, plan.num_classes)
+    if bias is not None:  # before the pretrained weights: rows copied from a pretrained head overwrite it
+        with torch.no_grad():
+            model.head.bias.copy_(bias)
     set_attention_impl(cfg.train.attention)
     # Activations only: DeepSpeed flattens (and views as bytes) the parameters, which must stay contiguous.
     prepare_for_speed(model, channels_last_default(info.device.type, cfg.precision), weights=False)
