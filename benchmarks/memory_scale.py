@@ -28,7 +28,7 @@ The planner (launch.plan.rank_peak) is evaluated at the same setting and printed
 
     .venv/bin/python benchmarks/memory_scale.py --offload --models coatnet-0 --ranks 2 --image-size 32
 
-`--offload` runs ZeRO-2 with deepspeed.offload_optimizer=true (pretraining launch only, no baseline) and reports
+`--offload` runs ZeRO-2 (or --zero 3) with deepspeed.offload_optimizer=true (pretraining launch only, no baseline) and reports
 per rank, after the step phase, the bytes of the tensors DeepSpeed's optimizer keeps off the GPU (its attributes
 but the 16-bit weights and the gradient buckets, ON_ACCELERATOR; storages counted once): on a CPU everything is in
 one RSS, so the tensors' bytes are the measurement, next to launch.offload's per-rank model (docs/NOTES-off21.md).
@@ -197,12 +197,13 @@ def worker(args) -> None:
     phases.write()
 
 
-# Attributes of DeepSpeed's ZeRO-2 optimizer that stay on the GPU with offload_optimizer: the module's 16-bit
-# weights (flat groups and their partitions) and the gradient buckets. On a CPU run they are host memory like the
+# Attributes of DeepSpeed's ZeRO-2/3 optimizers that stay on the GPU with offload_optimizer (and without
+# offload_param): the module's 16-bit weights (flat groups and their partitions) and the gradient buckets. On a CPU run they are host memory like the
 # rest, so they are told apart by name; everything else the optimizer holds is what offload puts in host memory.
 ON_ACCELERATOR = frozenset({"bit16_groups", "bit16_groups_flat", "parallel_partitioned_bit16_groups",
                             "round_robin_bit16_groups", "ipg_buffer", "temp_grad_buffer_for_gpu_offload",
-                            "grads_in_partition", "averaged_gradients"})
+                            "grads_in_partition", "averaged_gradients", "fp16_partitioned_groups",
+                            "fp16_partitioned_groups_flat"})
 
 
 def _tensors(value, depth=0):
@@ -335,6 +336,7 @@ def summarise(rows: list[dict], args) -> list[dict]:
 def summarise_offload(rows: list[dict], args) -> list[dict]:
     """Per model and rank (the step phase): what the optimizer holds for offload (optimizer_held_bytes) against
     launch.offload's model of a rank (no pinned rounding: nothing is pinned on a CPU), and their ratio."""
+    from launch.model_states import ZeroSetting, model_states_bytes
     from launch.offload import zero2_offload_rank
 
     out = []
@@ -342,7 +344,11 @@ def summarise_offload(rows: list[dict], args) -> list[dict]:
         if r["phase"] != "step" or "offload_held_bytes" not in r:
             continue
         params = model_sizes(r["model"], args.image_size)
-        model = zero2_offload_rank(params, r["largest_param"], args.ranks, pinned=False).total
+        if args.zero == 3:  # the planner keeps DeepSpeed's ZeRO-3 estimator (per partition already), per rank
+            model = model_states_bytes(ZeroSetting(3, offload_optimizer=True), params, r["largest_param"], 1,
+                                       args.ranks)[1] // args.ranks
+        else:
+            model = zero2_offload_rank(params, r["largest_param"], args.ranks, pinned=False).total
         out.append({**r, "params": params, "planned_offload_bytes": model,
                     "planned_vs_measured": model / r["offload_held_bytes"]})
     return out
@@ -356,8 +362,9 @@ def print_offload_table(summary: list[dict]) -> None:
         print(f"{s['model']:<14}{s['rank']:>4}{s['params']:>12,}{s['peak_mib']:>11.0f}"
               f"{s['offload_held_bytes'] / MIB:>9.1f}{s['planned_offload_bytes'] / MIB:>9.1f}"
               f"{s['planned_vs_measured']:>10.3f}")
-    print("(MiB per rank after two steps; held: the tensors DeepSpeed's ZeRO-2 optimizer keeps off the GPU with "
-          "offload_optimizer, by attribute in --json; planner: launch.offload.zero2_offload_rank)")
+    print("(MiB per rank after two steps; held: the tensors DeepSpeed's ZeRO optimizer keeps off the GPU with "
+          "offload_optimizer, by attribute in --json; planner: launch.offload.zero2_offload_rank, at ZeRO-3 "
+          "DeepSpeed's estimator per rank)")
 
 
 def print_table(summary: list[dict]) -> None:
@@ -389,7 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="keep the measurements already in --work (re-summarise)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--offload", action="store_true",
-                   help="ZeRO-2 with deepspeed.offload_optimizer=true, pretraining launch only: the host bytes the "
+                   help="ZeRO-2 (or --zero 3) with deepspeed.offload_optimizer=true, pretraining launch only: the host bytes the "
                         "optimizer holds per rank against the planner's model (launch/offload.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every launch (e.g. deepspeed.bucket_elements=500000000), repeatable")
@@ -402,8 +409,9 @@ def main(argv=None) -> int:
         args.stage = args.worker
         worker(args)
         return 0
-    if args.offload and args.zero != 2:
-        raise SystemExit(f"error: --offload measures ZeRO-2 (launch/offload.py's model); got --zero {args.zero}")
+    if args.offload and args.zero == 1:
+        raise SystemExit("error: --offload measures ZeRO-2 (launch/offload.py's model) or ZeRO-3 (DeepSpeed's "
+                         "estimator); got --zero 1")
     if args.offload:  # only the pretraining launch: the step is where offload's states are all allocated
         args.set = [*args.set, "deepspeed.offload_optimizer=true"]
         args.stages = "pretrain"
