@@ -25,6 +25,13 @@ its shard is the 12 bytes of master and moments. The 1.5 x fp32 (6 bytes) then h
 EMA fragment (4 / ranks), DeepSpeed's buckets, activations and the gloo all-gather's staging copy (2).
 
 The planner (launch.plan.rank_peak) is evaluated at the same setting and printed beside the measurement.
+
+    .venv/bin/python benchmarks/memory_scale.py --offload --models coatnet-0 --ranks 2 --image-size 32
+
+`--offload` runs ZeRO-2 (or --zero 3) with deepspeed.offload_optimizer=true (pretraining launch only, no baseline) and reports
+per rank, after the step phase, the bytes of the tensors DeepSpeed's optimizer keeps off the GPU (its attributes
+but the 16-bit weights and the gradient buckets, ON_ACCELERATOR; storages counted once): on a CPU everything is in
+one RSS, so the tensors' bytes are the measurement, next to launch.offload's per-rank model (docs/NOTES-off21.md).
 Not run in CI except the smoke setting (tests/test_memory_scale.py).
 """
 from __future__ import annotations
@@ -173,6 +180,11 @@ def worker(args) -> None:
             for _ in range(2):
                 T.train_step(engine, loader, criterion, plan.accumulation, torch.bfloat16, guard, state.step + 1)
                 state.advance(applied=guard.applied)
+        if cfg.deepspeed.offload_optimizer:
+            held = optimizer_held_bytes(engine)
+            phases.rows[-1]["optimizer_held"] = held
+            phases.rows[-1]["offload_held_bytes"] = sum(v for k, v in held.items() if k not in ON_ACCELERATOR)
+            phases.rows[-1]["largest_param"] = max(p.numel() for p in engine.module.parameters())
         logger = MetricsLogger(cfg.run_dir, info.is_main, resume_step=state.step)
         evaluator = Evaluator(cfg, info, plan.num_classes, logger)
         with phases.measure("eval"):
@@ -183,6 +195,53 @@ def worker(args) -> None:
         logger.close()
         loader.close()
     phases.write()
+
+
+# Attributes of DeepSpeed's ZeRO-2/3 optimizers that stay on the GPU with offload_optimizer (and without
+# offload_param): the module's 16-bit weights (flat groups and their partitions) and the gradient buckets. On a CPU run they are host memory like the
+# rest, so they are told apart by name; everything else the optimizer holds is what offload puts in host memory.
+ON_ACCELERATOR = frozenset({"bit16_groups", "bit16_groups_flat", "parallel_partitioned_bit16_groups",
+                            "round_robin_bit16_groups", "ipg_buffer", "temp_grad_buffer_for_gpu_offload",
+                            "grads_in_partition", "averaged_gradients", "fp16_partitioned_groups",
+                            "fp16_partitioned_groups_flat"})
+
+
+def _tensors(value, depth=0):
+    """The tensors (and their .grad) inside an attribute value: lists, tuples and dicts a few levels deep."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+        if value.grad is not None:
+            yield value.grad
+    elif depth < 4 and isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v, depth + 1)
+
+
+def optimizer_held_bytes(engine) -> dict[str, int]:
+    """Bytes of every tensor DeepSpeed's ZeRO optimizer holds, by attribute (its inner optimizer's state as
+    "optimizer.state"), each storage counted once and the module's own parameters left out.
+
+    Why this and not RSS: on a CPU run the offloaded states are in the same RSS as everything else (there is no
+    GPU for the rest to live on); the tensors' own bytes are what offload moves to host memory on a GPU run."""
+    seen = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+    opt = engine.optimizer
+    out: dict[str, int] = {}
+    items = list(vars(opt).items()) + [("optimizer.state", opt.optimizer.state)]
+    for name, value in items:
+        if name == "optimizer":
+            continue
+        for t in _tensors(value):
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            out[name] = out.get(name, 0) + storage.nbytes()
+    return out
 
 
 # ---------------------------------------------------------------- driving (the parent process)
@@ -274,6 +333,40 @@ def summarise(rows: list[dict], args) -> list[dict]:
     return out
 
 
+def summarise_offload(rows: list[dict], args) -> list[dict]:
+    """Per model and rank (the step phase): what the optimizer holds for offload (optimizer_held_bytes) against
+    launch.offload's model of a rank (no pinned rounding: nothing is pinned on a CPU), and their ratio."""
+    from launch.model_states import ZeroSetting, model_states_bytes
+    from launch.offload import zero2_offload_rank
+
+    out = []
+    for r in rows:
+        if r["phase"] != "step" or "offload_held_bytes" not in r:
+            continue
+        params = model_sizes(r["model"], args.image_size)
+        if args.zero == 3:  # the planner keeps DeepSpeed's ZeRO-3 estimator (per partition already), per rank
+            model = model_states_bytes(ZeroSetting(3, offload_optimizer=True), params, r["largest_param"], 1,
+                                       args.ranks)[1] // args.ranks
+        else:
+            model = zero2_offload_rank(params, r["largest_param"], args.ranks, pinned=False).total
+        out.append({**r, "params": params, "planned_offload_bytes": model,
+                    "planned_vs_measured": model / r["offload_held_bytes"]})
+    return out
+
+
+def print_offload_table(summary: list[dict]) -> None:
+    header = f"{'model':<14}{'rank':>4}{'params':>12}{'step peak':>11}{'held':>9}{'planner':>9}{'plan/meas':>10}"
+    print(header)
+    print("-" * len(header))
+    for s in summary:
+        print(f"{s['model']:<14}{s['rank']:>4}{s['params']:>12,}{s['peak_mib']:>11.0f}"
+              f"{s['offload_held_bytes'] / MIB:>9.1f}{s['planned_offload_bytes'] / MIB:>9.1f}"
+              f"{s['planned_vs_measured']:>10.3f}")
+    print("(MiB per rank after two steps; held: the tensors DeepSpeed's ZeRO optimizer keeps off the GPU with "
+          "offload_optimizer, by attribute in --json; planner: launch.offload.zero2_offload_rank, at ZeRO-3 "
+          "DeepSpeed's estimator per rank)")
+
+
 def print_table(summary: list[dict]) -> None:
     header = (f"{'model':<14}{'phase':<10}{'rank':>4}{'peak':>9}{'-nano':>9}{'fp32':>8}{'opt.shard':>10}"
               f"{'target':>9}{'ratio':>7}{'planner':>9}{'plan/meas':>10}")
@@ -302,6 +395,9 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(STAGES), help="launches to run (default all: pretrain,resume,finetune)")
     p.add_argument("--reuse", action="store_true", help="keep the measurements already in --work (re-summarise)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--offload", action="store_true",
+                   help="ZeRO-2 (or --zero 3) with deepspeed.offload_optimizer=true, pretraining launch only: the host bytes the "
+                        "optimizer holds per rank against the planner's model (launch/offload.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every launch (e.g. deepspeed.bucket_elements=500000000), repeatable")
     # internal: one rank of one stage
@@ -313,7 +409,15 @@ def main(argv=None) -> int:
         args.stage = args.worker
         worker(args)
         return 0
-    models = [BASELINE] + [m for m in args.models.split(",") if m and m != BASELINE]
+    if args.offload and args.zero == 1:
+        raise SystemExit("error: --offload measures ZeRO-2 (launch/offload.py's model) or ZeRO-3 (DeepSpeed's "
+                         "estimator); got --zero 1")
+    if args.offload:  # only the pretraining launch: the step is where offload's states are all allocated
+        args.set = [*args.set, "deepspeed.offload_optimizer=true"]
+        args.stages = "pretrain"
+    models = [m for m in args.models.split(",") if m]
+    if not args.offload:
+        models = [BASELINE] + [m for m in models if m != BASELINE]
     with tempfile.TemporaryDirectory(prefix="memory-scale-") as tmp:
         args.work = args.work or tmp
         Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -321,12 +425,13 @@ def main(argv=None) -> int:
         rows = []
         for model in models:
             rows += measure_model(args, model, shards)
-        summary = summarise(rows, args)
+        summary = summarise_offload(rows, args) if args.offload else summarise(rows, args)
     if args.json:
         print(json.dumps({"setting": {"ranks": args.ranks, "zero_stage": args.zero, "image_size": args.image_size,
-                                      "micro_batch": args.micro_batch, "precision": "bf16"}, "rows": summary}))
+                                      "micro_batch": args.micro_batch, "precision": "bf16",
+                                      "offload_optimizer": args.offload}, "rows": summary}))
     else:
-        print_table(summary)
+        (print_offload_table if args.offload else print_table)(summary)
     return 0
 
 

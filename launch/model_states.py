@@ -7,6 +7,8 @@ here return the numbers they print). Their mixed-precision accounting, per param
 2 bytes 16-bit weights + 2 bytes 16-bit gradients + 4 fp32 gradients + 4 fp32 master weights +
 8 Adam moments = 20 bytes, of which ZeRO-2 partitions the last 18 over all GPUs and ZeRO-3 all 20
 (its GPU term is 18/N plus 4 bytes per parameter of the largest layer, gathered whole).
+Except the CPU side of ZeRO-2 + optimizer offload: DeepSpeed's estimator counts the whole cluster per node there;
+the planner uses launch/offload.py's model of each rank's partition, checked against a measurement.
 
 DeepSpeed has no estimator for stages 0 and 1; they follow from the same per-parameter bytes:
 stage 0 keeps all 20 bytes on every GPU (the stage-2 formula with one GPU). Stage 1 with 16-bit training and
@@ -21,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
+
+from launch.offload import zero2_offload_rank
 
 # DeepSpeed's logger writes to the stdout it sees at import time; keep stdout for results (plan --json).
 with contextlib.redirect_stdout(sys.stderr):
@@ -72,6 +76,8 @@ def model_states_bytes(setting: ZeroSetting, total_params: int, largest_layer_pa
         cpu, gpu = estimate_zero2_model_states_mem_needs(
             total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=setting.offload_optimizer,
             additional_buffer_factor=CPU_BUFFER_FACTOR)
+        if setting.offload_optimizer:  # the estimator counts the whole cluster per node: launch/offload.py
+            cpu = gpus_per_node * zero2_offload_rank(total_params, largest_layer_params, gpus).total
         return int(gpu), int(cpu)
     # Stage 0/1: no DeepSpeed estimator (see module doc); the CPU side is the stage-2 estimator's
     # non-offload term (model loading), for comparable columns.
@@ -82,6 +88,14 @@ def model_states_bytes(setting: ZeroSetting, total_params: int, largest_layer_pa
         grads = 4 if grad_accum == "fp32" else 2
         return (2 + grads) * total_params + 12 * total_params // gpus, cpu
     return 20 * total_params, cpu
+
+
+def deepspeed_cpu_estimate(setting: ZeroSetting, total_params: int, nodes: int, gpus_per_node: int) -> int:
+    """DeepSpeed's own CPU figure per node for ZeRO-2 (the plan prints it beside the measured model)."""
+    cpu, _ = estimate_zero2_model_states_mem_needs(
+        total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=setting.offload_optimizer,
+        additional_buffer_factor=CPU_BUFFER_FACTOR)
+    return int(cpu)
 
 
 def _fp32_states(setting: ZeroSetting, total: int, largest: int, gpus: int, gpus_per_node: int) -> tuple[int, int]:

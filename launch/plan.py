@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 
 from core.errors import UserError, cli_main
 from launch.comm import COMM_FRACTION, NET_GBPS, choice_reason, step_comm
+from launch.offload import plan_offload_note
 from launch.plan_report import format_table  # noqa: F401  (the table; callers import it from here)
 from pipeline.train.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
@@ -188,6 +189,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
         speed = {"gpu_tflops": gpu_tflops, "mfu": mfu, "net_gbps": net_gbps}
         result.update(_choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable,
                               cpu_mem_gb, speed))
+        result["offload_note"] = plan_offload_note(cfg.precision, total_params, nodes, gpus_per_node,
+                                                   result["options"])
     result["as_written"] = _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable)
     result.update(_time(cfg, macs, images, dataset_source, gpus, gpu_tflops, mfu, result["chosen"]))
     return result

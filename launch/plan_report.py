@@ -43,6 +43,8 @@ def format_table(r: dict) -> str:
                          f"{o['exposed_s']:>8.2f}s  {'yes' if o['fits'] else 'no'}{mark}")
         lines.append("  (GiB per GPU; a row that does not fit shows its need at micro-batch 1. Per step and GPU: GB "
                      f"sent, compute at MFU {r['mfu']:g}, communication not hidden by it at {r['net_gbps']:g} Gb/s)")
+        if r.get("offload_note"):
+            lines.append("  " + r["offload_note"])
         lines.append("")
     c = r["chosen"]
     if c:

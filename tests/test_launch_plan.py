@@ -228,3 +228,36 @@ def test_a_fast_network_keeps_the_lowest_stage_and_gpu_products_have_their_peaks
     assert "first fitting setting" in fast["choice"]
     assert peak_tflops_for_name("NVIDIA H100 PCIe") == 756 and peak_tflops_for_name("NVIDIA H100 NVL") == 835
     assert peak_tflops_for_name("NVIDIA H100 80GB HBM3") == 989 and peak_tflops_for_name("NVIDIA H200 NVL") == 835
+
+
+def _pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+@pytest.mark.parametrize("nodes", [8, 16])
+def test_coatnet7_offload_host_memory_follows_the_rank_partition_not_deepspeeds_estimator(nodes):
+    """ZeRO-2 + optimizer offload, CoAtNet-7 (P = 2.53e9), 8 GPUs per node, N = 8 x nodes: each rank keeps in host
+    memory its 1/N partition: fp32 master 4 + fp32 gradient 4 + Adam moments 8 + a 16-bit copy 2 = 18 B x P / N,
+    plus a 16-bit staging buffer of the largest parameter; the pinned ones (all but the moments) rounded up to a power
+    of two by PyTorch's pinned allocator (the recipe pretrains without EMA: no fragment beside it). 8x8: 8 x (0.71 GB
+    + 0.18 GB staging of the 92M-parameter head + rounding) = 9.4 GiB. DeepSpeed's estimator counts 4 B x P for every GPU of the cluster on each node (x 1.5): 905 GiB at
+    8x8, twice that at 16x8. Measured against benchmarks/memory_scale.py --offload in tests/test_memory_scale.py."""
+    cfg = load_config(C7_224, [])
+    r = plan(cfg, nodes, 8, 80, cpu_mem_gb=128)  # a 128 GiB node: the estimator refused offload
+    gpus, params = 8 * nodes, r["parameters"]
+    part = -(-params // gpus)
+    staging = 2 * r["largest_layer_parameters"]
+    rank = _pow2(4 * part) * 2 + _pow2(2 * part) + _pow2(staging) + 8 * part
+    assert cfg.train.ema_decay == 0
+    expected = 8 * rank
+    row = _row(r, 2, offload=True)
+    assert row["cpu_per_node_gib"] * GIB == pytest.approx(expected, rel=1e-3)
+    assert 8 * (18 * params / gpus + staging) < row["cpu_per_node_gib"] * GIB < 8 * 2 * (18 * params / gpus + staging)
+    assert row["fits"], "the offload setting fits a 128 GiB node: each rank holds only its partition"
+    estimator = params * 4 * gpus * 1.5
+    note = r["offload_note"]
+    assert note.startswith(f"host memory per node for offload: {row['cpu_per_node_gib']:.1f} GiB (measured model; ")
+    assert f"DeepSpeed's estimator says {estimator / GIB:.1f} GiB" in note and f"cluster's {gpus} GPUs" in note
+    assert note in format_table(r)
+    # the plan's choice is unchanged: no offload fits the GPUs
+    assert not r["chosen"]["offload_optimizer"]

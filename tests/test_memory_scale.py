@@ -80,3 +80,44 @@ def test_memory_benchmark_smoke(tmp_path):
                                                         for r in (0, 1)}
     for r in rows:  # a real process: Python + torch + DeepSpeed are resident, and the baseline is itself
         assert r["peak_mib"] > 200 and r["above_baseline_mib"] == 0 and r["planned_above_mib"] == 0
+
+
+# benchmarks/memory_scale.py --offload --models coatnet-0 --image-size 32 --ranks R (bf16, ZeRO-2, micro-batch 2,
+# 4 classes; this machine, 2 shared CPU cores; docs/NOTES-off21.md): per rank, the bytes of the tensors DeepSpeed's
+# ZeRO-2 optimizer keeps in host memory with offload_optimizer after two steps (fp32 master + its .grad, the 16-bit
+# partition buffer, the CPU staging buffer, CPU Adam's moments, a few bytes of bookkeeping).
+COATNET0_32PX = {"params": 24_176_656, "largest_param": 2_359_296}
+MEASURED_OFFLOAD_HELD = {2: 222_311_956, 4: 113_517_004}
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_planner_offload_model_is_within_20_percent_of_the_measurement(ranks):
+    """launch.offload's per-rank model (18 B x P / N + 2 B x largest parameter, no pinned rounding on a CPU) against
+    the benchmark's figures above; the per-node figure the planner prints is GPUs per node times it."""
+    from launch.offload import zero2_offload_rank
+
+    measured = MEASURED_OFFLOAD_HELD[ranks]
+    model = zero2_offload_rank(COATNET0_32PX["params"], COATNET0_32PX["largest_param"], ranks, pinned=False)
+    assert abs(model.total / measured - 1) < 0.2
+    # from first principles: the optimizer's share is 16 B x P / N (+ 2 for the 16-bit copy), not 4 B x P x N
+    assert model.total == pytest.approx(18 * COATNET0_32PX["params"] / ranks + 2 * COATNET0_32PX["largest_param"],
+                                        rel=1e-6)
+    pinned = zero2_offload_rank(COATNET0_32PX["params"], COATNET0_32PX["largest_param"], ranks, pinned=True)
+    assert model.total < pinned.total < model.total + 10 * COATNET0_32PX["params"] / ranks + model.staging
+
+
+@pytest.mark.slow
+def test_offload_measurement_at_two_ranks_matches_the_planner(tmp_path):
+    """The real measurement: 2 CPU ranks (torchrun, DeepSpeed CPU Adam), coatnet-0 at 32 px, two steps (~90 s)."""
+    res = subprocess.run([sys.executable, "benchmarks/memory_scale.py", "--offload", "--models", "coatnet-0",
+                          "--image-size", "32", "--ranks", "2", "--work", str(tmp_path), "--json"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "MASTER_ADDR": "127.0.0.1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["setting"]["offload_optimizer"] and len(out["rows"]) == 2
+    for r in out["rows"]:
+        assert r["params"] == COATNET0_32PX["params"] and r["largest_param"] == COATNET0_32PX["largest_param"]
+        held = r["optimizer_held"]
+        # the moments exist (the step ran on the CPU Adam) and are the 8 B x P / N the model counts
+        assert held["optimizer.state"] == pytest.approx(8 * r["params"] / 2, rel=1e-3)
+        assert 0.8 < r["planned_vs_measured"] < 1.2 and r["offload_held_bytes"] > 0
