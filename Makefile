@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	# DeepSpeed compiles its CPU shared-memory collective op on first use (~1.5 min, then cached in
-	# ~/.cache/torch_extensions); build it here so the first training run or test does not pay for it.
+	# DeepSpeed compiles its CPU shared-memory collective op and, for optimizer offload, its CPU Adam on first
+	# use (minutes, then cached in ~/.cache/torch_extensions); build them here so the first training run or
+	# test does not pay for them inside a time limit.
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | tail -1
+	$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" 2>&1 | tail -1
 	touch $(STAMP)
 
 test: setup
