@@ -74,7 +74,10 @@ def seeded_cpu_rng(seed: int):
 
 def device_train_transform(image_size: ImageSize, randaugment_layers: int = 2, randaugment_magnitude: int = 15,
                            scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> v2.Compose:
-    """The train augmentation on uint8 CHW tensors on any device: crop, flip, RandAugment, still uint8.
+    """The train augmentation on uint8 CHW tensors on any device, image by image: crop, flip, RandAugment.
+
+    data.decode=gpu runs pipeline.data.batch_augment.BatchedTrainAugment, which draws exactly as this does per
+    seed; this stays as its reference (tests, benchmarks/gpu_check.py's `augment` figure).
 
     The same ops and parameters as pipeline.data.transforms.train_transform, all on tensors (no PIL on a GPU), so
     the images are not bit-identical to the CPU path's but follow the same distribution.
