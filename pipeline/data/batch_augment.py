@@ -6,7 +6,7 @@ order, the crop box (RandomResizedCrop.make_params), the flip (torch.rand(1) >= 
 transforms draw it) and RandAugment's ops and signs (its own _get_random_item and magnitude table). So a seed
 gives the same crop box, flip and ops on either path, and resume stays exact. Then, batched:
 
-- crop + resize: one `torchvision.ops.roi_align` over all boxes to the output size. With sampling_ratio=-1
+- crop + resize: one roi_align (torchvision's kernel) over all boxes to the output size. With sampling_ratio=-1
   each output pixel averages ceil(box/out) x ceil(box/out) bilinear samples: an area filter when shrinking
   (what antialias=True approximates), bilinear when enlarging. Not bit-equal to v2's antialiased resize:
   tests/test_device_augment.py bounds the difference.
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torchvision.ops import roi_align
+import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 from torchvision.transforms import v2
 
 from core.units import ImageSize, image_hw
@@ -111,9 +111,17 @@ def crop_resize(images: Sequence[torch.Tensor], boxes: Sequence[Sequence[int]], 
         rois = torch.tensor([[slot, left, top, left + bw, top + bh]
                              for slot, (top, left, bh, bw) in enumerate(boxes[i] for i in chunk)],
                             dtype=torch.float32, device=device)
-        resized = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        resized = _roi_align(canvas, rois, size)
         out[torch.tensor(chunk, device=device)] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
+
+
+def _roi_align(canvas: torch.Tensor, rois: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """torchvision's roi_align kernel itself. Why not torchvision.ops.roi_align: under
+    torch.use_deterministic_algorithms (our `deterministic: true`) on CUDA it switches to a torch.compile'd
+    Python version (for a deterministic *backward*; compiled on first use, memory-hungry in eager). The
+    kernel's forward is deterministic already, and nothing here needs a backward."""
+    return torch.ops.torchvision.roi_align(canvas, rois, 1.0, size[0], size[1], -1, True)
 
 
 def _canvas_chunks(images: Sequence[torch.Tensor]) -> list[list[int]]:
