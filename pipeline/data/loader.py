@@ -41,7 +41,6 @@ Design (why it resumes exactly and never hangs a collective)
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -358,10 +357,7 @@ class TrainLoader:
         batch, pending = self._ahead or self._launch_next()
         # data.decode=gpu on CUDA: batch N+1's decode and augmentation start on the side stream now and overlap
         # batch N's step. Its position is only committed when it is handed out, so a checkpoint resumes at it.
-        self._ahead = None
-        if self.finish.stream is not None:
-            with contextlib.suppress(StopIteration):
-                self._ahead = self._launch_next()
+        self._ahead = self._launch_next() if self.finish.stream is not None else None  # the stream is endless
         self.batches += 1
         self.positions[int(batch["worker"])] = batch["position"]
         self._check_corrupt()
