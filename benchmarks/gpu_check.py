@@ -15,7 +15,9 @@ Parts, most valuable first (each in its own try: a part that fails prints its er
              S4 7x7, 48 heads at 224 px) for each kernel (sdpa, math, flex; model/attention.py): the fastest
   decode     images/s of the real training input pipeline (pipeline.data.loader, shards, RandAugment, <= 8
              workers) with data.decode=cpu and data.decode=gpu (nvJPEG and the augmentation on the GPU), against
-             coatnet-3's training images/s from `speed`: does each keep up?
+             coatnet-3's training images/s from `speed`: does each keep up? (decode=gpu runs the batched
+             augmentation, the next batch on a side stream.) Plus `augment`: one batch decoded + augmented on
+             the device, batched (pipeline.data.batch_augment) vs the per-image reference, images/s each.
   memory     peak device memory of coatnet-3 training steps through the real DeepSpeed engine (ZeRO-2,
              bf16, the trainer's DeepSpeed config) against launch.plan.rank_peak's estimate of that step;
              with a plain torch step if DeepSpeed is not importable (then said so in the figures)
@@ -201,6 +203,40 @@ def part_decode(s: dict, device, budget: Budget, shards: Path | None, speed: dic
         except Exception as err:  # nvJPEG missing leaves the cpu figure
             out[decode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(f"  decode {decode}: {out[decode]}", flush=True)
+    if shards is not None and budget.left() >= 15:
+        try:
+            out["augment"] = augment_batched_vs_per_image(s, device, shards)
+        except Exception as err:
+            out["augment"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(f"  decode augment: {out['augment']}", flush=True)
+    return out
+
+
+def augment_batched_vs_per_image(s: dict, device, shards: Path) -> dict:
+    """decode=gpu's decode + augmentation of one loader batch on `device`: batched (what the loader runs) vs
+    the per-image reference it replaced, images/s each (median of 3, synchronised)."""
+    import webdataset as wds
+    from pipeline.data.batch_augment import BatchedTrainAugment
+    from pipeline.data.device_augment import augment_on_device, device_train_transform
+
+    urls = [str(p) for p in sorted(Path(shards).glob("train-*.tar"))]
+    jpegs = [sample["jpg"] for sample, _ in zip(wds.WebDataset(urls, shardshuffle=False, empty_check=False),
+                                                  range(s["loader_batch"]))]
+    seeds = list(range(len(jpegs)))
+    out = {"batch": len(jpegs), "size": s["size"]}
+    for name, transform in (("per_image", device_train_transform(s["size"])),
+                            ("batched", BatchedTrainAugment(s["size"]))):
+        augment_on_device(jpegs, seeds, device, transform)  # warm-up (nvJPEG handles, kernels)
+        times = []
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            augment_on_device(jpegs, seeds, device, transform)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[f"{name}_images_per_s"] = len(jpegs) / sorted(times)[1]
     return out
 
 

@@ -126,8 +126,26 @@ def flex_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         return score + flat[h, offset]
 
     kernel = flex_attention
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" or compile_flex_on_cpu:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         kernel = _compiled_flex
+        mark_batch_dynamic(q, k, v)
     return kernel(q, k, v, score_mod=score_mod)
+
+
+# Tests compile flex on CPU too (inference only there) to count its recompiles.
+compile_flex_on_cpu = False
+
+
+def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
+    """Compile flex once for every batch size of a stage and grad mode, not once per size.
+
+    Why: with dynamic=False each new batch size (the partial last evaluation batch, a rank's filler batch) was
+    a recompile, and past torch._dynamo's recompile limit flex fell back to eager, which materialises the
+    scores. Only the batch dimension is marked (sequence length and head_dim stay static: the kernel's tiles
+    are chosen for them). Size 1 is left static: dynamo specialises 0/1 sizes, so it is one more graph at most.
+    """
+    if tensors[0].shape[0] > 1:
+        for tensor in tensors:
+            torch._dynamo.mark_dynamic(tensor, 0)

@@ -115,3 +115,28 @@ def test_auto_precision_is_fp32_when_torch_runs_avx2_kernels():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "fp32"
+
+
+@pytest.mark.slow
+def test_compiled_flex_compiles_once_per_stage_whatever_the_batch_size(impl, monkeypatch):
+    """Batch sizes 4, 3, 2, 5 share one graph (the batch dimension is dynamic) and 1 adds at most one: the
+    partial last evaluation batch no longer counts towards the recompile limit, past which flex went eager.
+    Compiled flex runs on CPU for inference, which is what this counts (~1.5 min of compilation here)."""
+    from torch._dynamo.utils import counters
+
+    impl("flex")
+    monkeypatch.setattr(attention, "compile_flex_on_cpu", True)
+    monkeypatch.setattr(attention, "_compiled_flex", None)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for batch in (4, 3, 2, 5, 1, 3):
+            rel_pos, qkv = _problem(torch.float32, batch=batch)
+            with torch.no_grad():
+                got = attention.relative_attention(*(t.detach() for t in qkv), rel_pos)
+                want = _reference(rel_pos, *qkv)
+            assert torch.allclose(got.double(), want, atol=1e-5), batch
+        assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+        assert not counters["recompiles"].get("recompile_limit_hit"), dict(counters["recompiles"])
+    finally:
+        torch._dynamo.reset()

@@ -265,3 +265,27 @@ def test_sharded_export_round_trips_and_an_index_naming_a_file_elsewhere_is_refu
     with pytest.raises(PretrainedError, match="not a file beside it"):
         load_export_weights(str(hostile / "model.safetensors.index.json"))
     assert export_cli.main([str(tmp_path), str(tmp_path / "out"), "--max-shard-size", "5XB"]) == 2
+
+
+def test_partial_last_batch_is_padded_to_the_full_shape_and_its_padding_not_counted():
+    """A compiled model sees one input shape per evaluation (no recompile for the last batch); the padded
+    images' logits are dropped, so the counts are those of the real images."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, images):
+            seen.append(tuple(images.shape))
+            return images.mean(dim=(2, 3)) * self.scale  # 3 channels = 3 classes: argmax of the channel means
+
+    images = torch.zeros(7, 3, 4, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    images[torch.arange(7), labels] = 1.0
+    labels[6] = 1  # the last (partial batch's only) image is wrong
+    loader = [(images[:3], labels[:3]), (images[3:6], labels[3:6]), (images[6:], labels[6:])]
+    result = evaluate(Recorder(), loader, 3, torch.device("cpu"), distributed=False)
+    assert seen == [(3, 3, 4, 4)] * 3
+    assert result["count"] == 7 and result["top1"] == pytest.approx(100 * 6 / 7)

@@ -49,6 +49,8 @@ def test_tiny_run_measures_every_part_and_writes_the_figures(tmp_path, demo_shar
     ld = figures["decode"]["cpu"]
     assert ld["images_per_s"] > 0 and ld["sustains"] in (True, False), ld
     assert "CUDA" in figures["decode"]["gpu"]["skipped"]  # the trainer refuses decode=gpu without a GPU
+    augment = figures["decode"]["augment"]  # decode=gpu's batched augmentation vs the per-image one, on CPU here
+    assert augment["batched_images_per_s"] > 0 and augment["per_image_images_per_s"] > 0, augment
     trainer = figures["trainer"]
     for run in ("eager", "resume", "compiled"):
         assert trainer[run]["steps_per_s"] > 0 and trainer[run]["graph_breaks"] >= 0, (run, trainer[run])

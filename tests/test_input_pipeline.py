@@ -17,8 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 from core.errors import UserError
 from pipeline.config import ConfigError, load_config
 from pipeline.data.loader import TrainLoader, TrainStream, build_train_loader
-from pipeline.data.device_augment import (DeviceBatch, augment_on_device, check_decode, device_train_transform,
-                                     pack_jpegs, seeded_cpu_rng, shared_memory_bytes, unpack_jpegs)
+from pipeline.data.device_augment import (DeviceBatch, PendingBatch, augment_on_device, check_decode,
+                                          device_train_transform, pack_jpegs, seeded_cpu_rng, shared_memory_bytes,
+                                          unpack_jpegs)
 from pipeline.data.shards import ShardSet
 from pipeline.data.transforms import (PILToCHW, RandomResizedCropHWC, TensorToPIL, batch_mix_transform, normalize_batch,
                                  train_transform)
@@ -214,3 +215,31 @@ def test_a_jpeg_no_decoder_reads_becomes_a_black_image_not_a_crash(caplog):
         out = augment_on_device([good, bad], [1, 2], "cpu", device_train_transform(32, randaugment_layers=0))
     assert out.shape == (2, 3, 32, 32) and int(out[1].max()) == 0
     assert "replaced by a black image" in caplog.text
+
+
+def test_reading_one_batch_ahead_for_the_side_stream_keeps_resume_exact(shards):
+    """On CUDA with decode=gpu the loader launches batch N+1 before handing out N. Shown on CPU by giving the
+    loader's DeviceBatch a stand-in stream (launch itself stays the CPU one): the state after 4 batches
+    resumes at batch 5, not 6, and the batches are those of a loader that reads no batch ahead."""
+    plain = _loader(shards, decode="gpu")
+    want = [next(plain) for _ in range(7)]
+    ahead = _loader(shards, decode="gpu")
+    ahead.finish.stream = "stand-in"  # what the loader checks; the batches are still finished at once on CPU
+    ahead.finish.launch = lambda batch: PendingBatch(ahead.finish(batch))
+    for x, y in want[:4]:
+        rx, ry = next(ahead)
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+    assert ahead._ahead is not None  # batch 5 is already in flight
+    state = json.loads(json.dumps(ahead.state_dict()))
+    assert state == json.loads(json.dumps(_state_after(shards, 4)))
+    resumed = _loader(shards, state=state, decode="gpu")
+    for x, y in want[4:]:
+        rx, ry = next(resumed)
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+
+
+def _state_after(shards, n: int) -> dict:
+    loader = _loader(shards, decode="gpu")
+    for _ in range(n):
+        next(loader)
+    return loader.state_dict()

@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 
 from core.errors import UserError
 from core.units import ImageSize, image_hw
+from pipeline.data.batch_augment import BatchedTrainAugment
 from pipeline.data.transforms import multi_hot, normalize_batch
 
 DECODES = ("cpu", "gpu")
@@ -73,7 +74,10 @@ def seeded_cpu_rng(seed: int):
 
 def device_train_transform(image_size: ImageSize, randaugment_layers: int = 2, randaugment_magnitude: int = 15,
                            scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> v2.Compose:
-    """The train augmentation on uint8 CHW tensors on any device: crop, flip, RandAugment, still uint8.
+    """The train augmentation on uint8 CHW tensors on any device, image by image: crop, flip, RandAugment.
+
+    data.decode=gpu runs pipeline.data.batch_augment.BatchedTrainAugment, which draws exactly as this does per
+    seed; this stays as its reference (tests, benchmarks/gpu_check.py's `augment` figure).
 
     The same ops and parameters as pipeline.data.transforms.train_transform, all on tensors (no PIL on a GPU), so
     the images are not bit-identical to the CPU path's but follow the same distribution.
@@ -133,18 +137,22 @@ def decode_on_device(jpegs: list[torch.Tensor], device: torch.device) -> list[to
 
 def augment_on_device(jpegs: Sequence, seeds: Sequence[int], device: torch.device,
                       transform: Optional[Callable] = None, image_size: ImageSize = 224) -> torch.Tensor:
-    """Decode a batch of JPEGs on `device` and augment each image there: uint8 (B, 3, H, W) on `device`.
+    """Decode a batch of JPEGs on `device` and augment them there: uint8 (B, 3, H, W) on `device`.
 
     `jpegs`: bytes or 1-D uint8 CPU tensors; `seeds`: one per image (pipeline.data.loader derives it from the
     sample's stream position), so each image's crop, flip and RandAugment are a pure function of its seed.
-    `transform` defaults to device_train_transform(image_size). Runs on CPU tensors too (the tests do).
+    `transform`: a BatchedTrainAugment (the default, for image_size; what data.decode=gpu runs) takes the whole
+    batch; any other callable (device_train_transform, the per-image reference) runs image by image.
+    Runs on CPU tensors too (the tests do).
     """
     if len(jpegs) != len(seeds):
         raise ValueError(f"{len(jpegs)} JPEGs but {len(seeds)} seeds")
-    transform = transform or device_train_transform(image_size)
+    transform = transform or BatchedTrainAugment(image_size)
     tensors = [j if isinstance(j, torch.Tensor) else torch.frombuffer(bytearray(j), dtype=torch.uint8)
                for j in jpegs]
     images = decode_on_device(tensors, device)
+    if isinstance(transform, BatchedTrainAugment):
+        return transform(images, seeds)
     out = []
     state = torch.get_rng_state()
     try:
@@ -164,12 +172,18 @@ class DeviceBatch:
     batch's `mix_seed`, exactly as the workers used to run them on CPU. `num_classes` set: the labels are
     padded label lists (a multi-label split) and become multi-hot float (B, num_classes) here, before `mix`
     (then pipeline.data.transforms.MultiHotMix).
+
+    With data.decode=gpu on CUDA, `launch` queues a batch's decode and augmentation on a side stream
+    (`self.stream`) and returns at once; the loader launches batch N+1 before handing out batch N, so that
+    work overlaps batch N's step. Elsewhere `stream` is None and `launch` finishes the batch in place.
     """
 
     def __init__(self, device: torch.device, mix: Optional[Callable] = None, transform: Optional[Callable] = None,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, side_stream: bool = True):
         self.device = torch.device(device)
         self.mix, self.transform, self.num_classes = mix, transform, num_classes
+        on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.stream = torch.cuda.Stream(self.device) if side_stream and transform is not None and on_cuda else None
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"].to(self.device, non_blocking=True)
@@ -185,3 +199,29 @@ class DeviceBatch:
             with seeded_cpu_rng(batch["mix_seed"]):
                 images, labels = self.mix(images, labels)
         return images, labels
+
+    def launch(self, batch: dict) -> "PendingBatch":
+        """Start finishing `batch`: queued on the side stream where there is one, else done now."""
+        if self.stream is None:
+            return PendingBatch(self(batch))
+        # No wait on the compute stream: the inputs are host tensors, and waiting would serialise with the step.
+        with torch.cuda.stream(self.stream):
+            result = self(batch)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return PendingBatch(result, event, self.device)
+
+
+class PendingBatch:
+    """A finished or in-flight (images, targets); `wait()` makes the current stream wait for it and returns it."""
+
+    def __init__(self, result: tuple[torch.Tensor, torch.Tensor], event=None, device=None):
+        self.result, self.event, self.device = result, event, device
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.event)
+            for tensor in self.result:  # made on the side stream: the allocator must not reuse them under the step
+                tensor.record_stream(current)
+        return self.result

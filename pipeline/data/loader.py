@@ -283,7 +283,7 @@ class TrainLoader:
                  prefetch_factor: int = 4, device: Optional[torch.device] = None, decode: str = "cpu",
                  multi_label: bool = False, worker_start: str = "fork", max_sample_bytes: int = MAX_SAMPLE_BYTES,
                  max_pixels: int = MAX_PIXELS, max_corrupt_fraction: float = 1.0):
-        from pipeline.data.device_augment import device_train_transform
+        from pipeline.data.batch_augment import BatchedTrainAugment
         from pipeline.data.transforms import MultiHotMix, batch_mix_transform, train_transform
 
         if multi_label and not num_classes:
@@ -300,7 +300,7 @@ class TrainLoader:
         self.device = torch.device(device or "cpu")
         augment = dict(randaugment_layers=randaugment_layers, randaugment_magnitude=randaugment_magnitude,
                        scale=(min_crop_scale, 1.0))
-        on_device = device_train_transform(image_size, **augment) if decode == "gpu" else None
+        on_device = BatchedTrainAugment(image_size, **augment) if decode == "gpu" else None
         if multi_label:
             mix = MultiHotMix(mixup_alpha, cutmix_alpha) if mixup_alpha > 0 or cutmix_alpha > 0 else None
         else:
@@ -326,7 +326,7 @@ class TrainLoader:
         # Its own generator: starting the workers must not draw from the trainer's global RNG (exact resume).
         self.loader = DataLoader(self.dataset, batch_size=None, pin_memory=pin_memory,
                                  generator=torch.Generator().manual_seed(seed), **kwargs)
-        self._iter = None
+        self._iter = self._ahead = None
 
     def _restore(self, state: Optional[dict], num_workers: int) -> int:
         """Take the saved positions (same layout) or restart at the next pass (changed layout); returns the
@@ -353,12 +353,19 @@ class TrainLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
-            self._iter = iter(self.loader)
-        batch = next(self._iter)
+            self._iter, self._ahead = iter(self.loader), None
+        batch, pending = self._ahead or self._launch_next()
+        # data.decode=gpu on CUDA: batch N+1's decode and augmentation start on the side stream now and overlap
+        # batch N's step. Its position is only committed when it is handed out, so a checkpoint resumes at it.
+        self._ahead = self._launch_next() if self.finish.stream is not None else None  # the stream is endless
         self.batches += 1
         self.positions[int(batch["worker"])] = batch["position"]
         self._check_corrupt()
-        return self.finish(batch)
+        return pending.wait()
+
+    def _launch_next(self):
+        batch = next(self._iter)
+        return batch, self.finish.launch(batch)
 
     def _check_corrupt(self) -> None:
         """Stop (one line) once more than data.max_corrupt_fraction of the samples read were skipped: a run on
@@ -379,7 +386,7 @@ class TrainLoader:
                 "positions": {str(k): dict(v) for k, v in self.positions.items()}}
 
     def close(self) -> None:
-        self._iter = None  # drops the worker processes
+        self._iter = self._ahead = None  # drops the worker processes
 
 
 def multi_hot_targets(cfg, shards: ShardSet) -> bool:

@@ -107,14 +107,25 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _dummy_input(model: torch.nn.Module, last_shape: Optional[torch.Size]) -> torch.Tensor:
-    """A one-image batch for a rank that has run out of data but must still join ZeRO-3's gathers."""
-    if last_shape is not None:
-        return torch.zeros((1, *last_shape[1:]))
+def _dummy_input(model: torch.nn.Module, full_shape: Optional[torch.Size]) -> torch.Tensor:
+    """A batch for a rank that has run out of data but must still join ZeRO-3's gathers: zeros of the full
+    batch's shape, so a compiled model sees a shape it has already compiled for (a one-image filler was a
+    recompile of flex attention per stage); one image when this rank had no data at all."""
+    if full_shape is not None:
+        return torch.zeros(full_shape)
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
     height, width = inner.config.image_size
     return torch.zeros(1, 3, height, width)
+
+
+def pad_batch(images: torch.Tensor, full_shape: Optional[torch.Size]) -> torch.Tensor:
+    """The partial last batch padded with zero images to the full batch size (their logits are dropped), so
+    every forward of an evaluation has one shape: no recompile of a compiled model for the last batch.
+    Evaluation-mode layers treat images independently, so the padding changes no real image's logits."""
+    if full_shape is None or images.shape[0] >= full_shape[0] or images.shape[1:] != full_shape[1:]:
+        return images
+    return torch.cat([images, images.new_zeros((full_shape[0] - images.shape[0], *images.shape[1:]))])
 
 
 def _input_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -204,7 +215,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, num_classes: int, device:
     autocast = dtype is not None and dtype != torch.float32
     metric = MultiLabelScores(num_classes, device) if multi_label else _SingleLabel(num_classes, device)
     batches = iter(loader)
-    last_shape = None
+    full_shape = None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -222,13 +233,14 @@ def evaluate(model: torch.nn.Module, loader: Iterable, num_classes: int, device:
             elif batch is None:
                 break
             if batch is None:
-                images, labels = _dummy_input(model, last_shape), None
+                images, labels = _dummy_input(model, full_shape), None
             else:
                 images, labels = batch[0], batch[1]
-                last_shape = images.shape
-            images = images.to(device, dtype=input_dtype, non_blocking=True)
+                full_shape = full_shape or images.shape
+            count = images.shape[0]
+            images = pad_batch(images, full_shape).to(device, dtype=input_dtype, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=dtype, enabled=autocast):
-                logits = model(images)
+                logits = model(images)[:count]
             if labels is None:
                 continue
             counted = metric.add(logits.float(), labels.to(device, non_blocking=True))
