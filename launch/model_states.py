@@ -24,7 +24,7 @@ import contextlib
 import sys
 from dataclasses import dataclass
 
-from launch.offload import zero2_offload_rank
+from launch.offload import GIB, offload_note, zero2_offload_rank
 
 # DeepSpeed's logger writes to the stdout it sees at import time; keep stdout for results (plan --json).
 with contextlib.redirect_stdout(sys.stderr):
@@ -214,3 +214,13 @@ def rank_terms(stage: int, params: int, largest_layer: int, ranks: int, precisio
     return RankTerms(weights=weights, gradients=gradients, master=master, moments=8 * params // parts,
                      ema=4 * params // parts if ema else 0,
                      buckets=bucket_bytes(stage, params, precision, zero or {}, on_gpu, grad_accum, communication))
+
+
+def plan_offload_note(precision: str, params: int, nodes: int, gpus_per_node: int, options: list[dict]) -> str:
+    """The note for plan(): the ZeRO-2 offload row's CPU/node figure (the model above + the EMA fragment) next to
+    DeepSpeed's estimate; empty in fp32 (no 16-bit copies: this module counts that case itself)."""
+    row = next((o for o in options if o["zero_stage"] == 2 and o["offload_optimizer"]), None)
+    if precision == "fp32" or row is None:
+        return ""
+    estimate = deepspeed_cpu_estimate(ZeroSetting(2, offload_optimizer=True), params, nodes, gpus_per_node)
+    return offload_note(int(row["cpu_per_node_gib"] * GIB), estimate, nodes * gpus_per_node)

@@ -68,15 +68,3 @@ def offload_note(cpu_model_per_node: int, cpu_estimator_per_node: int, gpus: int
     """The plan's one line when the measured model replaces DeepSpeed's estimator."""
     return (f"host memory per node for offload: {cpu_model_per_node / GIB:.1f} GiB (measured model; DeepSpeed's "
             f"estimator says {cpu_estimator_per_node / GIB:.1f} GiB, which {estimator_counts(gpus)})")
-
-
-def plan_offload_note(precision: str, params: int, nodes: int, gpus_per_node: int, options: list[dict]) -> str:
-    """The note for plan(): the ZeRO-2 offload row's CPU/node figure (the model above + the EMA fragment) next to
-    DeepSpeed's estimate; empty in fp32 (no 16-bit copies: launch.model_states counts that case itself)."""
-    from launch.model_states import ZeroSetting, deepspeed_cpu_estimate
-
-    row = next((o for o in options if o["zero_stage"] == 2 and o["offload_optimizer"]), None)
-    if precision == "fp32" or row is None:
-        return ""
-    estimate = deepspeed_cpu_estimate(ZeroSetting(2, offload_optimizer=True), params, nodes, gpus_per_node)
-    return offload_note(int(row["cpu_per_node_gib"] * GIB), estimate, nodes * gpus_per_node)

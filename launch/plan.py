@@ -50,7 +50,6 @@ from dataclasses import asdict, dataclass
 
 from core.errors import UserError, cli_main
 from launch.comm import COMM_FRACTION, NET_GBPS, choice_reason, step_comm
-from launch.offload import plan_offload_note
 from launch.plan_report import format_table  # noqa: F401  (the table; callers import it from here)
 from pipeline.train.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
@@ -189,6 +188,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
         speed = {"gpu_tflops": gpu_tflops, "mfu": mfu, "net_gbps": net_gbps}
         result.update(_choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable,
                               cpu_mem_gb, speed))
+        from launch.model_states import plan_offload_note
+
         result["offload_note"] = plan_offload_note(cfg.precision, total_params, nodes, gpus_per_node,
                                                    result["options"])
     result["as_written"] = _as_written(cfg, act, total_params, largest_layer, nodes, gpus_per_node, usable)
@@ -362,6 +363,8 @@ def _time(cfg, macs: int, images: int, dataset_source: str, gpus: int, gpu_tflop
         "train_flops_per_image": flops.model, "train_hardware_flops_per_image": flops.hardware,
         "epoch_hours": train_seconds(images, flops.model, gpus, gpu_tflops, mfu) / 3600,
         "total_hours": train_seconds(steps * global_batch, flops.model, gpus, gpu_tflops, mfu) / 3600,
+        # the chosen setting's communication that compute does not hide, at --net-gbps (launch/comm.py)
+        "exposed_hours": steps * (chosen or {}).get("exposed_s", 0.0) / 3600,
     }
 
 

@@ -71,6 +71,9 @@ def format_table(r: dict) -> str:
         f"  epoch          {r['images_per_epoch']:,} images ({r['dataset_source']}): {_fmt_hours(r['epoch_hours'])}",
         f"  whole run      {r['total_steps']:,} steps of {r['global_batch_size']}: {_fmt_hours(r['total_hours'])}",
     ]
+    if r.get("exposed_hours"):
+        lines.append(f"  + communication not hidden by compute: {_fmt_hours(r['exposed_hours'])}; whole run "
+                     f"{_fmt_hours(r['total_hours'] + r['exposed_hours'])}")
     if c and c["activation_checkpointing"]:
         lines.append(f"  (activation checkpointing recomputes the forward: expect about 3/4 of the MFU without it; "
                      f"MFU {r['mfu']:g} is HFU {r['hfu']:.2f})")

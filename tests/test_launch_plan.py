@@ -219,6 +219,9 @@ def test_coatnet7_plan_counts_communication_and_prefers_zero2_when_zero1_waits(n
     assert r["choice"].startswith("ZeRO-2 over ZeRO-1")
     out = table.stdout
     assert "why: ZeRO-2 over ZeRO-1" in out and "communication per step:" in out and "s of compute" in out
+    # The run's time counts the chosen setting's communication that compute does not hide, every step.
+    assert r["exposed_hours"] == pytest.approx(r["total_steps"] * r["chosen"]["exposed_s"] / 3600, rel=1e-6)
+    assert r["exposed_hours"] > 0 and "+ communication not hidden by compute:" in out
 
 
 def test_a_fast_network_keeps_the_lowest_stage_and_gpu_products_have_their_peaks():
