@@ -304,6 +304,12 @@ def test_mostly_broken_shards_stop_training_with_one_line(tmp_path):
                           num_classes=1, shuffle_buffer=0, max_sample_bytes=4096, max_corrupt_fraction=0.9)
     assert all(next(lenient)[0].shape == (4, 3, 32, 32) for _ in range(5))
     assert lenient.corrupt_count >= 16
+    # A resume (here on another layout, which puts the run's whole count on worker 0) keeps the run's total for
+    # the logs but judges the fraction on this launch's reading: a long run's skipped samples never stop it.
+    resumed = TrainLoader(shards, seed=0, rank=0, world_size=1, num_workers=0, micro_batch_size=2, image_size=32,
+                          num_classes=1, shuffle_buffer=0, max_sample_bytes=4096, max_corrupt_fraction=0.5,
+                          state=lenient.state_dict())
+    assert resumed.corrupt_count == lenient.corrupt_count and resumed.read_since_launch() == (0, 0)
 
 
 @pytest.mark.slow

@@ -251,3 +251,22 @@ def test_private_local_ray_has_a_token_and_a_temp_dir_of_its_own():
         assert stat.S_IMODE(os.stat(made).st_mode) == 0o700 and glob.glob(os.path.join(made, "ray", "session_*"))
     finally:
         ray.shutdown()
+
+
+def test_the_signing_key_is_made_or_refused_when_a_run_starts(tmp_path, monkeypatch):
+    """Before the first save: a key that cannot be made (here its folder would be under a file) or that others
+    can read stops the launch in one line, instead of the first checkpoint hours in."""
+    from pipeline.checkpoint.trust import require_key
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("COATNET_CHECKPOINT_KEY", str(blocker / "checkpoint.key"))
+    with pytest.raises(UserError, match="cannot create the checkpoint key .*COATNET_CHECKPOINT_KEY"):
+        require_key(is_main=True)
+    key = tmp_path / "keys" / "checkpoint.key"
+    monkeypatch.setenv("COATNET_CHECKPOINT_KEY", str(key))
+    require_key(is_main=True)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    key.chmod(0o644)
+    with pytest.raises(UserError, match="chmod 600"):
+        require_key(is_main=True)

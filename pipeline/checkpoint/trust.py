@@ -215,3 +215,23 @@ def require_trusted_resume(tag_dir: str, meta: dict, is_main: bool, trust: bool)
         raise UntrustedCheckpoint(
             f"refusing to resume from {tag_dir}: {problem}. Its files are pickles, which can run code when read; "
             f"a run resumes only from checkpoints your key ({key_path()}) signed; {HOW_TO_TRUST}")
+
+
+def require_key(is_main: bool) -> None:
+    """Make (or check) the key that will sign this run's checkpoints at the start, on rank 0, and raise the same
+    one line on every rank: found at the first save, a home folder that is read-only or a key others can read
+    would end a run hours in, with an unrelated message."""
+    from pipeline.runtime import distributed as D
+
+    problem = None
+    if is_main:
+        try:
+            load_key(create=True)
+        except UserError as err:
+            problem = str(err)
+        except OSError as err:
+            problem = (f"cannot create the checkpoint key {key_path()} ({err.strerror}); set {KEY_ENV} to a private "
+                       f"file on a filesystem this user can write, the same on every node")
+    problem = D.broadcast_object(problem)
+    if problem:
+        raise UserError(problem)

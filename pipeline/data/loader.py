@@ -52,13 +52,13 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, url_opener
 
+from pipeline.data.corrupt import CorruptionCounter, check_corrupt_fraction
 from pipeline.data.device_augment import DeviceBatch, check_decode, pack_jpegs, shared_memory_bytes
 from core.errors import UserError
 from pipeline.data.shards import (MAX_PIXELS, MAX_SAMPLE_BYTES, ShardSet, check_jpeg_header, decode_sample, pad_labels,
                                   split_sample, tar_members, worker_init)
 
 log = logging.getLogger("pipeline.data.loader")
-_MIN_CORRUPT = 16  # data.max_corrupt_fraction is judged from this many skipped samples on (not on the first one)
 
 
 # ------------------------------------------------------------------------------------- seeds and streams
@@ -94,23 +94,6 @@ class StreamPosition:
         return cls(int(d["pass"]), int(d["offset"]), int(d.get("corrupt", 0)))
 
 
-class _CorruptionCounter:
-    """A webdataset handler: warn about the error, count it, continue (never fatal)."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.count = 0
-        self.silent = False  # while replaying already-counted samples on resume
-
-    def __call__(self, exn: Exception) -> bool:
-        if not self.silent:
-            self.count += 1
-            args = [a for a in getattr(exn, "args", ()) if isinstance(a, str)]
-            log.warning("skipped corrupt data (%s) in %s: %s: %s", self.count, self.label, type(exn).__name__,
-                        "; ".join(args)[:300] or exn)
-        return True
-
-
 class TrainStream(IterableDataset):
     """Infinite, deterministic stream of uint8 micro-batches for one rank.
 
@@ -139,7 +122,7 @@ class TrainStream(IterableDataset):
         self.multi_label = multi_label
 
     # -- raw samples of one pass of one stream, shuffled, undecoded
-    def _raw_pass(self, pass_index: int, stream: int, handler: _CorruptionCounter) -> Iterator[dict]:
+    def _raw_pass(self, pass_index: int, stream: int, handler: CorruptionCounter) -> Iterator[dict]:
         num_streams = self.world_size * self.num_workers
         idx = shards_of_pass(self.seed, pass_index, len(self.shards.urls), stream, num_streams)
         samples = self._samples_of(idx, handler)
@@ -148,7 +131,7 @@ class TrainStream(IterableDataset):
             samples = _shuffle(iter(samples), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
         return iter(samples)
 
-    def _samples_of(self, shard_indices: list[int], handler: _CorruptionCounter) -> Iterator[dict]:
+    def _samples_of(self, shard_indices: list[int], handler: CorruptionCounter) -> Iterator[dict]:
         """Raw samples of these shards in order; a shard that ends early is reported like any corruption.
 
         Why the count: a tar cut at a member boundary reads as a shorter, valid archive (tarfile takes the
@@ -200,7 +183,7 @@ class TrainStream(IterableDataset):
         worker = (slot + self.worker_offset) % self.num_workers
         stream = self.rank * self.num_workers + worker
         pos = StreamPosition.from_dict(self.positions[worker]) if worker in self.positions else StreamPosition()
-        handler = _CorruptionCounter(f"rank {self.rank} worker {worker}")
+        handler = CorruptionCounter(f"rank {self.rank} worker {worker}")
         handler.count = pos.corrupt
         if info is None:
             # Loading in the training process: the per-sample seeding must not touch the trainer's RNG. A
@@ -217,7 +200,7 @@ class TrainStream(IterableDataset):
         else:
             yield from self._batches(stream, worker, pos, handler)
 
-    def _batches(self, stream: int, worker: int, pos: StreamPosition, handler: _CorruptionCounter):
+    def _batches(self, stream: int, worker: int, pos: StreamPosition, handler: CorruptionCounter):
         items, labels, seeds = [], [], []
         first = None  # (pass, offset) of the batch's first sample: seeds MixUp/CutMix
         empty_passes = 0
@@ -295,6 +278,9 @@ class TrainLoader:
         self.micro_batch_size, self.max_corrupt_fraction = micro_batch_size, max_corrupt_fraction
         self.positions: dict[int, dict] = {}
         worker_offset = self._restore(state, num_workers)
+        # data.max_corrupt_fraction judges this launch's reading only: a restored count (all of it on worker 0
+        # after a layout change) over no batches yet would stop every resume of a long run.
+        self._launch_counts = (self.corrupt_count, self.batches)
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"decode must be cpu or gpu, got {decode!r}")
         self.device = torch.device(device or "cpu")
@@ -360,22 +346,18 @@ class TrainLoader:
         self._ahead = self._launch_next() if self.finish.stream is not None else None  # the stream is endless
         self.batches += 1
         self.positions[int(batch["worker"])] = batch["position"]
-        self._check_corrupt()
+        if self.layout["world_size"] == 1:  # several ranks: the trainer judges the sum at log steps, on every rank
+            check_corrupt_fraction(*self.read_since_launch(), self.max_corrupt_fraction)
         return pending.wait()
 
     def _launch_next(self):
         batch = next(self._iter)
         return batch, self.finish.launch(batch)
 
-    def _check_corrupt(self) -> None:
-        """Stop (one line) once more than data.max_corrupt_fraction of the samples read were skipped: a run on
-        mostly broken data would train on what little is left without anyone noticing."""
-        corrupt = self.corrupt_count
-        seen = corrupt + self.batches * self.micro_batch_size
-        if corrupt >= _MIN_CORRUPT and corrupt > self.max_corrupt_fraction * seen:
-            raise UserError(f"{corrupt} of the {seen} samples read so far were skipped as corrupt or over the "
-                            f"limits ({corrupt / seen:.0%} > data.max_corrupt_fraction {self.max_corrupt_fraction}); "
-                            f"check the shards with `python -m data_prep verify` (the warnings above name them)")
+    def read_since_launch(self) -> tuple[int, int]:
+        """(samples skipped, samples read) by this rank since this launch started."""
+        corrupt = self.corrupt_count - self._launch_counts[0]
+        return corrupt, corrupt + (self.batches - self._launch_counts[1]) * self.micro_batch_size
 
     @property
     def corrupt_count(self) -> int:

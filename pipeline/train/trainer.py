@@ -30,8 +30,10 @@ from core.units import precision_dtype
 from pipeline.runtime import distributed as D
 from pipeline.checkpoint.layout import FINISHED
 from pipeline.checkpoint.checkpointer import Checkpointer
+from pipeline.checkpoint.trust import require_key
 from pipeline.config import Config, save_config
 from pipeline.data.shards import ShardSet, open_shards
+from pipeline.data.corrupt import check_corrupt_fraction
 from pipeline.data.loader import build_train_loader, multi_hot_targets
 from pipeline.train.build import build_engine, build_model
 from pipeline.train.ema import build_ema
@@ -127,12 +129,9 @@ def resolve_run_precision(cfg: Config, info: D.DistInfo) -> None:
 
 
 def write_run_files(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
-    """run_dir/config.yaml (the resolved config of this launch) and classes.json (the head's row order); a
-    launch that trains on is not finished until it ends (FINISHED)."""
+    """run_dir/config.yaml (the resolved config of this launch) and classes.json (the head's row order)."""
     if info.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(cfg.run_dir, FINISHED))
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         atomic_write_json(os.path.join(cfg.run_dir, "classes.json"), {"classes": plan.classes}, indent=None)
 
@@ -231,13 +230,15 @@ class StepLog:
         """`loss`: the step's loss already averaged over ranks (the guard's all-reduce), read here."""
         from pipeline.train.metrics import console_line, memory_gb
 
-        corrupt = D.all_reduce_sum(torch.tensor([float(state.loader.corrupt_count)], dtype=torch.float64))
+        counts = [state.loader.corrupt_count, *state.loader.read_since_launch()]
+        corrupt, launch_corrupt, launch_seen = D.all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+        check_corrupt_fraction(int(launch_corrupt), int(launch_seen), self.cfg.data.max_corrupt_fraction)
         grad_norm = engine.get_global_grad_norm()
         scale = getattr(engine.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
         scalars = {"loss": float(loss), "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    "loss_scale": float(scale) if scale is not None else None,
-                   "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(corrupt[0]),
+                   "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(corrupt),
                    "bad_steps": state.guard.bad_total if state.guard is not None else 0}
         scalars.update(self.throughput.window(state.step, self.plan.total_steps, self.start_step))
         scalars.update(memory_gb(self.info.device))
@@ -288,6 +289,7 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     info = D.setup(deterministic=cfg.train.deterministic, timeout_s=collective_timeout_s(cfg.train.hang_timeout_s))
     resolve_run_precision(cfg, info)
     write_run_files(cfg, plan, info)
+    require_key(info.is_main)  # the key that signs this run's checkpoints, now rather than at the first save
     checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep, info,
                                 cfg.deepspeed.zero_stage, watchdog=watchdog, trust=cfg.checkpoint.trust)
     resume = checkpointer.find_resume()  # before the engine: a universal checkpoint changes its config
@@ -314,6 +316,9 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     log_step = StepLog(cfg, plan, info, logger, start_step=state.step)
     evaluate = Evaluator(cfg, info, plan.num_classes, logger) if cfg.data.val else None
     _announce(cfg, plan, info)
+    if info.is_main and state.step < plan.total_steps:  # training on: not finished until this launch ends
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cfg.run_dir, FINISHED))
 
     # ---- the loop: step, then at sync points only: read the guard, log, evaluate, save, poll for a stop.
     # A step that is none of these makes no host sync of ours (tests/test_no_sync.py counts them).
