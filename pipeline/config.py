@@ -81,7 +81,8 @@ class DataConfig:
                                          "as corrupt")
     max_pixels: int = _f(89_478_485, "an image with more pixels (JPEG header) is skipped and counted as corrupt")
     max_corrupt_fraction: float = _f(0.5, "stop the run (one line) once more than this fraction of the samples "
-                                          "read were skipped as corrupt or over the limits (from 16 skipped on)")
+                                          "this launch read (all ranks) were skipped as corrupt or over the limits "
+                                          "(from 16 skipped on)")
     min_crop_scale: float = _f(0.08, "RandomResizedCrop's smallest crop, as a fraction of the image area "
                                      "(Inception: 0.08)")
     multi_label_min_crop_scale: float = _f(1.0, "RandomResizedCrop's smallest crop on a multi-label split (used "
