@@ -33,7 +33,7 @@ def _status_kib(field):
 
 
 def test_initial_weights_depend_on_the_seed_only_not_on_rank_or_world_size():
-    plan = SimpleNamespace(num_classes=5, classes=None)
+    plan = SimpleNamespace(num_classes=5, classes=None, shards=None)
     torch.manual_seed(123)  # the global RNG's state must not matter
     one = build_model(_cfg(), plan, _info(0, 1), from_pretrained=True).state_dict()
     torch.rand(1000)
@@ -55,7 +55,7 @@ def test_initial_weights_depend_on_the_seed_only_not_on_rank_or_world_size():
 def test_build_model_never_holds_an_fp32_copy():
     """coatnet-1 in bf16 is 84 MB (fp32: 168 MB): built from the meta device the peak rise is the 16-bit model
     plus one fp32 tensor, not the fp32 model that create_model on the CPU makes first (the old build)."""
-    plan = SimpleNamespace(num_classes=10, classes=None)
+    plan = SimpleNamespace(num_classes=10, classes=None, shards=None)
     build_model(_cfg(), plan, _info(0, 1), from_pretrained=True)  # imports and first-use allocations
     cfg = _cfg(**{"model.name": "coatnet-1"})
     with open("/proc/self/clear_refs", "w") as f:

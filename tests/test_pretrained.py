@@ -405,7 +405,7 @@ def test_fine_tuning_from_a_run_that_has_not_finished_is_refused_unless_a_checkp
     (run / FINISHED).unlink()
     cfg = load_config(None, [f"run_dir={tmp_path / 'ft'}", f"pretrained={run}", "model.name=coatnet-tiny",
                              "data.image_size=32", "precision=fp32"])
-    plan = SimpleNamespace(classes=CLASSES, num_classes=len(CLASSES))
+    plan = SimpleNamespace(classes=CLASSES, num_classes=len(CLASSES), shards=None)
     info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
                     backend="gloo")
     with pytest.raises(PretrainedError, match="has not finished"):
