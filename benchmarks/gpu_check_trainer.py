@@ -137,10 +137,10 @@ def child(out_json: str, argv: list[str]) -> None:
         torch.cuda.set_sync_debug_mode("warn")
     original = T.train_step
 
-    def timed_step(engine, loader, criterion, accumulation, dtype, guard, step, **kwargs):  # kwargs: times=...
+    def timed_step(engine, loader, criterion, accumulation, dtype, guard, step, *rest, **kwargs):  # rest: times
         state["step"] = step
         times.append((step, time.perf_counter()))
-        return original(engine, loader, criterion, accumulation, dtype, guard, step, **kwargs)
+        return original(engine, loader, criterion, accumulation, dtype, guard, step, *rest, **kwargs)
 
     T.train_step = timed_step
     T.run(load_config(None, argv))
