@@ -99,7 +99,8 @@ DEFAULT_UMASK = 0o077
 def apply_umask() -> int:
     """Set the process umask every entry point writes under: 077 (run folders, checkpoints, exports, shards readable
     and writable by their owner only), or $COATNET_UMASK (octal, e.g. 027 for a team sharing runs read-only).
-    Ranks, Ray workers and DeepSpeed's files inherit it. Returns the umask set. A bad $COATNET_UMASK is a
+    Ranks, Ray workers and DeepSpeed's files inherit it; a umask that lets group or others write is refused.
+    Returns the umask set. A bad $COATNET_UMASK is a
     ValueError with the one line to print (core.errors.cli_main reports it as a user error; this module stays
     below core.errors in the import graph)."""
     text = os.environ.get(UMASK_ENV, "").strip()
@@ -109,6 +110,9 @@ def apply_umask() -> int:
         mask = -1
     if not 0 <= mask <= 0o777:
         raise ValueError(f"{UMASK_ENV}={text!r} is not an octal umask such as 077 or 027; fix or unset it")
+    if mask & 0o022 != 0o022:  # a resume refuses checkpoint files others can write (pipeline/checkpoint/trust.py)
+        raise ValueError(f"{UMASK_ENV}={text!r} lets group or others write run folders and checkpoints, which a "
+                         f"resume then refuses as possibly tampered with; use 077, 027 or 022")
     os.umask(mask)
     return mask
 

@@ -39,6 +39,7 @@ log() { printf '[%s] %s\n' "$SCRIPT_NAME" "$*" >&2; }
 # says otherwise (e.g. 027: readable by the group); the Python entry points apply the same (core.files).
 UMASK=${COATNET_UMASK:-077}
 [[ $UMASK =~ ^0?[0-7]{3}$ ]] || die "COATNET_UMASK=${UMASK@Q} is not an octal umask such as 077 or 027; fix or unset it"
+(( (8#$UMASK & 8#022) == 8#022 )) || die "COATNET_UMASK=${UMASK@Q} lets group or others write run folders and checkpoints, which a resume then refuses as possibly tampered with; use 077, 027 or 022"
 umask "$UMASK"
 
 # Words a remote shell takes as they are: DeepSpeed's pdsh launch joins its arguments into one shell

@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,23 @@ def test_key_is_made_private_and_a_readable_key_is_refused(tmp_path, monkeypatch
         load_key(create=False)
 
 
+def test_processes_creating_the_key_at_once_all_read_the_same_whole_key(tmp_path):
+    """Ranks of a first run create the key together: none may read it half-written (empty), all get one key."""
+    code = ("import os, time; from pipeline.checkpoint.trust import load_key; "
+            "time.sleep(max(0.0, float(os.environ['AT']) - time.time())); print(load_key(create=True).hex())")
+    keys = []
+    for attempt in range(3):
+        env = {**os.environ, "COATNET_CHECKPOINT_KEY": str(tmp_path / str(attempt) / "checkpoint.key"),
+               "AT": str(time.time() + 3.0)}
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+        keys.append({out.strip() for out, _ in outs})
+        assert list((tmp_path / str(attempt)).iterdir()) == [tmp_path / str(attempt) / "checkpoint.key"]
+    assert all(len(k) == 1 for k in keys) and len(set().union(*keys)) == 3
+
+
 # ------------------------------------------------------------------------------ files, config, launchers
 def test_umask_and_exclusive_temp_files(tmp_path, monkeypatch):
     from core.files import apply_umask, atomic_write_json, new_temp, stale_temps
@@ -123,6 +141,13 @@ def test_umask_and_exclusive_temp_files(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="COATNET_UMASK"):
             apply_umask()
         assert cli_main(lambda argv: 0)([]) == 2  # the same line, as a user error of any command
+        # A umask that lets others write would make this user's own checkpoints unresumable (refused as
+        # possibly tampered with): refused at start instead, naming the value.
+        monkeypatch.setenv("COATNET_UMASK", "002")
+        with pytest.raises(ValueError, match="'002' lets group or others write"):
+            apply_umask()
+        monkeypatch.setenv("COATNET_UMASK", "027")
+        assert apply_umask() == 0o027
         monkeypatch.delenv("COATNET_UMASK")
         assert apply_umask() == 0o077
         atomic_write_json(tmp_path / "a.json", {"x": 1})

@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import stat
+import tempfile
 from typing import Optional
 
 from core.errors import UserError
@@ -79,17 +80,24 @@ def load_key(create: bool) -> Optional[bytes]:
     if not os.path.lexists(path):
         if not create:
             return None
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        try:  # exclusive: two ranks (or runs) creating it at once agree on the first one's key
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            pass
-        else:
+        folder = os.path.dirname(path)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        # Written whole under a private temporary name, then hard-linked into place: the link is atomic and fails
+        # when the key exists, so two ranks (or runs) creating it at once agree on the first one's key, and no
+        # reader ever sees a half-written (empty) key file.
+        fd, temp = tempfile.mkstemp(prefix=".checkpoint.key.", dir=folder or ".")
+        try:
             try:
                 os.write(fd, (secrets.token_hex(32) + "\n").encode("ascii"))
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(temp)
     return _read_key(path)
 
 
