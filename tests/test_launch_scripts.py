@@ -179,11 +179,13 @@ def test_pretrain_sbatch_srun_task_gets_its_node_rank(slurm):
         assert a.node_rank == rank and a.nproc_per_node == "2" and a.training_script_args[-1] == "train.steps=3"
 
 
-def test_pretrain_sbatch_usr1_asks_for_a_save_and_waits_before_requeueing(slurm, tmp_path):
+@pytest.mark.parametrize("finished", [False, True], ids=["unfinished", "finished"])
+def test_pretrain_sbatch_usr1_asks_for_a_save_and_waits_before_requeueing(slurm, tmp_path, finished):
     """USR1 while srun runs: the save request appears at once, the requeue only once srun has exited.
 
     Requeueing at once (as this script once did) makes SLURM terminate the trainer in the middle of the very
-    save it was just asked for.
+    save it was just asked for. A run that finished meanwhile (USR1 during its last steps: finished.json) is
+    not requeued: the requeued job would only start again to find nothing left to do.
     """
     env, log, _ = slurm
     run_dir = tmp_path / "run"
@@ -204,10 +206,13 @@ def test_pretrain_sbatch_usr1_asks_for_a_save_and_waits_before_requeueing(slurm,
         assert "scontrol requeue" not in log.read_text(), "requeued while the trainer was still saving"
         srun = [p for p in psutil.Process(proc.pid).children(recursive=True) if "srun" in " ".join(p.cmdline())]
         assert srun, "no srun child"
+        if finished:
+            (run_dir / "finished.json").write_text('{"step": 10, "total_steps": 10}')
         for p in srun:
             p.kill()  # the job step ends (as when the trainer exits after its save)
-        proc.communicate(timeout=60)
-        assert "scontrol requeue 777" in log.read_text()
+        _, err = proc.communicate(timeout=60)
+        assert ("scontrol requeue 777" in log.read_text()) is not finished
+        assert ("the run finished: not requeued" in err) is finished
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
