@@ -395,6 +395,8 @@ def test_fine_tuning_from_a_run_that_has_not_finished_is_refused_unless_a_checkp
     shutil.copytree(deepspeed_runs(tmp_path_factory) / "zero2", run)  # two saved steps, never marked finished
     with pytest.raises(PretrainedError, match=r"has not finished training .*step_00000002.*pretrained_unfinished"):
         require_finished(str(run))
+    with pytest.raises(PretrainedError, match="has not finished"):  # the run's checkpoint folder is the run
+        require_finished(str(run / "checkpoints") + "/")
     require_finished(str(run / "checkpoints" / "step_00000002"))  # a named checkpoint: the user means it
     (run / FINISHED).write_text(json.dumps({"step": 2, "total_steps": 2}))
     require_finished(str(run))

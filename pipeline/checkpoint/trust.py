@@ -218,11 +218,9 @@ def require_trusted_resume(tag_dir: str, meta: dict, is_main: bool, trust: bool)
 
     if trust:
         return
-    problem = D.broadcast_object(tag_problem(tag_dir, meta, digests=False) if is_main else None)
-    if problem:
-        raise UntrustedCheckpoint(
-            f"refusing to resume from {tag_dir}: {problem}. Its files are pickles, which can run code when read; "
-            f"a run resumes only from checkpoints your key ({key_path()}) signed; {HOW_TO_TRUST}")
+    D.raise_on_every_rank(is_main, lambda: tag_problem(tag_dir, meta, digests=False), lambda problem: UntrustedCheckpoint(
+        f"refusing to resume from {tag_dir}: {problem}. Its files are pickles, which can run code when read; "
+        f"a run resumes only from checkpoints your key ({key_path()}) signed; {HOW_TO_TRUST}"))
 
 
 def require_key(is_main: bool) -> None:
@@ -231,15 +229,12 @@ def require_key(is_main: bool) -> None:
     would end a run hours in, with an unrelated message."""
     from pipeline.runtime import distributed as D
 
-    problem = None
-    if is_main:
+    def check() -> Optional[str]:
         try:
             load_key(create=True)
-        except UserError as err:
-            problem = str(err)
         except OSError as err:
-            problem = (f"cannot create the checkpoint key {key_path()} ({err.strerror}); set {KEY_ENV} to a private "
-                       f"file on a filesystem this user can write, the same on every node")
-    problem = D.broadcast_object(problem)
-    if problem:
-        raise UserError(problem)
+            return (f"cannot create the checkpoint key {key_path()} ({err.strerror}); set {KEY_ENV} to a private "
+                    f"file on a filesystem this user can write, the same on every node")
+        return None
+
+    D.raise_on_every_rank(is_main, check)

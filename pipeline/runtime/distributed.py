@@ -12,10 +12,12 @@ import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from core.errors import UserError
 
 
 @dataclass
@@ -143,6 +145,23 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def raise_on_every_rank(is_main: bool, check: Callable[[], Optional[str]],
+                        error: Callable[[str], Exception] = UserError,
+                        catch: tuple[type[Exception], ...] = (UserError,)) -> None:
+    """Run `check` (a problem as one line, or None; or it raises one of `catch`) on rank 0 only, and raise
+    `error(problem)` on every rank: a folder's state is judged once (ranks on other nodes may see a shared folder
+    at another moment), and no rank is left waiting in a collective while another one stops."""
+    problem = None
+    if is_main:
+        try:
+            problem = check()
+        except catch as err:
+            problem = str(err)
+    problem = broadcast_object(problem)
+    if problem:
+        raise error(problem)
 
 
 def seed_everything(seed: int) -> None:

@@ -50,16 +50,9 @@ def build_model(cfg: Config, plan, info: D.DistInfo, from_pretrained: bool) -> t
         from pipeline.weights.pretrained import init_from_pretrained, require_finished
         from pipeline.weights.shared import load_weights_once
 
-        if not cfg.pretrained_unfinished:  # rank 0 decides (one view of a shared folder); every rank raises it
-            problem = None
-            if info.is_main:
-                try:
-                    require_finished(cfg.pretrained)
-                except PretrainedError as err:
-                    problem = str(err)
-            problem = D.broadcast_object(problem) if info.world_size > 1 else problem
-            if problem:
-                raise PretrainedError(problem)
+        if not cfg.pretrained_unfinished:
+            D.raise_on_every_rank(info.is_main, lambda: require_finished(cfg.pretrained), PretrainedError,
+                                  catch=(PretrainedError,))
 
         # One rank consolidates a DeepSpeed checkpoint; the others memory-map its safetensors copy, and
         # load_state_dict copies it tensor by tensor into the model (pages shared by the node's ranks).

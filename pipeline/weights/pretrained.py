@@ -68,7 +68,9 @@ def require_finished(source: str) -> None:
     (RUN/checkpoints/step_N), an export, or pretrained_unfinished=true say the user means it."""
     from pipeline.checkpoint.layout import FINISHED
 
-    path = os.path.expanduser(str(source))
+    path = os.path.expanduser(str(source)).rstrip("/")
+    if os.path.basename(path) == "checkpoints":  # RUN/checkpoints names the run's checkpoints, not one of them
+        path = os.path.dirname(path) or "."
     checkpoints = os.path.join(path, "checkpoints")
     if os.path.isdir(checkpoints) and not os.path.isfile(os.path.join(path, FINISHED)):
         tag = ds.newest_checkpoint(checkpoints)
