@@ -107,8 +107,8 @@ def test_sources_must_share_their_classes(sources, tmp_path):
     assert mixed.num_samples == 96 + 32 and mixed.classes == CLASSES and len(mixed.mixture) == 2
 
 
-def _loader(shards, rank, world, state=None, start=0, accumulation=2):
-    return TrainLoader(shards, seed=11, rank=rank, world_size=world, num_workers=0, micro_batch_size=4,
+def _loader(shards, rank, world, state=None, start=0, accumulation=1, workers=2):
+    return TrainLoader(shards, seed=11, rank=rank, world_size=world, num_workers=workers, micro_batch_size=4,
                        image_size=32, num_classes=4, shuffle_buffer=8, state=state,
                        mixture_plan=MixturePlan(start, accumulation))
 
@@ -119,26 +119,29 @@ def _draw(loader, batches):
 
 
 def test_three_to_one_mixture_draws_its_shares_and_resumes_on_another_world_size(sources):
-    """Two ranks x accumulation 2 x micro 4 (global 16) for 12 steps, then one rank x accumulation 4 on from
-    the two ranks' saved states: the draws per source follow the weights and the schedule exactly."""
+    """Two ranks x 2 loader workers x micro 4 (global 8) for 25 steps, then one rank (accumulation 2, one
+    worker) on from the two ranks' saved states: the draws per source follow the weights and the schedule."""
     shards = open_train(sources)
     ranks = [_loader(shards, r, 2) for r in range(2)]
-    labels = [x for r in ranks for x in _draw(r, 24)]
+    labels = [x for r in ranks for x in _draw(r, 25)]
     from_a = sum(x < 2 for x in labels) / len(labels)
     assert abs(from_a - 0.75) <= 0.05, from_a  # the labels say where each image came from
     schedule = MixtureSchedule([3, 1], seed=11)
-    assert [sum(r.drawn[s] for r in ranks) for s in (0, 1)] == schedule.picks_before(12 * 16).tolist()
-    assert sum(x < 2 for x in labels) == schedule.picks_before(12 * 16)[0]
+    assert [sum(r.drawn[s] for r in ranks) for s in (0, 1)] == schedule.picks_before(25 * 8).tolist()
+    assert sum(x < 2 for x in labels) == schedule.picks_before(25 * 8)[0]
     saved = {str(r): loader.state_dict() for r, loader in enumerate(ranks)}
-    again = _loader(shards, 0, 2, state=saved[str(0)], start=12 * 16)  # same layout: continues bit for bit
-    assert _draw(again, 2) == _draw(ranks[0], 2)
-    one = _loader(shards, 0, 1, state=loader_state_for_rank(saved, 0, 1), start=12 * 16, accumulation=4)
-    more = _draw(one, 4 * 12)
-    total = schedule.picks_before(24 * 16)
+    # Same layout, resumed on an odd batch count (the other worker's turn): continues bit for bit.
+    again = _loader(shards, 1, 2, state=saved["1"], start=25 * 8)
+    assert _draw(again, 3) == _draw(ranks[1], 3)
+    one = _loader(shards, 0, 1, state=loader_state_for_rank(saved, 0, 1), start=25 * 8, accumulation=2, workers=1)
+    more = _draw(one, 2 * 25)
+    total = schedule.picks_before(50 * 8)
     assert one.drawn == total.tolist()  # the run's count goes on from the two ranks' draws
-    assert sum(x < 2 for x in more) == total[0] - schedule.picks_before(12 * 16)[0]
+    assert sum(x < 2 for x in more) == total[0] - schedule.picks_before(25 * 8)[0]
     positions = one.state_dict()["positions"]["0"]["sources"]
     assert positions["b"]["pass"] >= 1  # the small source wrapped into a fresh pass on its own
+    for loader in (*ranks, again, one):
+        loader.close()
 
 
 @pytest.mark.slow
