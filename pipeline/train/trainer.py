@@ -232,7 +232,8 @@ class StepLog:
         from pipeline.train.metrics import console_line, memory_gb
 
         counts = [state.loader.corrupt_count, *state.loader.read_since_launch(), *state.loader.drawn]
-        corrupt, launch_corrupt, launch_seen, *drawn = D.all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+        summed = D.all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+        corrupt, launch_corrupt, launch_seen, *drawn = summed  # drawn: per source of a mixture, all ranks
         check_corrupt_fraction(int(launch_corrupt), int(launch_seen), self.cfg.data.max_corrupt_fraction)
         grad_norm = engine.get_global_grad_norm()
         scale = getattr(engine.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
