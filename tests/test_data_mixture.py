@@ -76,6 +76,8 @@ def test_schedule_holds_each_share_at_every_block_end_and_is_position_addressed(
         assert np.bincount(drawn[:p], minlength=2).tolist() == schedule.picks_before(p).tolist()
     assert schedule.sources(200, 50).tolist() == drawn[200:250].tolist()  # any window, computed alone
     assert MixtureSchedule([3, 1], seed=8).sources(0, 256).tolist() != drawn[:256].tolist()
+    huge = MixtureSchedule([1e308, 1e308], seed=0)  # weights that would sum to inf still split evenly
+    assert huge.picks_before(128).tolist() == [64, 64]
     rare = MixtureSchedule([999, 1], seed=0)  # a share below one pick per block is still drawn, on time
     for p in (640, 10_000, 99_999, 1_000_000):
         assert abs(rare.picks_before(p)[1] - p / 1000) <= 1, p
@@ -90,6 +92,7 @@ def test_schedule_holds_each_share_at_every_block_end_and_is_position_addressed(
     ("[]", "data.train must be a shard location or a non-empty list"),
     ("[{path: a, name: 'a b'}]", "data.train[0].name must be"),
     ("[{path: 'pipe:cat a.tar'}]", "data.train='pipe:cat a.tar' is not a local path"),
+    ("[" + ", ".join(f"p{i}" for i in range(257)) + "]", "data.train lists 257 sources, more than 256"),
 ])
 def test_bad_sources_are_one_line_errors(value, message):
     with pytest.raises(ConfigError) as err:

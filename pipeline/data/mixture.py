@@ -33,6 +33,7 @@ class MixtureSchedule:
         w = np.asarray(list(weights), dtype=np.float64)
         if w.ndim != 1 or not len(w) or not np.all(w > 0):
             raise ValueError(f"mixture weights must be positive, got {w.tolist()}")
+        w = w / w.max()  # weights of 1e308 would sum to inf
         self.shares = w / w.sum()
         self.seed = int(seed)
         self.block = max(MIN_BLOCK, len(w) * len(w))

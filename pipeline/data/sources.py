@@ -21,6 +21,7 @@ from typing import Any
 from core.errors import UserError
 
 _KEYS = ("path", "weight", "name")
+MAX_SOURCES = 256  # the schedule's block is k x k positions: 65,536 at most
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a TensorBoard tag part: data/source_fraction/<name>
 
 
@@ -50,6 +51,8 @@ def train_sources(value: Any, key: str = "data.train") -> list[TrainSource]:
         return [TrainSource(default_name(value), value, 1.0)]
     if not isinstance(value, list) or not value:
         raise UserError(f"{key} must be a shard location or a non-empty list of {{path, weight, name}}, got {value!r}")
+    if len(value) > MAX_SOURCES:
+        raise UserError(f"{key} lists {len(value)} sources, more than {MAX_SOURCES}; merge some into one folder")
     out: list[TrainSource] = []
     for i, entry in enumerate(value):
         where = f"{key}[{i}]"
