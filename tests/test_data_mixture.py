@@ -179,3 +179,11 @@ def test_mixture_training_logs_fractions_and_resumes_exactly_on_one_rank(sources
         assert one[step]["data/source_fraction/a"] == two[step]["data/source_fraction/a"]
         assert one[step]["samples_seen"] == two[step]["samples_seen"] and one[step]["lr"] == pytest.approx(
             two[step]["lr"], rel=1e-9)
+
+
+def test_planner_reads_a_mixture_as_one_split(sources):
+    from launch.plan import _dataset
+
+    cfg = load_config(None, ["data.train=" + json.dumps(sources)])
+    images, classes, origin = _dataset(cfg, None)
+    assert (images, classes) == (96 + 32, 4) and origin.endswith("a/_info.json")
