@@ -112,10 +112,10 @@ class Option:
 
 def _dataset(cfg, images_per_epoch: int | None) -> tuple[int, int | None, str]:
     """(images per epoch, number of classes or None, where the figures come from)."""
-    path = cfg.data.train
+    from pipeline.data.sources import first_path, open_train
+    path = first_path(cfg.data.train)  # a mixture: sizes summed over its sources, the first's _info.json decides
     if os.path.isfile(os.path.join(path, "_info.json")):
-        from pipeline.data.shards import open_shards
-        shards = open_shards(path, cfg.data.train_split)
+        shards = open_train(cfg.data.train, cfg.data.train_split)
         classes = len(shards.classes) if shards.classes else None
         return images_per_epoch or shards.num_samples, classes, f"{path}/_info.json"
     key = re.sub(r"[^a-z0-9]", "", os.path.basename(os.path.normpath(path)).lower())

@@ -27,6 +27,7 @@ import yaml
 from core import storage
 from core.errors import UserError
 from core.units import PRECISIONS, image_hw
+from pipeline.data.sources import train_sources
 from pipeline.config_values import ConfigError, build, deep_merge, set_dotted
 from pipeline.recipes import FINETUNE_DEFAULTS
 
@@ -62,7 +63,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("shards", "shard folder with _info.json, or a webdataset URL pattern (a-{000000..000009}.tar)")
+    train: Union[str, list] = _f("shards", "shard folder with _info.json, or a webdataset URL pattern "
+                                 "(a-{000000..000009}.tar), or a weighted mixture: a list of {path, weight, name} "
+                                 "(weight > 0, default 1; name: the folder's by default), drawn in proportion to the "
+                                 "weights; every source must have the same classes (docs/training.md#data-mixtures)")
     train_split: str = _f("train", "split name inside the shard folder")
     val: Optional[str] = _f(None, "shard folder or URL pattern for evaluation; null => no evaluation")
     val_split: str = _f("val", "split name inside the val shard folder")
@@ -262,11 +266,12 @@ def _validate_semantics(cfg: Config, where: str) -> None:
     for key, allowed, must in _RANGES:
         if not allowed(_get(cfg, key)):
             raise ConfigError(f"{where}: {key} must be {must}, got {_get(cfg, key)}")
-    for key in ("data.train", "data.val"):
-        try:
-            storage.check_read_location(_get(cfg, key), key)
-        except UserError as err:
-            raise ConfigError(f"{where}: {err}") from None
+    try:
+        for source in train_sources(cfg.data.train):
+            storage.check_read_location(source.path, "data.train")
+        storage.check_read_location(cfg.data.val, "data.val")
+    except UserError as err:
+        raise ConfigError(f"{where}: {err}") from None
     if cfg.train.steps == 0 and cfg.train.epochs <= 0:
         raise ConfigError(f"{where}: set train.steps > 0 or train.epochs > 0")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:

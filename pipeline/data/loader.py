@@ -38,212 +38,29 @@ Design (why it resumes exactly and never hangs a collective)
   count travels with each batch (per worker) so rank 0 can log it; it is part of the saved position.
 * A changed layout (world size, workers, micro batch or seed) cannot continue the old streams; the loader
   then starts every stream at the pass after the furthest saved one, so it does not replay old data.
+* Mixtures. With `data.train` a weighted list of sources (pipeline.data.sources), each source has its own
+  streams and positions as above (keyed by its name), and each slot of a micro-batch takes its source from
+  a seeded schedule over the run's global sample positions (pipeline.data.mixture), so the draws per source
+  are a function of the samples seen, the same on any world size. The streams live in pipeline.data.stream.
 """
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, url_opener
+from torch.utils.data import DataLoader
 
-from pipeline.data.corrupt import CorruptionCounter, check_corrupt_fraction
-from pipeline.data.device_augment import DeviceBatch, check_decode, pack_jpegs, shared_memory_bytes
+from pipeline.data.corrupt import check_corrupt_fraction
+from pipeline.data.device_augment import DeviceBatch, check_decode, shared_memory_bytes
 from core.errors import UserError
-from pipeline.data.shards import (MAX_PIXELS, MAX_SAMPLE_BYTES, ShardSet, check_jpeg_header, decode_sample, pad_labels,
-                                  split_sample, tar_members, worker_init)
+from pipeline.data.mixture import restart_positions
+from pipeline.data.sources import describe
+from pipeline.data.shards import MAX_PIXELS, MAX_SAMPLE_BYTES, ShardSet, worker_init
+from pipeline.data.stream import (MixturePlan, StreamPosition, TrainStream, derive_seed,  # noqa: F401 (re-exported)
+                                  shards_of_pass)
 
 log = logging.getLogger("pipeline.data.loader")
-
-
-# ------------------------------------------------------------------------------------- seeds and streams
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of the integers given (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-_TAG_SHARDS, _TAG_BUFFER, _TAG_SAMPLE, _TAG_MIX = 1, 2, 3, 4
-
-
-def shards_of_pass(seed: int, pass_index: int, num_shards: int, stream: int, num_streams: int) -> list[int]:
-    """Indices of the shards stream `stream` reads in pass `pass_index` (see the module docstring)."""
-    order = np.random.default_rng(derive_seed(seed, _TAG_SHARDS, pass_index)).permutation(num_shards)
-    start = (pass_index * num_shards) % num_streams
-    first = (stream - start) % num_streams
-    return [int(order[i]) for i in range(first, num_shards, num_streams)]
-
-
-@dataclass
-class StreamPosition:
-    """Where one logical worker's stream stands: `offset` raw samples of pass `pass_index` consumed."""
-    pass_index: int = 0
-    offset: int = 0
-    corrupt: int = 0
-
-    def to_dict(self) -> dict:
-        return {"pass": self.pass_index, "offset": self.offset, "corrupt": self.corrupt}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StreamPosition":
-        return cls(int(d["pass"]), int(d["offset"]), int(d.get("corrupt", 0)))
-
-
-class TrainStream(IterableDataset):
-    """Infinite, deterministic stream of uint8 micro-batches for one rank.
-
-    Yields dicts {"labels": int64 (B,) (`multi_label`: (B, L), each image's labels padded with -1),
-    "mix_seed": the batch's MixUp/CutMix seed, "worker": logical worker,
-    "position": StreamPosition dict after the batch} plus, with `transform` (data.decode=cpu),
-    "images": uint8 (B, 3, H, W); without (data.decode=gpu), "jpeg"/"jpeg_offsets" (pack_jpegs) and "seeds":
-    int64 (B,), each sample's augmentation seed, for pipeline.data.device_augment.augment_on_device.
-    """
-
-    def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
-                 micro_batch_size: int, transform: Optional[Callable], shuffle_buffer: int = 1000,
-                 positions: Optional[dict[int, dict]] = None, worker_offset: int = 0,
-                 num_classes: Optional[int] = None, multi_label: bool = False,
-                 max_sample_bytes: int = MAX_SAMPLE_BYTES, max_pixels: int = MAX_PIXELS):
-        self.shards = shards
-        self.max_sample_bytes, self.max_pixels = max_sample_bytes, max_pixels
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.micro_batch_size = micro_batch_size
-        self.transform = transform
-        self.shuffle_buffer = shuffle_buffer
-        self.positions = {int(k): v for k, v in (positions or {}).items()}
-        self.worker_offset = worker_offset
-        self.num_classes = num_classes
-        self.multi_label = multi_label
-
-    # -- raw samples of one pass of one stream, shuffled, undecoded
-    def _raw_pass(self, pass_index: int, stream: int, handler: CorruptionCounter) -> Iterator[dict]:
-        num_streams = self.world_size * self.num_workers
-        idx = shards_of_pass(self.seed, pass_index, len(self.shards.urls), stream, num_streams)
-        samples = self._samples_of(idx, handler)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(derive_seed(self.seed, _TAG_BUFFER, pass_index, stream))
-            samples = _shuffle(iter(samples), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
-        return iter(samples)
-
-    def _samples_of(self, shard_indices: list[int], handler: CorruptionCounter) -> Iterator[dict]:
-        """Raw samples of these shards in order; a shard that ends early is reported like any corruption.
-
-        Why the count: a tar cut at a member boundary reads as a shorter, valid archive (tarfile takes the
-        missing header for the end), so only the sample count known from _info.json reveals it.
-        """
-        for i in shard_indices:
-            url, expected = self.shards.urls[i], self.shards.shard_lengths[i]
-            opened = url_opener(iter([{"url": url}]), handler=handler)
-            count = 0
-            members = tar_members(opened, handler, self.max_sample_bytes)
-            for sample in group_by_keys(members, handler=handler):
-                count += 1
-                yield sample
-            if count < expected:
-                handler(ValueError(f"{url}: read {count} of its {expected} samples; the shard is truncated or "
-                                   f"damaged"))
-
-    def _prepare(self, sample: dict, sample_seed: int) -> tuple[Any, Any]:
-        """One raw sample -> (uint8 crop, or checked JPEG bytes when decoding on the device; label or labels)."""
-        if self.transform is None:
-            data, label = split_sample(sample, self.multi_label)
-            check_jpeg_header(data, self.max_pixels)
-        else:
-            image, label = decode_sample(sample, self.multi_label, self.max_pixels)
-        if self.num_classes is not None:
-            bad = [k for k in (label if self.multi_label else [label]) if not 0 <= k < self.num_classes]
-            if bad:
-                raise ValueError(f"label {bad[0]} outside 0..{self.num_classes - 1}")
-        if self.transform is None:
-            return data, label
-        # Only the CPU generator (the transforms run on CPU tensors): torch.manual_seed would also queue lazy
-        # CUDA/XPU/MTIA seeding with a formatted stack trace each time, ~0.8 ms per image.
-        torch.default_generator.manual_seed(sample_seed)
-        return self.transform(image), label
-
-    def _collate(self, items: list, labels: list, seeds: list[int], mix_seed: int) -> dict:
-        targets = pad_labels(labels) if self.multi_label else torch.tensor(labels, dtype=torch.int64)
-        batch = {"labels": targets, "mix_seed": mix_seed}
-        if self.transform is None:
-            batch["jpeg"], batch["jpeg_offsets"] = pack_jpegs(items)
-            batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
-        else:
-            batch["images"] = default_collate(items)  # stacks straight into shared memory in a worker
-        return batch
-
-    def __iter__(self):
-        info = get_worker_info()
-        slot = info.id if info is not None else 0
-        worker = (slot + self.worker_offset) % self.num_workers
-        stream = self.rank * self.num_workers + worker
-        pos = StreamPosition.from_dict(self.positions[worker]) if worker in self.positions else StreamPosition()
-        handler = CorruptionCounter(f"rank {self.rank} worker {worker}")
-        handler.count = pos.corrupt
-        if info is None:
-            # Loading in the training process: the per-sample seeding must not touch the trainer's RNG. A
-            # fork_rng around this generator would not do it (the trainer runs between the yields), so the
-            # trainer's CPU RNG state is taken when the generator resumes and put back before each yield.
-            batches = self._batches(stream, worker, pos, handler)
-            while True:
-                trainer_rng = torch.get_rng_state()
-                try:
-                    batch = next(batches)
-                finally:
-                    torch.set_rng_state(trainer_rng)
-                yield batch
-        else:
-            yield from self._batches(stream, worker, pos, handler)
-
-    def _batches(self, stream: int, worker: int, pos: StreamPosition, handler: CorruptionCounter):
-        items, labels, seeds = [], [], []
-        first = None  # (pass, offset) of the batch's first sample: seeds MixUp/CutMix
-        empty_passes = 0
-        pass_index, skip = pos.pass_index, pos.offset
-        while True:
-            raw = self._raw_pass(pass_index, stream, handler)
-            offset = 0
-            got_any = False
-            if skip:
-                handler.silent = True  # these samples were counted before the checkpoint
-                for _ in raw:
-                    offset += 1
-                    if offset == skip:
-                        break
-                handler.silent = False
-                got_any = offset > 0
-                skip = 0
-            for sample in raw:
-                offset += 1
-                got_any = True
-                sample_seed = derive_seed(self.seed, _TAG_SAMPLE, pass_index, stream, offset)
-                try:
-                    item, label = self._prepare(sample, sample_seed)
-                except Exception as exn:  # a bad JPEG or label: skip it, count it, carry on
-                    exn.args = exn.args + (f"sample {sample.get('__key__')} of {sample.get('__url__')}",)
-                    handler(exn)
-                    continue
-                if first is None:
-                    first = (pass_index, offset)
-                items.append(item)
-                labels.append(label)
-                seeds.append(sample_seed)
-                if len(items) == self.micro_batch_size:
-                    mix_seed = derive_seed(self.seed, _TAG_MIX, first[0], stream, first[1])
-                    batch = self._collate(items, labels, seeds, mix_seed)
-                    batch.update(worker=worker, position=StreamPosition(pass_index, offset, handler.count).to_dict())
-                    yield batch
-                    items, labels, seeds, first = [], [], [], None
-            empty_passes = 0 if got_any else empty_passes + 1
-            if empty_passes > self.world_size * self.num_workers + 1:
-                raise RuntimeError(f"stream {stream} read no samples in {empty_passes} passes: every shard of "
-                                   f"{len(self.shards.urls)} is unreadable")
-            pass_index += 1
 
 
 class TrainLoader:
@@ -255,7 +72,9 @@ class TrainLoader:
     run here on `device` (pipeline.data.device_augment). decode="gpu" runs on any device given (the tests use the
     CPU); build_train_loader refuses it without CUDA.
 
-    `state_dict()` -> {"layout": ..., "batches": micro-batches consumed, "positions": {worker: position}}.
+    `state_dict()` -> {"layout": ..., "batches": micro-batches consumed, "positions": {worker: position}}, and
+    for a mixture (`shards.mixture`) "drawn": {source name: samples this rank drew from it}. A mixture needs
+    `mixture_plan` (where the rank's micro-batches fall in the run's global sample positions).
     """
 
     def __init__(self, shards: ShardSet, *, seed: int, rank: int, world_size: int, num_workers: int,
@@ -265,7 +84,8 @@ class TrainLoader:
                  shuffle_buffer: int = 1000, state: Optional[dict] = None, pin_memory: bool = False,
                  prefetch_factor: int = 4, device: Optional[torch.device] = None, decode: str = "cpu",
                  multi_label: bool = False, worker_start: str = "fork", max_sample_bytes: int = MAX_SAMPLE_BYTES,
-                 max_pixels: int = MAX_PIXELS, max_corrupt_fraction: float = 1.0):
+                 max_pixels: int = MAX_PIXELS, max_corrupt_fraction: float = 1.0,
+                 mixture_plan: Optional[MixturePlan] = None):
         from pipeline.data.batch_augment import BatchedTrainAugment
         from pipeline.data.transforms import MultiHotMix, batch_mix_transform, train_transform
 
@@ -273,6 +93,10 @@ class TrainLoader:
             raise ValueError("multi-label targets need num_classes (the width of the multi-hot vectors)")
         self.layout = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": num_workers,
                        "micro_batch_size": micro_batch_size, "num_shards": len(shards.urls)}
+        self.source_names = [src.name for src, _ in shards.mixture] if shards.mixture else None
+        if self.source_names:  # other sources or weights: another schedule, so the streams restart
+            self.layout["sources"] = [[src.name, src.weight] for src, _ in shards.mixture]
+        self.drawn = [0] * len(self.source_names or [])
         self.shards = shards
         self.batches = 0
         self.micro_batch_size, self.max_corrupt_fraction = micro_batch_size, max_corrupt_fraction
@@ -299,7 +123,7 @@ class TrainLoader:
             transform=train_transform(image_size, **augment, normalize=False) if decode == "cpu" else None,
             shuffle_buffer=shuffle_buffer, positions=self.positions, worker_offset=worker_offset,
             num_classes=num_classes, multi_label=multi_label, max_sample_bytes=max_sample_bytes,
-            max_pixels=max_pixels)
+            max_pixels=max_pixels, mixture_plan=mixture_plan)
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = dict(num_workers=num_workers, worker_init_fn=worker_init, prefetch_factor=prefetch_factor,
@@ -319,19 +143,17 @@ class TrainLoader:
         DataLoader worker whose turn comes first."""
         if not state:
             return 0
+        drawn = state.get("drawn") or {}
+        self.drawn = [int(drawn.get(name, 0)) for name in self.source_names or []]
         if state.get("layout") == self.layout:
             self.batches = int(state["batches"])
             self.positions = {int(k): v for k, v in state["positions"].items()}
             return self.batches % max(1, num_workers)
         # Different world size / workers / batch: the old streams cannot continue. Start all streams at the
         # pass after the furthest one seen, so no data is replayed immediately.
-        passes = [int(p["pass"]) for p in state.get("positions", {}).values()] or [-1]
-        corrupt = sum(int(p.get("corrupt", 0)) for p in state.get("positions", {}).values())
-        nxt = max(passes) + 1
-        self.positions = {w: {"pass": nxt, "offset": 0, "corrupt": corrupt if w == 0 else 0}
-                          for w in range(max(1, num_workers))}
-        log.warning("data layout changed (%s -> %s): streams restart at pass %d", state.get("layout"),
-                    self.layout, nxt)
+        self.positions = restart_positions(state.get("positions", {}).values(), num_workers, self.source_names)
+        log.warning("data layout changed (%s -> %s): streams restart at the pass after the furthest one read",
+                    state.get("layout"), self.layout)
         return 0
 
     def __iter__(self):
@@ -346,6 +168,9 @@ class TrainLoader:
         self._ahead = self._launch_next() if self.finish.stream is not None else None  # the stream is endless
         self.batches += 1
         self.positions[int(batch["worker"])] = batch["position"]
+        if self.source_names:
+            for s, n in enumerate(torch.bincount(batch["sources"], minlength=len(self.drawn)).tolist()):
+                self.drawn[s] += n
         if self.layout["world_size"] == 1:  # several ranks: the trainer judges the sum at log steps, on every rank
             check_corrupt_fraction(*self.read_since_launch(), self.max_corrupt_fraction)
         return pending.wait()
@@ -364,8 +189,11 @@ class TrainLoader:
         return sum(int(p.get("corrupt", 0)) for p in self.positions.values())
 
     def state_dict(self) -> dict:
-        return {"layout": dict(self.layout), "batches": self.batches,
-                "positions": {str(k): dict(v) for k, v in self.positions.items()}}
+        out = {"layout": dict(self.layout), "batches": self.batches,
+               "positions": {str(k): dict(v) for k, v in self.positions.items()}}
+        if self.source_names:
+            out["drawn"] = dict(zip(self.source_names, self.drawn))
+        return out
 
     def close(self) -> None:
         self._iter = self._ahead = None  # drops the worker processes
@@ -381,7 +209,7 @@ def multi_hot_targets(cfg, shards: ShardSet) -> bool:
     if not shards.multi_label or cfg.data.first_label_only:
         return False
     if cfg.loss.type != "sigmoid":
-        raise UserError(f"{cfg.data.train} [{cfg.data.train_split}] is a multi-label split, but loss.type="
+        raise UserError(f"{describe(cfg.data.train)} [{cfg.data.train_split}] is a multi-label split, but loss.type="
                         f"{cfg.loss.type} trains on one label per image; set loss.type=sigmoid (multi-hot targets) "
                         f"or data.first_label_only=true (softmax on each image's first label)")
     return True
@@ -397,18 +225,25 @@ def loader_state_for_rank(saved: dict[str, dict], rank: int, world_size: int) ->
     if len(saved) == world_size and str(rank) in saved:
         return saved[str(rank)]
     positions = {f"{r}.{w}": dict(p) for r, s in saved.items() for w, p in s["positions"].items()}
+    drawn: dict[str, int] = {}
+    for s in saved.values():  # the draws so far, all on rank 0: the run's fraction per source goes on from them
+        for name, n in (s.get("drawn") or {}).items():
+            drawn[name] = drawn.get(name, 0) + int(n) if rank == 0 else 0
     if rank != 0:
         for p in positions.values():
             p["corrupt"] = 0
-    return {"layout": None, "positions": positions}
+            for q in (p.get("sources") or {}).values():
+                q["corrupt"] = 0
+    return {"layout": None, "positions": positions, "drawn": drawn}
 
 
 def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_classes: int,
                        state: Optional[dict] = None, pin_memory: bool = False,
-                       device: Optional[torch.device] = None) -> TrainLoader:
+                       device: Optional[torch.device] = None, samples_seen: int = 0) -> TrainLoader:
     """The TrainLoader for a pipeline Config (see pipeline.config.DataConfig), resumed from `state`: every
     rank's saved loader state ({"<rank>": state}, as checkpoints hold it), regrouped here when the world size
-    changed (`loader_state_for_rank`).
+    changed (`loader_state_for_rank`). `samples_seen` (the run's, at the step it starts from) places a
+    mixture's batches in its schedule (pipeline.data.mixture).
 
     Raises UserError (one line) for data.decode=gpu on a rank without a CUDA device, and for a multi-label
     split under softmax without data.first_label_only (`multi_hot_targets`).
@@ -429,4 +264,6 @@ def build_train_loader(cfg, shards: ShardSet, rank: int, world_size: int, num_cl
                        state=None if state is None else loader_state_for_rank(state, rank, world_size),
                        pin_memory=pin_memory, prefetch_factor=d.prefetch_factor, device=device, decode=d.decode,
                        multi_label=multi_label, worker_start=worker_start, max_sample_bytes=d.max_sample_bytes,
-                       max_pixels=d.max_pixels, max_corrupt_fraction=d.max_corrupt_fraction)
+                       max_pixels=d.max_pixels, max_corrupt_fraction=d.max_corrupt_fraction,
+                       mixture_plan=MixturePlan(samples_seen, cfg.train.global_batch_size // (
+                           cfg.train.micro_batch_size * world_size)) if shards.mixture else None)

@@ -61,6 +61,9 @@ class ShardSet:
     # Images per class (`_info.json` counts.per_class, in class order), where data_prep recorded them: the
     # label prior a sigmoid head's initial bias is set from (pipeline.train.loss.initial_head_bias).
     class_counts: Optional[list[int]] = None
+    # data.train as a weighted mixture (pipeline.data.sources.open_train): [(TrainSource, its ShardSet)], the
+    # sources the train stream draws from; `urls`/`num_samples` above then cover all of them. None: one source.
+    mixture: Optional[list] = None
 
 
 def _is_local(url: str) -> bool:

@@ -33,6 +33,7 @@ from pipeline.checkpoint.checkpointer import Checkpointer
 from pipeline.checkpoint.trust import require_key
 from pipeline.config import Config, save_config
 from pipeline.data.shards import ShardSet, open_shards
+from pipeline.data.sources import describe, open_train, source_line
 from pipeline.data.corrupt import check_corrupt_fraction
 from pipeline.data.loader import build_train_loader, multi_hot_targets
 from pipeline.train.build import build_engine, build_model
@@ -68,7 +69,7 @@ def plan_run(cfg: Config) -> RunPlan:
     from model import count_macs
 
     accumulation = _check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    shards = open_shards(cfg.data.train, cfg.data.train_split)
+    shards = open_train(cfg.data.train, cfg.data.train_split)  # one folder, or a mixture's sources as one
     multi_hot_targets(cfg, shards)  # softmax on a multi-label split: one line, before any process group
     if cfg.data.val:
         open_shards(cfg.data.val, cfg.data.val_split)  # a wrong val path fails now, not after hours of training
@@ -98,12 +99,12 @@ def _num_classes(cfg: Config, shards: ShardSet) -> int:
     classes = shards.classes
     if cfg.model.num_classes is None:
         if not classes:
-            raise UserError(f"model.num_classes is null but {cfg.data.train} records no class list "
+            raise UserError(f"model.num_classes is null but {describe(cfg.data.train)} records no class list "
                             f"(_info.json); set model.num_classes")
         return len(classes)
     if classes and cfg.model.num_classes < len(classes):
         raise UserError(f"model.num_classes={cfg.model.num_classes} is smaller than the {len(classes)} classes of "
-                        f"{cfg.data.train}; set it to >= {len(classes)} or null")
+                        f"{describe(cfg.data.train)}; set it to >= {len(classes)} or null")
     return cfg.model.num_classes
 
 
@@ -203,7 +204,7 @@ def roll_back(cfg: Config, plan: RunPlan, info: D.DistInfo, checkpointer: Checkp
     state.guard.rolled_back(state.step, plan.global_batch)
     state.attach_loader(build_train_loader(cfg, plan.shards, info.rank, info.world_size, plan.num_classes,
                                            state=state.data_state, pin_memory=info.device.type == "cuda",
-                                           device=info.device))
+                                           device=info.device, samples_seen=state.samples_seen))
     logger.close()
     logger.__init__(cfg.run_dir, info.is_main, resume_step=state.step)  # same object: StepLog and Evaluator hold it
     return True
@@ -230,8 +231,9 @@ class StepLog:
         """`loss`: the step's loss already averaged over ranks (the guard's all-reduce), read here."""
         from pipeline.train.metrics import console_line, memory_gb
 
-        counts = [state.loader.corrupt_count, *state.loader.read_since_launch()]
-        corrupt, launch_corrupt, launch_seen = D.all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+        counts = [state.loader.corrupt_count, *state.loader.read_since_launch(), *state.loader.drawn]
+        summed = D.all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+        corrupt, launch_corrupt, launch_seen, *drawn = summed  # drawn: per source of a mixture, all ranks
         check_corrupt_fraction(int(launch_corrupt), int(launch_seen), self.cfg.data.max_corrupt_fraction)
         grad_norm = engine.get_global_grad_norm()
         scale = getattr(engine.optimizer, "cur_scale", None) if self.cfg.precision == "fp16" else 1.0
@@ -240,6 +242,8 @@ class StepLog:
                    "loss_scale": float(scale) if scale is not None else None,
                    "epoch": state.epoch, "samples_seen": state.samples_seen, "data/corrupt_skipped": int(corrupt),
                    "bad_steps": state.guard.bad_total if state.guard is not None else 0}
+        scalars.update({f"data/source_fraction/{name}": n / max(1.0, sum(drawn))  # drawn so far, all ranks
+                        for name, n in zip(state.loader.source_names or [], drawn)})
         scalars.update(self.throughput.window(state.step, self.plan.total_steps, self.start_step))
         scalars.update(memory_gb(self.info.device))
         scalars.update(self.rank_times.at_log_step(state.step))  # a collective: every rank logs at this step
@@ -277,6 +281,8 @@ def _announce(cfg: Config, plan: RunPlan, info: D.DistInfo) -> None:
                  "accumulation %d = global %d; ZeRO-%d, %s", cfg.model.name, plan.num_classes, cfg.image_hw,
                  plan.total_steps, plan.steps_per_epoch, info.world_size, cfg.train.micro_batch_size,
                  info.world_size, plan.accumulation, plan.global_batch, cfg.deepspeed.zero_stage, cfg.precision)
+        if plan.shards.mixture:
+            log.info(source_line(plan.shards))
 
 
 def run(cfg: Config, mode: str = "pretrain") -> dict:
@@ -309,7 +315,8 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     if resume is not None:
         checkpointer.restore(engine, state, resume)
     loader = build_train_loader(cfg, plan.shards, info.rank, info.world_size, plan.num_classes,
-                                state=state.data_state, pin_memory=info.device.type == "cuda", device=info.device)
+                                state=state.data_state, pin_memory=info.device.type == "cuda", device=info.device,
+                                samples_seen=state.samples_seen)
     state.attach_loader(loader)
     criterion = build_loss(cfg)
     logger = MetricsLogger(cfg.run_dir, info.is_main, resume_step=state.step)
