@@ -25,6 +25,7 @@ import copy
 import glob
 import json
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,14 @@ from pipeline.checkpoint.layout import MARKER, prune, tag_for, write_marker
 
 DONE = ".done_rank{rank}.json"
 POLL_S = 0.05  # rank 0's writer: how often it looks for the other ranks' done files
+# Fault injection for tests and chaos runs, read here only (unset in production): "stall:4" stops rank 0's writer
+# after its first file of step 4's save until the process is killed; "kill:2" SIGKILLs rank 0 right after it marked
+# step 2's save complete.
+FAULT_ENV = "COATNET_FAULT_ASYNC_SAVE"
+
+
+def _fault(kind: str, step: int) -> bool:
+    return os.environ.get(FAULT_ENV, "") == f"{kind}:{step}"
 
 
 def host_copy(obj, memo: Optional[dict] = None):
@@ -144,6 +153,8 @@ class AsyncSaver:
         try:
             for _, write in pending.writes:
                 write()
+                while self.rank == 0 and _fault("stall", pending.step):
+                    time.sleep(1.0)
             report = {"files": describe_files(pending.tag_dir, [p for p, _ in pending.writes], self.rank)}
         except Exception as err:  # reported to the main thread, which ends the run with one line
             report = {"error": f"rank {self.rank}: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
@@ -179,6 +190,8 @@ class AsyncSaver:
         for done in glob.glob(os.path.join(glob.escape(pending.tag_dir), ".done_rank*.json")):
             os.remove(done)
         prune(os.path.dirname(pending.tag_dir), keep)
+        if _fault("kill", pending.step):
+            os.kill(os.getpid(), signal.SIGKILL)
         return {}
 
     @staticmethod
