@@ -184,9 +184,9 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
         ema_gpu, ema_cpu = ema_bytes(setting, total_params, gpus, cfg.train.ema_decay)
         states, cpu = states + ema_gpu, cpu + ema_cpu * gpus_per_node
         states += _buckets(cfg, setting.stage, total_params, gpus)
-        staging = staging_bytes(setting, total_params, gpus, cfg.precision, cfg.train.ema_decay) \
-            if cfg.checkpoint.async_save else 0
-        cpu += staging * gpus_per_node  # pinned host copies of every rank's state while an async save is written
+        staging = [staging_bytes(setting, total_params, gpus, cfg.precision, cfg.train.ema_decay, rank0)
+                   if cfg.checkpoint.async_save else 0 for rank0 in (True, False)]
+        cpu += staging[0] + staging[1] * (gpus_per_node - 1)  # an async save's pinned copies, rank 0's node
         cpu_ok = cpu_mem_gb is None or cpu <= cpu_mem_gb * GIB
         for ckpt, recompute in choices:
             def need(m):
@@ -196,7 +196,7 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
             option = Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
                             m, per_rank // m if m else 0, states / GIB,
                             act.bytes(max(m, 1), ckpt) * FRAGMENTATION / GIB, need(max(m, 1)) / GIB,
-                            cpu / GIB, bool(m), m >= efficient_micro, recompute, staging / GIB)
+                            cpu / GIB, bool(m), m >= efficient_micro, recompute, staging[0] / GIB)
             _add_comm(option, cfg, total_params, macs, nodes, gpus, per_rank, speed)
             options.append(option)
     out: dict = {}

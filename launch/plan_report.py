@@ -60,8 +60,8 @@ def format_table(r: dict) -> str:
             lines.append(f"  recompute: model.activation_checkpointing={recompute_value(c['activation_checkpointing'])}"
                          f" runs {c['recompute']:.0%} of the forward again in backward (all stages: 100%)")
         if c["staging_gib"]:
-            lines.append(f"  async checkpoint staging: {c['staging_gib']:.1f} GiB of host memory per rank (pinned), "
-                         f"{c['staging_gib'] * r['gpus_per_node']:.1f} GiB per node, counted in CPU/node")
+            lines.append(f"  async checkpoint staging: {c['staging_gib']:.2f} GiB of host memory on rank 0 (pinned; the "
+                         f"other ranks hold no module copy), counted in CPU/node for rank 0's node")
         lines.append(f"  why: {r['choice']}")
         lines.append(f"  communication per step: {c['comm']}; {c['comm_s']:.2f} s at {r['net_gbps']:g} Gb/s, "
                      f"{c['exposed_s']:.2f} s not overlapped, next to {c['compute_s']:.2f} s of compute")

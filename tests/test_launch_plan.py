@@ -278,7 +278,8 @@ def test_async_checkpoint_staging_is_counted_in_host_memory():
     sync = plan(cfg, nodes=1, gpus_per_node=8, gpu_mem_gb=80)
     both = plan(load_config(REPO / C0, ["checkpoint.async_save=true"]), nodes=1, gpus_per_node=8, gpu_mem_gb=80)
     a, b = sync["chosen"], both["chosen"]
-    staged = staging_bytes(ZeroSetting(b["zero_stage"]), both["parameters"], 8, both["precision"], cfg.train.ema_decay)
-    assert a["staging_gib"] == 0 and b["staging_gib"] * GIB == pytest.approx(staged)
-    assert b["cpu_per_node_gib"] - a["cpu_per_node_gib"] == pytest.approx(8 * b["staging_gib"])
+    args = (ZeroSetting(b["zero_stage"]), both["parameters"], 8, both["precision"], cfg.train.ema_decay)
+    rank0, other = staging_bytes(*args), staging_bytes(*args, rank0=False)
+    assert other < rank0 and a["staging_gib"] == 0 and b["staging_gib"] * GIB == pytest.approx(rank0)
+    assert (b["cpu_per_node_gib"] - a["cpu_per_node_gib"]) * GIB == pytest.approx(rank0 + 7 * other)
     assert "async checkpoint staging" in format_table({**both, "config": C0})

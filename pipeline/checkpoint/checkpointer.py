@@ -17,6 +17,9 @@
   `checkpoints/universal/<tag>/` and loaded with the engine's `checkpoint.load_universal` option; the EMA is
   re-sliced from the source tag's fragment files. The other ranks wait for the conversion by polling its marker
   and rank 0's heartbeat file, not in a collective with a timeout.
+* checkpoint.async_save (pipeline.checkpoint.async_save): `save` returns once every rank has copied its state; a
+  background thread per rank writes and hashes the files, rank 0's writes the marker last. `wait()` (collective)
+  collects it: before the next save, in `find_resume` (a rollback), and at a stop or the end of the run.
 * A restore keeps nothing it loaded referenced (the client state's EMA entry is dropped, garbage collected).
 
 The trainer uses one `Checkpointer`:
