@@ -6,6 +6,7 @@ the relaunch resumes from the previous one. Both continue with the losses and we
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -16,8 +17,7 @@ import torch
 from tests.test_faults import assert_intact, complete_steps
 from tests.test_pipeline_train import REPO, _env, base_overrides, deepspeed_cmd, metrics
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 STEPS = 6
 
@@ -54,6 +54,50 @@ def uninterrupted(demo_shards, tmp_path_factory):
     return run_dir
 
 
+def test_the_copy_a_save_writes_does_not_change_with_training():
+    from collections import OrderedDict
+
+    from pipeline.checkpoint.async_save import host_copy
+
+    weight = torch.arange(6, dtype=torch.float32)
+    state = {"module": OrderedDict(w=weight, tied=weight), "step": 3, "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}
+    copy = host_copy(state)
+    weight.add_(1.0)  # the next optimizer step, in place
+    state["groups"][0]["lr"] = 0.2
+    assert torch.equal(copy["module"]["w"], torch.arange(6, dtype=torch.float32))
+    assert copy["module"]["tied"] is copy["module"]["w"]  # tied weights stay one tensor in the file
+    assert type(copy["module"]) is OrderedDict and copy["groups"] == [{"lr": 0.1, "betas": (0.9, 0.99)}]
+
+
+def test_a_failed_background_write_is_reported_and_never_marked(tmp_path):
+    import errno
+    import os
+
+    from pipeline.checkpoint.async_save import AsyncSaver, Pending
+
+    tag = tmp_path / "step_00000004"
+    tag.mkdir()
+
+    def full_disk():
+        (tag / "model.pt").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    saver = AsyncSaver(rank=0, world_size=1)
+    pending = Pending(4, str(tag), time.monotonic(), writes=[(str(tag / "model.pt"), full_disk)])
+    saver._write(pending, keep=3, meta={})
+    assert pending.error.startswith("rank 0: [Errno 28]") and pending.write_failure
+    assert not (tag / "complete.json").exists() and (tag / ".done_rank0.json").exists()
+    ok = tmp_path / "step_00000006"
+    ok.mkdir()
+    pending = Pending(6, str(ok), time.monotonic(), writes=[(str(ok / "a.pt"), lambda: (ok / "a.pt").write_bytes(b"x"))])
+    saver._write(pending, keep=3, meta={"world_size": 1})
+    marker = json.loads((ok / "complete.json").read_text())
+    assert pending.error is None and marker["files"]["a.pt"]["bytes"] == 1 and marker["async"] is True
+    assert not any(name.startswith(".done") for name in os.listdir(ok))  # tidied after the marker
+    assert not tag.exists()  # the older unmarked tag is pruned once a newer one is complete
+
+
+@pytest.mark.slow
 def test_kills_right_after_and_during_an_async_save_resume_bit_identically(uninterrupted, demo_shards, tmp_path):
     reference = losses(uninterrupted)
     run_dir = tmp_path / "run"
