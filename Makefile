@@ -62,6 +62,7 @@ demo: setup
 # docs/benchmarks.md has each figure with the command, machine, commit and date that measured it.
 bench: bench-speed
 	$(PY) benchmarks/memory_scale.py
+	$(PY) benchmarks/checkpoint_speed.py
 	$(PY) benchmarks/plan_scale.py
 	$(PY) benchmarks/chaos.py
 	$(PY) benchmarks/fuzz_sources.py

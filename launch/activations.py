@@ -25,7 +25,7 @@ Each figure is measured at batch 1 and 2: per-image = m(2) - m(1), fixed = m(1) 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +44,29 @@ class ActivationMemory:
     per_image_checkpointed: int  # with per-block activation checkpointing
     fixed_checkpointed: int
     largest_tensor_per_image: int  # the biggest single saved tensor: its gradient is the backward's transient
+    # Selective recompute: the measured tallies at batch 1 and 2 (outside the blocks, and per stage S1..S4 its blocks'
+    # inputs, their saved tensors, its largest block), from which `kept` sums any subset of stages.
+    tallies: tuple = ()
+
+    def kept(self, stages) -> tuple[int, int]:
+        """(per image, fixed) bytes kept for backward when the blocks of `stages` recompute: their inputs, the
+        other blocks' saved tensors, what is saved outside the blocks, and one recomputed block at a time."""
+        if not self.tallies:  # built by hand (tests): all or nothing
+            full = set(stages) >= {0, 1, 2, 3}
+            return ((self.per_image_checkpointed, self.fixed_checkpointed) if full else (self.per_image, self.fixed))
+        one, two = (t.outside_blocks + sum(t.stage_inputs[s] if s in stages else t.stage_saved[s] for s in range(4))
+                    + max([t.stage_largest[s] for s in stages] or [0]) for t in self.tallies)
+        per = two - one
+        return per, max(one - per, 0)
 
     def bytes(self, micro_batch: int, checkpointing) -> int:
         """Peak activation bytes of one micro-step: kept tensors plus two transient gradient buffers.
-        `checkpointing` a list of stages (selective recompute) counts as none unless it names all four: an
-        upper bound until the planner measures per stage."""
+        `checkpointing`: True (every stage), False, or the list of stages that recompute."""
         if isinstance(checkpointing, (list, tuple)):
-            checkpointing = set(checkpointing) >= {0, 1, 2, 3}
-        per, fixed = ((self.per_image_checkpointed, self.fixed_checkpointed) if checkpointing
-                      else (self.per_image, self.fixed))
+            per, fixed = self.kept(set(checkpointing))
+        else:
+            per, fixed = ((self.per_image_checkpointed, self.fixed_checkpointed) if checkpointing
+                          else (self.per_image, self.fixed))
         return micro_batch * (per + 2 * self.largest_tensor_per_image) + fixed
 
 
@@ -88,6 +102,9 @@ class _Tally:
     block_inputs: int = 0
     largest_block: int = 0
     largest_tensor: int = 0
+    stage_inputs: list = field(default_factory=lambda: [0] * 4)   # per stage: its blocks' inputs
+    stage_saved: list = field(default_factory=lambda: [0] * 4)    # its blocks' saved tensors
+    stage_largest: list = field(default_factory=lambda: [0] * 4)  # its largest block's saved tensors
 
 
 def _tally(model: nn.Module, batch: int, dtype: torch.dtype) -> _Tally:
@@ -96,6 +113,7 @@ def _tally(model: nn.Module, batch: int, dtype: torch.dtype) -> _Tally:
     keep_alive: list[torch.Tensor] = []  # a freed storage's address could be reused and deduplicated wrongly
     tally = _Tally()
     current = {"block": None, "bytes": 0}
+    stage_of = {id(block): i for i, stage in enumerate(model.stages) for block in stage.blocks}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
@@ -114,9 +132,13 @@ def _tally(model: nn.Module, batch: int, dtype: torch.dtype) -> _Tally:
     def pre_hook(module, args):
         current["block"], current["bytes"] = module, 0
         tally.block_inputs += args[0].untyped_storage().nbytes()
+        tally.stage_inputs[stage_of[id(module)]] += args[0].untyped_storage().nbytes()
 
     def post_hook(module, args, output):
         tally.largest_block = max(tally.largest_block, current["bytes"])
+        stage = stage_of[id(module)]
+        tally.stage_saved[stage] += current["bytes"]
+        tally.stage_largest[stage] = max(tally.stage_largest[stage], current["bytes"])
         current["block"] = None
 
     handles = []
@@ -155,4 +177,4 @@ def measure(model_kwargs: dict, precision: str = "bf16") -> ActivationMemory:
     per_ckpt, fixed_ckpt = split(lambda t: t.outside_blocks + t.block_inputs + t.largest_block)
     return ActivationMemory(per_image=per, fixed=max(fixed, 0), per_image_checkpointed=per_ckpt,
                             fixed_checkpointed=max(fixed_ckpt, 0),
-                            largest_tensor_per_image=two.largest_tensor // 2)
+                            largest_tensor_per_image=two.largest_tensor // 2, tallies=(one, two))

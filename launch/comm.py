@@ -115,5 +115,5 @@ def choice_reason(best, fitting: list, rank) -> str:
                 f"gradient reduction, not overlapped, takes {o.exposed_grad_s:.2f} s of its {step:.2f} s step "
                 f"({o.exposed_grad_s / step:.0%} > {COMM_FRACTION:.0%}); ZeRO-{best.zero_stage} overlaps it with "
                 f"backward and exposes {best.exposed_s:.2f} s in all ({share:.0%})")
-    return (f"the first fitting setting in the order above (offload, micro-batch, checkpointing, communication, "
+    return (f"the first fitting setting in the order above (offload, micro-batch, recompute, communication, "
             f"stage); its communication exposes {best.exposed_s:.2f} s of a {best.compute_s + best.exposed_s:.2f} s step ({share:.0%})")

@@ -140,6 +140,21 @@ def ema_bytes(setting: ZeroSetting, total_params: int, gpus: int, ema_decay: flo
     return (0, shadow) if setting.offload_optimizer and setting.stage >= 1 else (shadow, 0)
 
 
+def staging_bytes(setting: ZeroSetting, total_params: int, gpus: int, precision: str = "bf16",
+                  ema_decay: float = 0.0, rank0: bool = True) -> int:
+    """Host bytes per rank that checkpoint.async_save copies its checkpointed state into (pinned on GPU hosts; held
+    until the background write is done): the rank's fp32 master weights and Adam moments (12 bytes per parameter,
+    partitioned from ZeRO-1 on), the module weights the rank writes (the whole 16-bit or fp32 model on rank 0, the
+    worst rank; under ZeRO-3 its partition; `rank0=False`: another rank, which writes no module file) and its EMA
+    fragment (pipeline.checkpoint.async_save)."""
+    low = 4 if precision == "fp32" else 2
+    share = 1 if setting.stage == 0 else gpus
+    optimizer = 12 * total_params // share
+    weights = low * total_params // (gpus if setting.stage == 3 else 1) if rank0 or setting.stage == 3 else 0
+    ema = 4 * total_params // share if ema_decay > 0 else 0
+    return optimizer + weights + ema
+
+
 # DeepSpeed's bucket sizes (elements) when the config sets none: DeepSpeedZeroConfig's defaults, and the engine's
 # fixed all-reduce buffer for optimizers that do not reduce gradients themselves (BF16_Optimizer, ZeRO-0).
 DEFAULT_REDUCE_BUCKET = 500_000_000

@@ -13,7 +13,7 @@ Per GPU it adds up
   the in-run evaluation with EMA weights (the EMA swapped into the parameters: no second model; activations of
   a no-grad forward at the evaluation batch, 2 x micro), which must fit beside the training states;
   `--reserve-gb` still replaces the CUDA context term with a flat reserve;
-then searches micro-batch x gradient accumulation x ZeRO stage x offload x checkpointing for a setting
+then searches micro-batch x gradient accumulation x ZeRO stage x offload x recompute for a setting
 that reaches the config's global batch exactly (global = micro x accumulation x GPUs) and fits.
 
 Which fitting setting wins (first difference decides), and why:
@@ -21,7 +21,8 @@ Which fitting setting wins (first difference decides), and why:
    work to the CPU and its traffic over PCIe, the slowest choice by far;
 2. a micro-batch big enough to keep the GPU busy (>= 128 G multiply-adds per micro-step, e.g. 32
    images of CoAtNet-0 at 224 px or 1 image of CoAtNet-7) before one that is not;
-3. no activation checkpointing before checkpointing: checkpointing recomputes the forward (+~33% compute);
+3. the least recompute: activation checkpointing runs again the forward of the stages it covers (all: +~33%
+   compute); besides none and all, the first k high-resolution stages are tried (launch/search_space.py);
 4. a gradient reduction that compute hides: a setting whose unoverlapped gradient reduction costs more than
    COMM_FRACTION (10%) of its step at --net-gbps is passed over, the least exposed first (launch/comm.py: ZeRO-1
    with bf16 + fp32 accumulation all-reduces the fp32 gradient after backward; ZeRO-2 reduce-scatters during it);
@@ -46,11 +47,12 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from core.errors import UserError, cli_main
 from launch.comm import COMM_FRACTION, NET_GBPS, choice_reason, step_comm
 from launch.plan_report import format_table  # noqa: F401  (the table; callers import it from here)
+from launch.search_space import Option, recompute_choices
 from pipeline.train.flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, train_flops_per_image, train_seconds
 
 GIB = 2 ** 30
@@ -73,41 +75,6 @@ KNOWN_DATASETS = {
     "jft300m": ("JFT-300M", 300_000_000, 18291),
     "jft3b": ("JFT-3B (about 30K labels)", 3_000_000_000, 30000),
 }
-
-
-@dataclass
-class Option:
-    zero_stage: int
-    offload_optimizer: bool
-    offload_param: bool
-    activation_checkpointing: bool
-    micro_batch_size: int  # 0 => does not fit even at micro-batch 1
-    accumulation: int
-    states_gib: float
-    activations_gib: float
-    total_gib: float
-    cpu_per_node_gib: float
-    fits: bool
-    efficient: bool = False
-    # communication per GPU per step at this setting (launch/comm.py)
-    comm_gb: float = 0.0
-    compute_s: float = 0.0
-    comm_s: float = 0.0
-    exposed_s: float = 0.0
-    exposed_grad_s: float = 0.0
-    comm_bound: bool = False  # unoverlapped gradient reduction > COMM_FRACTION of the step
-    comm: str = ""
-
-    def describe(self) -> str:
-        off = ("optimizer+param" if self.offload_param else "optimizer") if self.offload_optimizer else "none"
-        return f"ZeRO-{self.zero_stage}, offload {off}"
-
-    def overrides(self) -> list[str]:
-        return [f"deepspeed.zero_stage={self.zero_stage}",
-                f"deepspeed.offload_optimizer={str(self.offload_optimizer).lower()}",
-                f"deepspeed.offload_param={str(self.offload_param).lower()}",
-                f"model.activation_checkpointing={str(self.activation_checkpointing).lower()}",
-                f"train.micro_batch_size={self.micro_batch_size}"]
 
 
 def _dataset(cfg, images_per_epoch: int | None) -> tuple[int, int | None, str]:
@@ -141,7 +108,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
 
     from launch.activations import measure
     from launch.model_states import count_params
-    from model import count_macs, create_model
+    from model import count_macs, create_model, stage_fractions
     from pipeline.train.model_args import run_model_kwargs
 
     if reserve_gb is None:
@@ -163,6 +130,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
         model = create_model(**{**model_kwargs, "grad_checkpointing": False})
     total_params, largest_layer = count_params(model)
     macs = count_macs(model)
+    choices = recompute_choices(stage_fractions(model))
     if cfg.precision == "auto":  # planning for GPUs that compute bf16 natively (Ampere and newer)
         cfg = dataclasses.replace(cfg, precision="bf16")  # a copy: the caller's config stays as written
     act = measure(model_kwargs, cfg.precision)
@@ -187,7 +155,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
     else:
         speed = {"gpu_tflops": gpu_tflops, "mfu": mfu, "net_gbps": net_gbps}
         result.update(_choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable,
-                              cpu_mem_gb, speed))
+                              cpu_mem_gb, speed, choices))
         from launch.model_states import plan_offload_note
 
         result["offload_note"] = plan_offload_note(cfg.precision, total_params, nodes, gpus_per_node,
@@ -197,9 +165,10 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_mem_gb: flo
     return result
 
 
-def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable, cpu_mem_gb, speed) -> dict:
-    """Every ZeRO x offload x checkpointing option at its largest fitting micro-batch, and the best one."""
-    from launch.model_states import candidate_settings, ema_bytes, model_states_bytes
+def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, usable, cpu_mem_gb, speed,
+            choices) -> dict:
+    """Every ZeRO x offload x recompute option at its largest fitting micro-batch, and the best one."""
+    from launch.model_states import candidate_settings, ema_bytes, model_states_bytes, staging_bytes
 
     gpus = nodes * gpus_per_node
     per_rank = cfg.train.global_batch_size // gpus
@@ -215,8 +184,11 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
         ema_gpu, ema_cpu = ema_bytes(setting, total_params, gpus, cfg.train.ema_decay)
         states, cpu = states + ema_gpu, cpu + ema_cpu * gpus_per_node
         states += _buckets(cfg, setting.stage, total_params, gpus)
+        staging = [staging_bytes(setting, total_params, gpus, cfg.precision, cfg.train.ema_decay, rank0)
+                   if cfg.checkpoint.async_save else 0 for rank0 in (True, False)]
+        cpu += staging[0] + staging[1] * (gpus_per_node - 1)  # an async save's pinned copies, rank 0's node
         cpu_ok = cpu_mem_gb is None or cpu <= cpu_mem_gb * GIB
-        for ckpt in (False, True):
+        for ckpt, recompute in choices:
             def need(m):
                 return states + max(act.bytes(m, ckpt), _eval_bytes(act, m)) * FRAGMENTATION
             fitting = [m for m in divisors if need(m) <= usable] if cpu_ok else []
@@ -224,14 +196,14 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
             option = Option(setting.stage, setting.offload_optimizer, setting.offload_param, ckpt,
                             m, per_rank // m if m else 0, states / GIB,
                             act.bytes(max(m, 1), ckpt) * FRAGMENTATION / GIB, need(max(m, 1)) / GIB,
-                            cpu / GIB, bool(m), m >= efficient_micro)
+                            cpu / GIB, bool(m), m >= efficient_micro, recompute, staging[0] / GIB)
             _add_comm(option, cfg, total_params, macs, nodes, gpus, per_rank, speed)
             options.append(option)
     out: dict = {}
     fitting = [o for o in options if o.fits]
     if fitting:
         def rank(o):
-            return (o.offload_optimizer + o.offload_param, not o.efficient, o.activation_checkpointing,
+            return (o.offload_optimizer + o.offload_param, not o.efficient, o.recompute,
                     o.exposed_grad_s if o.comm_bound else 0.0, o.zero_stage, -o.micro_batch_size)
         best = min(fitting, key=rank)
         out.update(chosen=asdict(best), fits=True, overrides=best.overrides(), choice=choice_reason(best, fitting, rank))
@@ -248,7 +220,7 @@ def _choose(cfg, act, total_params, largest_layer, macs, nodes, gpus_per_node, u
 def _add_comm(option: Option, cfg, params: int, macs: int, nodes: int, gpus: int, per_rank: int, speed) -> None:
     """Fill the option's communication figures at its micro-batch (or at micro-batch 1 when it does not fit)."""
     micro = option.micro_batch_size or 1
-    flops = train_flops_per_image(macs, option.activation_checkpointing).model
+    flops = train_flops_per_image(macs, option.recompute).model
     c = step_comm(option.zero_stage, params, gpus, nodes, micro, per_rank // micro, flops, speed["gpu_tflops"],
                   speed["mfu"], cfg.precision, _grad_accum(cfg), cfg.deepspeed.communication_dtype,
                   net_gbps=speed["net_gbps"])

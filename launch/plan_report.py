@@ -1,6 +1,8 @@
 """The planner's table: what `python -m launch.plan` prints from plan()'s dict (also its `--json`)."""
 from __future__ import annotations
 
+from launch.search_space import recompute_label, recompute_value
+
 
 def _fmt_hours(hours: float) -> str:
     if hours < 1:
@@ -27,7 +29,7 @@ def format_table(r: dict) -> str:
         "",
     ]
     if r["options"]:
-        header = (f"  {'ZeRO setting':<32}{'ckpt':>5}{'micro':>7}{'accum':>7}{'states':>9}{'activ.':>9}"
+        header = (f"  {'ZeRO setting':<32}{'recomp.':>8}{'micro':>7}{'accum':>7}{'states':>9}{'activ.':>9}"
                   f"{'total':>9}{'CPU/node':>10}{'comm GB':>9}{'compute':>9}{'exposed':>9}  fits")
         lines += [header, "  " + "-" * (len(header) - 2)]
         chosen = r["chosen"]
@@ -37,7 +39,7 @@ def format_table(r: dict) -> str:
             micro = str(o["micro_batch_size"]) if o["fits"] else "-"
             accum = str(o["accumulation"]) if o["fits"] else "-"
             lines.append(f"  {'ZeRO-%d, offload %s' % (o['zero_stage'], off):<32}"
-                         f"{'yes' if o['activation_checkpointing'] else 'no':>5}{micro:>7}{accum:>7}"
+                         f"{recompute_label(o['activation_checkpointing'], short=True):>8}{micro:>7}{accum:>7}"
                          f"{o['states_gib']:>9.1f}{o['activations_gib']:>9.1f}{o['total_gib']:>9.1f}"
                          f"{o['cpu_per_node_gib']:>10.1f}{o['comm_gb']:>9.2f}{o['compute_s']:>8.2f}s"
                          f"{o['exposed_s']:>8.2f}s  {'yes' if o['fits'] else 'no'}{mark}")
@@ -50,10 +52,16 @@ def format_table(r: dict) -> str:
     if c:
         lines.append(f"PLAN: ZeRO-{c['zero_stage']}, offload "
                      f"{('optimizer+param' if c['offload_param'] else 'optimizer') if c['offload_optimizer'] else 'none'}"
-                     f", activation checkpointing {'on' if c['activation_checkpointing'] else 'off'}, micro-batch "
+                     f", activation checkpointing {recompute_label(c['activation_checkpointing'])}, micro-batch "
                      f"{c['micro_batch_size']} x accumulation {c['accumulation']} x {r['gpus']} GPUs = "
                      f"{r['global_batch_size']}; {c['total_gib']:.1f} of {r['usable_gib']:.1f} GiB per GPU")
         lines.append("  overrides: " + " ".join(r["overrides"]))
+        if isinstance(c["activation_checkpointing"], list):
+            lines.append(f"  recompute: model.activation_checkpointing={recompute_value(c['activation_checkpointing'])}"
+                         f" runs {c['recompute']:.0%} of the forward again in backward (all stages: 100%)")
+        if c["staging_gib"]:
+            lines.append(f"  async checkpoint staging: {c['staging_gib']:.2f} GiB of host memory on rank 0 (pinned; the "
+                         f"other ranks hold no module copy), counted in CPU/node for rank 0's node")
         lines.append(f"  why: {r['choice']}")
         lines.append(f"  communication per step: {c['comm']}; {c['comm_s']:.2f} s at {r['net_gbps']:g} Gb/s, "
                      f"{c['exposed_s']:.2f} s not overlapped, next to {c['compute_s']:.2f} s of compute")
@@ -62,7 +70,7 @@ def format_table(r: dict) -> str:
     w = r["as_written"]
     accum = f"accumulation {w['accumulation']}" if w["accumulation"] else "does not divide the global batch"
     lines.append(f"  config as written: {w['setting']}, activation checkpointing "
-                 f"{'on' if w['activation_checkpointing'] else 'off'}, micro-batch {w['micro_batch_size']} ({accum}): "
+                 f"{recompute_label(w['activation_checkpointing'])}, micro-batch {w['micro_batch_size']} ({accum}): "
                  f"{w['total_gib']:.1f} GiB per GPU -> {'fits' if w['fits'] else 'does NOT fit'}")
     lines += [
         "",
@@ -75,6 +83,6 @@ def format_table(r: dict) -> str:
         lines.append(f"  + communication not hidden by compute: {_fmt_hours(r['exposed_hours'])}; whole run "
                      f"{_fmt_hours(r['total_hours'] + r['exposed_hours'])}")
     if c and c["activation_checkpointing"]:
-        lines.append(f"  (activation checkpointing recomputes the forward: expect about 3/4 of the MFU without it; "
-                     f"MFU {r['mfu']:g} is HFU {r['hfu']:.2f})")
+        lines.append(f"  (activation checkpointing recomputes {c['recompute']:.0%} of the forward: MFU {r['mfu']:g} is "
+                     f"HFU {r['hfu']:.2f})")
     return "\n".join(lines)

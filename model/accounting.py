@@ -34,15 +34,24 @@ def recompute_fraction(name_or_model: str | nn.Module, stages: Sequence[int], im
                        **overrides) -> float:
     """The share of the forward's multiply-adds in the blocks of `stages`: what selective activation recompute
     (model.grad_checkpointing = a list of stages) runs again in backward."""
+    if not stages:
+        return 0.0
+    per_stage = stage_fractions(name_or_model, image_size, **overrides)
+    return sum(per_stage[i] for i in set(stages))
+
+
+def stage_fractions(name_or_model: str | nn.Module, image_size: int | Sequence[int] = 224, **overrides) -> list[float]:
+    """Per stage S1..S4, the share of the forward's multiply-adds in its blocks (one counted forward for all)."""
     counter = _count(name_or_model, image_size, **overrides)
     total = counter.get_total_flops()
-    if not stages or not total:
-        return 0.0
-    prefixes = tuple(f"CoAtNet.stages.{i}.blocks." for i in stages)
+    out = [0.0] * 4
+    if not total:
+        return out
     # FlopCounterMode counts per module path; a block's own entry (stages.i.blocks.j) already sums its children.
-    inside = sum(sum(counts.values()) for path, counts in counter.get_flop_counts().items()
-                 if path.startswith(prefixes) and path.count(".") == 4)
-    return inside / total
+    for path, counts in counter.get_flop_counts().items():
+        if path.startswith("CoAtNet.stages.") and ".blocks." in path and path.count(".") == 4:
+            out[int(path.split(".")[2])] += sum(counts.values()) / total
+    return out
 
 
 def _count(name_or_model: str | nn.Module, image_size, **overrides) -> FlopCounterMode:

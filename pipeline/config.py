@@ -193,6 +193,10 @@ class CheckpointConfig:
     keep: int = _f(3, "keep the newest N checkpoints")
     trust: bool = _f(False, "resume from a checkpoint your key did not sign (another user's, or written before "
                             "checkpoints were signed): its files are pickles, which can run code when read")
+    async_save: bool = _f(False, "asynchronous save: training is blocked only while each rank copies its state off "
+                                 "the training tensors (to pinned host memory on GPUs; costs a host copy of the "
+                                 "rank's checkpointed state); files are written, checksummed and marked complete in "
+                                 "the background, at most one save in flight")
 
 
 @dataclass

@@ -264,3 +264,22 @@ def test_coatnet7_offload_host_memory_follows_the_rank_partition_not_deepspeeds_
     assert note in format_table(r)
     # the plan's choice is unchanged: no offload fits the GPUs
     assert not r["chosen"]["offload_optimizer"]
+
+
+def test_async_checkpoint_staging_is_counted_in_host_memory():
+    from launch.model_states import ZeroSetting, staging_bytes
+
+    p = 10 ** 9
+    # ZeRO-2 on 64 GPUs, bf16: fp32 master + moments partitioned (12/64), the whole 16-bit model (rank 0), EMA 4/64
+    assert staging_bytes(ZeroSetting(2), p, 64, "bf16", 0.9999) == 12 * p // 64 + 2 * p + 4 * p // 64
+    assert staging_bytes(ZeroSetting(0), p, 1, "fp32", 0.0) == 16 * p
+    assert staging_bytes(ZeroSetting(3), p, 64, "bf16", 0.0) == 12 * p // 64 + 2 * p // 64
+    cfg = load_config(REPO / C0)
+    sync = plan(cfg, nodes=1, gpus_per_node=8, gpu_mem_gb=80)
+    both = plan(load_config(REPO / C0, ["checkpoint.async_save=true"]), nodes=1, gpus_per_node=8, gpu_mem_gb=80)
+    a, b = sync["chosen"], both["chosen"]
+    args = (ZeroSetting(b["zero_stage"]), both["parameters"], 8, both["precision"], cfg.train.ema_decay)
+    rank0, other = staging_bytes(*args), staging_bytes(*args, rank0=False)
+    assert other < rank0 and a["staging_gib"] == 0 and b["staging_gib"] * GIB == pytest.approx(rank0)
+    assert (b["cpu_per_node_gib"] - a["cpu_per_node_gib"]) * GIB == pytest.approx(rank0 + 7 * other)
+    assert "async checkpoint staging" in format_table({**both, "config": C0})

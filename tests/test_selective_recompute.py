@@ -55,3 +55,39 @@ def test_config_takes_a_list_of_stages_and_names_a_bad_one():
     assert load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing is True
     with pytest.raises(ConfigError, match=r"model.activation_checkpointing must be true, false or a list of stages"):
         load_config(None, ["model.activation_checkpointing=[4]"])
+
+
+def test_activation_memory_of_a_stage_list_lies_between_none_and_all():
+    from launch.activations import measure
+
+    act = measure({"name": "coatnet-nano", "num_classes": 10, "image_size": [64, 64]}, "bf16")
+    none, every = act.bytes(8, False), act.bytes(8, True)
+    prefixes = [act.bytes(8, list(range(k))) for k in range(5)]
+    assert prefixes[0] == pytest.approx(none, rel=1e-3) and prefixes[4] == every
+    # past the first stage, each further one recomputed keeps less (one block's recompute is a transient: recomputing
+    # a one-block stage alone can cost more than it frees)
+    assert all(a > b for a, b in zip(prefixes[1:], prefixes[2:])) and prefixes[2] < prefixes[0]
+
+
+def test_planner_proposes_the_cheapest_stage_prefix_where_all_or_none_recomputes_everything():
+    from launch.plan import format_table, plan
+
+    # CoAtNet-0 on one 5 GiB GPU: without recompute only micro-batch 16 fits, under the 32 images that keep a GPU
+    # busy, so an all-or-none search must recompute every stage; recomputing S1-S2 fits 32 for 27% of the forward.
+    cfg = load_config("configs/pretrain/in1k_coatnet-0.yaml")
+    r = plan(cfg, nodes=1, gpus_per_node=1, gpu_mem_gb=5)
+    chosen = r["chosen"]
+    assert r["fits"] and chosen["activation_checkpointing"] == [0, 1] and chosen["micro_batch_size"] >= 32
+    assert chosen["recompute"] == pytest.approx(recompute_fraction("coatnet-0", [0, 1], 224), rel=1e-2)
+    assert chosen["recompute"] < 0.5
+    same = [o for o in r["options"] if (o["zero_stage"], o["offload_optimizer"], o["offload_param"]) ==
+            (chosen["zero_stage"], False, False)]
+    by_choice = {str(o["activation_checkpointing"]): o for o in same}
+    assert by_choice["False"]["micro_batch_size"] < r["efficient_micro_batch"] <= by_choice["True"]["micro_batch_size"]
+    assert chosen["total_gib"] <= r["usable_gib"]
+    all_or_none_hfu = r["mfu"] * train_flops_per_image(1, 1.0).hardware / train_flops_per_image(1).model
+    assert r["hfu"] < all_or_none_hfu  # the same MFU costs less recompute
+    assert "model.activation_checkpointing=[0,1]" in r["overrides"]
+    assert load_config(None, ["model.activation_checkpointing=[0,1]"]).model.activation_checkpointing == [0, 1]
+    table = format_table({**r, "config": "in1k_coatnet-0"})
+    assert "activation checkpointing stages S1-S2" in table and "recompute: model.activation_checkpointing=[0,1]" in table

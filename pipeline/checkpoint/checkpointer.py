@@ -17,6 +17,9 @@
   `checkpoints/universal/<tag>/` and loaded with the engine's `checkpoint.load_universal` option; the EMA is
   re-sliced from the source tag's fragment files. The other ranks wait for the conversion by polling its marker
   and rank 0's heartbeat file, not in a collective with a timeout.
+* checkpoint.async_save (pipeline.checkpoint.async_save): `save` returns once every rank has copied its state; a
+  background thread per rank writes and hashes the files, rank 0's writes the marker last. `wait()` (collective)
+  collects it: before the next save, in `find_resume` (a rollback), and at a stop or the end of the run.
 * A restore keeps nothing it loaded referenced (the client state's EMA entry is dropped, garbage collected).
 
 The trainer uses one `Checkpointer`:
@@ -216,8 +219,14 @@ class ResumePoint:
 class Checkpointer:
     """Saving, choosing and restoring a run's checkpoints in `ckpt_dir` (every rank holds one)."""
 
-    def __init__(self, ckpt_dir: str, keep: int, info, zero_stage: int, watchdog=None, trust: bool = False):
+    def __init__(self, ckpt_dir: str, keep: int, info, zero_stage: int, watchdog=None, trust: bool = False,
+                 async_save: bool = False):
         self.ckpt_dir, self.keep, self.info, self.zero_stage = ckpt_dir, keep, info, zero_stage
+        self.saver = None  # checkpoint.async_save: a pipeline.checkpoint.async_save.AsyncSaver
+        if async_save:
+            from pipeline.checkpoint.async_save import AsyncSaver
+
+            self.saver = AsyncSaver(info.rank, info.world_size)
         self.trust = trust  # checkpoint.trust: resume from checkpoints this user's key did not sign
         self.watchdog = watchdog  # pipeline.faults.watchdog.Watchdog: saves and verification get their own allowance
         self.saved_step = -1  # the step of the newest checkpoint this run holds (-1: none)
@@ -236,6 +245,7 @@ class Checkpointer:
         from pipeline.checkpoint.trust import tag_problem
         from pipeline.runtime import distributed as D
 
+        self.wait()  # a rollback resumes from the save in flight too, once it is marked
         with self._watch("checkpoint verification"):
             found = self._newest_intact()
         if found is None or not self._layout_changed(found):
@@ -322,23 +332,58 @@ class Checkpointer:
         return client
 
     def save(self, engine, state) -> str:
-        """Save `engine` and `state` at `state.step` (collective), unless that step is already saved."""
+        """Save `engine` and `state` at `state.step` (collective), unless that step is already saved. With
+        async_save, first wait for the save in flight, then return once this one's copies are taken."""
         from pipeline.runtime import distributed as D
 
         if self.saved_step == state.step:
             return tag_for(state.step)
+        start = time.monotonic()
+        self.wait()  # at most one save in flight
         stats = {"need": self.last_bytes}
+        meta = {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "config": self.run_config}
         with self._watch("checkpoint save"):
             self._check_space(state.step)
             D.sync_batchnorm_stats(engine.module)  # every rank's BatchNorm statistics agree in the checkpoint
-            tag = save(engine, self.ckpt_dir, state.step, state.state_dict(), self.keep,
-                       {"world_size": self.info.world_size, "zero_stage": self.zero_stage, "config": self.run_config},
-                       stats=stats, ema=state.ema)
+            if self.saver is not None:
+                tag = self.saver.start(engine, self.ckpt_dir, state.step, state.state_dict(), self.keep, meta,
+                                       ema=state.ema)
+            else:
+                tag = save(engine, self.ckpt_dir, state.step, state.state_dict(), self.keep, meta, stats=stats,
+                           ema=state.ema)
         self.saved_step = state.step
-        self.last_save_s, self.last_bytes = stats["seconds"], stats["bytes"]
+        blocked = time.monotonic() - start
+        if self.saver is None:
+            self.last_save_s, self.last_bytes = stats["seconds"], stats["bytes"]
         if self.info.is_main:
-            log.info("saved checkpoint %s", os.path.join(self.ckpt_dir, tag))
+            log.info("%s checkpoint %s (training blocked %.3f s)", "writing" if self.saver else "saved",
+                     os.path.join(self.ckpt_dir, tag), blocked)
         return tag
+
+    def wait(self) -> None:
+        """checkpoint.async_save: block until the save in flight is written and marked on every rank (collective;
+        nothing when none is in flight). A failed write ends the run with one line, as a synchronous save does."""
+        from pipeline.checkpoint.integrity import exit_save_failed, space_message
+        from pipeline.runtime import distributed as D
+
+        if self.saver is None or self.saver.pending is None:
+            return
+        start = time.monotonic()
+        with self._watch("waiting for the checkpoint save in flight"):
+            done = self.saver.wait()
+        outcomes = D.all_gather_object((done.error, done.write_failure, done.seconds, done.bytes))
+        errors = [(error, write) for error, write, _, _ in outcomes if error]
+        if errors:
+            if not errors[0][1]:
+                raise RuntimeError(f"background save of {done.tag_dir} failed: {errors[0][0]}")
+            newest = latest_complete(self.ckpt_dir)
+            exit_save_failed(space_message(self.ckpt_dir, tag_for(done.step), errors[0][0], self.last_bytes,
+                                           newest.tag if newest else None))
+        self.last_save_s = max(seconds for _, _, seconds, _ in outcomes)  # SIGTERM: a whole save must fit
+        self.last_bytes = outcomes[0][3]
+        if self.info.is_main:
+            log.info("saved checkpoint %s (in the background in %.3f s; waited %.3f s for it)", done.tag_dir,
+                     self.last_save_s, time.monotonic() - start)
 
     def _check_space(self, step: int) -> None:
         """Before a save: stop with one line (every rank) when the disk cannot hold another checkpoint of the

@@ -221,6 +221,13 @@ class ShardedEMA:
     @torch.no_grad()
     def save_fragments(self, folder: str) -> str:
         """Write this rank's EMA as `folder/ema_rank<r>.safetensors` (atomically); returns its path."""
+        path, write = self.fragment_snapshot(folder, copy=False)
+        write()
+        return path
+
+    def fragment_snapshot(self, folder: str, copy: bool = True):
+        """(path, write): this rank's fragment file and a function writing it. With `copy` the tensors are copied
+        now, so that the write can run in the background while training goes on (checkpoint.async_save)."""
         from safetensors.torch import save_file
 
         from core.files import atomic_path
@@ -231,12 +238,17 @@ class ShardedEMA:
         if rank == 0:  # integer buffers (num_batches_tracked): the module's own, once
             tensors.update({f"int/{n}": b.detach().cpu().clone() for n, b in self.buffers.items()
                             if n not in self.buffer_shadow})
+        if copy and self.flat.device.type == "cpu":  # .cpu() of a CPU tensor is the tensor itself; from a GPU, a copy
+            tensors = {k: v.clone() for k, v in tensors.items()}
         metadata = {"format": FORMAT, "rank": str(rank), "world_size": str(world), "updates": str(self.updates),
                     "index": json.dumps(self.index(), separators=(",", ":"))}
         path = os.path.join(folder, fragment_file(rank))
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return path
+
+        def write() -> None:
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+
+        return path, write
 
     @torch.no_grad()
     def load_fragments(self, folder: str, updates: int) -> None:

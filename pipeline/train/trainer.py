@@ -297,7 +297,8 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
     write_run_files(cfg, plan, info)
     require_key(info.is_main)  # the key that signs this run's checkpoints, now rather than at the first save
     checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep, info,
-                                cfg.deepspeed.zero_stage, watchdog=watchdog, trust=cfg.checkpoint.trust)
+                                cfg.deepspeed.zero_stage, watchdog=watchdog, trust=cfg.checkpoint.trust,
+                                async_save=cfg.checkpoint.async_save)
     resume = checkpointer.find_resume()  # before the engine: a universal checkpoint changes its config
     checkpointer.run_config = resolved_config(cfg, plan, resume, info)  # a key that cannot change: one line
 
@@ -373,6 +374,7 @@ def run(cfg: Config, mode: str = "pretrain") -> dict:
         with watchdog.phase("evaluation"):
             last_eval = evaluate(engine, state)
     checkpointer.save(engine, state)  # unless this step is saved already
+    checkpointer.wait()  # checkpoint.async_save: the run ends with its last checkpoint marked
     if info.is_main and not stopped_on_request:
         atomic_write_json(os.path.join(cfg.run_dir, FINISHED), {"step": state.step, "total_steps": total})
     log_step.rank_times.close()
@@ -390,6 +392,7 @@ def _stop(reason: str, cfg: Config, info: D.DistInfo, checkpointer: Checkpointer
     if reason.startswith("sigterm"):
         if reason == "sigterm-save":
             checkpointer.save(engine, state)
+        checkpointer.wait()  # a save in flight is finished, not cut off half-written
         if info.is_main:
             what = (f"saved step {state.step}" if reason == "sigterm-save" else
                     f"no time to save (the last save took {checkpointer.last_save_s} s)")
@@ -397,6 +400,7 @@ def _stop(reason: str, cfg: Config, info: D.DistInfo, checkpointer: Checkpointer
                         what, EXIT_TERMINATED)
         raise SystemExit(EXIT_TERMINATED)
     checkpointer.save(engine, state)
+    checkpointer.wait()
     if info.is_main:
         path = os.path.join(cfg.run_dir, SAVE_REQUEST)
         os.remove(path)
