@@ -1,0 +1,81 @@
+"""Recall and false matches of the near-duplicate hash (data_prep.near_dup) at every Hamming distance.
+
+Images: scikit-image's shipped photographs (tests/real_objects.py PHOTOS; no download), each whole and as
+3x3 non-overlapping tiles: distinct natural images, written as JPEG q90 -- the "evaluation set". Altered
+copies of each (tests/real_objects.py ALTERATIONS: re-encoded at q50, resized to half, 5% cropped off every
+edge, brightened 25%, and all of these at once, milder) are the near-duplicates that must be found.
+
+Printed per distance d: recall per alteration (share of copies whose hash is within d of their original's)
+and the false-match rate (share of pairs of *distinct* images within d: each such pair would wrongly remove a
+training image). The baseline beside it is the hash of a full decode (no DCT-scaled JPEG decode), to show
+the faster decode loses no recall.
+
+    .venv/bin/python benchmarks/near_dup_quality.py
+    .venv/bin/python benchmarks/near_dup_quality.py --tiles 4 --max-distance 16
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.near_dup.hashing import bytes_hash, hamming, image_hash  # noqa: E402
+from tests.real_objects import ALTERATIONS, altered_copy, distinct_photos, jpeg_bytes  # noqa: E402
+
+
+def _full_decode_hash(data: bytes) -> int:
+    return image_hash(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def measure(tiles: int, max_distance: int) -> dict:
+    images = distinct_photos(tiles)
+    originals = [jpeg_bytes(im) for _name, im in images]
+    copies = {kind: [altered_copy(im, kind) for _name, im in images] for kind in ALTERATIONS}
+    result = {"images": len(images), "pairs": len(images) * (len(images) - 1) // 2}
+    for label, hash_of in (("draft decode (used)", lambda b: bytes_hash(b, 1 << 30)),
+                           ("full decode (baseline)", _full_decode_hash)):
+        start = time.perf_counter()
+        base = np.array([hash_of(b) for b in originals], np.uint64)
+        seconds = time.perf_counter() - start
+        dist = {kind: hamming(base, np.array([hash_of(b) for b in data], np.uint64)) for kind, data in copies.items()}
+        upper = np.triu_indices(len(base), 1)
+        pairwise = hamming(base[:, None], base[None, :])[upper]
+        rows = []
+        for d in range(max_distance + 1):
+            rows.append({"d": d, **{k: float((v <= d).mean()) for k, v in dist.items()},
+                         "false_pairs": int((pairwise <= d).sum())})
+        result[label] = {"rows": rows, "ms_per_image": 1000 * seconds / len(base),
+                         "closest_distinct": int(pairwise.min())}
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiles", type=int, default=3, help="tiles per side of each photograph (default: 3)")
+    parser.add_argument("--max-distance", type=int, default=14, help="largest distance printed (default: 14)")
+    args = parser.parse_args()
+    result = measure(args.tiles, args.max_distance)
+    print(f"{result['images']} distinct photographs and tiles, {result['pairs']} distinct pairs, "
+          f"{len(ALTERATIONS)} altered copies of each")
+    for label in ("draft decode (used)", "full decode (baseline)"):
+        r = result[label]
+        print(f"\n== {label}: {r['ms_per_image']:.2f} ms per image to hash; closest distinct pair at distance "
+              f"{r['closest_distinct']}")
+        print("d   " + "  ".join(f"{k:>16}" for k in ALTERATIONS) + "  false pairs (rate)")
+        for row in r["rows"]:
+            print(f"{row['d']:<3} " + "  ".join(f"{row[k]:>16.1%}" for k in ALTERATIONS)
+                  + f"  {row['false_pairs']} ({row['false_pairs'] / result['pairs']:.4%})")
+    ratio = result["full decode (baseline)"]["ms_per_image"] / result["draft decode (used)"]["ms_per_image"]
+    print(f"\nhash time: full decode / draft decode = {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
