@@ -9,6 +9,8 @@ from pathlib import Path
 from core.errors import UserError, cli_main
 from core.storage import as_location
 
+from data_prep.near_dup.hashing import NEAR_DISTANCE
+
 _EPILOG = textwrap.dedent("""\
     examples:
       python -m data_prep demo-data runs/demo/images --classes 6 --per-class 200 --size 64 --seed 0
@@ -206,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="webdataset/parquet sources: a JSON object or two-column CSV mapping raw labels to class "
                             "names; labels it does not map are unknown")
     _add_options(shard, _SHARD_OPTIONS)
+    shard.add_argument("--exclude-near", type=_location, nargs="+", default=(), metavar="EVAL",
+                       help="evaluation sets (any kind of SRC, or our shards, e.g. ImageNet-1K val): images of SRC "
+                            "whose perceptual hash is within --near-distance bits of one of theirs go to "
+                            "rejects.jsonl as 'near_duplicate', naming the eval image (docs/data.md)")
+    shard.add_argument("--near-distance", type=_bounded(int, 0, 24, "--near-distance "), default=NEAR_DISTANCE,
+                       metavar="BITS", help=f"largest Hamming distance of two 64-bit hashes counted as near "
+                                            f"duplicates (default: {NEAR_DISTANCE}, measured in docs/data.md)")
     shard.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="Ray cluster to join: 'auto' or host:port (a cluster with token authentication "
                             "also needs RAY_AUTH_MODE=token and its token, as any Ray driver does); default: start "
@@ -261,7 +270,8 @@ def _run_shard(args) -> int:
                       quality=args.quality, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
                       max_label_bytes=args.max_label_bytes, max_labels=args.max_labels, max_classes=args.max_classes,
                       max_row_group_bytes=args.max_row_group_bytes, strip_metadata=args.strip_metadata,
-                      dedup=args.dedup, workers=args.workers,
+                      dedup=args.dedup, exclude_near=tuple(args.exclude_near), near_distance=args.near_distance,
+                      workers=args.workers,
                       ray_address=args.ray_address, overwrite=args.overwrite, progress=not args.no_progress)
     run_shard_job(cfg)
     return 0

@@ -168,6 +168,7 @@ def _scale(image: Image.Image, factor: float) -> Image.Image:
 ALTERATIONS = {
     "reencoded_q50": (lambda im: im, 50),
     "resized_half": (lambda im: _scale(im, 0.5), 90),
+    "cropped_2pct": (lambda im: _crop(im, 0.02), 90),
     "cropped_5pct": (lambda im: _crop(im, 0.05), 90),
     "brightened_25pct": (lambda im: ImageEnhance.Brightness(im).enhance(1.25), 90),
     "all_four": (lambda im: ImageEnhance.Brightness(_crop(_scale(im, 0.75), 0.03)).enhance(1.15), 70),

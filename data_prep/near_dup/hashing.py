@@ -18,6 +18,7 @@ from data_prep.images import ImageRejected, _open, classify_error, to_rgb
 
 HASH_NAME = "imagehash-4.3-phash64-draft128"  # changes when the hash would: part of every cache key
 DRAFT_SIDE = 128                               # smallest side a JPEG is decoded at before the hash
+NEAR_DISTANCE = 10                             # default --near-distance (docs/data.md: the measurement)
 
 
 def image_hash(image: Image.Image) -> int:
@@ -48,4 +49,4 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
 
 
-__all__ = ["HASH_NAME", "ImageRejected", "bytes_hash", "hamming", "image_hash"]
+__all__ = ["HASH_NAME", "NEAR_DISTANCE", "ImageRejected", "bytes_hash", "hamming", "image_hash"]
