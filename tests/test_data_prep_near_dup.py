@@ -151,3 +151,23 @@ def test_exclude_near_bad_eval_is_one_line(photo_sets, tmp_path, capsys):
     err = data_prep_error(capsys, ["shard", str(root / "train"), str(tmp_path / "out"), "--exclude-near",
                                    str(tmp_path / "missing")])
     assert err.startswith("error: --exclude-near ") and "missing" in err
+
+
+@pytest.mark.slow
+def test_dedup_reports_the_altered_copies_as_groups(photo_sets, local_ray, tmp_path, capsys):
+    """`data_prep dedup SRC`: one group per photograph whose altered copies are in SRC, no distinct image in
+    any group; JSON lines, nothing written beside SRC."""
+    root, near, distinct = photo_sets
+    report = tmp_path / "groups.jsonl"
+    before = sorted(p.name for p in (root / "train").rglob("*"))
+    assert main(["dedup", str(root / "train"), "--out", str(report), "--workers", "2"]) == 0
+    groups = [json.loads(line) for line in report.read_text().splitlines()]
+    expected = {}
+    for copy, original in near.items():
+        expected.setdefault(original, []).append(copy)
+    assert sorted(g["ids"] for g in groups) == sorted(sorted(ids) for ids in expected.values())
+    for group in groups:
+        assert group["size"] == len(group["ids"]) and group["distances"][0] == 0
+        assert max(group["distances"]) <= NEAR_DISTANCE
+    assert f"{len(near) + len(distinct)} images hashed" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "train").rglob("*")) == before
