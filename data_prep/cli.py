@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--classes", type=_location, default=None, metavar="FILE",
                        help="fix the class order: a text file with one class name per line (e.g. the 1,000 "
                             "ImageNet-1K synsets) or a JSON list / {\"classes\": [...]} (e.g. another split's "
-                            "_info.json); images of other classes are rejected as 'unknown_class' (multi-label: "
+                            "_info.json); or a mapping raw name -> class: ILSVRC's LOC_synset_mapping.txt "
+                            "(\"n01440764 tench, Tinca tinca\" lines), a two-column .csv/.tsv or a JSON object, e.g. "
+                            "to shard Hugging Face's ImageNet-1K parquet onto synsets (docs/data.md); images of other "
+                            "classes are rejected as 'unknown_class' (multi-label: "
                             "other labels are dropped, an image with none left is rejected) "
                             "(default: the sorted class names found in SRC)")
     shard.add_argument("--label-field", default=None, metavar="KEY",
