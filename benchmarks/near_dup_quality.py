@@ -37,13 +37,17 @@ def _full_decode_hash(data: bytes) -> int:
 def measure(tiles: int, max_distance: int) -> dict:
     images = distinct_photos(tiles)
     originals = [jpeg_bytes(im) for _name, im in images]
+    whole = [data for (name, _im), data in zip(images, originals) if "-tile" not in name]
     copies = {kind: [altered_copy(im, kind) for _name, im in images] for kind in ALTERATIONS}
     result = {"images": len(images), "pairs": len(images) * (len(images) - 1) // 2}
     for label, hash_of in (("draft decode (used)", lambda b: bytes_hash(b, 1 << 30)),
                            ("full decode (baseline)", _full_decode_hash)):
-        start = time.perf_counter()
         base = np.array([hash_of(b) for b in originals], np.uint64)
-        seconds = time.perf_counter() - start
+        start = time.perf_counter()  # speed: the whole photographs (300-1411 px), as large as real photos
+        for _ in range(3):
+            for data in whole:
+                hash_of(data)
+        seconds = (time.perf_counter() - start) / 3
         dist = {kind: hamming(base, np.array([hash_of(b) for b in data], np.uint64)) for kind, data in copies.items()}
         upper = np.triu_indices(len(base), 1)
         pairwise = hamming(base[:, None], base[None, :])[upper]
@@ -51,7 +55,7 @@ def measure(tiles: int, max_distance: int) -> dict:
         for d in range(max_distance + 1):
             rows.append({"d": d, **{k: float((v <= d).mean()) for k, v in dist.items()},
                          "false_pairs": int((pairwise <= d).sum())})
-        result[label] = {"rows": rows, "ms_per_image": 1000 * seconds / len(base),
+        result[label] = {"rows": rows, "ms_per_image": 1000 * seconds / len(whole),
                          "closest_distinct": int(pairwise.min())}
     return result
 
@@ -66,14 +70,14 @@ def main() -> int:
           f"{len(ALTERATIONS)} altered copies of each")
     for label in ("draft decode (used)", "full decode (baseline)"):
         r = result[label]
-        print(f"\n== {label}: {r['ms_per_image']:.2f} ms per image to hash; closest distinct pair at distance "
-              f"{r['closest_distinct']}")
+        print(f"\n== {label}: {r['ms_per_image']:.2f} ms per whole photograph to hash; closest distinct pair "
+              f"at distance {r['closest_distinct']}")
         print("d   " + "  ".join(f"{k:>16}" for k in ALTERATIONS) + "  false pairs (rate)")
         for row in r["rows"]:
             print(f"{row['d']:<3} " + "  ".join(f"{row[k]:>16.1%}" for k in ALTERATIONS)
                   + f"  {row['false_pairs']} ({row['false_pairs'] / result['pairs']:.4%})")
     ratio = result["full decode (baseline)"]["ms_per_image"] / result["draft decode (used)"]["ms_per_image"]
-    print(f"\nhash time: full decode / draft decode = {ratio:.2f}x")
+    print(f"\nhash time of the whole photographs: full decode / draft decode = {ratio:.2f}x")
     return 0
 
 
