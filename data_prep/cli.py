@@ -1,4 +1,4 @@
-"""Command line of data_prep: ``shard``, ``dedup``, ``verify`` and ``demo-data`` (see ``python -m data_prep --help``)."""
+"""Command line of data_prep: ``shard``, ``dedup``, ``verify`` and ``demo-data`` (``python -m data_prep --help``)."""
 from __future__ import annotations
 
 import argparse
