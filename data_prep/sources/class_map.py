@@ -36,11 +36,13 @@ class ClassMapping:
     where: str                                  # "--classes FILE", for messages
     extra: tuple[tuple[str, str], ...] = ()     # also mapped, not positions: a synset to itself
     targets: dict = field(default_factory=dict, compare=False)  # raw -> [classes]
+    unique: dict = field(default_factory=dict, compare=False)   # raw -> class, the unambiguous raws
 
-    def __post_init__(self):
+    def __post_init__(self):  # built once: they are looked up per listed row
         for raw, name in self.pairs + self.extra:
             if name not in self.targets.setdefault(raw, []):
                 self.targets[raw].append(name)
+        self.unique.update((raw, names[0]) for raw, names in self.targets.items() if len(names) == 1)
 
     @property
     def classes(self) -> list[str]:
@@ -48,7 +50,7 @@ class ClassMapping:
 
     def unique_map(self) -> dict[str, str]:
         """raw -> class for every raw name that maps to exactly one class."""
-        return {raw: names[0] for raw, names in self.targets.items() if len(names) == 1}
+        return dict(self.unique)
 
     def ambiguous(self, raw: str) -> list[str]:
         return self.targets.get(raw, []) if len(self.targets.get(raw, [])) > 1 else []
@@ -61,7 +63,7 @@ class ClassMapping:
     def apply(self, label):
         """A listed label (a name, or a tuple of names) mapped; an unmapped or ambiguous name stays as it is (it
         is then judged an unknown class, unless it already is a class)."""
-        known = self.unique_map()
+        known = self.unique
         if isinstance(label, tuple):
             return tuple(dict.fromkeys(known.get(n, n) for n in label))
         return known.get(label, label) if isinstance(label, str) else label

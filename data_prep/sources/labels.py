@@ -41,6 +41,14 @@ class LabelResolver:
         else:
             self.map = load_label_map(label_map) if label_map is not None else None
             self.map_name = f"--label-map {label_map}"
+        self._positional: tuple = (None, None)  # (a source's names list, its classes by position): per file
+
+    def _by_position(self, names: list[str] | None) -> list[str] | None:
+        if self.classes_map is None or names is None:
+            return None
+        if self._positional[0] is not names:  # every sample of a file shares its names list: compared once
+            self._positional = (names, self.classes_map.by_position(names))
+        return self._positional[1]
 
     def names(self, raw, names: list[str] | None, names_from: str, hf: bool):
         """(kept names, dropped count, None) or (None, 0, (reason, detail))."""
@@ -48,7 +56,7 @@ class LabelResolver:
         if not values:
             return None, 0, ("no_label", "empty label list")
         kept, unknown = [], []
-        positional = self.classes_map.by_position(names) if self.classes_map is not None else None
+        positional = self._by_position(names)
         for value in values:
             if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str)
                                                                                 and not value.strip()):
