@@ -138,6 +138,8 @@ def test_exclude_near_rejects_altered_copies_keeps_distinct_and_is_deterministic
     err = data_prep_error(capsys, ["shard", str(root / "train"), str(out), "--shard-size", "16", "--max-size",
                                    "64", "--exclude-near", str(root / "eval"), "--near-distance", "4"])
     assert "near_distance 10 -> 4" in err and "--overwrite" in err
+    err = data_prep_error(capsys, ["shard", str(root / "train"), str(out), "--shard-size", "16", "--max-size", "64"])
+    assert "near_distance 10 -> None" in err  # dropping --exclude-near is a change too
 
     # --overwrite re-scans but takes the eval hashes from OUT/_state/near_dup/: same bytes again
     before = _tars(out)
