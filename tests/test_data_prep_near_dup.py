@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main
+from data_prep.limits import Limits
+from data_prep.near_dup.exclude import list_eval_sets
 from data_prep.near_dup.hashing import NEAR_DISTANCE, bytes_hash, hamming
 from data_prep.near_dup.index import NearIndex
 from tests.conftest import data_prep_error
@@ -146,6 +148,17 @@ def test_exclude_near_rejects_altered_copies_keeps_distinct_and_is_deterministic
     assert _shard(root / "train", out, "--exclude-near", str(root / "eval"), "--overwrite") == 0
     assert "hashes from the cache" in capsys.readouterr().err
     assert _tars(out) == before
+
+
+def test_a_flat_eval_folder_is_listed_without_classes(tmp_path):
+    """ImageNet-1K val as ILSVRC ships it (one folder of files, no class folders) is a valid eval set."""
+    flat = tmp_path / "val"
+    flat.mkdir()
+    for n, (_name, image) in enumerate(distinct_photos(0, EVAL)):
+        (flat / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(jpeg_bytes(image.resize((40, 40))))
+    (flat / "README.txt").write_text("not an image")
+    [(name, listing)] = list_eval_sets([flat], tmp_path / "spill", Limits())
+    assert name == str(flat) and listing.num_inputs == len(EVAL) and listing.rejected == 1
 
 
 def test_exclude_near_bad_eval_is_one_line(photo_sets, tmp_path, capsys):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,19 +31,38 @@ from data_prep.images import ImageRejected, ImageOptions
 from data_prep.limits import Limits
 from data_prep.near_dup.hashing import HASH_NAME, bytes_hash
 from data_prep.near_dup.index import NearIndex
-from data_prep.sources.listing import PartitionedListing, list_partitioned
+from data_prep.sources.listing import PartitionedListing, is_image_name, list_partitioned
 from data_prep.sources.read import read_bytes
 from data_prep.spill import PARTITIONS, read_spill
 
 HASH_TASK_ROWS = 2000  # files hashed per Ray task
 
 
+def _flat_folder_manifest(path, directory: Path) -> Path | None:
+    """A local folder of image files without sub-folders (ImageNet-1K val as ILSVRC ships it: 50,000
+    ILSVRC2012_val_*.JPEG) has no classes, which an eval set does not need: list it through a JSONL manifest
+    of its files (written to the listing's temp folder), with the id of each its file name."""
+    if storage.is_url(path) or not Path(path).is_dir():
+        return None
+    entries = list(os.scandir(path))
+    if any(e.is_dir() for e in entries) or not any(is_image_name(e.name) for e in entries):
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = directory / "flat-eval.jsonl"
+    with open(manifest, "w", encoding="utf-8") as handle:
+        for entry in sorted(entries, key=lambda e: e.name):
+            handle.write(json.dumps({"path": os.path.abspath(entry.path), "label": "eval"}) + "\n")
+    return manifest
+
+
 def list_eval_sets(paths, spill: Path, limits: Limits) -> list[tuple[str, PartitionedListing]]:
     """(EVAL as given, its listing) per --exclude-near argument; a listing mistake names the flag."""
     sets = []
     for number, path in enumerate(paths):
+        directory = Path(spill) / f"eval-{number}"
         try:
-            listing = list_partitioned(path, "auto", None, 0, Path(spill) / f"eval-{number}", limits=limits)
+            flat = _flat_folder_manifest(path, directory)
+            listing = list_partitioned(flat or path, "auto", None, 0, directory, limits=limits)
         except UserError as err:
             raise UserError(f"--exclude-near {path}: {err}") from None
         sets.append((str(path), listing))
