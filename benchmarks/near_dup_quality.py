@@ -8,7 +8,8 @@ edge, brightened 25%, and all of these at once, milder) are the near-duplicates 
 Printed per distance d: recall per alteration (share of copies whose hash is within d of their original's)
 and the false-match rate (share of pairs of *distinct* images within d: each such pair would wrongly remove a
 training image). The baseline beside it is the hash of a full decode (no DCT-scaled JPEG decode), to show
-the faster decode loses no recall.
+the faster decode loses no recall. Last, the index: lookups per second of the multi-index against comparing
+every query with every stored hash, on an ImageNet-1K-val-sized set of random hashes.
 
     .venv/bin/python benchmarks/near_dup_quality.py
     .venv/bin/python benchmarks/near_dup_quality.py --tiles 4 --max-distance 16
@@ -26,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.near_dup.hashing import bytes_hash, hamming, image_hash  # noqa: E402
+from data_prep.near_dup.hashing import NEAR_DISTANCE, bytes_hash, hamming, image_hash  # noqa: E402
+from data_prep.near_dup.index import NearIndex  # noqa: E402
 from tests.real_objects import ALTERATIONS, altered_copy, distinct_photos, jpeg_bytes  # noqa: E402
 
 
@@ -60,10 +62,41 @@ def measure(tiles: int, max_distance: int) -> dict:
     return result
 
 
+def _balanced_hashes(rng, count: int) -> np.ndarray:
+    """Random 64-bit hashes with exactly 32 bits set, as phash's median threshold makes them."""
+    bits = np.argsort(rng.random((count, 64)), axis=1)[:, :32]
+    words = np.zeros(count, np.uint64)
+    for column in range(32):
+        words |= np.uint64(1) << bits[:, column].astype(np.uint64)
+    return words
+
+
+def index_speed(stored: int, queries: int, max_distance: int) -> dict:
+    """Lookups per second of the multi-index (data_prep.near_dup.index) against comparing every query with every
+    stored hash (numpy, batched), on random balanced hashes: an eval set of `stored` images, `queries` training
+    images. Both must find the same matches."""
+    rng = np.random.default_rng(0)
+    table, asked = _balanced_hashes(rng, stored), _balanced_hashes(rng, queries)
+    asked[: queries // 10] = table[: queries // 10] ^ np.uint64(0b1111)  # a tenth are near copies (4 bits)
+    start = time.perf_counter()
+    rows, dist = NearIndex(table, max_distance).nearest(asked)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    brute = np.concatenate([hamming(asked[i:i + 256, None], table[None, :]).min(axis=1)
+                            for i in range(0, queries, 256)])
+    baseline = time.perf_counter() - start
+    assert ((brute <= max_distance) == (rows >= 0)).all() and (dist[rows >= 0] == brute[rows >= 0]).all()
+    return {"ours": queries / ours, "baseline": queries / baseline, "found": int((rows >= 0).sum())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiles", type=int, default=3, help="tiles per side of each photograph (default: 3)")
     parser.add_argument("--max-distance", type=int, default=14, help="largest distance printed (default: 14)")
+    parser.add_argument("--index-size", type=int, default=50_000, help="eval hashes in the index speed test "
+                                                                       "(default: 50000, ImageNet-1K val)")
+    parser.add_argument("--queries", type=int, default=20_000, help="lookups in the index speed test "
+                                                                    "(default: 20000)")
     args = parser.parse_args()
     result = measure(args.tiles, args.max_distance)
     print(f"{result['images']} distinct photographs and tiles, {result['pairs']} distinct pairs, "
@@ -78,6 +111,10 @@ def main() -> int:
                   + f"  {row['false_pairs']} ({row['false_pairs'] / result['pairs']:.4%})")
     ratio = result["full decode (baseline)"]["ms_per_image"] / result["draft decode (used)"]["ms_per_image"]
     print(f"\nhash time of the whole photographs: full decode / draft decode = {ratio:.2f}x")
+    speed = index_speed(args.index_size, args.queries, NEAR_DISTANCE)
+    print(f"\n== index: {args.queries} lookups in {args.index_size} random balanced hashes within {NEAR_DISTANCE} "
+          f"bits ({speed['found']} found, the same as comparing with all)\nmulti-index {speed['ours']:,.0f} "
+          f"lookups/s, compare-with-all {speed['baseline']:,.0f} lookups/s: {speed['ours'] / speed['baseline']:.1f}x")
     return 0
 
 

@@ -22,8 +22,9 @@ OTHERS = ("camera", "brick", "moon", "coins")
 COPIES = ("reencoded_q50", "resized_half", "brightened_25pct", "cropped_2pct")
 
 
-@pytest.mark.parametrize("max_distance", [0, 3, 8, 10, 14])
-def test_index_finds_exactly_the_hashes_within_the_distance(max_distance):
+@pytest.mark.parametrize("max_distance, chunks", [(0, None), (3, None), (8, None), (10, None), (14, None),
+                                                  (8, 3), (5, 2)])  # 21-32 bit chunks: binary search, r > 0
+def test_index_finds_exactly_the_hashes_within_the_distance(max_distance, chunks):
     """Multi-index hashing is exact: the same matches as comparing against every stored hash, ties to the
     lowest row, on hashes planted at every distance around the threshold."""
     rng = np.random.default_rng(max_distance)
@@ -34,7 +35,7 @@ def test_index_finds_exactly_the_hashes_within_the_distance(max_distance):
         for bit in rng.choice(64, i % (max_distance + 4), replace=False):
             queries[i] ^= np.uint64(1) << np.uint64(int(bit))
     queries[7] = stored[5]  # equally near rows 5 and 10
-    rows, dist = NearIndex(stored, max_distance).nearest(queries)
+    rows, dist = NearIndex(stored, max_distance, chunks).nearest(queries)
     brute = hamming(queries[:, None], stored[None, :])
     expect_dist = brute.min(axis=1)
     expect_rows = np.where(expect_dist <= max_distance, brute.argmin(axis=1), -1)
