@@ -56,7 +56,7 @@ demo: setup
 
 # Every benchmark that runs without a GPU, at its default (quick) size: the four side-by-side speed
 # comparisons (bench-speed), then memory per rank, planner driver memory, the SIGKILL chaos harness and the
-# hostile-source fuzzer.
+# hostile-source fuzzer, and the near-duplicate hash's recall vs false matches.
 # Skipped: benchmarks/gpu_check.py (needs CUDA: `make gpu-check`; its CPU smoke run is in the tests).
 # benchmarks/chaos_{launch,sharding,training}.py are chaos.py's modules, not benchmarks of their own.
 # docs/benchmarks.md has each figure with the command, machine, commit and date that measured it.
@@ -66,6 +66,7 @@ bench: bench-speed
 	$(PY) benchmarks/plan_scale.py
 	$(PY) benchmarks/chaos.py
 	$(PY) benchmarks/fuzz_sources.py
+	$(PY) benchmarks/near_dup_quality.py --tiles 4
 
 bench-speed: setup
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'

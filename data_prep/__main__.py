@@ -1,4 +1,4 @@
-"""``python -m data_prep shard|verify|demo-data``: image collections -> WebDataset shards with Ray.
+"""``python -m data_prep shard|dedup|verify|demo-data``: image collections -> WebDataset shards with Ray.
 
 Design (why it is built this way)
 ---------------------------------
@@ -29,7 +29,11 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    walk with CRCs; JPEG end marker, with a 1/8-scale decode only when the marker is missing; other
    formats are fully decoded). A pure function of the bytes: it can run anywhere, any number of times.
    Each partition's results go to ``OUT/_state/<split>/scan/PPP.jsonl.gz`` plus a receipt: a killed job
-   rescans only partitions without a receipt of this fingerprint.
+   rescans only partitions without a receipt of this fingerprint. With ``--exclude-near`` the scan also
+   takes each usable image's perceptual hash and rejects it as ``near_duplicate`` when an evaluation image
+   is within ``--near-distance`` bits (``near_dup/``; the index is built once by the driver and shared
+   through Ray's object store): still a pure function of the bytes (and the eval sets), so it is planned
+   like any other reject.
 3. Plan (driver; ``plan.py``): the usable inputs are ordered by sha256(seed, id) -- a shuffle that depends
    only on the input list and the seed, not on an RNG's version -- and cut into shards of ``--shard-size``.
    Since partitions are consecutive key ranges, that order is partition 0 sorted, partition 1 sorted, ...;

@@ -1,4 +1,4 @@
-"""Command line of data_prep: ``shard``, ``verify`` and ``demo-data`` (see ``python -m data_prep --help``)."""
+"""Command line of data_prep: ``shard``, ``dedup``, ``verify`` and ``demo-data`` (``python -m data_prep --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ from pathlib import Path
 
 from core.errors import UserError, cli_main
 from core.storage import as_location
+
+from data_prep.near_dup.hashing import NEAR_DISTANCE
 
 _EPILOG = textwrap.dedent("""\
     examples:
@@ -141,6 +143,16 @@ _COMMANDS = {
                   --max-size 320 --quality 90 --dedup --seed 0 --ray-address auto
               AWS_ENDPOINT_URL=http://minio:9000 python -m data_prep shard s3://raw/in1k-train s3://shards/in1k
             """)),
+    "dedup": (
+        "report groups of near-duplicate images inside one source (perceptual hash), writing no shards",
+        textwrap.dedent("""\
+            List SRC as `shard` does (any source kind), hash every image (64-bit perceptual hash, Ray tasks) and
+            print one JSON line per group of images within --near-distance bits of each other:
+            {"group", "size", "ids", "distances"} (each member's distance to the group's first id). A summary
+            line goes to stderr. Exact duplicates (same bytes) are removed while sharding with `shard --dedup`;
+            near duplicates of evaluation images with `shard --exclude-near`.
+            """),
+        "example:\n  python -m data_prep dedup runs/demo/images --out runs/demo/near-duplicates.jsonl\n"),
     "verify": (
         "re-read every shard of OUT and check it against _info.json",
         "Check every shard listed in OUT/_info.json: file present, bytes and sha256, sample count, every sample "
@@ -172,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pack image collections into WebDataset shards with Ray (exactly once, byte-identical, "
                     "resumable), check them, or write the built-in demo images.",
         epilog=_EPILOG, formatter_class=raw)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,verify,demo-data}")
-    shard, verify, demo = (sub.add_parser(name, help=help_, description=description, epilog=epilog,
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,dedup,verify,demo-data}")
+    shard, dedup, verify, demo = (sub.add_parser(name, help=help_, description=description, epilog=epilog,
                                           formatter_class=raw)
                            for name, (help_, description, epilog) in _COMMANDS.items())
     shard.add_argument("src", type=_location, help="ImageFolder tree, folder of <class>.tar files, .csv/.jsonl "
@@ -196,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--classes", type=_location, default=None, metavar="FILE",
                        help="fix the class order: a text file with one class name per line (e.g. the 1,000 "
                             "ImageNet-1K synsets) or a JSON list / {\"classes\": [...]} (e.g. another split's "
-                            "_info.json); images of other classes are rejected as 'unknown_class' (multi-label: "
+                            "_info.json); or a mapping raw name -> class: ILSVRC's LOC_synset_mapping.txt "
+                            "(\"n01440764 tench, Tinca tinca\" lines), a two-column .csv/.tsv or a JSON object, e.g. "
+                            "to shard Hugging Face's ImageNet-1K parquet onto synsets (docs/data.md); images of other "
+                            "classes are rejected as 'unknown_class' (multi-label: "
                             "other labels are dropped, an image with none left is rejected) "
                             "(default: the sorted class names found in SRC)")
     shard.add_argument("--label-field", default=None, metavar="KEY",
@@ -206,12 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="webdataset/parquet sources: a JSON object or two-column CSV mapping raw labels to class "
                             "names; labels it does not map are unknown")
     _add_options(shard, _SHARD_OPTIONS)
+    shard.add_argument("--exclude-near", type=_location, nargs="+", default=(), metavar="EVAL",
+                       help="evaluation sets (any kind of SRC, or our shards, e.g. ImageNet-1K val): images of SRC "
+                            "whose perceptual hash is within --near-distance bits of one of theirs go to "
+                            "rejects.jsonl as 'near_duplicate', naming the eval image (docs/data.md)")
+    shard.add_argument("--near-distance", type=_bounded(int, 0, 24, "--near-distance "), default=NEAR_DISTANCE,
+                       metavar="BITS", help=f"largest Hamming distance of two 64-bit hashes counted as near "
+                                            f"duplicates (default: {NEAR_DISTANCE}, measured in docs/data.md)")
     shard.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="Ray cluster to join: 'auto' or host:port (a cluster with token authentication "
                             "also needs RAY_AUTH_MODE=token and its token, as any Ray driver does); default: start "
                             "a private local Ray on 127.0.0.1 that ends with this command")
     _add_options(shard, _LIMIT_OPTIONS)
     _add_options(shard, _SHARD_FLAGS)
+
+    dedup.add_argument("src", type=_location, help="any SRC of `shard`: a local path or s3://bucket/prefix")
+    dedup.add_argument("--source", choices=["auto", "folder", "tars", "manifest", "openimages", "webdataset",
+                                            "parquet"], default="auto", help="kind of SRC, as for shard "
+                                                                            "(default: auto)")
+    dedup.add_argument("--label-field", default=None, metavar="KEY", help="as for shard (webdataset/parquet)")
+    dedup.add_argument("--near-distance", type=_bounded(int, 0, 24, "--near-distance "), default=NEAR_DISTANCE,
+                       metavar="BITS", help=f"largest Hamming distance within a group (default: {NEAR_DISTANCE})")
+    dedup.add_argument("--out", type=Path, default=None, metavar="FILE",
+                       help="write the JSON lines here (default: stdout)")
+    dedup.add_argument("--ray-address", default=None, metavar="ADDR", help="as for shard (default: a private "
+                                                                           "local Ray)")
+    dedup.add_argument("--workers", type=_positive_int, default=None, help="at most this many hashing tasks at "
+                                                                           "once (default: every CPU)")
 
     verify.add_argument("out", type=_location, help="shard folder holding _info.json, or s3://bucket/prefix")
     verify.add_argument("--split", default=None, help="check only this split (default: every split)")
@@ -261,9 +297,20 @@ def _run_shard(args) -> int:
                       quality=args.quality, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
                       max_label_bytes=args.max_label_bytes, max_labels=args.max_labels, max_classes=args.max_classes,
                       max_row_group_bytes=args.max_row_group_bytes, strip_metadata=args.strip_metadata,
-                      dedup=args.dedup, workers=args.workers,
+                      dedup=args.dedup, exclude_near=tuple(args.exclude_near), near_distance=args.near_distance,
+                      workers=args.workers,
                       ray_address=args.ray_address, overwrite=args.overwrite, progress=not args.no_progress)
     run_shard_job(cfg)
+    return 0
+
+
+def _run_dedup(args) -> int:
+    from data_prep.images import ImageOptions
+    from data_prep.limits import Limits
+    from data_prep.near_dup.dedup import run_dedup
+
+    run_dedup(args.src, args.source, args.near_distance, args.out, args.ray_address, args.workers, ImageOptions(),
+              Limits(), label_field=args.label_field, log=lambda line: print(line, file=sys.stderr))
     return 0
 
 
@@ -280,7 +327,7 @@ def _run_verify(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """User errors: one line `error: ...`, exit 2; Ctrl-C: a hint to re-run (the job resumes), exit 130."""
     args = build_parser().parse_args(argv)
-    handlers = {"demo-data": _run_demo, "shard": _run_shard, "verify": _run_verify}
+    handlers = {"demo-data": _run_demo, "shard": _run_shard, "dedup": _run_dedup, "verify": _run_verify}
     return handlers[args.command](args)
 
 

@@ -129,3 +129,60 @@ def write_single(out: Path, per_class: int, seed: int) -> Path:
         for i in range(per_class):
             compose_single(name, np.random.default_rng([seed, 1, c, i])).save(out / name / f"{i:05d}.jpg", quality=92)
     return out
+
+
+# Near-duplicate tests and benchmarks/near_dup_quality.py: natural photographs only (no drawings: a
+# perceptual hash behaves differently on flat shapes), and the alterations a copy of an evaluation image
+# picks up on the web.
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "rocket",
+          "clock", "hubble_deep_field", "immunohistochemistry", "retina", "cell", "page", "text")
+
+
+def distinct_photos(tiles: int = 3, names=PHOTOS) -> list[tuple[str, Image.Image]]:
+    """Each photograph whole, then its tiles x tiles non-overlapping tiles: distinct natural images (a tile
+    shows another part of the scene, at another scale)."""
+    out = []
+    for name in names:
+        photo = _photo(name)
+        out.append((name, photo))
+        w, h = photo.size
+        for row in range(tiles):
+            for col in range(tiles):
+                box = (col * w // tiles, row * h // tiles, (col + 1) * w // tiles, (row + 1) * h // tiles)
+                out.append((f"{name}-tile{row}{col}", photo.crop(box)))
+    return out
+
+
+def _crop(image: Image.Image, fraction: float) -> Image.Image:
+    w, h = image.size
+    dx, dy = int(w * fraction), int(h * fraction)
+    return image.crop((dx, dy, w - dx, h - dy))
+
+
+def _scale(image: Image.Image, factor: float) -> Image.Image:
+    return image.resize((max(8, round(image.width * factor)), max(8, round(image.height * factor))),
+                        Image.Resampling.BICUBIC)
+
+
+# alteration -> (image -> altered image, JPEG quality of the copy)
+ALTERATIONS = {
+    "reencoded_q50": (lambda im: im, 50),
+    "resized_half": (lambda im: _scale(im, 0.5), 90),
+    "cropped_2pct": (lambda im: _crop(im, 0.02), 90),
+    "cropped_5pct": (lambda im: _crop(im, 0.05), 90),
+    "brightened_25pct": (lambda im: ImageEnhance.Brightness(im).enhance(1.25), 90),
+    "all_four": (lambda im: ImageEnhance.Brightness(_crop(_scale(im, 0.75), 0.03)).enhance(1.15), 70),
+}
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def altered_copy(image: Image.Image, alteration: str) -> bytes:
+    change, quality = ALTERATIONS[alteration]
+    return jpeg_bytes(change(image), quality)

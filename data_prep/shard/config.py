@@ -9,6 +9,7 @@ from core.storage import Location
 
 from data_prep.images import MAX_BYTES, ImageOptions
 from data_prep.limits import Limits
+from data_prep.near_dup.hashing import NEAR_DISTANCE
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ShardConfig:
     max_classes: int = Limits.max_classes
     max_row_group_bytes: int = Limits.max_row_group_bytes
     dedup: bool = False
+    exclude_near: tuple = ()             # evaluation sets (any SRC kind, our shards): near copies are rejected
+    near_distance: int = NEAR_DISTANCE   # --exclude-near: largest Hamming distance of two 64-bit hashes
     workers: int | None = None
     ray_address: str | None = None
     overwrite: bool = False

@@ -20,6 +20,7 @@ from core import storage
 from core.errors import UserError
 from core.files import atomic_path, owned_temp_dir
 
+from data_prep.near_dup.exclude import build_eval_index, list_eval_sets, near_entry, near_options
 from data_prep.shard.config import JobResult, ShardConfig, log
 from data_prep.shard.info import merge_split
 from data_prep.shard.layout import (REJECTS_NAME, plan_path, remove_stale_shard_temps, scan_receipt_path, shard_name,
@@ -81,7 +82,7 @@ def _run_remote(fn, calls, in_flight: int, on_result) -> None:
 
 
 def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_flight: int, bar: tqdm,
-          synthetic: bool = False) -> list[dict]:
+          synthetic: bool = False, near=None) -> list[dict]:
     """Scan every partition not scanned yet for this fingerprint (a resumed job keeps the others); return the
     scan receipts of all partitions. The driver copies a partition's inputs file (streamed) to
     OUT/_state/<split>/inputs/ just before its task is submitted, and a task gets only partition numbers (up
@@ -117,10 +118,10 @@ def _scan(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, in_fl
             group.append(part)
             rows += listing.counts[part]
             if rows >= chunk:
-                yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options
+                yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options, near
                 group, rows = [], 0
         if group:
-            yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options
+            yield str(cfg.out), cfg.split, fingerprint, group, cfg.max_pixels, synthetic, image_options, near
 
     def collect(_index, done):
         for receipt in done:
@@ -181,10 +182,11 @@ def _dedup(cfg: ShardConfig) -> dict[str, str]:
 
 
 def plan_job(listing: PartitionedListing, cfg: ShardConfig, fingerprint: str, options: dict, in_flight: int,
-             bar: tqdm, synthetic: bool = False) -> dict:
+             bar: tqdm, synthetic: bool = False, near=None) -> dict:
     """Scan (resumable per partition) and plan: the per-partition usable counts, the duplicates, the shards'
-    ranges follow from them (``plan.shard_ranges``). ``synthetic``: no image is read (benchmarks)."""
-    scans = _scan(listing, cfg, fingerprint, in_flight, bar, synthetic)
+    ranges follow from them (``plan.shard_ranges``). ``synthetic``: no image is read (benchmarks). ``near``:
+    the --exclude-near index's object ref (``near_dup.exclude``)."""
+    scans = _scan(listing, cfg, fingerprint, in_flight, bar, synthetic, near)
     duplicates = _dedup(cfg) if cfg.dedup else {}
     usable = [r["usable"] for r in scans]
     for file_id in duplicates:
@@ -221,6 +223,16 @@ def _write(plan: dict, shards: list, classes: list[str], cfg: ShardConfig, in_fl
     return receipts  # type: ignore[return-value]
 
 
+def _eval_index(eval_sets: list, cfg: ShardConfig, in_flight: int):
+    """--exclude-near: the eval sets' index, put once into Ray's object store (its ref, or None without it)."""
+    if not eval_sets:
+        return None
+    import ray
+
+    index = build_eval_index(eval_sets, cfg.out, asdict(cfg.image_options()), cfg.near_distance, in_flight, log)
+    return ray.put(index)
+
+
 def run_shard_job(cfg: ShardConfig) -> JobResult:
     """The whole job; a full OUT (the driver's own writes: plan, receipts' folder, _info.json) is one line too."""
     try:
@@ -252,8 +264,9 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
                                        limits=cfg.limits())
     finally:
         listed.close()
+    eval_sets = list_eval_sets(cfg.exclude_near, spill, cfg.limits()) if cfg.exclude_near else []
     phases = {"list": round(time.perf_counter() - start, 3)}
-    options = cfg.output_options(listing.kind)
+    options = {**cfg.output_options(listing.kind), **near_options(eval_sets, cfg.near_distance)}
     fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},
                                             sort_keys=True).encode()).hexdigest()
     refuse_foreign_out(cfg)
@@ -277,7 +290,8 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
                 plan = load_plan(cfg.out, cfg.split)
                 if plan is None or plan["fingerprint"] != fingerprint:
                     scan_start = time.perf_counter()
-                    plan = plan_job(listing, cfg, fingerprint, options, session.in_flight, bar)
+                    near = _eval_index(eval_sets, cfg, session.in_flight)
+                    plan = plan_job(listing, cfg, fingerprint, options, session.in_flight, bar, near=near)
                     save_plan(plan, cfg.out, cfg.split)
                     phases["scan"] = round(time.perf_counter() - scan_start, 3)
                     log(f"shard {cfg.split}: scanned {listing.num_inputs} files in "
@@ -301,6 +315,9 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
         remove_stale_shard_temps(cfg.out, cfg.split)  # temp files of workers killed mid-shard (retried)
         seconds = time.perf_counter() - start
         entry, rejects = split_entry(cfg, listing, plan, receipts, options, seconds, phases)
+        if eval_sets:
+            entry["exclude_near"] = near_entry(eval_sets, cfg.near_distance,
+                                               entry["counts"]["rejected"].get("near_duplicate", 0))
         merge_split(cfg.out, cfg.split, entry, rejects)
         storage.remove(plan_path(cfg.out, cfg.split))  # receipts stay: they make a re-run cheap
         storage.remove_tree(storage.join(state_dir(cfg.out, cfg.split), "scan"))  # only a resumed plan reads them

@@ -54,7 +54,8 @@ def _remove_split(out: Location, split: str) -> None:
 
 
 def _changed(old: dict, new: dict) -> str:
-    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    keys = [*new, *(k for k in old if k not in new)]  # an option dropped (e.g. --exclude-near) is a change too
+    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     return ", ".join(diffs) if diffs else "the input files or the class list changed"
 
 

@@ -30,6 +30,8 @@ from core.storage import Location
 
 from data_prep.errors import InputChanged, UserError
 from data_prep.images import ImageOptions, ImageRejected, classify_error, encode, scan
+from data_prep.near_dup.exclude import mark_near_duplicates
+from data_prep.near_dup.hashing import bytes_hash
 from data_prep.sources.read import read_bytes
 from data_prep.shard.layout import inputs_path, read_json, receipt_path, scan_path, scan_receipt_path
 from data_prep.shard.plan import Entry, sample_key, shard_hash
@@ -52,9 +54,13 @@ def _node_id() -> str:
     return "local"
 
 
-def scan_chunk(items: list[tuple[str, str, int, int]], opts: ImageOptions) -> list[tuple]:
-    """[(id, path, offset, size)] -> [(id, reason, detail, width, height, sha1)]; never raises per file."""
-    out = []
+def scan_chunk(items: list[tuple[str, str, int, int]], opts: ImageOptions, near=None) -> list[tuple]:
+    """[(id, path, offset, size)] -> [(id, reason, detail, width, height, sha1)]; never raises per file.
+
+    ``near`` (--exclude-near: a ``near_dup.exclude.EvalIndex``): usable images are also decoded for their
+    perceptual hash, and those near an evaluation image become 'near_duplicate' rejects (with a 7th item,
+    the match). Without it nothing more is decoded than before."""
+    out, hashes = [], {}
     for file_id, path, offset, size in items:
         try:
             data = read_bytes(path, offset, size, opts.max_bytes, opts.max_row_group_bytes)
@@ -66,11 +72,17 @@ def scan_chunk(items: list[tuple[str, str, int, int]], opts: ImageOptions) -> li
             out.append((file_id, rejected.reason, rejected.detail, 0, 0, ""))
             continue
         result = scan(data, opts.max_pixels)
-        out.append((file_id, result.reason, result.detail, result.width, result.height, result.sha1))
-    return out
+        reason, detail = result.reason, result.detail
+        if near is not None and reason is None:
+            try:
+                hashes[len(out)] = bytes_hash(data, opts.max_pixels)
+            except ImageRejected as err:  # it would fail the shard's full decode too: a reject now
+                reason, detail = err.reason, err.detail
+        out.append((file_id, reason, detail, result.width, result.height, result.sha1))
+    return mark_near_duplicates(out, hashes, near) if hashes else out
 
 
-def _synthetic_scan(items: list[tuple[str, str, int, int]], _opts: ImageOptions) -> list[tuple]:
+def _synthetic_scan(items: list[tuple[str, str, int, int]], _opts: ImageOptions, _near=None) -> list[tuple]:
     """benchmarks/plan_scale.py: every input usable, sha1 of its id; no file is read (planning alone)."""
     return [(file_id, None, "", 64, 48, hashlib.sha1(file_id.encode()).hexdigest()) for file_id, *_ in items]
 
@@ -79,17 +91,18 @@ SCAN_BATCH = 1024  # rows scanned and written per step: a task holds this many r
 
 
 def scan_partitions(out: str, split: str, fingerprint: str, parts: list[int], max_pixels: int,
-                    synthetic: bool = False, options: dict | None = None) -> list[dict]:
+                    synthetic: bool = False, options: dict | None = None, near=None) -> list[dict]:
     """Scan whole order partitions: rows [key, id, class, path, offset, size, labels] (sorted by key) ->
     ``scan/PPP.jsonl.gz`` (the rows plus reason, detail, width, height, sha1), then its receipt ``scan/PPP.json``
     (fingerprint, counts, the scan's rejects). A kill leaves a partition without receipt: it is scanned again.
 
     A partition's rows are streamed from ``OUT/_state/<split>/inputs/PPP.jsonl``, where the job copied them,
     so neither the driver nor Ray's object store holds a partition. ``options`` (ImageOptions as a dict: the
-    byte limits) wins over ``max_pixels`` when given."""
+    byte limits) wins over ``max_pixels`` when given. ``near``: the --exclude-near index (``scan_chunk``); Ray
+    hands every task the one copy the driver put in its object store."""
     opts = ImageOptions(**options) if options is not None else ImageOptions(max_pixels=max_pixels)
     try:
-        return _scan_partitions(out, split, fingerprint, parts, opts, synthetic)
+        return _scan_partitions(out, split, fingerprint, parts, opts, synthetic, near)
     except OSError as err:
         if err.errno in SPACE_ERRNOS:
             raise OutOfSpace(f"{err.strerror or err} writing the scan results") from None
@@ -114,7 +127,7 @@ def _batches(rows, size: int):
 
 
 def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, opts: ImageOptions,
-                     synthetic: bool) -> list[dict]:
+                     synthetic: bool, near=None) -> list[dict]:
     out_dir = storage.as_location(out)
     scan = _synthetic_scan if synthetic else scan_chunk
     receipts = []
@@ -123,16 +136,17 @@ def _scan_partitions(out: str, split: str, fingerprint: str, parts: list, opts: 
         buffer = io.BytesIO()  # the compressed results (a few % of the rows); written whole below
         with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as packed:
             for batch in _batches(_published_rows(out_dir, split, part), SCAN_BATCH):
-                results = scan([(r[1], r[3], r[4], r[5]) for r in batch], opts)
+                results = scan([(r[1], r[3], r[4], r[5]) for r in batch], opts, near)
                 lines = []
-                for row, (_id, reason, detail, width, height, sha1) in zip(batch, results):
+                for row, (_id, reason, detail, width, height, sha1, *match) in zip(batch, results):
                     lines.append(json.dumps([*row, reason, detail, width, height, sha1], ensure_ascii=False,
                                             separators=(",", ":")) + "\n")
                     if reason is None:
                         usable += 1
                         usable_bytes += max(row[5], 0)
                     else:
-                        rejects.append({"source": row[1], "class": row[2], "reason": reason, "detail": detail})
+                        rejects.append({"source": row[1], "class": row[2], "reason": reason, "detail": detail,
+                                        **(match[0] if match else {})})
                 packed.write("".join(lines).encode("utf-8"))
                 inputs += len(batch)
         data = buffer.getvalue()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.sources.class_map import ClassMapping
 from data_prep.sources.manifests import load_label_map, sorted_classes
 
 
@@ -33,9 +34,21 @@ class LabelResolver:
     * A list is a multi-label value: unknown labels are dropped and counted; nothing left is unknown_class.
     """
 
-    def __init__(self, label_map: Path | None):
-        self.map = load_label_map(label_map) if label_map is not None else None
-        self.map_name = f"--label-map {label_map}"
+    def __init__(self, label_map: Path | ClassMapping | None):
+        self.classes_map = label_map if isinstance(label_map, ClassMapping) else None
+        if self.classes_map is not None:  # --classes as a mapping (class_map.py): ambiguous names left out
+            self.map, self.map_name = self.classes_map.unique_map(), self.classes_map.where
+        else:
+            self.map = load_label_map(label_map) if label_map is not None else None
+            self.map_name = f"--label-map {label_map}"
+        self._positional: tuple = (None, None)  # (a source's names list, its classes by position): per file
+
+    def _by_position(self, names: list[str] | None) -> list[str] | None:
+        if self.classes_map is None or names is None:
+            return None
+        if self._positional[0] is not names:  # every sample of a file shares its names list: compared once
+            self._positional = (names, self.classes_map.by_position(names))
+        return self._positional[1]
 
     def names(self, raw, names: list[str] | None, names_from: str, hf: bool):
         """(kept names, dropped count, None) or (None, 0, (reason, detail))."""
@@ -43,6 +56,7 @@ class LabelResolver:
         if not values:
             return None, 0, ("no_label", "empty label list")
         kept, unknown = [], []
+        positional = self._by_position(names)
         for value in values:
             if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str)
                                                                                 and not value.strip()):
@@ -53,11 +67,16 @@ class LabelResolver:
                 if not 0 <= value < len(names):
                     unknown.append(f"{value} (not an index of the {len(names)} class names of {names_from})")
                     continue
+                if positional is not None:  # the names list is the mapping's raw column: exact by index
+                    kept.append(positional[value])
+                    continue
                 value = names[value]
             text = str(value).strip()
             if self.map is not None:
                 if text not in self.map:
-                    unknown.append(f"{text!r} (not in {self.map_name})")
+                    several = self.classes_map.ambiguous(text) if self.classes_map is not None else []
+                    unknown.append(f"{text!r} (names {len(several)} classes in {self.map_name}: "
+                                   f"{', '.join(several)})" if several else f"{text!r} (not in {self.map_name})")
                     continue
                 text = self.map[text]
             kept.append(text)

@@ -20,6 +20,7 @@ from pathlib import Path
 from core.errors import UserError
 
 from data_prep.limits import Limits, Rejected, bad_name, printable, rejected
+from data_prep.sources.class_map import load_classes
 from data_prep.sources.folders import folder_classes, iter_folder, iter_folder_url, iter_tars, tar_archives
 from data_prep.sources.labels import Packed
 from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest,
@@ -354,23 +355,29 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     seen: dict = {}
-    rows, found = _stream_any(src, kind, images, label_field, label_map, seen, limits)
+    listed_classes, mapping = load_classes(classes_file) if classes_file is not None else (None, None)
+    if mapping is not None and label_map is not None:
+        raise UserError(f"--classes {classes_file} maps names and so does --label-map {label_map}; give one")
+    packed_map = mapping if mapping is not None and kind in PACKED_KINDS else label_map  # others: at judging
+    rows, found = _stream_any(src, kind, images, label_field, packed_map, seen, limits)
     log = _RejectLog(directory / "rejects.jsonl")
     try:
         raw = _spill_raw(rows, seed, directory, log, progress)
         if kind == "manifest":
             found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
-        classes = load_class_file(classes_file) if classes_file is not None else found.classes
+        classes = listed_classes if classes_file is not None else found.classes
         if len(classes) > limits.max_classes:
             raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
                             f"the labels (a label per image?), or raise --max-classes")
         for r in found.rejects:
             log(ListingReject(*r))
         inputs_out, hashed, total, dropped, input_bytes = _judge_partitions(
-            src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory)
+            src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory,
+            mapping if kind not in PACKED_KINDS else None)
     finally:
         log.handle.close()
-    fingerprint = hashlib.sha256(json.dumps([kind, classes, hashed, f"{total:064x}"]).encode()).hexdigest()
+    mapped = [[list(p) for p in mapping.pairs]] if mapping is not None else []  # a changed mapping: other inputs
+    fingerprint = hashlib.sha256(json.dumps([kind, classes, hashed, f"{total:064x}", *mapped]).encode()).hexdigest()
     if not sum(inputs_out.counts):
         first = f"; first: {log.first[0]}: {log.first[2]} ({log.first[3]})" if log.first else ""
         if kind in PACKED_KINDS:
@@ -384,9 +391,11 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
 
 
 def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], classes_file: Path | None,
-                      found: Packed, sort_rows: int | None, limits: Limits, log: _RejectLog, directory: Path):
+                      found: Packed, sort_rows: int | None, limits: Limits, log: _RejectLog, directory: Path,
+                      mapping=None):
     """Each raw partition, sorted, hashed into the fingerprint sum and judged into ``inputs-PPP.jsonl``:
-    (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes)."""
+    (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes). ``mapping``: a --classes
+    mapping (``class_map.ClassMapping``) applied to folder, tar and manifest labels before judging."""
     multi, known = found.multi_label, set(classes)
     check_name, from_manifest = kind not in PACKED_KINDS, kind in ("manifest", "openimages")
     hashed, total, dropped, input_bytes = 0, 0, found.dropped, 0
@@ -407,6 +416,8 @@ def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], clas
                                         .encode()).digest()
                 total = (total + int.from_bytes(digest, "big")) % (1 << 256)
                 hashed += 1
+                if mapping is not None:
+                    label = mapping.apply(label)
                 item, bad, lost = _judge((file_id, label, path, offset, size, mtime), known, classes_file,
                                          from_manifest, check_name=check_name, limits=limits)
                 dropped += lost
