@@ -37,9 +37,9 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness's modules beside this script
-from chaos_launch import PY, TRAIN_TARGETS, SHARD_TARGETS, _ACTIVE, log, base_env, run_checked, Outcome  # noqa: E402
-from chaos_sharding import Sharding  # noqa: E402
-from chaos_training import Training  # noqa: E402
+from chaos_parts.launch import PY, TRAIN_TARGETS, SHARD_TARGETS, _ACTIVE, log, base_env, run_checked, Outcome  # noqa: E402
+from chaos_parts.sharding import Sharding  # noqa: E402
+from chaos_parts.training import Training  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------

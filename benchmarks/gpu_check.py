@@ -2,7 +2,7 @@
 
 Parts, most valuable first (each in its own try: a part that fails prints its error and the next one runs):
 
-  trainer    the real trainer on the GPU (benchmarks/gpu_check_trainer.py): bf16, deterministic=false, loader
+  trainer    the real trainer on the GPU (benchmarks/gpu_check_parts/trainer.py): bf16, deterministic=false, loader
              workers, N steps then save, resume from it, and N steps with model.compile; steps/s, host syncs
              per step under torch.cuda.set_sync_debug_mode("warn"), graph breaks and recompiles (TORCH_LOGS),
              the SDPA kernel each attention stage ran
@@ -74,7 +74,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from model import channels_last_default, count_macs, create_model, get_config, prepare_for_speed  # noqa: E402
 from pipeline.train.flops import device_peak_tflops, tflops_per_device, train_flops_per_image, utilization  # noqa: E402
-from gpu_check_report import summary  # noqa: E402
+from gpu_check_parts.report import summary  # noqa: E402
 
 PARTS = ("trainer", "speed", "memory", "attention", "decode", "compile")
 MIN_S = {"trainer": 90, "speed": 50, "attention": 20, "decode": 30, "memory": 30, "compile": 120}  # needed to start
@@ -397,7 +397,7 @@ def main(argv=None) -> int:
             if part == "decode":
                 results[part] = part_decode(s, device, budget, data(), results.get("speed", {}))
             elif part == "trainer":
-                from gpu_check_trainer import part_trainer
+                from gpu_check_parts.trainer import part_trainer
                 results[part] = part_trainer(s, device, budget, data(), Path(work.name))
             else:
                 results[part] = globals()[f"part_{part}"](s, device, budget)

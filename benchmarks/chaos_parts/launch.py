@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 BIN = Path(PY).parent
 TRAIN_CONFIG = "configs/demo/pretrain.yaml"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
-from chaos_launch import PY, BIN, TRAIN_CONFIG, TRAIN_TARGETS, log, free_port, base_env, run_checked, Launch, Kill, Outcome  # noqa: E402
+from chaos_parts.launch import PY, BIN, TRAIN_CONFIG, TRAIN_TARGETS, log, free_port, base_env, run_checked, Launch, Kill, Outcome  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------

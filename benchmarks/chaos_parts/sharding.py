@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
-from chaos_launch import PY, SHARD_TARGETS, log, base_env, Launch, Kill, Outcome  # noqa: E402
+from chaos_parts.launch import PY, SHARD_TARGETS, log, base_env, Launch, Kill, Outcome  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
