@@ -185,3 +185,20 @@ def test_finetune_defaults_come_from_the_table():
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.decay) == (
         ft["lr"], ft["min_lr"], ft["weight_decay"], ft["decay"])
     assert (cfg.train.ema_decay, cfg.loss.type, cfg.data.center_crop) == (ft["ema_decay"], ft["loss"], False)
+
+
+@pytest.mark.parametrize("name,mode", [("pretrain/jft_coatnet-7", "pretrain"), ("pretrain/in1k_coatnet-0", "pretrain"),
+                                       ("finetune/jft_coatnet-7_512", "finetune")])
+def test_deepspeed_settings_are_the_planners_for_the_cluster_in_the_header(name, mode):
+    """Each file says its DeepSpeed settings were chosen by the planner for the nodes its command names: planned
+    there, the choice must be what the file writes (a researcher's first CoAtNet-7 run starts from the file)."""
+    from launch.plan import plan
+
+    path = REPO / "configs" / f"{name}.yaml"
+    nodes = int(re.search(r"--nodes (\d+)", path.read_text().splitlines()[0]).group(1))
+    cfg = load_config(str(path), [], defaults=mode)
+    chosen = plan(cfg, nodes, 8, 80)["chosen"]
+    written = (cfg.deepspeed.zero_stage, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_param,
+               cfg.model.activation_checkpointing, cfg.train.micro_batch_size)
+    assert (chosen["zero_stage"], chosen["offload_optimizer"], chosen["offload_param"],
+            chosen["activation_checkpointing"], chosen["micro_batch_size"]) == written, name
