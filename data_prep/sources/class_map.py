@@ -25,7 +25,7 @@ from pathlib import Path
 
 from core.errors import UserError
 
-from data_prep.sources.manifests import load_class_file
+from data_prep.sources.manifests import load_class_file, read_classes_text
 
 _SYNSET_LINE = re.compile(r"^(n\d{8})\s+(\S.*)$")
 
@@ -98,12 +98,7 @@ def _pairs_of_table(path: Path, text: str) -> list[tuple[str, str]]:
 
 def load_classes(path: Path) -> tuple[list[str], ClassMapping | None]:
     """(class order, mapping or None) of a --classes file: a mapping in one of the formats above, or a list."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise UserError(f"--classes {path}: cannot read it ({err.strerror or err})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--classes {path}: not UTF-8 text") from None
+    text = read_classes_text(path)
     suffix = path.suffix.lower()
     pairs = None
     if suffix in (".csv", ".tsv"):

@@ -346,14 +346,19 @@ def load_label_map(path: Path) -> dict[str, str]:
     return mapping
 
 
-def load_class_file(path: Path) -> list[str]:
-    """Class order from a text file (one name per line, # comments) or JSON (a list or {"classes": [...]})."""
+def read_classes_text(path: Path, encoding: str = "utf-8-sig") -> str:
+    """The text of a --classes file, or one line saying why it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding=encoding)
     except OSError as err:
         raise UserError(f"--classes {path}: cannot read it ({err.strerror or err})") from None
     except UnicodeDecodeError:
         raise UserError(f"--classes {path}: not UTF-8 text; give one class name per line") from None
+
+
+def load_class_file(path: Path) -> list[str]:
+    """Class order from a text file (one name per line, # comments) or JSON (a list or {"classes": [...]})."""
+    text = read_classes_text(path, encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
