@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.errors import UserError
 
-from data_prep.limits import Limits, Rejected, bad_name, printable, rejected
+from data_prep.limits import Limits, Rejected, bad_name, printable
 from data_prep.sources.folders import folder_classes, iter_folder, iter_folder_url, iter_tars, tar_archives
 from data_prep.sources.labels import Packed
 from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest,
@@ -289,7 +289,7 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
     return ((row, None) for row in rows), found
 
 
-class _RejectLog:
+class RejectLog:
     """The listing's rejects, written to ``rejects.jsonl`` as they are judged; keeps counts and the first."""
 
     def __init__(self, path: Path):
@@ -306,28 +306,36 @@ class _RejectLog:
                                       "detail": r.detail}, ensure_ascii=False) + "\n")
 
 
-def _spill_raw(rows, seed: int, directory: Path, log: _RejectLog, progress) -> SpillWriter:
-    """Rows -> raw spill files by order key; a lister's Rejected row or a name that cannot be an id (not UTF-8,
-    a NUL) goes to the reject log instead: one hostile row never stops the listing."""
+def raw_entry(row, line, seed: int):
+    """One listed row -> (partition, raw spill row), or a Rejected (a lister's own, or a name that cannot be an
+    id: not UTF-8, a NUL). Shared by the one-process listing and the listing in parts (``sources.parts``)."""
+    if isinstance(row, Rejected):
+        return Rejected(printable(row.id), row.class_name, row.reason, row.detail)
+    why = bad_name(row[0]) or bad_name(str(row[2]))
+    labels = row[1] if isinstance(row[1], tuple) else (row[1],)
+    if why is None and any(isinstance(n, str) and bad_name(n) for n in labels):
+        return Rejected(printable(row[0]), None, "bad_label", "a label is not valid UTF-8 text or holds a NUL")
+    if why is not None:
+        return Rejected(printable(row[0]), None, "bad_name", why)
+    key = order_key(row[0], seed)
+    label = list(row[1]) if isinstance(row[1], tuple) else row[1]
+    return key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]]
+
+
+def _spill_raw(rows, seed: int, directory: Path, log: RejectLog, progress) -> SpillWriter:
+    """Rows -> raw spill files by order key; a lister's Rejected row or a name that cannot be an id goes to the
+    reject log instead: one hostile row never stops the listing."""
     raw = SpillWriter(directory, "raw")
     try:
         for row, line in rows:
             if progress is not None:
                 progress.update(1)
-            if not isinstance(row, Rejected):
-                why = bad_name(row[0]) or bad_name(str(row[2]))
-                labels = row[1] if isinstance(row[1], tuple) else (row[1],)
-                if why is None and any(isinstance(n, str) and bad_name(n) for n in labels):
-                    row = rejected(row[0], "bad_label", "a label is not valid UTF-8 text or holds a NUL")
-                elif why is None:
-                    key = order_key(row[0], seed)
-                    label = list(row[1]) if isinstance(row[1], tuple) else row[1]
-                    raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
-                    continue
-                else:
-                    row = rejected(row[0], "bad_name", why)
-            log.streamed += 1
-            log(Rejected(printable(row.id), row.class_name, row.reason, row.detail))
+            entry = raw_entry(row, line, seed)
+            if isinstance(entry, Rejected):
+                log.streamed += 1
+                log(entry)
+            else:
+                raw.add(*entry)
     finally:
         rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
         raw.close()
@@ -355,21 +363,30 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     directory.mkdir(parents=True, exist_ok=True)
     seen: dict = {}
     rows, found = _stream_any(src, kind, images, label_field, label_map, seen, limits)
-    log = _RejectLog(directory / "rejects.jsonl")
+    log = RejectLog(directory / "rejects.jsonl")
     try:
         raw = _spill_raw(rows, seed, directory, log, progress)
         if kind == "manifest":
             found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
-        classes = load_class_file(classes_file) if classes_file is not None else found.classes
-        if len(classes) > limits.max_classes:
-            raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
-                            f"the labels (a label per image?), or raise --max-classes")
-        for r in found.rejects:
-            log(ListingReject(*r))
-        inputs_out, hashed, total, dropped, input_bytes = _judge_partitions(
-            src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory)
+        return finish_listing(src, kind, classes_file, found, raw, log, directory, sort_rows, limits,
+                              [ListingReject(*r) for r in found.rejects], len(found.rejects))
     finally:
         log.handle.close()
+
+
+def finish_listing(src, kind: str, classes_file: Path | None, found: Packed, raw: SpillWriter, log: RejectLog,
+                   directory: Path, sort_rows: int | None, limits: Limits, early_rejects, early_count: int
+                   ) -> PartitionedListing:
+    """Raw spill files (every row listed, by order key) -> the judged listing: the class list, the lister's own
+    rejects (``early_rejects``, an iterable of ``early_count``), each partition sorted, checked and judged."""
+    classes = load_class_file(classes_file) if classes_file is not None else found.classes
+    if len(classes) > limits.max_classes:
+        raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
+                        f"the labels (a label per image?), or raise --max-classes")
+    for r in early_rejects:
+        log(r)
+    inputs_out, hashed, total, dropped, input_bytes = _judge_partitions(
+        src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory)
     fingerprint = hashlib.sha256(json.dumps([kind, classes, hashed, f"{total:064x}"]).encode()).hexdigest()
     if not sum(inputs_out.counts):
         first = f"; first: {log.first[0]}: {log.first[2]} ({log.first[3]})" if log.first else ""
@@ -379,12 +396,12 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
                         f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
     class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
     return PartitionedListing(kind, classes, class_source, fingerprint, found.multi_label, dropped,
-                              inputs_out.counts, hashed + log.streamed + len(found.rejects), input_bytes, log.count,
+                              inputs_out.counts, hashed + log.streamed + early_count, input_bytes, log.count,
                               log.non_image, directory)
 
 
 def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], classes_file: Path | None,
-                      found: Packed, sort_rows: int | None, limits: Limits, log: _RejectLog, directory: Path):
+                      found: Packed, sort_rows: int | None, limits: Limits, log: RejectLog, directory: Path):
     """Each raw partition, sorted, hashed into the fingerprint sum and judged into ``inputs-PPP.jsonl``:
     (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes)."""
     multi, known = found.multi_label, set(classes)
