@@ -77,18 +77,21 @@ def list_in_parts(cfg: ShardConfig, plan: PartPlan, spill, start_ray, run_remote
     """List the parts without a valid receipt on Ray (``start_ray()`` -> tasks in flight, called only if one
     is needed), then merge every part in listing order into the judged listing (``finish_listing``)."""
     storage.makedirs(listing_dir(cfg.out, cfg.split))
-    todo = []
+    todo, kept_rows = [], 0
     for part in plan.parts:
         saved = _receipt(cfg, plan, part)
         if saved is None:
             todo.append(part)
-        elif progress is not None:
-            progress.update(saved["summary"]["rows"] + len(saved["rejects"]))
+        else:
+            kept_rows += saved["summary"]["rows"] + len(saved["rejects"])
     done = len(plan.parts) - len(todo)
     if done:
         log(f"resumed listing: {done} of {len(plan.parts)} parts already listed")
     if todo:
         in_flight = start_ray()
+        if progress is not None:  # the bar's delay counts from here: a quick listing after Ray's start stays quiet
+            progress.reset()
+            progress.update(kept_rows)
         per_task = max(1, min(PARTS_PER_TASK, math.ceil(len(todo) / (4 * in_flight))))
         light = dataclasses.replace(plan, parts=[])  # each task gets its own parts, not the whole list
         calls = ((cfg.out, cfg.split, light, todo[i:i + per_task], cfg.seed, cfg.label_field, cfg.limits())
