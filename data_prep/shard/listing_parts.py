@@ -21,12 +21,14 @@ import gzip
 import hashlib
 import itertools
 import math
+import zlib
 
 from core import storage
 from core.errors import UserError
 
 from data_prep.shard.config import ShardConfig, log
 from data_prep.shard.layout import STATE_DIR
+from data_prep.shard.tasks import SPACE_ERRNOS, OutOfSpace
 from data_prep.sources.labels import Packed
 from data_prep.sources.listing import PartitionedListing, RejectLog, finish_listing
 from data_prep.sources.manifests import sorted_classes
@@ -54,9 +56,15 @@ def list_parts_task(out, split: str, plan: PartPlan, parts: list, seed: int, lab
         lines, rejects, summary = list_part(plan, part, seed, label_field, limits)
         data = gzip.compress("".join(lines).encode("utf-8"), compresslevel=1, mtime=0)
         lines_path, receipt_path = _paths(out, split, part.name)
-        storage.write_bytes(lines_path, data)
-        storage.write_json(receipt_path, {"fingerprint": plan.fingerprint(part), "bytes": len(data),
-                                          "summary": summary, "rejects": rejects}, indent=None)
+        try:
+            storage.write_bytes(lines_path, data)
+            storage.write_json(receipt_path, {"fingerprint": plan.fingerprint(part), "bytes": len(data),
+                                              "summary": summary, "rejects": rejects}, indent=None)
+        except OSError as err:  # a full OUT is one line (the driver unwraps a UserError), not a task traceback
+            if err.errno in SPACE_ERRNOS:
+                raise OutOfSpace(f"OUT {out} is full ({err.strerror or err}) while listing; free space there and "
+                                 f"re-run the same command: the parts already listed are kept") from None
+            raise
         listed.append(summary["rows"] + len(rejects))
     return listed
 
@@ -65,7 +73,8 @@ def _receipt(cfg: ShardConfig, plan: PartPlan, part) -> dict | None:
     """The part's receipt if it belongs to this part as it is now and its lines are complete, else None."""
     lines_path, receipt_path = _paths(cfg.out, cfg.split, part.name)
     saved = storage.read_json(receipt_path)
-    if not isinstance(saved, dict) or saved.get("fingerprint") != plan.fingerprint(part):
+    if not isinstance(saved, dict) or saved.get("fingerprint") != plan.fingerprint(part) \
+            or not isinstance(saved.get("summary"), dict) or not isinstance(saved.get("rejects"), list):
         return None
     try:
         return saved if storage.size(lines_path) == saved.get("bytes") else None
@@ -164,9 +173,7 @@ def _merge(cfg: ShardConfig, plan: PartPlan, spill) -> PartitionedListing:
                     if r[0] == STREAMED:
                         log_file.streamed += 1
                         log_file(_rejected(r))
-                data = gzip.decompress(storage.read_bytes(_paths(cfg.out, cfg.split, part.name)[0]))
-                for line in data.decode("utf-8").splitlines(keepends=True):
-                    raw.add_line(int(line[2:4], 16), line)  # '["<key hex>",...': the key's first byte
+                _append_lines(cfg, part, raw)
         finally:
             raw.close()
         found = merged.found(cfg)
@@ -175,6 +182,20 @@ def _merge(cfg: ShardConfig, plan: PartPlan, spill) -> PartitionedListing:
                               later, merged.later_count)
     finally:
         log_file.handle.close()
+
+
+def _append_lines(cfg: ShardConfig, part, raw: SpillWriter) -> None:
+    """One part's raw spill lines -> the raw spill files, by their key's first byte (no JSON parsing)."""
+    lines_path = _paths(cfg.out, cfg.split, part.name)[0]
+    try:
+        text = gzip.decompress(storage.read_bytes(lines_path)).decode("utf-8")
+        for line in text.splitlines(keepends=True):
+            if not line.startswith('["') or not line.endswith("]\n"):
+                raise ValueError("not a raw spill line")
+            raw.add_line(int(line[2:4], 16), line)  # '["<key hex>",...': the key's first byte
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise UserError(f"the listing state {lines_path} of {part.name} is damaged ({type(err).__name__}); delete "
+                        f"it and re-run the same command: only that part is listed again") from None
 
 
 def _rejected(r: list):
