@@ -21,7 +21,10 @@ each (default 4,000: ImageNet-21K's tars hold ~650 JPEGs, JFT-style webdataset t
 ``shard.listing_parts`` on a private Ray of 1, then 2, CPUs (each in its own subprocess, Ray's workers warmed
 first). Printed per worker count: the parts phase (the Ray tasks: what spreads over the cluster), the driver's
 merge and judge (one process, not spread), and ``listing speed-up (2 vs 1 workers): X`` of the parts phase, the
-per-core rate, and what it projects for JFT-3B (3e9 images) on 100 cores.
+per-core rate, and what it projects for JFT-3B (3e9 images) on 100 cores. On a machine shared with other
+jobs the speed-up says little: with the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``)
+all of one session's processes -- here the driver and its Ray workers -- share one fair slice of the CPUs, so
+a second worker adds a core only when one is idle; the load average is printed with the result.
 
 Each (mode, N) runs in its own subprocess, which reports its own peak RSS (VmHWM) and wall time.
 Modes: ``new`` (data_prep.sources.listing.list_partitioned + tasks.scan_partitions + plan.shard_ranges, in-process,
