@@ -254,12 +254,12 @@ def _list(cfg: ShardConfig, spill: Path, stack: ExitStack, ray: "_LazyRay") -> t
         with storage.user_errors(cfg.src, "list it as SRC"):
             parts = plan_parts(cfg.src, cfg.source, cfg.seed, cfg.label_field, cfg.label_map, cfg.limits()) \
                 if cfg.list_in_parts else None
-            if parts is not None:
-                _claim_out(cfg, stack)
-                return list_in_parts(cfg, parts, spill, ray.in_flight, _run_remote, listed), True
-            return list_partitioned(cfg.src, cfg.source, cfg.classes_file, cfg.seed, spill, images=cfg.images,
-                                    label_field=cfg.label_field, label_map=cfg.label_map, progress=listed,
-                                    limits=cfg.limits()), False
+            if parts is None:
+                return list_partitioned(cfg.src, cfg.source, cfg.classes_file, cfg.seed, spill, images=cfg.images,
+                                        label_field=cfg.label_field, label_map=cfg.label_map, progress=listed,
+                                        limits=cfg.limits()), False
+        _claim_out(cfg, stack)  # the driver's side of the parts touches OUT only (the tasks read SRC)
+        return list_in_parts(cfg, parts, spill, ray.in_flight, _run_remote, listed), True
     finally:
         listed.close()
 
