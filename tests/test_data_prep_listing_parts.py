@@ -107,6 +107,13 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
         list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), spill, lambda: 1, _inline,
                       None)
         assert "resumed listing: 3 of 4 parts already listed" in capsys.readouterr().err
+        (src / "n0003.tar").rename(src / "n0009.tar")  # the old name's result is not kept
+        spill = tmp_path / "renamed"
+        spill.mkdir()
+        list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), spill, lambda: 1, _inline,
+                      None)
+        state = listing_dir(cfg.out, cfg.split)
+        assert len(list(state.glob("*.json"))) == len(list(state.glob("*.jsonl.gz"))) == 4
 
 
 def _shard_cmd(src: Path, out: Path, workers: int) -> list[str]:
@@ -156,3 +163,8 @@ def test_sigkilled_listing_resumes_without_relisting_and_shards_match_one_proces
     for name in shards:
         assert (out / name).read_bytes() == (one / name).read_bytes(), name
     assert (out / "rejects.jsonl").read_bytes() == (one / "rejects.jsonl").read_bytes()
+
+    done = subprocess.run(_shard_cmd(src, out, 2), cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "is up to date" in done.stdout, done.stderr[-3000:]
+    assert f"resumed listing: {parts} of {parts} parts already listed" in done.stderr  # nothing listed, no Ray
+    assert "Ray ready" not in done.stderr and _receipts(out) == after

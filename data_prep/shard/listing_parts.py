@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import itertools
 import math
+import re
 import zlib
 
 from core import storage
@@ -107,7 +108,17 @@ def list_in_parts(cfg: ShardConfig, plan: PartPlan, spill, start_ray, run_remote
                  for i in range(0, len(todo), per_task))
         run_remote(list_parts_task, calls, in_flight,
                    lambda _i, counts: progress.update(sum(counts)) if progress is not None else None)
+    _remove_stale(cfg, plan)
     return _merge(cfg, plan, spill)
+
+
+def _remove_stale(cfg: ShardConfig, plan: PartPlan) -> None:
+    """Results of files no longer in SRC (removed or renamed): never read again, so not kept."""
+    folder = listing_dir(cfg.out, cfg.split)
+    current = {storage.basename(path) for part in plan.parts for path in _paths(cfg.out, cfg.split, part.name)}
+    for name in storage.listdir(folder, "*.json*"):
+        if name not in current and re.fullmatch(r"[0-9a-f]{32}\.(json|jsonl\.gz)", name):
+            storage.remove(storage.join(folder, name))
 
 
 class _Merged:
