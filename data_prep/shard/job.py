@@ -11,7 +11,7 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,12 +26,12 @@ from data_prep.shard.info import merge_split
 from data_prep.shard.layout import (REJECTS_NAME, plan_path, remove_stale_shard_temps, scan_receipt_path, shard_name,
                                     state_dir)
 from data_prep.shard.layout import inputs_path as layout_inputs_path
+from data_prep.shard.listing_parts import list_in_parts
 from data_prep.shard.out import (PLAN_FORMAT, check_paths, load_plan, prepare_out, refuse_foreign_out, save_plan,
                                  space_error, space_message, split_lock)
 from data_prep.shard.plan import shard_ranges
 from data_prep.shard.report import Rejects, split_entry, summary, up_to_date
 from data_prep.shard.tasks import SPACE_ERRNOS, OutOfSpace, read_scanned
-from data_prep.shard.listing_parts import list_in_parts
 from data_prep.sources.listing import PartitionedListing, list_partitioned
 from data_prep.sources.parts import plan_parts
 from data_prep.spill import PARTITIONS, SpillWriter, order_key, read_spill
@@ -245,9 +245,9 @@ def _run_shard_job(cfg: ShardConfig) -> JobResult:
 
 
 def _list(cfg: ShardConfig, spill: Path, stack: ExitStack, ray: "_LazyRay") -> tuple[PartitionedListing, bool]:
-    """(the judged listing, whether OUT is claimed already). Per-class tars, webdataset tars and parquet files are listed in parts by Ray tasks
-    whose results are kept in OUT (``listing_parts``): OUT is claimed and locked first. Other kinds are listed
-    in this process, before OUT is touched."""
+    """(the judged listing, whether OUT is claimed already). Per-class tars, webdataset tars and parquet files
+    are listed in parts by Ray tasks whose results are kept in OUT (``listing_parts``): OUT is claimed and
+    locked first. Other kinds are listed in this process, before OUT is touched."""
     listed = tqdm(desc=f"list {cfg.split}", unit="row", disable=not cfg.progress, leave=False, mininterval=1.0,
                   delay=2.0)  # shown only when listing takes a while: a quick error stays one line
     try:
@@ -290,6 +290,11 @@ class _LazyRay:
     def in_flight(self) -> int:
         return self.get().in_flight
 
+    @contextmanager
+    def started(self):
+        """The session (started now if the listing did not need it); it ends with the job's ExitStack."""
+        yield self.get()
+
 
 def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
     start = time.perf_counter()
@@ -305,39 +310,39 @@ def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
         if prepare_out(cfg, fingerprint, options):
             return up_to_date(cfg, start)
         remove_stale_shard_temps(cfg.out, cfg.split)  # left by a killed run; never a complete shard
-        session = ray.get()
-        phases["ray_start"] = round(ray.seconds, 3)
-        log(f"shard {cfg.split}: {listing.num_inputs} image files, {len(listing.classes)} classes; Ray ready "
-             f"in {ray.seconds:.1f} s ({session.nodes} node(s), {session.cpus} CPUs)")
-        # One bar for the whole job: scan (one unit per input) then write (one per planned image); its rate
-        # and ETA cover both phases. The write total is the input count until the scan says how many passed.
-        bar = tqdm(total=2 * listing.num_inputs, desc=f"shard {cfg.split} [scan]", unit="img",
-                   disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
-        try:
-            plan = load_plan(cfg.out, cfg.split)
-            if plan is None or plan["fingerprint"] != fingerprint:
-                scan_start = time.perf_counter()
-                plan = plan_job(listing, cfg, fingerprint, options, session.in_flight, bar)
-                save_plan(plan, cfg.out, cfg.split)
-                phases["scan"] = round(time.perf_counter() - scan_start, 3)
-                log(f"shard {cfg.split}: scanned {listing.num_inputs} files in "
-                     f"{time.perf_counter() - scan_start:.1f} s: {sum(plan['usable'])} usable")
-            else:
-                bar.update(listing.num_inputs)
-                log(f"shard {cfg.split}: resuming the saved plan ({sum(plan['usable'])} images)")
-            usable = sum(plan["usable"])
-            if usable == 0:
-                merge_split(cfg.out, cfg.split, None, Rejects(cfg, listing, plan, []))
-                raise UserError(f"SRC {cfg.src}: none of the {listing.num_inputs} image files is usable; "
-                                f"see {storage.join(cfg.out, REJECTS_NAME)}")
-            shards = shard_ranges(plan["usable"], cfg.shard_size)
-            bar.total = bar.n + usable
-            bar.set_description(f"shard {cfg.split} [write]")
-            write_start = time.perf_counter()
-            receipts = _write(plan, shards, listing.classes, cfg, session.in_flight, bar)
-            phases["write"] = round(time.perf_counter() - write_start, 3)
-        finally:
-            bar.close()
+        with ray.started() as session:
+            phases["ray_start"] = round(ray.seconds, 3)
+            log(f"shard {cfg.split}: {listing.num_inputs} image files, {len(listing.classes)} classes; Ray ready "
+                 f"in {ray.seconds:.1f} s ({session.nodes} node(s), {session.cpus} CPUs)")
+            # One bar for the whole job: scan (one unit per input) then write (one per planned image); its rate
+            # and ETA cover both phases. The write total is the input count until the scan says how many passed.
+            bar = tqdm(total=2 * listing.num_inputs, desc=f"shard {cfg.split} [scan]", unit="img",
+                       disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
+            try:
+                plan = load_plan(cfg.out, cfg.split)
+                if plan is None or plan["fingerprint"] != fingerprint:
+                    scan_start = time.perf_counter()
+                    plan = plan_job(listing, cfg, fingerprint, options, session.in_flight, bar)
+                    save_plan(plan, cfg.out, cfg.split)
+                    phases["scan"] = round(time.perf_counter() - scan_start, 3)
+                    log(f"shard {cfg.split}: scanned {listing.num_inputs} files in "
+                         f"{time.perf_counter() - scan_start:.1f} s: {sum(plan['usable'])} usable")
+                else:
+                    bar.update(listing.num_inputs)
+                    log(f"shard {cfg.split}: resuming the saved plan ({sum(plan['usable'])} images)")
+                usable = sum(plan["usable"])
+                if usable == 0:
+                    merge_split(cfg.out, cfg.split, None, Rejects(cfg, listing, plan, []))
+                    raise UserError(f"SRC {cfg.src}: none of the {listing.num_inputs} image files is usable; "
+                                    f"see {storage.join(cfg.out, REJECTS_NAME)}")
+                shards = shard_ranges(plan["usable"], cfg.shard_size)
+                bar.total = bar.n + usable
+                bar.set_description(f"shard {cfg.split} [write]")
+                write_start = time.perf_counter()
+                receipts = _write(plan, shards, listing.classes, cfg, session.in_flight, bar)
+                phases["write"] = round(time.perf_counter() - write_start, 3)
+            finally:
+                bar.close()
         remove_stale_shard_temps(cfg.out, cfg.split)  # temp files of workers killed mid-shard (retried)
         seconds = time.perf_counter() - start
         entry, rejects = split_entry(cfg, listing, plan, receipts, options, seconds, phases)
