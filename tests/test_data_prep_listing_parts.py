@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import UserError
 from data_prep.shard.config import ShardConfig
 from data_prep.shard.listing_parts import list_in_parts, listing_dir
 from data_prep.sources.listing import list_partitioned
@@ -98,15 +97,13 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
         assert "resumed listing: 3 of 4 parts already listed" in capsys.readouterr().err
         victim = sorted(listing_dir(cfg.out, cfg.split).glob("*.jsonl.gz"))[0]  # damaged in place, same size
         victim.write_bytes(b"\0" * victim.stat().st_size)
-        with pytest.raises(UserError, match="is damaged .*delete it and re-run"):
-            list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), tmp_path / "changed",
-                          lambda: 1, _inline, None)
-        victim.unlink()
         spill = tmp_path / "healed"
         spill.mkdir()
-        list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), spill, lambda: 1, _inline,
-                      None)
-        assert "resumed listing: 3 of 4 parts already listed" in capsys.readouterr().err
+        assert list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), spill, lambda: 1,
+                             _inline, None).fingerprint == one.fingerprint
+        err = capsys.readouterr().err
+        assert "resumed listing: 4 of 4 parts already listed" in err and "is damaged or gone" in err  # listed again
+        assert _listing_files(spill) == _listing_files(tmp_path / "one")
         (src / "n0003.tar").rename(src / "n0009.tar")  # the old name's result is not kept
         spill = tmp_path / "renamed"
         spill.mkdir()

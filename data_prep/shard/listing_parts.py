@@ -5,7 +5,7 @@ kept in OUT with a receipt, and the driver merges them into the same judged list
     OUT/_state/{split}.listing/HHHH.json       its receipt: the part's fingerprint, the file's size, its rejects
                                                and summary; written after the lines (HHHH: sha256 of its name)
 
-A receipt is written after its part file (both atomically: core.storage.write_bytes), so a part with a receipt
+A receipt is written after its part file (both atomically, not fsynced: see ``_write``), so a part with a receipt
 whose fingerprint (the file's name, location, size, mtime, plus the seed, label options, limits and format) and
 file size still match is complete: a rerun after a kill or a requeue lists only the others. The folder is not
 a split's state (``--overwrite`` keeps it: an unchanged part lists the same) and stays when the split is done,
@@ -20,12 +20,14 @@ import dataclasses
 import gzip
 import hashlib
 import itertools
+import json
 import math
 import re
 import zlib
 
 from core import storage
 from core.errors import UserError
+from core.files import atomic_write_bytes
 
 from data_prep.shard.config import ShardConfig, log
 from data_prep.shard.layout import STATE_DIR
@@ -36,6 +38,7 @@ from data_prep.sources.manifests import sorted_classes
 from data_prep.sources.parts import EARLY, LATE, STREAMED, PartPlan, list_part
 from data_prep.spill import SpillWriter
 
+_HEX = re.compile(r"[0-9a-f]{2}")
 PARTS_PER_TASK = 64  # at most this many parts per Ray task (a task writes each part's result as it finishes it)
 
 
@@ -50,24 +53,35 @@ def _paths(out, split: str, name: str):
     return storage.join(folder, f"{stem}.jsonl.gz"), storage.join(folder, f"{stem}.json")
 
 
+def _write(location, data: bytes) -> None:
+    """Atomic, not fsynced: a SIGKILL loses nothing written, and what a machine crash could damage (a part file
+    or receipt cut short or zeroed) fails its size, gzip CRC or JSON check, so that part is listed again."""
+    if storage.is_url(location):
+        storage.write_bytes(location, data)
+    else:
+        atomic_write_bytes(location, data, durable=False)
+
+
+def _list_and_keep(out, split: str, plan: PartPlan, part, seed: int, label_field, limits) -> int:
+    """List one part, write its lines, then its receipt; return its rows + rejects."""
+    lines, rejects, summary = list_part(plan, part, seed, label_field, limits)
+    data = gzip.compress("".join(lines).encode("utf-8"), compresslevel=1, mtime=0)
+    lines_path, receipt_path = _paths(out, split, part.name)
+    receipt = {"fingerprint": plan.fingerprint(part), "bytes": len(data), "summary": summary, "rejects": rejects}
+    try:
+        _write(lines_path, data)
+        _write(receipt_path, json.dumps(receipt, ensure_ascii=False).encode("utf-8"))
+    except OSError as err:  # a full OUT is one line (the driver unwraps a UserError), not a task traceback
+        if err.errno in SPACE_ERRNOS:
+            raise OutOfSpace(f"OUT {out} is full ({err.strerror or err}) while listing; free space there and "
+                             f"re-run the same command: the parts already listed are kept") from None
+        raise
+    return summary["rows"] + len(rejects)
+
+
 def list_parts_task(out, split: str, plan: PartPlan, parts: list, seed: int, label_field, limits) -> list[int]:
-    """A Ray task: list each part, write its lines, then its receipt. Returns the rows (+ rejects) per part."""
-    listed = []
-    for part in parts:
-        lines, rejects, summary = list_part(plan, part, seed, label_field, limits)
-        data = gzip.compress("".join(lines).encode("utf-8"), compresslevel=1, mtime=0)
-        lines_path, receipt_path = _paths(out, split, part.name)
-        try:
-            storage.write_bytes(lines_path, data)
-            storage.write_json(receipt_path, {"fingerprint": plan.fingerprint(part), "bytes": len(data),
-                                              "summary": summary, "rejects": rejects}, indent=None)
-        except OSError as err:  # a full OUT is one line (the driver unwraps a UserError), not a task traceback
-            if err.errno in SPACE_ERRNOS:
-                raise OutOfSpace(f"OUT {out} is full ({err.strerror or err}) while listing; free space there and "
-                                 f"re-run the same command: the parts already listed are kept") from None
-            raise
-        listed.append(summary["rows"] + len(rejects))
-    return listed
+    """A Ray task: each part listed and kept (``_list_and_keep``) as it is done. Returns rows + rejects per part."""
+    return [_list_and_keep(out, split, plan, part, seed, label_field, limits) for part in parts]
 
 
 def _receipt(cfg: ShardConfig, plan: PartPlan, part) -> dict | None:
@@ -175,16 +189,14 @@ def _merge(cfg: ShardConfig, plan: PartPlan, spill) -> PartitionedListing:
         raw = SpillWriter(spill, "raw")
         try:
             for part in plan.parts:
-                saved = _receipt(cfg, plan, part)
-                if saved is None:
-                    raise UserError(f"the listing state of {part.name} in {listing_dir(cfg.out, cfg.split)} went "
-                                    f"missing or changed while this job ran; re-run the same command")
+                saved, lines = _read_part(cfg, plan, part)
                 merged.add(part, saved["summary"], saved["rejects"])
                 for r in saved["rejects"]:
                     if r[0] == STREAMED:
                         log_file.streamed += 1
                         log_file(_rejected(r))
-                _append_lines(cfg, part, raw)
+                for line in lines:
+                    raw.add_line(int(line[2:4], 16), line)  # '["<key hex>",...': the key's first byte
         finally:
             raw.close()
         found = merged.found(cfg)
@@ -195,18 +207,29 @@ def _merge(cfg: ShardConfig, plan: PartPlan, spill) -> PartitionedListing:
         log_file.handle.close()
 
 
-def _append_lines(cfg: ShardConfig, part, raw: SpillWriter) -> None:
-    """One part's raw spill lines -> the raw spill files, by their key's first byte (no JSON parsing)."""
-    lines_path = _paths(cfg.out, cfg.split, part.name)[0]
+def _lines(cfg: ShardConfig, part) -> list[str] | None:
+    """One part's raw spill lines, checked (gzip CRC, UTF-8, the line shape); None when damaged or missing."""
     try:
-        text = gzip.decompress(storage.read_bytes(lines_path)).decode("utf-8")
-        for line in text.splitlines(keepends=True):
-            if not line.startswith('["') or not line.endswith("]\n"):
-                raise ValueError("not a raw spill line")
-            raw.add_line(int(line[2:4], 16), line)  # '["<key hex>",...': the key's first byte
-    except (OSError, EOFError, ValueError, zlib.error) as err:
-        raise UserError(f"the listing state {lines_path} of {part.name} is damaged ({type(err).__name__}); delete "
-                        f"it and re-run the same command: only that part is listed again") from None
+        text = gzip.decompress(storage.read_bytes(_paths(cfg.out, cfg.split, part.name)[0])).decode("utf-8")
+    except (OSError, EOFError, ValueError, zlib.error):
+        return None
+    lines = text.splitlines(keepends=True)
+    ok = all(line.startswith('["') and line.endswith("]\n") and _HEX.fullmatch(line[2:4]) for line in lines)
+    return lines if ok else None
+
+
+def _read_part(cfg: ShardConfig, plan: PartPlan, part) -> tuple[dict, list[str]]:
+    """(receipt, lines) of a listed part; one whose file turns out damaged is listed again here, in the driver."""
+    saved = _receipt(cfg, plan, part)
+    lines = _lines(cfg, part) if saved is not None else None
+    if lines is None:
+        log(f"listing {part.name} again: its result in {listing_dir(cfg.out, cfg.split)} is damaged or gone")
+        _list_and_keep(cfg.out, cfg.split, plan, part, cfg.seed, cfg.label_field, cfg.limits())
+        saved, lines = _receipt(cfg, plan, part), _lines(cfg, part)
+        if saved is None or lines is None:
+            raise UserError(f"the listing state of {part.name} in {listing_dir(cfg.out, cfg.split)} cannot be "
+                            f"written and read back; check OUT and re-run the same command")
+    return saved, lines
 
 
 def _rejected(r: list):
