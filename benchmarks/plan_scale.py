@@ -19,8 +19,8 @@ rows are then rejected as missing_file; so the benchmark passes --assume-present
 --listing-workers 1,2: N members (the first of --sizes, default 400k) in per-class tars of --per-part members
 each (default 4,000: ImageNet-21K's tars hold ~650 JPEGs, JFT-style webdataset tars ~10,000), listed by
 ``shard.listing_parts`` on a private Ray of 1, then 2, CPUs (each in its own subprocess, Ray's workers warmed
-first). Printed per worker count: the parts phase (the Ray tasks: what spreads over the cluster), the driver's
-merge and judge (one process, not spread), and ``listing speed-up (2 vs 1 workers): X`` of the parts phase, the
+first). Printed per worker count: the parts phase (the Ray tasks: what spreads over the cluster), the merge
+and judge (the driver merges, groups of partitions are judged by Ray tasks on the driver's node), and ``listing speed-up (2 vs 1 workers): X`` of the parts phase, the
 per-core rate, and what it projects for JFT-3B (3e9 images) on 100 cores. On a machine shared with other
 jobs the speed-up says little: with the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``)
 all of one session's processes -- here the driver and its Ray workers -- share one fair slice of the CPUs, so
@@ -174,6 +174,7 @@ def child_listing(src: Path, work: Path, workers: int) -> dict:
     from data_prep.shard import job
     from data_prep.shard.cluster import init_local_ray
     from data_prep.shard.config import ShardConfig
+    from data_prep.shard.judge_tasks import run_on_driver_node
     from data_prep.shard.listing_parts import list_in_parts
     from data_prep.sources.parts import plan_parts
 
@@ -196,7 +197,7 @@ def child_listing(src: Path, work: Path, workers: int) -> dict:
     start = time.perf_counter()
     plan = plan_parts(cfg.src, "tars", cfg.seed, None, None, cfg.limits())
     (work / "spill").mkdir()
-    listing = list_in_parts(cfg, plan, work / "spill", lambda: 2 * workers, timed_remote, None)
+    listing = list_in_parts(cfg, plan, work / "spill", lambda: 2 * workers, timed_remote, None, run_on_driver_node)
     end = time.perf_counter()
     ray.shutdown()
     return {"entries": listing.listed, "parts": len(plan.parts), "parts_s": marks["tasks_end"] - start,
@@ -224,7 +225,7 @@ def listing_workers(args, counts: list[int]) -> int:
                       f"({r['entries'] / r['seconds']:,.0f} entries/s), peak {r['peak_mb']:.0f} MB", flush=True)
                 continue
             print(f"{workers} worker(s): {r['entries']:,} entries in {r['parts']} parts: parts {r['parts_s']:.2f} s "
-                  f"({r['entries'] / r['parts_s']:,.0f} entries/s), driver merge+judge {r['merge_s']:.2f} s "
+                  f"({r['entries'] / r['parts_s']:,.0f} entries/s), merge+judge {r['merge_s']:.2f} s "
                   f"({r['entries'] / r['merge_s']:,.0f} entries/s), total {r['seconds']:.2f} s, "
                   f"driver peak {r['peak_mb']:.0f} MB", flush=True)
     one, most = results[counts[0]], results[counts[-1]]
@@ -235,7 +236,7 @@ def listing_workers(args, counts: list[int]) -> int:
     per_core = one["entries"] / one["parts_s"] / counts[0]
     jft = 3e9
     print(f"per-core listing rate: {per_core:,.0f} entries/s; JFT-3B (3e9) parts phase on 100 cores: "
-          f"{jft / (100 * per_core) / 3600:.2f} h (linear); the driver's merge+judge at this machine's "
+          f"{jft / (100 * per_core) / 3600:.2f} h (linear); merge+judge at this run's "
           f"{one['entries'] / one['merge_s']:,.0f} entries/s: {jft * one['merge_s'] / one['entries'] / 3600:.1f} h "
           f"(one process, whole listing: {jft * results[0]['seconds'] / results[0]['entries'] / 3600:.1f} h)")
     print(f"parts on {counts[-1]} workers vs one process, end to end: "

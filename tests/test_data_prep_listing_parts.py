@@ -77,7 +77,8 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
     for run in ("first", "again"):
         spill = tmp_path / run
         spill.mkdir()
-        listings.append(list_in_parts(cfg, plan, spill, lambda: 1, _inline, None))
+        listings.append(list_in_parts(cfg, plan, spill, lambda: 1, _inline, None,  # the judge by groups:
+                                      lambda fn, calls: [fn(*call) for call in calls]))  # in process too
         assert _listing_files(spill) == _listing_files(tmp_path / "one"), run
     receipts = sorted(listing_dir(cfg.out, cfg.split).glob("*.json"))
     assert len(receipts) == len(plan.parts)

@@ -26,6 +26,7 @@ from data_prep.shard.info import merge_split
 from data_prep.shard.layout import (REJECTS_NAME, plan_path, remove_stale_shard_temps, scan_receipt_path, shard_name,
                                     state_dir)
 from data_prep.shard.layout import inputs_path as layout_inputs_path
+from data_prep.shard.judge_tasks import run_on_driver_node
 from data_prep.shard.listing_parts import list_in_parts
 from data_prep.shard.out import (PLAN_FORMAT, check_paths, load_plan, prepare_out, refuse_foreign_out, save_plan,
                                  space_error, space_message, split_lock)
@@ -259,7 +260,7 @@ def _list(cfg: ShardConfig, spill: Path, stack: ExitStack, ray: "_LazyRay") -> t
                                         label_field=cfg.label_field, label_map=cfg.label_map, progress=listed,
                                         limits=cfg.limits()), False
         _claim_out(cfg, stack)  # the driver's side of the parts touches OUT only (the tasks read SRC)
-        return list_in_parts(cfg, parts, spill, ray.in_flight, _run_remote, listed), True
+        return list_in_parts(cfg, parts, spill, ray.in_flight, _run_remote, listed, run_on_driver_node), True
     finally:
         listed.close()
 

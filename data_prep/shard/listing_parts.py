@@ -30,6 +30,7 @@ from core.errors import UserError
 from core.files import atomic_write_bytes
 
 from data_prep.shard.config import ShardConfig, log
+from data_prep.shard.judge_tasks import group_judge
 from data_prep.shard.layout import STATE_DIR
 from data_prep.shard.tasks import SPACE_ERRNOS, OutOfSpace
 from data_prep.sources.labels import Packed
@@ -39,7 +40,8 @@ from data_prep.sources.parts import EARLY, LATE, STREAMED, PartPlan, list_part
 from data_prep.spill import SpillWriter
 
 _HEX = re.compile(r"[0-9a-f]{2}")
-PARTS_PER_TASK = 64  # at most this many parts per Ray task (a task writes each part's result as it finishes it)
+PARTS_PER_TASK = 64
+JUDGE_RAY_ROWS = 1_000_000  # all parts kept: from this many rows, Ray is worth starting for the judge  # at most this many parts per Ray task (a task writes each part's result as it finishes it)
 
 
 def listing_dir(out, split: str):
@@ -97,9 +99,11 @@ def _receipt(cfg: ShardConfig, plan: PartPlan, part) -> dict | None:
         return None
 
 
-def list_in_parts(cfg: ShardConfig, plan: PartPlan, spill, start_ray, run_remote, progress) -> PartitionedListing:
+def list_in_parts(cfg: ShardConfig, plan: PartPlan, spill, start_ray, run_remote, progress, run_groups=None
+                  ) -> PartitionedListing:
     """List the parts without a valid receipt on Ray (``start_ray()`` -> tasks in flight, called only if one
-    is needed), then merge every part in listing order into the judged listing (``finish_listing``)."""
+    is needed), then merge every part in listing order into the judged listing (``finish_listing``), judged by
+    groups of partitions through ``run_groups`` (``judge_tasks``) when Ray runs anyway or the listing is big."""
     storage.makedirs(listing_dir(cfg.out, cfg.split))
     todo, kept_rows = [], 0
     for part in plan.parts:
@@ -120,10 +124,21 @@ def list_in_parts(cfg: ShardConfig, plan: PartPlan, spill, start_ray, run_remote
         light = dataclasses.replace(plan, parts=[])  # each task gets its own parts, not the whole list
         calls = ((cfg.out, cfg.split, light, todo[i:i + per_task], cfg.seed, cfg.label_field, cfg.limits())
                  for i in range(0, len(todo), per_task))
-        run_remote(list_parts_task, calls, in_flight,
-                   lambda _i, counts: progress.update(sum(counts)) if progress is not None else None)
+        listed = [kept_rows]
+
+        def on_result(_index, counts):
+            listed[0] += sum(counts)
+            if progress is not None:
+                progress.update(sum(counts))
+
+        run_remote(list_parts_task, calls, in_flight, on_result)
+        kept_rows = listed[0]
     _remove_stale(cfg, plan)
-    return _merge(cfg, plan, spill)
+    judge = None
+    if run_groups is not None and (todo or kept_rows >= JUDGE_RAY_ROWS):
+        start_ray()
+        judge = group_judge(run_groups)
+    return _merge(cfg, plan, spill, judge)
 
 
 def _remove_stale(cfg: ShardConfig, plan: PartPlan) -> None:
@@ -181,7 +196,7 @@ class _Merged:
         return Packed(classes, [], self.multi, [], self.dropped, source)
 
 
-def _merge(cfg: ShardConfig, plan: PartPlan, spill) -> PartitionedListing:
+def _merge(cfg: ShardConfig, plan: PartPlan, spill, judge) -> PartitionedListing:
     """Every part's lines -> the raw spill, its rejects -> the reject log, in the one-process order."""
     merged = _Merged(plan)
     log_file = RejectLog(spill / "rejects.jsonl")
@@ -202,7 +217,7 @@ def _merge(cfg: ShardConfig, plan: PartPlan, spill) -> PartitionedListing:
         found = merged.found(cfg)
         later = itertools.chain(_stage(cfg, merged.later, EARLY), _stage(cfg, merged.later, LATE))
         return finish_listing(cfg.src, plan.kind, cfg.classes_file, found, raw, log_file, spill, None, cfg.limits(),
-                              later, merged.later_count)
+                              later, merged.later_count, judge=judge)
     finally:
         log_file.handle.close()
 

@@ -375,17 +375,18 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
 
 
 def finish_listing(src, kind: str, classes_file: Path | None, found: Packed, raw: SpillWriter, log: RejectLog,
-                   directory: Path, sort_rows: int | None, limits: Limits, early_rejects, early_count: int
-                   ) -> PartitionedListing:
+                   directory: Path, sort_rows: int | None, limits: Limits, early_rejects, early_count: int,
+                   judge=None) -> PartitionedListing:
     """Raw spill files (every row listed, by order key) -> the judged listing: the class list, the lister's own
-    rejects (``early_rejects``, an iterable of ``early_count``), each partition sorted, checked and judged."""
+    rejects (``early_rejects``, an iterable of ``early_count``), each partition sorted, checked and judged --
+    here, or by ``judge`` (``_judge_partitions``' signature and result: ``shard.judge_tasks`` runs it on Ray)."""
     classes = load_class_file(classes_file) if classes_file is not None else found.classes
     if len(classes) > limits.max_classes:
         raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
                         f"the labels (a label per image?), or raise --max-classes")
     for r in early_rejects:
         log(r)
-    inputs_out, hashed, total, dropped, input_bytes = _judge_partitions(
+    inputs_out, hashed, total, dropped, input_bytes = (judge or _judge_partitions)(
         src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory)
     fingerprint = hashlib.sha256(json.dumps([kind, classes, hashed, f"{total:064x}"]).encode()).hexdigest()
     if not sum(inputs_out.counts):
@@ -401,15 +402,16 @@ def finish_listing(src, kind: str, classes_file: Path | None, found: Packed, raw
 
 
 def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], classes_file: Path | None,
-                      found: Packed, sort_rows: int | None, limits: Limits, log: RejectLog, directory: Path):
-    """Each raw partition, sorted, hashed into the fingerprint sum and judged into ``inputs-PPP.jsonl``:
-    (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes)."""
+                      found: Packed, sort_rows: int | None, limits: Limits, log: RejectLog, directory: Path,
+                      parts=range(PARTITIONS)):
+    """Each raw partition (of ``parts``), sorted, hashed into the fingerprint sum and judged into
+    ``inputs-PPP.jsonl``: (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes)."""
     multi, known = found.multi_label, set(classes)
     check_name, from_manifest = kind not in PACKED_KINDS, kind in ("manifest", "openimages")
     hashed, total, dropped, input_bytes = 0, 0, found.dropped, 0
     inputs_out = SpillWriter(directory, "inputs")
     try:
-        for part in range(PARTITIONS):
+        for part in parts:
             part_rows = sorted_spill(raw.path(part), raw.counts[part],
                                      lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
                                      sort_rows)
