@@ -194,14 +194,21 @@ def child_listing(src: Path, work: Path, workers: int) -> dict:
         job._run_remote(*args)
         marks["tasks_end"] = time.perf_counter()
 
+    def timed_groups(*args):
+        begin = time.perf_counter()
+        results = run_on_driver_node(*args)
+        marks["judge_s"] = time.perf_counter() - begin
+        return results
+
     start = time.perf_counter()
     plan = plan_parts(cfg.src, "tars", cfg.seed, None, None, cfg.limits())
     (work / "spill").mkdir()
-    listing = list_in_parts(cfg, plan, work / "spill", lambda: 2 * workers, timed_remote, None, run_on_driver_node)
+    listing = list_in_parts(cfg, plan, work / "spill", lambda: 2 * workers, timed_remote, None, timed_groups)
     end = time.perf_counter()
     ray.shutdown()
     return {"entries": listing.listed, "parts": len(plan.parts), "parts_s": marks["tasks_end"] - start,
-            "merge_s": end - marks["tasks_end"], "seconds": end - start, "peak_mb": _peak_rss_mb()}
+            "merge_s": end - marks["tasks_end"], "judge_s": marks["judge_s"], "seconds": end - start,
+            "peak_mb": _peak_rss_mb()}
 
 
 def listing_workers(args, counts: list[int]) -> int:
@@ -226,7 +233,8 @@ def listing_workers(args, counts: list[int]) -> int:
                 continue
             print(f"{workers} worker(s): {r['entries']:,} entries in {r['parts']} parts: parts {r['parts_s']:.2f} s "
                   f"({r['entries'] / r['parts_s']:,.0f} entries/s), merge+judge {r['merge_s']:.2f} s "
-                  f"({r['entries'] / r['merge_s']:,.0f} entries/s), total {r['seconds']:.2f} s, "
+                  f"({r['entries'] / r['merge_s']:,.0f} entries/s; judge {r['judge_s']:.2f} s), "
+                  f"total {r['seconds']:.2f} s, "
                   f"driver peak {r['peak_mb']:.0f} MB", flush=True)
     one, most = results[counts[0]], results[counts[-1]]
     speedup = one["parts_s"] / most["parts_s"]
@@ -234,11 +242,14 @@ def listing_workers(args, counts: list[int]) -> int:
     print(f"end-to-end listing speed-up incl. the driver's merge ({counts[-1]} vs {counts[0]}): "
           f"{one['seconds'] / most['seconds']:.2f}")
     per_core = one["entries"] / one["parts_s"] / counts[0]
+    judge_core = one["entries"] / one["judge_s"] / counts[0]
+    merge_rate = one["entries"] / (one["merge_s"] - one["judge_s"])  # the driver's own pass: one core
     jft = 3e9
     print(f"per-core listing rate: {per_core:,.0f} entries/s; JFT-3B (3e9) parts phase on 100 cores: "
-          f"{jft / (100 * per_core) / 3600:.2f} h (linear); merge+judge at this run's "
-          f"{one['entries'] / one['merge_s']:,.0f} entries/s: {jft * one['merge_s'] / one['entries'] / 3600:.1f} h "
-          f"(one process, whole listing: {jft * results[0]['seconds'] / results[0]['entries'] / 3600:.1f} h)")
+          f"{jft / (100 * per_core) / 3600:.2f} h (linear); judge {judge_core:,.0f} entries/s per core of the "
+          f"driver's node: {jft / (64 * judge_core) / 3600:.2f} h on a 64-core node; the driver's merge pass "
+          f"{merge_rate:,.0f} entries/s (one core): {jft / merge_rate / 3600:.2f} h; one process, whole listing: "
+          f"{jft * results[0]['seconds'] / results[0]['entries'] / 3600:.1f} h")
     print(f"parts on {counts[-1]} workers vs one process, end to end: "
           f"{results[0]['seconds'] / most['seconds']:.2f}x")
     print(f"load average now: {os.getloadavg()[0]:.2f} (1 min)")
