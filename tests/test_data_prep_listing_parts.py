@@ -63,6 +63,9 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
     src, extra = tmp_path / "src", {}
     if kind == "tars":
         _class_tars(src)
+        bad = os.path.join(os.fsencode(src), b"n\xff.tar")  # a file name that is not UTF-8: its rows are rejects
+        with open(bad, "wb") as handle:
+            handle.write((src / "n0000.tar").read_bytes())
     elif kind == "webdataset":
         _webdataset_source(src)
         extra = {"label_field": "label", "label_map": src / "labels.json"}
@@ -87,7 +90,7 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
                       "counts", "listed", "input_bytes", "rejected", "non_image_files"):
             assert getattr(parts, field) == getattr(one, field), (kind, field)
     if kind == "tars":
-        assert (one.rejected, one.non_image_files) == (3 + 1, 3)  # READMEs; the damaged tar: its rest, one reject
+        assert (one.rejected, one.non_image_files) == (3 + 1 + 6, 3)  # READMEs; the damaged tar's rest; n\xff.tar
     if kind == "tars":  # a rewritten part (new mtime) is listed again, the others are not
         os.utime(src / "n0002.tar", ns=(1, 1))
         spill = tmp_path / "changed"
@@ -95,7 +98,7 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
         capsys.readouterr()
         assert list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), spill, lambda: 1,
                              _inline, None).fingerprint == one.fingerprint  # mtime of the archive, not its members
-        assert "resumed listing: 3 of 4 parts already listed" in capsys.readouterr().err
+        assert "resumed listing: 4 of 5 parts already listed" in capsys.readouterr().err
         victim = sorted(listing_dir(cfg.out, cfg.split).glob("*.jsonl.gz"))[0]  # damaged in place, same size
         victim.write_bytes(b"\0" * victim.stat().st_size)
         spill = tmp_path / "healed"
@@ -103,7 +106,7 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
         assert list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), spill, lambda: 1,
                              _inline, None).fingerprint == one.fingerprint
         err = capsys.readouterr().err
-        assert "resumed listing: 4 of 4 parts already listed" in err and "is damaged or gone" in err  # listed again
+        assert "resumed listing: 5 of 5 parts already listed" in err and "is damaged or gone" in err  # listed again
         assert _listing_files(spill) == _listing_files(tmp_path / "one")
         (src / "n0003.tar").rename(src / "n0009.tar")  # the old name's result is not kept
         spill = tmp_path / "renamed"
@@ -111,7 +114,7 @@ def test_listing_in_parts_equals_the_one_process_listing(tmp_path, capsys, kind)
         list_in_parts(cfg, plan_parts(src, "auto", cfg.seed, None, None, cfg.limits()), spill, lambda: 1, _inline,
                       None)
         state = listing_dir(cfg.out, cfg.split)
-        assert len(list(state.glob("*.json"))) == len(list(state.glob("*.jsonl.gz"))) == 4
+        assert len(list(state.glob("*.json"))) == len(list(state.glob("*.jsonl.gz"))) == 5
 
 
 def _shard_cmd(src: Path, out: Path, workers: int) -> list[str]:

@@ -50,7 +50,7 @@ def listing_dir(out, split: str):
 
 
 def _paths(out, split: str, name: str):
-    stem = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+    stem = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:32]  # any file name, even not UTF-8
     folder = listing_dir(out, split)
     return storage.join(folder, f"{stem}.jsonl.gz"), storage.join(folder, f"{stem}.json")
 
@@ -72,7 +72,7 @@ def _list_and_keep(out, split: str, plan: PartPlan, part, seed: int, label_field
     receipt = {"fingerprint": plan.fingerprint(part), "bytes": len(data), "summary": summary, "rejects": rejects}
     try:
         _write(lines_path, data)
-        _write(receipt_path, json.dumps(receipt, ensure_ascii=False).encode("utf-8"))
+        _write(receipt_path, json.dumps(receipt).encode("ascii"))  # ASCII escapes: a non-UTF-8 file name too
     except OSError as err:  # a full OUT is one line (the driver unwraps a UserError), not a task traceback
         if err.errno in SPACE_ERRNOS:
             raise OutOfSpace(f"OUT {out} is full ({err.strerror or err}) while listing; free space there and "

@@ -60,8 +60,11 @@ def _stat_parts(src, archives: list[tuple[str, str]]) -> list[PackedFile]:
                            listed[location].mtime if location in listed else 0) for name, location in archives]
     out = []
     for name, location in archives:
-        info = os.stat(location)
-        out.append(PackedFile(name, location, info.st_size, info.st_mtime_ns))
+        try:
+            info = os.stat(location)
+            out.append(PackedFile(name, location, info.st_size, info.st_mtime_ns))
+        except OSError:  # gone since the folder was read: its task says so in one line, as one process would
+            out.append(PackedFile(name, location, -1, -1))
     return out
 
 
