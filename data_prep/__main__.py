@@ -20,7 +20,12 @@ The driver *plans*, Ray tasks *work*; the unit of work, atomicity and retry is o
    ``spill.SORT_ROWS`` (10k) rows is split again by the key's next byte and sorted piece by piece
    (``spill.sorted_spill``: same order, bounded memory), so the driver's peak does not grow with N. Every
    lister streams (ImageFolder trees, manifests, per-class tars, webdataset tars, parquet files) except
-   OpenImages', which groups each image's label rows first.
+   OpenImages', which groups each image's label rows first. Per-class tars, webdataset tars and parquet files
+   are listed in parts (one per file) by Ray tasks across the cluster, each part's rows kept in
+   ``OUT/_state/<split>.listing/`` with a receipt, so a killed or requeued job lists only the parts without
+   one; the driver appends every part's rows to the same spill files, so the order does not depend on who
+   listed what (``shard/listing_parts.py``); the partitions are then judged in groups by Ray tasks on the
+   driver's node (``shard/judge_tasks.py``).
 2. Scan (Ray tasks over whole partitions, about 1/(4*in_flight) of the inputs each but at most about 100k
    unless one partition holds more; the driver copies a partition's judged inputs to
    ``OUT/_state/<split>/inputs/`` and the task streams through them; ``images.scan``): read each file, sha1 it,

@@ -6,6 +6,7 @@ launchers' own argument parsers. Ray, torchrun and the trainer run for real in t
 """
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -77,7 +78,8 @@ def slurm(tmp_path):
         "#!/usr/bin/env bash\n"
         'if [[ "$1 $2" == "show hostnames" ]]; then for h in $FAKE_NODES; do echo "$h"; done; exit 0; fi\n'
         'echo "scontrol $*" >>"$FAKE_LOG"\n')
-    # srun: record the call; FAKE_SRUN=sleep waits like a long job step; FAKE_SRUN=real runs the task once
+    # srun: record the call; FAKE_SRUN=sleep waits like a long job step; FAKE_SRUN=exec becomes the step's
+    # command (`ray start` of shard.sbatch); FAKE_SRUN=real runs the task once
     # for real (a one-node job) and records its exit status; FAKE_SRUN=replay runs the
     # `bash -c SCRIPT PYTHON ARGS` it was given once per node, with SLURM_NODEID set and the
     # interpreter replaced by a recorder, as SLURM would start one task on every node.
@@ -88,6 +90,11 @@ def slurm(tmp_path):
         "if os.environ.get('FAKE_SRUN') == 'sleep':\n"
         "    time.sleep(120)\n"
         "    sys.exit(0)\n"
+        "if os.environ.get('FAKE_SRUN') == 'exec':\n"  # the step's command replaces srun (signals reach it)
+        "    args, i = sys.argv[1:], 0\n"
+        "    while args[i].startswith('-'):\n"
+        "        i += 1 if args[i] == '--overlap' else 2\n"
+        "    os.execvp(args[i], args[i:])\n"
         "if os.environ.get('FAKE_SRUN') == 'real':\n"
         "    task = sys.argv[sys.argv.index('bash'):]\n"
         "    rc = subprocess.run(task, env={**os.environ, 'SLURM_NODEID': '0'}).returncode\n"
@@ -300,6 +307,58 @@ def test_shard_sbatch_dry_run_places_head_and_workers(slurm, tmp_path):
     assert len(cmds) == 3 and cmds[0][cmds[0].index("--node-ip-address") + 1] == "127.0.0.1"
     assert cmds[-1][-2:] == ["--ray-address", f"127.0.0.1:{port}"]
 
+
+
+@pytest.mark.slow
+def test_shard_sbatch_usr1_stops_data_prep_requeues_and_the_requeued_job_resumes_listing(slurm, tmp_path):
+    """A one-node shard job under the fake SLURM with a real Ray head (`ray start` through srun) and the real
+    data_prep: SIGUSR1 (`#SBATCH --signal=B:USR1@120`) while it lists -> data_prep is stopped, Ray stops, and
+    only then `scontrol requeue`; the requeued start runs the same command, which lists only the parts without
+    a receipt and finishes the split."""
+    from tests.test_data_prep_listing_parts import _class_tars, _receipts
+
+    env, log, _ = slurm
+    src, out = tmp_path / "src", tmp_path / "shards"
+    _class_tars(src, classes=16, per_class=2, filler=1500)
+    ray_home = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**env, "FAKE_SRUN": "exec", "FAKE_NODES": "node01", "SLURM_JOB_NODELIST": "node01",
+           "SLURM_JOB_NUM_NODES": "1", "XDG_RUNTIME_DIR": ray_home}
+    args = ["bash", "launch/slurm/shard.sbatch", "--num-cpus", "2", "--port", str(free_port()), "--", str(src),
+            str(out), "--shard-size", "4", "--max-size", "32", "--no-progress"]
+    try:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not _receipts(out):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+                time.sleep(0.02)
+            job = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGUSR1)
+            output, _ = proc.communicate(timeout=120)
+            _, alive = psutil.wait_procs(job, timeout=60)
+            assert not alive, f"still running: {[p.cmdline() for p in alive]}"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        assert proc.returncode == 0, output[-3000:]
+        assert re.search(r"data_prep exited with status [0-9]+ after SIGUSR1", output), output[-3000:]
+        assert log.read_text().splitlines()[-1] == "scontrol requeue 777"  # after data_prep and Ray stopped
+        kept = _receipts(out)
+        assert 0 < len(kept) < 16 and not (out / "_info.json").exists()
+
+        again = subprocess.run(args, cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
+                               text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "requeues so far: 1" in again.stdout
+        assert f"resumed listing: {len(kept)} of 16 parts already listed" in again.stderr, again.stderr[-3000:]
+        after = _receipts(out)
+        assert len(after) == 16 and {name: after[name] for name in kept} == kept
+        info = json.loads((out / "_info.json").read_text())
+        assert info["splits"]["train"]["num_samples"] == 2 * 16  # (the damaged tar lost its README and padding)
+    finally:
+        shutil.rmtree(ray_home, ignore_errors=True)
 
 # ------------------------------------------------------------------------------------- torchrun, deepspeed
 def test_torchrun_sh_multi_node_and_elastic():

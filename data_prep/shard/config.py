@@ -41,6 +41,8 @@ class ShardConfig:
     ray_address: str | None = None
     overwrite: bool = False
     progress: bool = True
+    list_in_parts: bool = True           # tars/webdataset/parquet listed by Ray tasks, resumable (False: in
+                                         # the driver, one process: the baseline tests and benchmarks compare to)
 
     def image_options(self) -> ImageOptions:
         return ImageOptions(max_size=self.max_size, max_aspect=self.max_aspect, quality=self.quality,

@@ -11,6 +11,7 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,12 +27,17 @@ from data_prep.shard.info import merge_split
 from data_prep.shard.layout import (REJECTS_NAME, plan_path, remove_stale_shard_temps, scan_receipt_path, shard_name,
                                     state_dir)
 from data_prep.shard.layout import inputs_path as layout_inputs_path
+from data_prep.shard.judge_tasks import run_on_driver_node
+from data_prep.shard.listing_parts import list_in_parts
 from data_prep.shard.out import (PLAN_FORMAT, check_paths, load_plan, prepare_out, refuse_foreign_out, save_plan,
                                  space_error, space_message, split_lock)
 from data_prep.shard.plan import shard_ranges
 from data_prep.shard.report import Rejects, split_entry, summary, up_to_date
 from data_prep.shard.tasks import SPACE_ERRNOS, OutOfSpace, read_scanned
-from data_prep.sources.listing import PartitionedListing, list_partitioned
+from data_prep.sources.class_map import packed_label_map
+from data_prep.sources.packed import PACKED_KINDS
+from data_prep.sources.listing import PartitionedListing, detect_kind, list_partitioned
+from data_prep.sources.parts import plan_parts
 from data_prep.spill import PARTITIONS, SpillWriter, order_key, read_spill
 
 __all__ = ["JobResult", "ShardConfig", "plan_job", "run_shard_job"]  # ShardConfig/JobResult: config.py
@@ -253,35 +259,80 @@ def _run_shard_job(cfg: ShardConfig) -> JobResult:
         return _run_listed(cfg, spill)
 
 
-def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
-    start = time.perf_counter()
+def _list(cfg: ShardConfig, spill: Path, stack: ExitStack, ray: "_LazyRay") -> tuple[PartitionedListing, bool]:
+    """(the judged listing, whether OUT is claimed already). Per-class tars, webdataset tars and parquet files
+    are listed in parts by Ray tasks whose results are kept in OUT (``listing_parts``): OUT is claimed and
+    locked first. Other kinds are listed in this process, before OUT is touched."""
     listed = tqdm(desc=f"list {cfg.split}", unit="row", disable=not cfg.progress, leave=False, mininterval=1.0,
                   delay=2.0)  # shown only when listing takes a while: a quick error stays one line
     try:
         with storage.user_errors(cfg.src, "list it as SRC"):
-            listing = list_partitioned(cfg.src, cfg.source, cfg.classes_file, cfg.seed, spill, images=cfg.images,
-                                       label_field=cfg.label_field, label_map=cfg.label_map, progress=listed,
-                                       limits=cfg.limits())
+            parts = None
+            if cfg.list_in_parts:
+                kind = detect_kind(cfg.src, cfg.source)
+                parts = plan_parts(cfg.src, kind, cfg.seed, cfg.label_field,
+                                   packed_label_map(cfg.classes_file, cfg.label_map, kind in PACKED_KINDS), cfg.limits())
+            if parts is None:
+                return list_partitioned(cfg.src, cfg.source, cfg.classes_file, cfg.seed, spill, images=cfg.images,
+                                        label_field=cfg.label_field, label_map=cfg.label_map, progress=listed,
+                                        limits=cfg.limits()), False
+        _claim_out(cfg, stack)  # the driver's side of the parts touches OUT only (the tasks read SRC)
+        return list_in_parts(cfg, parts, spill, ray.in_flight, _run_remote, listed, run_on_driver_node), True
     finally:
         listed.close()
-    eval_sets = list_eval_sets(cfg.exclude_near, spill, cfg.limits()) if cfg.exclude_near else []
-    phases = {"list": round(time.perf_counter() - start, 3)}
-    options = {**cfg.output_options(listing.kind), **near_options(eval_sets, cfg.near_distance)}
-    fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},
-                                            sort_keys=True).encode()).hexdigest()
+
+
+def _claim_out(cfg: ShardConfig, stack: ExitStack) -> None:
+    """Refuse a foreign OUT, create it, and hold the split's lock until the job ends."""
     refuse_foreign_out(cfg)
     storage.makedirs(cfg.out)
-    with split_lock(cfg.out, cfg.split):
+    stack.enter_context(split_lock(cfg.out, cfg.split))
+
+
+class _LazyRay:
+    """The job's Ray session, started on first use: a rerun whose parts are all listed and whose split is up to
+    date starts no Ray at all."""
+
+    def __init__(self, cfg: ShardConfig, stack: ExitStack):
+        self.cfg, self.stack, self.session, self.seconds = cfg, stack, None, 0.0
+
+    def get(self):
+        if self.session is None:
+            from data_prep.shard.cluster import ray_session
+
+            ray_start = time.perf_counter()
+            self.session = self.stack.enter_context(ray_session(self.cfg.ray_address, self.cfg.workers))
+            self.seconds = time.perf_counter() - ray_start
+        return self.session
+
+    def in_flight(self) -> int:
+        return self.get().in_flight
+
+    @contextmanager
+    def started(self):
+        """The session (started now if the listing did not need it); it ends with the job's ExitStack."""
+        yield self.get()
+
+
+def _run_listed(cfg: ShardConfig, spill: Path) -> JobResult:
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        ray = _LazyRay(cfg, stack)
+        listing, claimed = _list(cfg, spill, stack, ray)
+        eval_sets = list_eval_sets(cfg.exclude_near, spill, cfg.limits()) if cfg.exclude_near else []
+        phases = {"list": round(time.perf_counter() - start, 3)}
+        options = {**cfg.output_options(listing.kind), **near_options(eval_sets, cfg.near_distance)}
+        fingerprint = hashlib.sha256(json.dumps({"options": options, "inputs": listing.fingerprint},
+                                                sort_keys=True).encode()).hexdigest()
+        if not claimed:
+            _claim_out(cfg, stack)
         if prepare_out(cfg, fingerprint, options):
             return up_to_date(cfg, start)
         remove_stale_shard_temps(cfg.out, cfg.split)  # left by a killed run; never a complete shard
-        from data_prep.shard.cluster import ray_session
-
-        ray_start = time.perf_counter()
-        with ray_session(cfg.ray_address, cfg.workers) as session:
-            phases["ray_start"] = round(time.perf_counter() - ray_start, 3)
+        with ray.started() as session:
+            phases["ray_start"] = round(ray.seconds, 3)
             log(f"shard {cfg.split}: {listing.num_inputs} image files, {len(listing.classes)} classes; Ray ready "
-                 f"in {time.perf_counter() - ray_start:.1f} s ({session.nodes} node(s), {session.cpus} CPUs)")
+                 f"in {ray.seconds:.1f} s ({session.nodes} node(s), {session.cpus} CPUs)")
             # One bar for the whole job: scan (one unit per input) then write (one per planned image); its rate
             # and ETA cover both phases. The write total is the input count until the scan says how many passed.
             bar = tqdm(total=2 * listing.num_inputs, desc=f"shard {cfg.split} [scan]", unit="img",

@@ -122,3 +122,13 @@ def load_classes(path: Path) -> tuple[list[str], ClassMapping | None]:
     synsets = tuple((name, name) for _raw, name in pairs) if suffix not in (".csv", ".tsv", ".json") else ()
     mapping = ClassMapping(tuple(pairs), f"--classes {path}", synsets)
     return mapping.classes, mapping
+
+
+def packed_label_map(classes_file: Path | None, label_map, packed: bool):
+    """The label map a source's lister applies: a --classes mapping file's for a `packed` (webdataset or parquet)
+    source, else --label-map's (only one of the two may be given). Other kinds apply a mapping file when judging
+    (``listing.finish_listing``)."""
+    mapping = load_classes(classes_file)[1] if classes_file is not None else None
+    if mapping is not None and label_map is not None:
+        raise UserError(f"--classes {classes_file} maps names and so does --label-map {label_map}; give one")
+    return mapping if mapping is not None and packed else label_map

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from core.errors import UserError
 
-from data_prep.limits import Limits, Rejected, bad_name, printable, rejected
-from data_prep.sources.class_map import load_classes
+from data_prep.limits import Limits, Rejected, bad_name, printable
+from data_prep.sources.class_map import load_classes, packed_label_map
 from data_prep.sources.folders import folder_classes, iter_folder, iter_folder_url, iter_tars, tar_archives
 from data_prep.sources.labels import Packed
 from data_prep.sources.manifests import (duplicate_path, is_openimages_csv, iter_manifest, list_manifest,
@@ -290,7 +290,7 @@ def _stream_any(src, kind: str, images: Path | None, label_field: str | None, la
     return ((row, None) for row in rows), found
 
 
-class _RejectLog:
+class RejectLog:
     """The listing's rejects, written to ``rejects.jsonl`` as they are judged; keeps counts and the first."""
 
     def __init__(self, path: Path):
@@ -307,28 +307,36 @@ class _RejectLog:
                                       "detail": r.detail}, ensure_ascii=False) + "\n")
 
 
-def _spill_raw(rows, seed: int, directory: Path, log: _RejectLog, progress) -> SpillWriter:
-    """Rows -> raw spill files by order key; a lister's Rejected row or a name that cannot be an id (not UTF-8,
-    a NUL) goes to the reject log instead: one hostile row never stops the listing."""
+def raw_entry(row, line, seed: int):
+    """One listed row -> (partition, raw spill row), or a Rejected (a lister's own, or a name that cannot be an
+    id: not UTF-8, a NUL). Shared by the one-process listing and the listing in parts (``sources.parts``)."""
+    if isinstance(row, Rejected):
+        return Rejected(printable(row.id), row.class_name, row.reason, row.detail)
+    why = bad_name(row[0]) or bad_name(str(row[2]))
+    labels = row[1] if isinstance(row[1], tuple) else (row[1],)
+    if why is None and any(isinstance(n, str) and bad_name(n) for n in labels):
+        return Rejected(printable(row[0]), None, "bad_label", "a label is not valid UTF-8 text or holds a NUL")
+    if why is not None:
+        return Rejected(printable(row[0]), None, "bad_name", why)
+    key = order_key(row[0], seed)
+    label = list(row[1]) if isinstance(row[1], tuple) else row[1]
+    return key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]]
+
+
+def _spill_raw(rows, seed: int, directory: Path, log: RejectLog, progress) -> SpillWriter:
+    """Rows -> raw spill files by order key; a lister's Rejected row or a name that cannot be an id goes to the
+    reject log instead: one hostile row never stops the listing."""
     raw = SpillWriter(directory, "raw")
     try:
         for row, line in rows:
             if progress is not None:
                 progress.update(1)
-            if not isinstance(row, Rejected):
-                why = bad_name(row[0]) or bad_name(str(row[2]))
-                labels = row[1] if isinstance(row[1], tuple) else (row[1],)
-                if why is None and any(isinstance(n, str) and bad_name(n) for n in labels):
-                    row = rejected(row[0], "bad_label", "a label is not valid UTF-8 text or holds a NUL")
-                elif why is None:
-                    key = order_key(row[0], seed)
-                    label = list(row[1]) if isinstance(row[1], tuple) else row[1]
-                    raw.add(key[0], [key.hex(), line, row[0], label, row[2], row[3], row[4], row[5]])
-                    continue
-                else:
-                    row = rejected(row[0], "bad_name", why)
-            log.streamed += 1
-            log(Rejected(printable(row.id), row.class_name, row.reason, row.detail))
+            entry = raw_entry(row, line, seed)
+            if isinstance(entry, Rejected):
+                log.streamed += 1
+                log(entry)
+            else:
+                raw.add(*entry)
     finally:
         rows.close()  # a lister stopped by an error releases its threads and open files now, not at collection
         raw.close()
@@ -355,27 +363,35 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     seen: dict = {}
-    listed_classes, mapping = load_classes(classes_file) if classes_file is not None else (None, None)
-    if mapping is not None and label_map is not None:
-        raise UserError(f"--classes {classes_file} maps names and so does --label-map {label_map}; give one")
-    packed_map = mapping if mapping is not None and kind in PACKED_KINDS else label_map  # others: at judging
-    rows, found = _stream_any(src, kind, images, label_field, packed_map, seen, limits)
-    log = _RejectLog(directory / "rejects.jsonl")
+    label_map = packed_label_map(classes_file, label_map, kind in PACKED_KINDS)
+    rows, found = _stream_any(src, kind, images, label_field, label_map, seen, limits)
+    log = RejectLog(directory / "rejects.jsonl")
     try:
         raw = _spill_raw(rows, seed, directory, log, progress)
         if kind == "manifest":
             found.classes, found.multi_label = sorted_classes(seen.get("names", ())), bool(seen.get("multi"))
-        classes = listed_classes if classes_file is not None else found.classes
-        if len(classes) > limits.max_classes:
-            raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
-                            f"the labels (a label per image?), or raise --max-classes")
-        for r in found.rejects:
-            log(ListingReject(*r))
-        inputs_out, hashed, total, dropped, input_bytes = _judge_partitions(
-            src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory,
-            mapping if kind not in PACKED_KINDS else None)
+        return finish_listing(src, kind, classes_file, found, raw, log, directory, sort_rows, limits,
+                              [ListingReject(*r) for r in found.rejects], len(found.rejects))
     finally:
         log.handle.close()
+
+
+def finish_listing(src, kind: str, classes_file: Path | None, found: Packed, raw: SpillWriter, log: RejectLog,
+                   directory: Path, sort_rows: int | None, limits: Limits, early_rejects, early_count: int,
+                   judge=None) -> PartitionedListing:
+    """Raw spill files (every row listed, by order key) -> the judged listing: the class list, the lister's own
+    rejects (``early_rejects``, an iterable of ``early_count``), each partition sorted, checked and judged --
+    here, or by ``judge`` (``_judge_partitions``' signature and result: ``shard.judge_tasks`` runs it on Ray)."""
+    listed_classes, mapping = load_classes(classes_file) if classes_file is not None else (None, None)
+    classes = listed_classes if classes_file is not None else found.classes
+    if len(classes) > limits.max_classes:
+        raise UserError(f"SRC {src}: {len(classes):,} classes > --max-classes {limits.max_classes:,}; check "
+                        f"the labels (a label per image?), or raise --max-classes")
+    for r in early_rejects:
+        log(r)
+    inputs_out, hashed, total, dropped, input_bytes = (judge or _judge_partitions)(
+        src, raw, kind, classes, classes_file, found, sort_rows, limits, log, directory,
+        mapping=mapping if kind not in PACKED_KINDS else None)
     mapped = [[list(p) for p in mapping.pairs]] if mapping is not None else []  # a changed mapping: other inputs
     fingerprint = hashlib.sha256(json.dumps([kind, classes, hashed, f"{total:064x}", *mapped]).encode()).hexdigest()
     if not sum(inputs_out.counts):
@@ -386,22 +402,22 @@ def list_partitioned(src: Path | str, kind: str, classes_file: Path | None, seed
                         f"expected {'images in class folders' if kind == 'folder' else 'image entries'}")
     class_source = f"--classes {classes_file}" if classes_file else (found.class_source or "SRC")
     return PartitionedListing(kind, classes, class_source, fingerprint, found.multi_label, dropped,
-                              inputs_out.counts, hashed + log.streamed + len(found.rejects), input_bytes, log.count,
+                              inputs_out.counts, hashed + log.streamed + early_count, input_bytes, log.count,
                               log.non_image, directory)
 
 
 def _judge_partitions(src, raw: SpillWriter, kind: str, classes: list[str], classes_file: Path | None,
-                      found: Packed, sort_rows: int | None, limits: Limits, log: _RejectLog, directory: Path,
-                      mapping=None):
-    """Each raw partition, sorted, hashed into the fingerprint sum and judged into ``inputs-PPP.jsonl``:
-    (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes). ``mapping``: a --classes
-    mapping (``class_map.ClassMapping``) applied to folder, tar and manifest labels before judging."""
+                      found: Packed, sort_rows: int | None, limits: Limits, log: RejectLog, directory: Path,
+                      parts=range(PARTITIONS), mapping=None):
+    """Each raw partition (of ``parts``), sorted, hashed into the fingerprint sum and judged into
+    ``inputs-PPP.jsonl``: (inputs spill, rows hashed, fingerprint sum, labels dropped, input bytes). ``mapping``:
+    a --classes mapping (``class_map.ClassMapping``) applied to folder, tar and manifest labels before judging."""
     multi, known = found.multi_label, set(classes)
     check_name, from_manifest = kind not in PACKED_KINDS, kind in ("manifest", "openimages")
     hashed, total, dropped, input_bytes = 0, 0, found.dropped, 0
     inputs_out = SpillWriter(directory, "inputs")
     try:
-        for part in range(PARTITIONS):
+        for part in parts:
             part_rows = sorted_spill(raw.path(part), raw.counts[part],
                                      lambda r: (r[0], r[1] or 0),  # order key; a repeated path: by line
                                      sort_rows)
