@@ -97,6 +97,21 @@ def test_a_failed_background_write_is_reported_and_never_marked(tmp_path):
     assert not tag.exists()  # the older unmarked tag is pruned once a newer one is complete
 
 
+def test_a_save_of_a_step_a_killed_save_left_unmarked_starts_from_an_empty_folder(tmp_path):
+    """A killed async save leaves `.done_rank<r>.json` files behind; saving that step again after the resume must
+    not find them, or rank 0 would mark the checkpoint before that rank's new files are written."""
+    from pipeline.checkpoint.layout import clear_unmarked
+
+    stale, marked = tmp_path / "step_00000004", tmp_path / "step_00000002"
+    for tag in (stale, marked):
+        tag.mkdir()
+        (tag / ".done_rank1.json").write_text(json.dumps({"files": {}}))
+    (marked / "complete.json").write_text(json.dumps({"step": 2}))
+    clear_unmarked(str(stale))
+    clear_unmarked(str(marked))
+    assert not stale.exists() and (marked / ".done_rank1.json").exists()
+
+
 @pytest.mark.slow
 def test_kills_right_after_and_during_an_async_save_resume_bit_identically(uninterrupted, demo_shards, tmp_path):
     reference = losses(uninterrupted)

@@ -35,7 +35,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from core.files import atomic_write_json
-from pipeline.checkpoint.layout import MARKER, prune, tag_for, write_marker
+from pipeline.checkpoint.layout import MARKER, clear_unmarked, prune, tag_for, write_marker
 
 DONE = ".done_rank{rank}.json"
 POLL_S = 0.05  # rank 0's writer: how often it looks for the other ranks' done files
@@ -123,6 +123,8 @@ class AsyncSaver:
         assert self.pending is None, "wait() for the save in flight first"
         tag = tag_for(step)
         pending = Pending(step, os.path.join(ckpt_dir, tag), time.monotonic())
+        if self.rank == 0:
+            clear_unmarked(pending.tag_dir)
         original = engine.checkpoint_engine
         engine.checkpoint_engine = SnapshotEngine(pending.writes, getattr(original, "zipfile_serialization", True))
         try:

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from core.files import atomic_write_json
-from pipeline.checkpoint.layout import (MARKER, CheckpointInfo, complete_checkpoints, latest_complete, prune,
-                                        read_json, read_marker, tag_for, unmark, write_marker)
+from pipeline.checkpoint.layout import (MARKER, CheckpointInfo, clear_unmarked, complete_checkpoints, latest_complete,
+                                        prune, read_json, read_marker, tag_for, unmark, write_marker)
 
 log = logging.getLogger("pipeline.checkpoint.checkpointer")
 
@@ -67,8 +67,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int, meta: 
     stats = {} if stats is None else stats
     tag, rank, start = tag_for(step), dist.get_rank(), time.monotonic()
     tag_dir = os.path.join(ckpt_dir, tag)
-    if rank == 0 and os.path.isdir(tag_dir) and read_marker(tag_dir) is None:
-        shutil.rmtree(tag_dir, ignore_errors=True)  # a failed or damaged save of this step; DeepSpeed's barrier follows
+    if rank == 0:
+        clear_unmarked(tag_dir)
     try:
         with record_writes(engine) as written:
             engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)  # ends with a barrier

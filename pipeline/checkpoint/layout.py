@@ -60,6 +60,14 @@ def write_marker(tag_dir: str, meta: dict) -> None:
     atomic_write_json(os.path.join(tag_dir, MARKER), meta, indent=None)
 
 
+def clear_unmarked(tag_dir: str) -> None:
+    """Rank 0, before a save of this step: remove what a killed or failed save of it left (no marker). DeepSpeed's
+    save_checkpoint barriers after making the folder, so no rank writes into it before this. Left in place, an
+    async save's stale `.done_rank<r>.json` would let the marker be written before that rank's new files."""
+    if os.path.isdir(tag_dir) and read_marker(tag_dir) is None:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+
+
 def complete_checkpoints(ckpt_dir: str) -> list[CheckpointInfo]:
     """Complete checkpoints in `ckpt_dir`, oldest first."""
     out = []
