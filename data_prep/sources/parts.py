@@ -90,6 +90,8 @@ def plan_parts(src, kind: str, seed: int, label_field: str | None, label_map, li
         is_csv = Path(src).suffix.lower() == ".csv"
         header = csv_header(Path(src), limits) if is_csv else None
         parts = plan_ranges(Path(src), is_csv)
+        if len(parts) < 2:  # one range: nothing to spread or resume; no Ray, no OUT state, quick errors
+            return None
     elif kind == "tars":
         parts = _stat_parts(src, tar_archives(src)[1])
     else:
