@@ -3,6 +3,7 @@ SIGKILLed while listing resumes without listing its finished parts again."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -190,3 +191,75 @@ def test_a_classes_mapping_applies_to_tars_listed_in_parts_as_in_one_process(tmp
     assert _listing_files(spill) == _listing_files(tmp_path / "one")
     labels = [row[2] for p in range(PARTITIONS) if parts.counts[p] for row in read_spill(parts.inputs_path(p))]
     assert len(labels) == sum(parts.counts) > 0 and set(labels) == set(parts.classes)
+
+
+def _manifest(src: Path, fmt: str) -> Path:
+    """A manifest of 60 rows in a few ranges: multi-label rows, a missing file, bad rows, a blank line, a
+    path with a comma (quoted in CSV) and a CSV field quoted over a line break inside a range."""
+    (src / "img").mkdir(parents=True)
+    rows = []
+    for i in range(60):
+        name = f"img/{i:03d},x.jpg" if i == 7 else f"img/{i:03d}.jpg"
+        if i != 11:  # row 11: a missing file
+            (src / name).write_bytes(b"\xff\xd8 not decoded while listing")
+        labels = [f"c{i % 3}"] + ([f"c{(i + 1) % 3}"] if i % 4 == 0 else [])
+        if fmt == "jsonl":
+            rows.append(json.dumps({"path": name, "labels": labels}))
+        else:
+            rows.append(f'"{name}",{"|".join(labels)}')
+        if i == 20:
+            rows.append('{"path": "img/000.jpg", "labels": [' if fmt == "jsonl" else ',c1')  # bad: no path
+        if i == 30:
+            rows.append("" if fmt == "jsonl" else '"img/999\nbroken.jpg",c2')  # blank; CSV: a field over 2 lines
+        if i == 40:
+            rows.append('{"path": "img/001.jpg"}' if fmt == "jsonl" else "img/001.jpg,")  # bad: no label
+    manifest = src / f"manifest.{fmt}"
+    manifest.write_text(("path,labels\n" if fmt == "csv" else "") + "\n".join(rows) + "\n")
+    return manifest
+
+
+def _parts_listing(cfg: ShardConfig, spill: Path, monkeypatch, part_bytes: int):
+    from data_prep.sources import manifest_ranges
+
+    monkeypatch.setattr(manifest_ranges, "PART_BYTES", part_bytes)
+    spill.mkdir()
+    plan = plan_parts(cfg.src, "auto", cfg.seed, None, None, cfg.limits())
+    return plan, list_in_parts(cfg, plan, spill, lambda: 1, _inline, None,
+                               lambda fn, calls: [fn(*call) for call in calls])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_manifest_listed_in_byte_ranges_equals_one_process_and_resumes(tmp_path, capsys, monkeypatch, fmt):
+    """A manifest cut into ranges at line starts, each listed alone: the same inputs, rejects (same order,
+    line numbers of the whole file), classes, multi-label flag and fingerprint as one process; a rerun lists
+    no range again. A path listed twice stops both with the same line; so does a CSV field quoted over a cut."""
+    src = tmp_path / "src"
+    manifest = _manifest(src, fmt)
+    cfg = ShardConfig(src=manifest, out=tmp_path / "out", seed=5, progress=False)
+    one = list_partitioned(manifest, "auto", None, cfg.seed, tmp_path / "one", limits=cfg.limits())
+    plan, parts = _parts_listing(cfg, tmp_path / "parts", monkeypatch, 300)
+    assert len(plan.parts) >= 4 and plan.parts[0].start == 0 and plan.parts[-1].end == manifest.stat().st_size
+    assert _listing_files(tmp_path / "parts") == _listing_files(tmp_path / "one")
+    for field in ("classes", "fingerprint", "multi_label", "counts", "listed", "input_bytes", "rejected"):
+        assert getattr(parts, field) == getattr(one, field), field
+    assert one.multi_label and one.classes == ["c0", "c1", "c2"] and one.rejected == 3 + (fmt == "csv")
+    rejects = (tmp_path / "one" / "rejects.jsonl").read_text()
+    assert f"manifest.{fmt}:{22 + (fmt == 'csv')}:" in rejects and "no such file" in rejects  # in range 2+
+    capsys.readouterr()
+    _parts_listing(cfg, tmp_path / "again", monkeypatch, 300)
+    assert f"resumed listing: {len(plan.parts)} of {len(plan.parts)} parts already listed" in capsys.readouterr().err
+    assert _listing_files(tmp_path / "again") == _listing_files(tmp_path / "one")
+
+    text = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(text + [text[-5]]))  # a path listed again on the last line
+    from core.errors import UserError
+
+    with pytest.raises(UserError) as single:
+        list_partitioned(manifest, "auto", None, cfg.seed, tmp_path / "one-dup", limits=cfg.limits())
+    with pytest.raises(UserError) as split:
+        _parts_listing(cfg, tmp_path / "parts-dup", monkeypatch, 300)
+    assert str(split.value) == str(single.value) and "is already listed on line" in str(single.value)
+    if fmt == "csv":  # the field quoted over a line break, now cut between two ranges
+        at = manifest.read_bytes().index(b"img/999\n") + len(b"img/999\n")
+        with pytest.raises(UserError, match="quoted CSV field runs over a line break"):
+            _parts_listing(cfg, tmp_path / "parts-cut", monkeypatch, at)

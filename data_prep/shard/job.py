@@ -260,15 +260,15 @@ def _run_shard_job(cfg: ShardConfig) -> JobResult:
 
 
 def _list(cfg: ShardConfig, spill: Path, stack: ExitStack, ray: "_LazyRay") -> tuple[PartitionedListing, bool]:
-    """(the judged listing, whether OUT is claimed already). Per-class tars, webdataset tars and parquet files
-    are listed in parts by Ray tasks whose results are kept in OUT (``listing_parts``): OUT is claimed and
-    locked first. Other kinds are listed in this process, before OUT is touched."""
+    """(the judged listing, whether OUT is claimed already). Per-class tars, webdataset tars, parquet files and
+    CSV/JSONL manifests are listed in parts by Ray tasks whose results are kept in OUT (``listing_parts``): OUT
+    is claimed and locked first. Other kinds are listed in this process, before OUT is touched."""
     listed = tqdm(desc=f"list {cfg.split}", unit="row", disable=not cfg.progress, leave=False, mininterval=1.0,
                   delay=2.0)  # shown only when listing takes a while: a quick error stays one line
     try:
         with storage.user_errors(cfg.src, "list it as SRC"):
             parts = None
-            if cfg.list_in_parts:
+            if cfg.list_in_parts and cfg.images is None:  # --images: OpenImages, or one process says it is not
                 kind = detect_kind(cfg.src, cfg.source)
                 parts = plan_parts(cfg.src, kind, cfg.seed, cfg.label_field,
                                    packed_label_map(cfg.classes_file, cfg.label_map, kind in PACKED_KINDS), cfg.limits())

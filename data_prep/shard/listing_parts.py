@@ -24,11 +24,13 @@ import json
 import math
 import re
 import zlib
+from pathlib import Path
 
 from core import storage
 from core.errors import UserError
 from core.files import atomic_write_bytes
 
+from data_prep.limits import Rejected, printable
 from data_prep.shard.config import ShardConfig, log
 from data_prep.shard.judge_tasks import group_judge
 from data_prep.shard.layout import STATE_DIR
@@ -159,12 +161,19 @@ class _Merged:
         self.names, self.names_set, self.named_from = None, False, "SRC"
         self.later: list = []  # the parts whose receipts hold EARLY or LATE rejects (read again for them)
         self.later_count = 0
+        self.lines = self.rows = 0  # a manifest: the lines of the ranges merged so far; its rows
 
     def add(self, part, summary: dict, rejects: list) -> None:
         later = sum(r[0] != STREAMED for r in rejects)
         if later:
             self.later.append(part)
             self.later_count += later
+        if summary.get("cut"):
+            raise UserError(f"manifest {self.plan.src}: a quoted CSV field runs over a line break near byte "
+                            f"{part.end:,}; listing in parts cuts the manifest at line breaks: write such fields "
+                            f"without line breaks (or write the manifest as JSONL)")
+        self.lines += summary.get("lines", 0)
+        self.rows += summary.get("count", 0)
         self.multi |= bool(summary.get("multi"))
         self.dropped += summary.get("dropped", 0)
         self.classes.update(summary.get("found", ()))
@@ -181,6 +190,8 @@ class _Merged:
 
     def found(self, cfg: ShardConfig) -> Packed:
         plan = self.plan
+        if plan.kind == "manifest" and not self.rows:
+            raise UserError(f"manifest {plan.src} has no rows")
         if plan.kind == "tars":
             return Packed([p.name[: -len(".tar")] for p in plan.parts], [], False)
         if plan.kind == "webdataset" and not self.samples and self.no_label:
@@ -205,12 +216,13 @@ def _merge(cfg: ShardConfig, plan: PartPlan, spill, judge) -> PartitionedListing
         try:
             for part in plan.parts:
                 saved, lines = _read_part(cfg, plan, part)
+                base = merged.lines  # a manifest range's lines are numbered from 1: from here they follow on
                 merged.add(part, saved["summary"], saved["rejects"])
                 for r in saved["rejects"]:
                     if r[0] == STREAMED:
                         log_file.streamed += 1
-                        log_file(_rejected(r))
-                for line in lines:
+                        log_file(_renumbered(plan, r, base) if len(r) > 5 else _rejected(r))
+                for line in (lines if not base else (_line_after(line, base) for line in lines)):
                     raw.add_line(int(line[2:4], 16), line)  # '["<key hex>",...': the key's first byte
         finally:
             raw.close()
@@ -248,9 +260,26 @@ def _read_part(cfg: ShardConfig, plan: PartPlan, part) -> tuple[dict, list[str]]
 
 
 def _rejected(r: list):
-    from data_prep.limits import Rejected
+    return Rejected(*r[1:5])
 
-    return Rejected(*r[1:])
+
+def _line_after(line: str, base: int) -> str:
+    """A manifest row's raw spill line with its line number moved on by `base`: '["<key hex>",<line>,...'. The
+    judge breaks order-key ties and names duplicate paths by it, so it must be the line in the whole file."""
+    start = line.index('",', 2) + 2
+    end = line.index(",", start)
+    return f"{line[:start]}{int(line[start:end]) + base}{line[end:]}"
+
+
+def _renumbered(plan: PartPlan, r: list, base: int) -> Rejected:
+    """A manifest row's reject, `<manifest>:<line>` in its detail (and its id, where the row had no path)
+    counted from the file's first line, as the one-process lister writes it."""
+    _stage_, file_id, class_name, reason, detail, lineno, id_is_line = r
+    name = Path(plan.src).name
+    old, new = f"{name}:{lineno}", f"{name}:{lineno + base}"
+    if detail.startswith(old + ":"):
+        detail = new + detail[len(old):]
+    return Rejected(printable(new) if id_is_line else file_id, class_name, reason, detail)
 
 
 def _stage(cfg: ShardConfig, parts: list, stage: int):

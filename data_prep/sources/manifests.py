@@ -22,6 +22,7 @@ from pathlib import Path
 from core.errors import UserError
 
 from data_prep.limits import Limits, Rejected, bad_name, loads_label, rejected
+from data_prep.sources.manifest_ranges import EndMark, ManifestRange, open_range
 
 OPENIMAGES_HEADER = ["ImageID", "Source", "LabelName", "Confidence"]
 LABEL_SEPARATOR = "|"   # CSV `labels` cell: "cat|dog|person"
@@ -63,13 +64,14 @@ def is_openimages_csv(path: Path) -> bool:
     return [h.strip() for h in header or []] == OPENIMAGES_HEADER
 
 
-def _jsonl_rows(path: Path, handle, max_row: int):
+def _jsonl_rows(path: Path, handle, max_row: int, seen: dict):
     """(line number, row dict or Rejected) of a JSONL manifest; a line longer than max_row is skipped unread
-    (a reject), so one hostile line cannot fill the memory."""
+    (a reject), so one hostile line cannot fill the memory. ``seen["lines"]``: the lines read."""
     lineno = 0
     while True:
         line = handle.readline(max_row + 1)
         if not line:
+            seen["lines"] = lineno
             return
         lineno += 1
         where = f"{path.name}:{lineno}"
@@ -86,43 +88,75 @@ def _jsonl_rows(path: Path, handle, max_row: int):
         yield lineno, (value if problem is None else rejected(where, problem[0], f"{where}: {problem[1]}"))
 
 
-def _manifest_rows(path: Path, limits: Limits):
-    """(line number, row dict or Rejected, multi-label header?) of a CSV (header row) or JSONL manifest.
+def _open_manifest(path: Path, span: ManifestRange | None):
+    try:
+        if span is not None:
+            return open_range(path, span)
+        return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as err:
+        raise UserError(f"manifest {path}: cannot read it ({err.strerror or err})") from None
+
+
+def _header(path: Path, reader: csv.DictReader) -> list[str]:
+    """A CSV manifest's columns, or one line saying what the header lacks."""
+    try:
+        fields = list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise UserError(f"manifest {path}: unreadable header row ({err})") from None
+    if "path" not in fields or not set(fields) & {"label", "labels"}:
+        raise UserError(f"manifest {path}: the header row must name the columns 'path' and 'label' "
+                        f"(one class) or 'labels' (several, separated by '{LABEL_SEPARATOR}') "
+                        f"(found {reader.fieldnames})")
+    if {"label", "labels"} <= set(fields):
+        raise UserError(f"manifest {path}: the header names both 'label' and 'labels'; keep one")
+    return fields
+
+
+def csv_header(path: Path, limits: Limits) -> list[str]:
+    """The checked header of a CSV manifest: what the ranges after the first one are read with."""
+    csv.field_size_limit(limits.max_label_bytes + 4096)
+    with _open_manifest(path, None) as handle:
+        return _header(path, csv.DictReader(handle))
+
+
+def _manifest_rows(path: Path, limits: Limits, seen: dict, span: ManifestRange | None = None,
+                   header: list[str] | None = None):
+    """(line number, row dict or Rejected, multi-label header?) of a CSV (header row) or JSONL manifest, or of
+    one range of it (``span``; a CSV's ``header`` read by ``csv_header``). ``seen["lines"]``: the lines read;
+    ``seen["cut"]``: a quoted CSV field runs past the range's end.
 
     Undecodable bytes are kept as surrogates (the row's path is then a bad_name reject), so one bad row
     does not end the job; a header without 'path' and 'label' does."""
     max_row = limits.max_label_bytes + 4096  # a path and a label of the largest size allowed
-    try:
-        handle = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
-    except OSError as err:
-        raise UserError(f"manifest {path}: cannot read it ({err.strerror or err})") from None
-    with handle:
+    with _open_manifest(path, span) as handle:
         if path.suffix.lower() != ".csv":
-            for lineno, row in _jsonl_rows(path, handle, max_row):
+            for lineno, row in _jsonl_rows(path, handle, max_row, seen):
                 yield lineno, row, isinstance(row, dict) and "labels" in row
             return
         csv.field_size_limit(max_row)
-        reader = csv.DictReader(handle)
-        try:
-            fields = set(reader.fieldnames or [])
-        except csv.Error as err:
-            raise UserError(f"manifest {path}: unreadable header row ({err})") from None
-        if "path" not in fields or not fields & {"label", "labels"}:
-            raise UserError(f"manifest {path}: the header row must name the columns 'path' and 'label' "
-                            f"(one class) or 'labels' (several, separated by '{LABEL_SEPARATOR}') "
-                            f"(found {reader.fieldnames})")
-        if {"label", "labels"} <= fields:
-            raise UserError(f"manifest {path}: the header names both 'label' and 'labels'; keep one")
+        lines = EndMark(handle) if span is not None and span.end < span.size else handle
+        if span is None or span.start == 0:
+            reader = csv.DictReader(lines)
+            fields = _header(path, reader)
+        else:
+            reader, fields = csv.DictReader(lines, fieldnames=header), header
         while True:
             try:
                 row = next(reader)
             except StopIteration:
-                return
+                break
             except csv.Error as err:  # a field over the size limit, a NUL: this row only
+                if getattr(lines, "reached", False):
+                    seen["cut"] = True
+                    break
                 where = f"{path.name}:{reader.line_num}"
                 yield reader.line_num, rejected(where, "bad_row", f"{where}: {err}"), False
                 continue
+            if getattr(lines, "reached", False):  # the mark: a row of its own, or swallowed by a quoted field
+                seen["cut"] = not lines.is_mark(row, fields)
+                break
             yield reader.line_num, row, "labels" in fields
+        seen["lines"] = reader.line_num - getattr(lines, "reached", False)
 
 
 class _BadRow(Exception):
@@ -179,33 +213,41 @@ def _row(base: Path, row: dict, is_csv: bool, limits: Limits):
     return file_id, labels, str(base / file_id)
 
 
-def iter_manifest(src: Path, seen: dict, limits: Limits = Limits()):
-    """Stream the rows of a CSV/JSONL manifest as ``(row, line number)``; paths are relative to the manifest's
-    folder. A bad row is a ``limits.Rejected`` (its id ``<manifest>:<line>``, or its path when it has one).
-    Keeps nothing per row: ``seen`` gets the label names (``"names"``), whether any row used ``labels``
-    (``"multi"``) and the row count. A path listed twice is found later, per partition
+def iter_manifest(src: Path, seen: dict, limits: Limits = Limits(), span: ManifestRange | None = None,
+                  header: list[str] | None = None):
+    """Stream the rows of a CSV/JSONL manifest (or of one range of it: ``span``, see ``_manifest_rows``) as
+    ``(row, line number)``; paths are relative to the manifest's folder. A bad row is a ``limits.Rejected``
+    (its id ``<manifest>:<line>``, or its path when it has one; ``seen["line_ids"]`` gets the line numbers of
+    the first kind). Keeps nothing per row: ``seen`` gets the label names (``"names"``), whether any row used
+    ``labels`` (``"multi"``) and the row count (``"rows"``). A path listed twice is found later, per partition
     (``sources.list_partitioned``), or by ``list_manifest``."""
     base = src.parent
     is_csv = src.suffix.lower() == ".csv"
     names, multi, count = seen.setdefault("names", set()), False, 0
-    for lineno, row, multi_row in _manifest_rows(src, limits):
+    line_ids = seen.setdefault("line_ids", set())
+    for lineno, row, multi_row in _manifest_rows(src, limits, seen, span, header):
         count += 1
+        seen["rows"] = count
         if isinstance(row, Rejected):
+            if span is not None:
+                line_ids.add(lineno)
             yield row, lineno
             continue
         try:
             file_id, labels, full = _row(base, row, is_csv, limits)
         except _BadRow as bad:
             raw = row.get("path")
-            name = raw.strip() if isinstance(raw, str) and raw.strip() and bad.reason != "bad_name" else \
-                f"{src.name}:{lineno}"
+            by_path = isinstance(raw, str) and raw.strip() and bad.reason != "bad_name"
+            name = raw.strip() if by_path else f"{src.name}:{lineno}"
+            if not by_path and span is not None:
+                line_ids.add(lineno)
             yield rejected(name, bad.reason, f"{src.name}:{lineno}: {bad.detail}"), lineno
             continue
         names.update(labels)
         multi = multi or multi_row
         seen["multi"] = multi
         yield (file_id, labels, full, -1, *stat(full)), lineno
-    if not count:
+    if not count and span is None:  # in parts: the driver checks the sum (``shard.listing_parts``)
         raise UserError(f"manifest {src} has no rows")
 
 

@@ -1,5 +1,5 @@
-"""The listing split into parts -- one per-class tar, webdataset tar or parquet file each -- so that Ray tasks can
-list them in parallel and a killed job re-lists only the parts it had not finished (``shard.listing_parts``).
+"""The listing split into parts -- one per-class tar, webdataset tar or parquet file each, or one byte range of
+a CSV/JSONL manifest (``manifest_ranges``) -- so that Ray tasks can list them in parallel and a killed job re-lists only the parts it had not finished (``shard.listing_parts``).
 
 Why the result does not depend on the split: every row of a part becomes the same raw spill line as in the
 one-process listing (``listing.raw_entry``: its order key in front), the driver appends every part's lines to
@@ -9,8 +9,14 @@ the order is a function of the rows alone. What must stay global is kept global 
 them by stage: bad names, the lister's own, labels resolving to no class), and the checks over all files
 (webdataset: no sample has a label; parquet: every file names the same ClassLabel list).
 
-Folder trees, manifests and OpenImages files are listed in one process (``plan_parts`` returns None): a
-folder tree's link-loop check and a manifest's duplicate-path check see the whole source in one walk.
+A manifest's range numbers its lines from 1; the driver moves each range's line numbers on by the lines of
+the ranges before it (in the raw spill lines and in the rejects' ``<manifest>:<line>``), so they are the
+file's. The manifest's global checks need no global pass: a path listed twice has one id, so one order key
+and one partition, where the judge sorts by (key, line) and stops on it naming both lines, as in one process;
+the class list and multi-label flag are the union of what the ranges saw; "no rows" is their sum.
+
+Folder trees and OpenImages files are listed in one process (``plan_parts`` returns None): a folder tree's
+link-loop check walks the whole tree, an OpenImages file groups an image's rows from anywhere in it.
 """
 from __future__ import annotations
 
@@ -18,18 +24,21 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from data_prep.limits import Limits, Rejected
 from data_prep.sources.folders import iter_tars, tar_archives
 from data_prep.sources.labels import LabelResolver, Packed, resolved
-from data_prep.sources.listing import detect_kind, raw_entry
+from data_prep.sources.listing import _check_flags, detect_kind, raw_entry
+from data_prep.sources.manifest_ranges import plan_ranges
+from data_prep.sources.manifests import csv_header, iter_manifest
 from data_prep.sources.packed import PACKED_KINDS
 from data_prep.sources.parquet import _parquet_samples
 from data_prep.sources.remote import PackedFile, is_url, list_files
 from data_prep.sources.webdataset import _info_classes, _tar_samples
 
-PART_KINDS = ("tars", *PACKED_KINDS)
-PART_FORMAT = 1          # the layout of a part's result; part of its fingerprint
+PART_KINDS = ("tars", *PACKED_KINDS, "manifest")
+PART_FORMAT = 2          # the layout of a part's result; part of its fingerprint
 MAX_SEEN = 200           # webdataset: member extensions / json keys a part reports for the no-label message
 
 STREAMED, EARLY, LATE = 0, 1, 2  # reject stages, in the order the one-process listing logs them
@@ -46,6 +55,7 @@ class PartPlan:
     names_from: str
     resolver: LabelResolver | None  # webdataset/parquet: the --label-map, read once by the driver
     context: str                    # sha256 of everything besides a part's own file that its rows depend on
+    header: list[str] | None = None  # a CSV manifest's columns: the ranges after the first are read with them
 
     def fingerprint(self, part: PackedFile) -> str:
         return hashlib.sha256(json.dumps([self.context, part.name, part.location, part.size, part.mtime])
@@ -74,12 +84,17 @@ def plan_parts(src, kind: str, seed: int, label_field: str | None, label_map, li
     kind = detect_kind(src, kind)
     if kind not in PART_KINDS:
         return None
-    names, names_from, resolver = None, "SRC", None
-    if kind == "tars":
+    names, names_from, resolver, header = None, "SRC", None, None
+    if kind == "manifest":
+        _check_flags(src, kind, None, label_field, label_map)
+        is_csv = Path(src).suffix.lower() == ".csv"
+        header = csv_header(Path(src), limits) if is_csv else None
+        parts = plan_ranges(Path(src), is_csv)
+        if len(parts) < 2:  # one range: nothing to spread or resume; no Ray, no OUT state, quick errors
+            return None
+    elif kind == "tars":
         parts = _stat_parts(src, tar_archives(src)[1])
     else:
-        from data_prep.sources.listing import _check_flags
-
         _check_flags(src, kind, None, label_field, label_map)
         base, parts = list_files(src, ".tar" if kind == "webdataset" else ".parquet")
         if not parts:
@@ -91,12 +106,26 @@ def plan_parts(src, kind: str, seed: int, label_field: str | None, label_map, li
             names, names_from = _info_classes(base, parts)
             names_from = names_from or "SRC"
     context = hashlib.sha256(json.dumps([PART_FORMAT, kind, seed, label_field, resolver.map if resolver else None,
-                                         names, limits.fingerprint_options()], sort_keys=True).encode()).hexdigest()
-    return PartPlan(kind, str(src), parts, names, names_from, resolver, context)
+                                         names, header, limits.fingerprint_options()], sort_keys=True).encode()
+                             ).hexdigest()
+    return PartPlan(kind, str(src), parts, names, names_from, resolver, context, header)
+
+
+def _manifest_rows(plan: PartPlan, part, limits: Limits, summary: dict):
+    """(row, line) of one range of a manifest; a lister's reject comes with (line, is its id that line?), so
+    the driver can renumber it (``shard.listing_parts``: a range counts its lines from 1)."""
+    seen: dict = {}
+    for row, lineno in iter_manifest(Path(plan.src), seen, limits, part, plan.header):
+        yield row, ((lineno, lineno in seen["line_ids"]) if isinstance(row, Rejected) else lineno)
+    summary.update(multi=bool(seen.get("multi")), found=sorted(seen["names"]), lines=seen.get("lines", 0),
+                   count=seen.get("rows", 0), cut=bool(seen.get("cut")))
 
 
 def _rows(plan: PartPlan, part: PackedFile, label_field: str | None, limits: Limits, summary: dict, early: list):
     """(row, None) of one part as the one-process lister yields them; `early` gets the lister's own rejects."""
+    if plan.kind == "manifest":
+        yield from _manifest_rows(plan, part, limits, summary)
+        return
     if plan.kind == "tars":
         for row in iter_tars([(part.name, part.location)], [part.name[: -len(".tar")]]):
             yield row, None
@@ -131,7 +160,7 @@ def list_part(plan: PartPlan, part: PackedFile, seed: int, label_field: str | No
     for row, line in _rows(plan, part, label_field, limits, summary, early):
         entry = raw_entry(row, line, seed)
         if isinstance(entry, Rejected):
-            rejects.append([STREAMED, *entry])
+            rejects.append([STREAMED, *entry, *(line if isinstance(line, tuple) else ())])
         else:
             lines.append(json.dumps(entry[1], ensure_ascii=False, separators=(",", ":")) + "\n")
     rejects += [[EARLY, *Rejected(*r)] for r in early]
