@@ -126,7 +126,9 @@ def flex_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         return score + flat[h, offset]
 
     kernel = flex_attention
-    if q.device.type == "cuda" or compile_flex_on_cpu:
+    # Inside an outer torch.compile (train.compile) flex is traced into that graph: no compile of its own, and
+    # no mark_dynamic, which dynamo refuses to trace.
+    if (q.device.type == "cuda" or compile_flex_on_cpu) and not torch.compiler.is_compiling():
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         kernel = _compiled_flex

@@ -140,3 +140,21 @@ def test_compiled_flex_compiles_once_per_stage_whatever_the_batch_size(impl, mon
         assert not counters["recompiles"].get("recompile_limit_hit"), dict(counters["recompiles"])
     finally:
         torch._dynamo.reset()
+
+
+def test_flex_inside_a_compiled_model_traces_into_its_graph(impl, monkeypatch):
+    """train.compile compiles the whole model: flex must not compile itself again nor mark_dynamic there (dynamo
+    refuses to trace mark_dynamic, which ended such a run at its first step)."""
+    impl("flex")
+    monkeypatch.setattr(attention, "compile_flex_on_cpu", True)
+    monkeypatch.setattr(attention, "_compiled_flex", None)
+    torch._dynamo.reset()
+    try:
+        rel_pos, qkv = _problem(torch.float32, batch=2)
+        with torch.no_grad():
+            got = torch.compile(lambda q, k, v: attention.relative_attention(q, k, v, rel_pos), backend="eager")(
+                *(t.detach() for t in qkv))
+            want = _reference(rel_pos, *qkv)
+        assert torch.allclose(got.double(), want, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
