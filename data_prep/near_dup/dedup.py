@@ -27,7 +27,8 @@ from data_prep.near_dup.hashing import hamming
 from data_prep.near_dup.index import NearIndex
 from data_prep.sources.listing import list_partitioned
 
-QUERY_BATCH = 65_536  # hashes looked up at once: bounds the candidate arrays
+QUERY_BATCH = 65_536  # hashes looked up at once, at most
+CANDIDATES = 1 << 24  # candidates per batch, at most: a query meets more of a larger index (1.28M hashes: ~10k each)
 
 
 def duplicate_groups(hashes: np.ndarray, max_distance: int) -> list[list[int]]:
@@ -42,8 +43,9 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int) -> list[list[int]]:
             row = parent[row]
         return row
 
-    for start in range(0, len(hashes), QUERY_BATCH):
-        queries, stored, _dist = index.pairs(hashes[start:start + QUERY_BATCH])
+    batch = max(1, min(QUERY_BATCH, int(CANDIDATES / max(1.0, index.candidates_per_query()))))
+    for start in range(0, len(hashes), batch):
+        queries, stored, _dist = index.pairs(hashes[start:start + batch])
         for query, other in zip((queries + start).tolist(), stored.tolist()):
             a, b = root(query), root(other)
             if a != b:
@@ -56,21 +58,20 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int) -> list[list[int]]:
 
 def run_dedup(src, source: str, max_distance: int, out: Path | None, ray_address: str | None,
               workers: int | None, options: ImageOptions, limits: Limits, label_field: str | None = None,
-              label_map: Path | None = None, log=print) -> dict:
+              log=print) -> dict:
     """List, hash and group SRC; write the groups as JSON lines to `out` (stdout when None); return counts."""
     from data_prep.shard.cluster import ray_session
 
-    with owned_temp_dir("data_prep-neardup-") as spill:
-        listing = list_partitioned(src, source, None, 0, spill, label_field=label_field, label_map=label_map,
-                                   limits=limits)
-        with ray_session(ray_address, workers) as session:
-            ids, hashes, undecodable = hash_listing(listing, asdict(options), session.in_flight)
-    groups = duplicate_groups(hashes, max_distance)
-    try:
+    try:  # opened first: an unwritable --out is said before hours of hashing, not after
         handle = sys.stdout if out is None else open(out, "w", encoding="utf-8")
     except OSError as err:
         raise UserError(f"--out {out}: cannot write it ({err.strerror or err}); give a writable file") from None
     try:
+        with owned_temp_dir("data_prep-neardup-") as spill:
+            listing = list_partitioned(src, source, None, 0, spill, label_field=label_field, limits=limits)
+            with ray_session(ray_address, workers) as session:
+                ids, hashes, undecodable = hash_listing(listing, asdict(options), session.in_flight)
+        groups = duplicate_groups(hashes, max_distance)
         for number, rows in enumerate(groups):
             first = hashes[rows[0]]
             record = {"group": number, "size": len(rows), "ids": [str(ids[r]) for r in rows],

@@ -85,6 +85,10 @@ class NearIndex:
     def __len__(self) -> int:
         return len(self.hashes)
 
+    def candidates_per_query(self) -> float:
+        """Stored hashes a query meets on average (uniform hashes): what one query's lookup arrays hold."""
+        return sum(len(masks) * len(self.hashes) / 2 ** width for _shift, width, masks, *_ in self.tables)
+
     def pairs(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every (query row, stored row, distance) with distance <= max_distance, each pair once, sorted by
         query row, then distance, then stored row."""

@@ -42,8 +42,8 @@ from data_prep.sources.parts import EARLY, LATE, STREAMED, PartPlan, list_part
 from data_prep.spill import SpillWriter
 
 _HEX = re.compile(r"[0-9a-f]{2}")
-PARTS_PER_TASK = 64
-JUDGE_RAY_ROWS = 1_000_000  # all parts kept: from this many rows, Ray is worth starting for the judge  # at most this many parts per Ray task (a task writes each part's result as it finishes it)
+PARTS_PER_TASK = 64  # at most this many parts per Ray task (a task writes each part's result as it finishes it)
+JUDGE_RAY_ROWS = 1_000_000  # all parts kept: from this many rows, Ray is worth starting for the judge
 
 
 def listing_dir(out, split: str):

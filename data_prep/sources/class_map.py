@@ -69,7 +69,7 @@ class ClassMapping:
         return known.get(label, label) if isinstance(label, str) else label
 
 
-def _pairs_of_text(path: Path, lines: list[str]) -> list[tuple[str, str]] | None:
+def _pairs_of_text(lines: list[str]) -> list[tuple[str, str]] | None:
     """LOC_synset_mapping.txt pairs (name, synset), or None when not every line is `<synset> <name>`."""
     rows = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     matches = [_SYNSET_LINE.match(row) for row in rows]
@@ -114,7 +114,7 @@ def load_classes(path: Path) -> tuple[list[str], ClassMapping | None]:
                 raise UserError(f"--classes {path}: raw name {bad[0]!r} maps to {data[bad[0]]!r}; give a class name")
             pairs = [(raw.strip(), name.strip()) for raw, name in data.items()]
     else:
-        pairs = _pairs_of_text(path, text.splitlines())
+        pairs = _pairs_of_text(text.splitlines())
     if pairs is None:
         return load_class_file(path), None
     if not pairs:
