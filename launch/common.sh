@@ -44,13 +44,15 @@ umask "$UMASK"
 
 # Words a remote shell takes as they are: DeepSpeed's pdsh launch joins its arguments into one shell
 # command string run on every node, unquoted (`x;cmd`, `$(cmd)` would run there).
-SHELL_SAFE='^[A-Za-z0-9_@%+=:,./-]+$'
+# [ ] too: the planner's selective-recompute override is a YAML list, model.activation_checkpointing=[0,1]
+# (a glob in a remote shell only if a file of that very name exists; it runs nothing).
+SHELL_SAFE='^[][A-Za-z0-9_@%+=:,./-]+$'
 # require_shell_safe WHAT WORD...: die naming the first word a remote shell would interpret.
 require_shell_safe() {
   local what=$1 word
   shift
   for word in "$@"; do
-    [[ $word =~ $SHELL_SAFE ]] || die "$what ${word@Q} holds characters a remote shell would interpret (the pdsh launch runs it inside one shell command on every node): use only letters, digits and _@%+=:,./- there, or launch with --no-ssh on each node"
+    [[ $word =~ $SHELL_SAFE ]] || die "$what ${word@Q} holds characters a remote shell would interpret (the pdsh launch runs it inside one shell command on every node): use only letters, digits and _@%+=:,./-[] there, or launch with --no-ssh on each node"
   done
 }
 

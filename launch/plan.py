@@ -321,7 +321,7 @@ def rank_peak(model: str, image_size: int, micro_batch: int, ranks: int, zero_st
 
 def _time(cfg, macs: int, images: int, dataset_source: str, gpus: int, gpu_tflops: float, mfu: float, chosen: dict | None) -> dict:
     """Epoch and run time at `mfu` (model FLOPs), and the HFU that is with the chosen checkpointing."""
-    recompute = chosen["activation_checkpointing"] if chosen else cfg.model.activation_checkpointing
+    recompute = chosen["recompute"] if chosen else cfg.model.activation_checkpointing  # chosen: its share, counted
     if isinstance(recompute, list):  # selective recompute: the share of the forward its stages run again
         from model import recompute_fraction
         recompute = recompute_fraction(cfg.model.name, recompute, cfg.image_hw)

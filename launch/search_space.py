@@ -32,7 +32,10 @@ def recompute_value(recompute: Recompute) -> str:
 def recompute_label(recompute: Recompute, short: bool = False) -> str:
     """For the table: no / all / S1-S2; for sentences: off / on (every stage) / stages S1-S2."""
     if isinstance(recompute, list) and recompute:
-        stages = f"S{min(recompute) + 1}-S{max(recompute) + 1}" if len(recompute) > 1 else f"S{recompute[0] + 1}"
+        ordered = sorted(recompute)
+        contiguous = ordered == list(range(ordered[0], ordered[-1] + 1))
+        stages = (f"S{ordered[0] + 1}-S{ordered[-1] + 1}" if contiguous and len(ordered) > 1
+                  else "+".join(f"S{s + 1}" for s in ordered))
         return stages if short else f"stages {stages}"
     if short:
         return "all" if recompute else "no"

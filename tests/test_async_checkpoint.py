@@ -97,6 +97,26 @@ def test_a_failed_background_write_is_reported_and_never_marked(tmp_path):
     assert not tag.exists()  # the older unmarked tag is pruned once a newer one is complete
 
 
+
+def test_a_marking_that_fails_is_reported_not_lost_with_the_thread(tmp_path, monkeypatch):
+    """Rank 0's marking can fail after every file is written (here: a key others can read, refused when signing);
+    the writer reports it as the save's error instead of dying with it, and the checkpoint stays unmarked."""
+    import os
+
+    from pipeline.checkpoint.async_save import AsyncSaver, Pending
+
+    key = tmp_path / "checkpoint.key"
+    key.write_text("ab" * 32 + "\n")
+    os.chmod(key, 0o644)
+    monkeypatch.setenv("COATNET_CHECKPOINT_KEY", str(key))
+    tag = tmp_path / "step_00000002"
+    tag.mkdir()
+    pending = Pending(2, str(tag), time.monotonic(), writes=[(str(tag / "a.pt"), lambda: (tag / "a.pt").write_bytes(b"x"))])
+    AsyncSaver(rank=0, world_size=1)._write(pending, keep=3, meta={})
+    assert pending.error.startswith("rank 0:") and "chmod 600" in pending.error and pending.seconds is not None
+    assert not (tag / "complete.json").exists()
+
+
 def test_a_save_of_a_step_a_killed_save_left_unmarked_starts_from_an_empty_folder(tmp_path):
     """A killed async save leaves `.done_rank<r>.json` files behind; saving that step again after the resume must
     not find them, or rank 0 would mark the checkpoint before that rank's new files are written."""

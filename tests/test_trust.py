@@ -193,10 +193,10 @@ def test_pdsh_launch_refuses_what_a_remote_shell_would_run(tmp_path):
         assert res.returncode == 2 and "remote shell would interpret" in res.stderr, res.stderr
     res = sh([*base, "train.steps=3"], env={"PYTHONSTARTUP": "$(id)"})
     assert res.returncode == 2 and "PYTHONSTARTUP" in res.stderr, res.stderr
-    res = sh([*base, "train.steps=3"])
+    res = sh([*base, "train.steps=3", "model.activation_checkpointing=[0,1]"])  # the planner's override
     assert res.returncode == 0, res.stderr
     assert "each host runs:" in res.stdout and "--module pipeline.pretrain --config configs/demo/pretrain.yaml " \
-        "train.steps=3" in res.stdout
+        "train.steps=3 'model.activation_checkpointing=[0,1]'" in res.stdout
     # --no-ssh runs no remote shell: the word is passed as one argument.
     res = sh([*base, "run_dir=x;id", "--no-ssh", "--node-rank", "0", "--master-addr", "node0"])
     assert res.returncode == 0 and "'run_dir=x;id'" in res.stdout, res.stderr

@@ -167,7 +167,11 @@ class AsyncSaver:
         except OSError as err:
             report = {"error": f"rank {self.rank}: {err}", "write_failure": True}
         if self.rank == 0 and "error" not in report:
-            report = self._mark(pending, keep, meta)
+            try:  # the key (sign), a file's digest or pruning can fail too: reported, or the thread would die silently
+                report = self._mark(pending, keep, meta)
+            except Exception as err:
+                report = {"error": f"rank 0: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                          "write_failure": is_write_failure(err)}
         pending.error, pending.write_failure = report.get("error"), bool(report.get("write_failure"))
         pending.seconds = time.monotonic() - pending.started
 
